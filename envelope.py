@@ -1,0 +1,92 @@
+"""The result envelope every path returns (DESIGN.md §4), built in this one place."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from errors import HTTP_STATUS_BY_CODE, ActionError, ErrorCode, Source
+
+_MISSING: Any = object()
+
+
+def new_request_id() -> str:
+    """Return a fresh request id (also used as the Idempotency-Key of cloud calls)."""
+    return uuid.uuid4().hex
+
+
+@dataclass(slots=True)
+class Envelope:
+    """Outcome of one action; ``to_dict()`` is the JSON body clients see."""
+
+    ok: bool
+    action: str
+    source: Source | None
+    result: Any = None
+    error: ErrorCode | None = None
+    detail: str | None = None
+    duration_ms: float = 0.0
+    request_id: str = field(default_factory=new_request_id)
+    attempts: int = 0
+    cost_usd: Decimal = Decimal(0)
+    cost_guard_triggered: bool = False
+    cached_at: str | None = None
+    cached: Any = _MISSING
+    queued: bool = False
+    outbox_id: str | None = None
+
+    @classmethod
+    def failure(
+        cls,
+        action: str,
+        exc: ActionError,
+        *,
+        source: Source | None,
+        request_id: str,
+        duration_ms: float = 0.0,
+    ) -> Envelope:
+        """Build the envelope of a failed action from its exception."""
+        return cls(
+            ok=False,
+            action=action,
+            source=source,
+            error=exc.code,
+            detail=exc.detail,
+            duration_ms=duration_ms,
+            request_id=request_id,
+            attempts=exc.attempts,
+        )
+
+    @property
+    def http_status(self) -> int:
+        """HTTP status of this outcome for ``/dispatch`` (DESIGN.md §4)."""
+        if self.ok:
+            return 200
+        if self.queued:
+            return 202
+        return HTTP_STATUS_BY_CODE.get(self.error, 500) if self.error else 500
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "ok": self.ok,
+            "action": self.action,
+            "source": self.source.value if self.source else None,
+            "result": self.result,
+            "error": self.error.value if self.error else None,
+            "detail": self.detail,
+            "duration_ms": round(self.duration_ms, 3),
+            "request_id": self.request_id,
+            "attempts": self.attempts,
+            "cost_usd": float(self.cost_usd),
+            "cost_guard_triggered": self.cost_guard_triggered,
+        }
+        if self.cached_at is not None:
+            body["cached_at"] = self.cached_at
+        if self.cached is not _MISSING:
+            body["cached"] = self.cached
+        if self.queued:
+            body["queued"] = True
+            body["outbox_id"] = self.outbox_id
+        return body

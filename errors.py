@@ -1,0 +1,160 @@
+"""The one exception tree of the orchestrator, and the closed sets of names it speaks in.
+
+    EverReachError                       base of everything we raise on purpose
+    ├── ConfigError                      bad configuration: stops start-up, names the variable
+    │   ├── RouteTableError              malformed route_table.json: file, entry, reason
+    │   └── RegistryError                a services module failed to import, duplicate action
+    └── ActionError                      one action failed; carries .code, .detail, .http_status
+        ├── UnknownAction                404  unknown_action
+        ├── InvalidParams                422  invalid_params
+        ├── HandlerError                 500  handler_error (the handler raised or returned junk)
+        ├── Unauthorized                 401  unauthorized
+        ├── CostCapReached               429  cost_cap_reached
+        ├── CircuitOpen                  503  circuit_open
+        ├── Offline                      503  offline
+        ├── CloudUnavailable             502  cloud_unavailable (5xx, refused, bad answer)
+        └── CloudTimeout                 504  timeout
+
+Expected outcomes (served from cache, queued in the outbox, local fallback) are values in the
+result envelope; these exceptions are faults, turned into envelopes and HTTP statuses at the edge.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, ClassVar
+
+
+class Env(str, Enum):
+    """Where an instance runs its actions (EVERREACH_ENV) or where one call goes."""
+
+    LOCAL = "local"
+    CLOUD = "cloud"
+    HYBRID = "hybrid"
+
+
+class Source(str, Enum):
+    """Which path produced a result envelope."""
+
+    LOCAL = "local"
+    CLOUD = "cloud"
+    LOCAL_FALLBACK = "local_fallback"
+    CACHE = "cache"
+    OUTBOX = "outbox"
+
+
+class ErrorCode(str, Enum):
+    """Machine-readable error codes of the envelope (DESIGN.md §4)."""
+
+    UNKNOWN_ACTION = "unknown_action"
+    INVALID_PARAMS = "invalid_params"
+    HANDLER_ERROR = "handler_error"
+    TIMEOUT = "timeout"
+    CLOUD_UNAVAILABLE = "cloud_unavailable"
+    OFFLINE = "offline"
+    COST_CAP_REACHED = "cost_cap_reached"
+    CIRCUIT_OPEN = "circuit_open"
+    UNAUTHORIZED = "unauthorized"
+
+
+class EverReachError(Exception):
+    """Base of every exception the orchestrator raises on purpose."""
+
+
+class ConfigError(EverReachError):
+    """Configuration is wrong; the message names the variable and what is allowed."""
+
+
+class RouteTableError(ConfigError):
+    """The route table file is malformed."""
+
+
+class RegistryError(ConfigError):
+    """A services module could not be loaded, or an action was registered twice."""
+
+
+class ActionError(EverReachError):
+    """One action failed; the fields say how, for the envelope and the HTTP status."""
+
+    code: ClassVar[ErrorCode] = ErrorCode.HANDLER_ERROR
+    http_status: ClassVar[int] = 500
+
+    def __init__(self, detail: str, *, attempts: int = 0, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.attempts = attempts
+        self.extra = extra
+
+
+class UnknownAction(ActionError):
+    code = ErrorCode.UNKNOWN_ACTION
+    http_status = 404
+
+
+class InvalidParams(ActionError):
+    code = ErrorCode.INVALID_PARAMS
+    http_status = 422
+
+
+class HandlerError(ActionError):
+    code = ErrorCode.HANDLER_ERROR
+    http_status = 500
+
+
+class Unauthorized(ActionError):
+    code = ErrorCode.UNAUTHORIZED
+    http_status = 401
+
+
+class CostCapReached(ActionError):
+    code = ErrorCode.COST_CAP_REACHED
+    http_status = 429
+
+
+class CircuitOpen(ActionError):
+    code = ErrorCode.CIRCUIT_OPEN
+    http_status = 503
+
+
+class Offline(ActionError):
+    code = ErrorCode.OFFLINE
+    http_status = 503
+
+
+class CloudUnavailable(ActionError):
+    """The cloud failed: 5xx after retries, connection refused, or an unusable answer.
+
+    ``never_ran`` is True only when the failure proves the request did not execute
+    (connection refused, connect timeout, circuit open) — the one case where a side-effect
+    action may safely run somewhere else.
+    """
+
+    code = ErrorCode.CLOUD_UNAVAILABLE
+    http_status = 502
+
+    def __init__(
+        self, detail: str, *, attempts: int = 0, never_ran: bool = False, **extra: Any
+    ) -> None:
+        super().__init__(detail, attempts=attempts, **extra)
+        self.never_ran = never_ran
+
+
+class CloudTimeout(CloudUnavailable):
+    code = ErrorCode.TIMEOUT
+    http_status = 504
+
+
+HTTP_STATUS_BY_CODE: dict[ErrorCode, int] = {
+    cls.code: cls.http_status
+    for cls in (
+        UnknownAction,
+        InvalidParams,
+        HandlerError,
+        Unauthorized,
+        CostCapReached,
+        CircuitOpen,
+        Offline,
+        CloudUnavailable,
+        CloudTimeout,
+    )
+}

@@ -1,0 +1,189 @@
+"""The action registry: who handles ``service.topic``, and the call into that handler.
+
+Users plug their services in with the ``register`` decorator in a module named in
+``EVERREACH_SERVICES``::
+
+    from service_registry import register
+
+    @register("content.analyze_video")
+    async def analyze_video(params: dict) -> dict: ...
+
+Decorating only declares the handler. ``ServiceRegistry.from_modules()`` imports the named
+modules at start-up and builds the registry one server uses; a module that fails to import or
+an action declared twice stops start-up with a ``RegistryError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import importlib
+import inspect
+import json
+import platform
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+from errors import HandlerError, InvalidParams, RegistryError, UnknownAction
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any] | Any]
+
+ACTION_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}\.[a-z][a-z0-9_]{0,63}$")
+
+# Filled by @register while services modules are imported; read by from_modules().
+_DECLARED: dict[str, Handler] = {}
+
+
+def check_action_name(action: object) -> str:
+    """Return ``action`` if it is a ``service.topic`` name, else raise ``InvalidParams``."""
+    if not isinstance(action, str) or not ACTION_RE.match(action):
+        raise InvalidParams(
+            f"action must be 'service.topic' in lower case letters, digits and '_' "
+            f"(e.g. 'research.keyword'); got {str(action)[:80]!r}"
+        )
+    return action
+
+
+def register(action: str) -> Callable[[Handler], Handler]:
+    """Declare ``func`` as the handler of ``action``; declaring an action twice is an error."""
+    check_action_name(action)
+
+    def decorator(func: Handler) -> Handler:
+        known = _DECLARED.get(action)
+        if known is not None and _qualname(known) != _qualname(func):
+            raise RegistryError(
+                f"action {action!r} is registered twice: by {_qualname(known)} and by "
+                f"{_qualname(func)}; the registry is the one source of topics, keep one"
+            )
+        _DECLARED[action] = func
+        return func
+
+    return decorator
+
+
+def _qualname(func: Handler) -> str:
+    return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}"
+
+
+async def _heartbeat(params: dict[str, Any]) -> dict[str, Any]:
+    return {"alive": True, "ts": time.time(), "host": platform.node()}
+
+
+async def _echo(params: dict[str, Any]) -> dict[str, Any]:
+    return params
+
+
+class ServiceRegistry:
+    """A set of action handlers and the one way to call them."""
+
+    def __init__(self, handlers: Mapping[str, Handler] | None = None, *, builtins: bool = True):
+        self._handlers: dict[str, Handler] = {}
+        self._is_async: dict[str, bool] = {}
+        self._checks: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {}
+        if builtins:
+            self.add("system.heartbeat", _heartbeat)
+            self.add("system.echo", _echo)
+            self.add("system.self_test", self._self_test)
+        for action, handler in (handlers or {}).items():
+            self.add(action, handler)
+
+    @classmethod
+    def from_modules(cls, names: Iterable[str]) -> ServiceRegistry:
+        """Import the services modules and build a registry of the built-ins and their handlers."""
+        names = list(names)
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except RegistryError:
+                raise
+            except Exception as exc:
+                raise RegistryError(
+                    f"EVERREACH_SERVICES: module {name!r} failed to import: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+        registry = cls()
+        for action, handler in sorted(_DECLARED.items()):
+            module = getattr(handler, "__module__", "")
+            if any(module == name or module.startswith(name + ".") for name in names):
+                registry.add(action, handler)
+        return registry
+
+    def add(self, action: str, handler: Handler, *, replace: bool = False) -> None:
+        """Add a handler; an action already present is a ``RegistryError`` unless ``replace``."""
+        check_action_name(action)
+        if action in self._handlers and not replace:
+            raise RegistryError(
+                f"action {action!r} is registered twice: by {_qualname(self._handlers[action])} "
+                f"and by {_qualname(handler)}"
+            )
+        self._handlers[action] = handler
+        self._is_async[action] = inspect.iscoroutinefunction(handler)
+
+    def add_check(self, name: str, check: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        """Add a component check that ``system.self_test`` runs and reports."""
+        self._checks[name] = check
+
+    def has(self, action: str) -> bool:
+        return action in self._handlers
+
+    def actions(self) -> list[str]:
+        return sorted(self._handlers)
+
+    def near(self, action: str) -> list[str]:
+        """Registered actions whose names are close to ``action`` (for error messages)."""
+        return difflib.get_close_matches(action, self._handlers, n=5, cutoff=0.5)
+
+    async def dispatch(self, action: str, params: dict[str, Any]) -> Any:
+        """Run ``action``'s handler with ``params``; return its JSON-serialisable result."""
+        handler = self._handlers.get(action)
+        if handler is None:
+            near = self.near(action)
+            hint = f"; did you mean {', '.join(near)}?" if near else ""
+            raise UnknownAction(f"no handler is registered for {action!r}{hint}", near=near)
+        try:
+            if self._is_async[action]:
+                result = await handler(params)
+            else:
+                result = await asyncio.to_thread(handler, params)
+                if inspect.isawaitable(result):
+                    result = await result
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise HandlerError(f"{action} raised {type(exc).__name__}: {exc}") from exc
+        try:
+            json.dumps(result)
+        except (TypeError, ValueError) as exc:
+            raise HandlerError(
+                f"{action} returned a value that is not JSON-serialisable "
+                f"({type(result).__name__}): {exc}"
+            ) from exc
+        return result
+
+    async def _self_test(self, params: dict[str, Any]) -> dict[str, Any]:
+        report: dict[str, Any] = {"registry": {"ok": True, "actions": len(self._handlers)}}
+        for name, check in self._checks.items():
+            try:
+                report[name] = await check()
+            except Exception as exc:
+                report[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        report["ok"] = all(
+            part.get("ok", False) for part in report.values() if isinstance(part, dict)
+        )
+        return report
+
+
+def _default_registry() -> ServiceRegistry:
+    return ServiceRegistry({a: h for a, h in _DECLARED.items() if not a.startswith("system.")})
+
+
+async def dispatch(action: str, params: dict[str, Any]) -> Any:
+    """Dispatch on the registry of every declared handler (for scripts; servers build their own)."""
+    return await _default_registry().dispatch(action, params)
+
+
+def actions() -> list[str]:
+    """Actions of the default registry."""
+    return _default_registry().actions()

@@ -1,0 +1,167 @@
+"""Shared fixtures: real Redis and PostgreSQL (skip on a laptop, fail under CI=true), free
+loopback ports, and real uvicorn server processes of this project."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+REDIS_TEST_URL = os.environ.get("REDIS_TEST_URL", "redis://127.0.0.1:6379/15")
+POSTGRES_TEST_DSN = os.environ.get(
+    "POSTGRES_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+def service_missing(what: str) -> None:
+    """Skip on a developer machine without the service; fail the run under CI=true."""
+    if IN_CI:
+        pytest.fail(f"{what} is not reachable, and CI=true requires it", pytrace=False)
+    pytest.skip(f"{what} is not reachable")
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """URL of a flushed Redis test database (db 15)."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_TEST_URL, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except redis.RedisError:
+        service_missing(f"Redis at {REDIS_TEST_URL}")
+    client.flushdb()
+    yield REDIS_TEST_URL
+    try:
+        client.flushdb()
+    except redis.RedisError:
+        pass
+    client.close()
+
+
+@pytest.fixture
+def postgres_dsn() -> Iterator[str]:
+    """DSN whose search_path is a fresh schema, dropped afterwards."""
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    try:
+        conn = psycopg.connect(POSTGRES_TEST_DSN, autocommit=True, connect_timeout=2)
+    except psycopg.Error:
+        service_missing(f"PostgreSQL at {POSTGRES_TEST_DSN}")
+    with conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    sep = "&" if "?" in POSTGRES_TEST_DSN else "?"
+    yield f"{POSTGRES_TEST_DSN}{sep}options=-csearch_path%3D{schema}"
+    with psycopg.connect(POSTGRES_TEST_DSN, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """A real ``uvicorn local_server:app`` process on a loopback port."""
+
+    env: dict[str, str]
+    port: int
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *, wait_s: float = 30.0) -> ServerProcess:
+        (self.log_path.parent / self.log_path.stem).mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "uvicorn", "local_server:app",
+                "--host", "127.0.0.1", "--port", str(self.port),
+                "--log-level", "warning", *self.extra_args,
+            ],
+            cwd=self.log_path.parent / self.log_path.stem,  # its own folder: no stray .env
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=0.5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"server did not come up:\n{self.log_path.read_text()[-4000:]}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=15)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+    def restart(self) -> ServerProcess:
+        self.stop()
+        return self.start()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start real server processes: ``server_factory(EVERREACH_ENV='local', ...)``.
+
+    Each gets its own DATA_DIR under tmp_path unless one is given, the e2e services module,
+    and a free loopback port. All are stopped at the end of the test.
+    """
+    started: list[ServerProcess] = []
+
+    def start(*, name: str | None = None, port: int | None = None, **variables: str) -> ServerProcess:
+        name = name or f"srv{len(started)}"
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("EVERREACH_", "CLOUD_", "LOCAL_", "COST_", "CACHE_", "SUPABASE_"))
+            and key not in ("DATABASE_URL", "REDIS_URL", "OFFLINE_MODE", "DATA_DIR", "HOST", "PORT")
+        }
+        env.update(
+            {
+                "PYTHONPATH": str(ROOT),
+                "EVERREACH_SERVICES": "tests.e2e_services",
+                "DATA_DIR": str(tmp_path / name / "data"),
+                "SCHEDULES_PATH": str(tmp_path / name / "schedules.json"),
+            }
+        )
+        env.update({key: str(value) for key, value in variables.items()})
+        server = ServerProcess(env=env, port=port or free_port(), log_path=tmp_path / f"{name}.log")
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()

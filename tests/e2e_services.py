@@ -1,0 +1,66 @@
+"""Services module the end-to-end tests load with EVERREACH_SERVICES=tests.e2e_services.
+
+Every handler reports the pid of the process that ran it, so a test can tell the cloud instance
+from the terminal. Side-effect handlers append one line per execution to the file named in
+``params["log"]``, so a test can count executions across processes and restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from service_registry import register
+
+
+def _record(params: dict[str, Any], action: str) -> None:
+    log = params.get("log")
+    if log:
+        line = json.dumps({"action": action, "id": params.get("id"), "pid": os.getpid()})
+        with Path(log).open("a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+@register("content.analyze_video")
+async def analyze_video(params: dict[str, Any]) -> dict[str, Any]:
+    await asyncio.sleep(float(params.get("sleep_s", 0)))
+    return {"analyzed": params.get("url"), "pid": os.getpid()}
+
+
+@register("content.generate")
+async def generate(params: dict[str, Any]) -> dict[str, Any]:
+    await asyncio.sleep(float(params.get("sleep_s", 0)))
+    return {"piece": params.get("n"), "text": f"piece {params.get('n')}", "pid": os.getpid()}
+
+
+@register("research.keyword")
+async def research_keyword(params: dict[str, Any]) -> dict[str, Any]:
+    _record(params, "research.keyword")
+    return {"keyword": params.get("keyword"), "results": ["a", "b"], "pid": os.getpid()}
+
+
+@register("research.platform")
+async def research_platform(params: dict[str, Any]) -> dict[str, Any]:
+    return {"platform": params.get("platform"), "pid": os.getpid()}
+
+
+@register("dm.send")
+async def dm_send(params: dict[str, Any]) -> dict[str, Any]:
+    await asyncio.sleep(float(params.get("sleep_s", 0)))
+    _record(params, "dm.send")
+    return {"sent_to": params.get("to"), "id": params.get("id"), "pid": os.getpid()}
+
+
+@register("test.fail")
+async def always_fail(params: dict[str, Any]) -> dict[str, Any]:
+    raise RuntimeError("boom")
+
+
+@register("test.sync_add")
+def sync_add(params: dict[str, Any]) -> dict[str, Any]:
+    return {"sum": params.get("a", 0) + params.get("b", 0), "pid": os.getpid()}
