@@ -32,32 +32,52 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench
 
+# `docker compose` (v2 plugin) if present, else the standalone `docker-compose`. Lazy (=), so
+# targets that do not use Docker never run these probes.
+DOCKER_COMPOSE = $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || { command -v docker-compose >/dev/null 2>&1 && echo docker-compose; })
+# .env feeds ${EVERREACH_ENV} in the compose file too (compose would otherwise look in docker/).
+COMPOSE = $(DOCKER_COMPOSE) $(if $(wildcard .env),--env-file .env) -f $(COMPOSE_FILE)
+# The image's user gets the uid of whoever owns ./data (root runs get 1000, see local-up).
+APP_UID = $(shell u=$$(id -u); [ "$$u" = 0 ] && echo 1000 || echo $$u)
+
 define need_docker
 	@command -v docker >/dev/null 2>&1 || { echo "make $@: docker is not installed; install Docker (https://docs.docker.com/get-docker/) or run the service without it: make run"; exit 1; }
 	@docker info >/dev/null 2>&1 || { echo "make $@: the Docker engine is not running; start it (e.g. 'sudo systemctl start docker') or run the service without it: make run"; exit 1; }
+	@test -n "$(DOCKER_COMPOSE)" || { echo "make $@: Docker Compose is not installed (neither 'docker compose' nor 'docker-compose'); see https://docs.docker.com/compose/install/"; exit 1; }
+endef
+
+define need_env_file
+	@test -f .env || { echo "make $@: no .env yet; create it with: cp .env.example .env  (then set LOCAL_API_TOKEN)"; exit 1; }
 endef
 
 local-build:
 	$(need_docker)
-	docker compose -f $(COMPOSE_FILE) build
+	$(need_env_file)
+	APP_UID=$(APP_UID) $(COMPOSE) build
 
 local-up:
 	$(need_docker)
-	@test -f .env || { echo "make local-up: no .env yet; create it with: cp .env.example .env"; exit 1; }
-	docker compose -f $(COMPOSE_FILE) up -d
+	$(need_env_file)
+	@grep -Eq '^[[:space:]]*LOCAL_API_TOKEN=[^[:space:]]+' .env || { echo "make local-up: set LOCAL_API_TOKEN in .env: the container listens on 0.0.0.0 and the server refuses that without a token. Make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"; exit 1; }
+	@mkdir -p data/sqlite data/chroma data/redis
+	@if [ "$$(id -u)" = 0 ]; then chown $(APP_UID):$(APP_UID) data/sqlite; fi
+	APP_UID=$(APP_UID) $(COMPOSE) up -d
 
 local-down:
 	$(need_docker)
-	docker compose -f $(COMPOSE_FILE) down
+	$(need_env_file)
+	$(COMPOSE) down
 
 local-status:
 	$(need_docker)
-	docker compose -f $(COMPOSE_FILE) ps
+	$(need_env_file)
+	$(COMPOSE) ps
 	@curl -fsS http://127.0.0.1:8080/health || echo "local-terminal is not answering on 127.0.0.1:8080"
 
 logs:
 	$(need_docker)
-	docker compose -f $(COMPOSE_FILE) logs -f --tail=200 local-terminal
+	$(need_env_file)
+	$(COMPOSE) logs -f --tail=200 --no-log-prefix local-terminal
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

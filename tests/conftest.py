@@ -3,6 +3,7 @@ loopback ports, and real uvicorn server processes of this project."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -67,6 +68,15 @@ def postgres_dsn() -> Iterator[str]:
     yield f"{POSTGRES_TEST_DSN}{sep}options=-csearch_path%3D{schema}"
     with psycopg.connect(POSTGRES_TEST_DSN, autocommit=True) as conn:
         conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+async def until(predicate: Callable[[], bool], *, what: str, timeout_s: float = 15.0) -> None:
+    """Wait until ``predicate()`` holds; the limit only stops a hung test (not a timed assert)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for: {what}")
+        await asyncio.sleep(0.01)
 
 
 def free_port() -> int:

@@ -1,0 +1,455 @@
+"""CostGuard: the monthly cloud spend cap, enforced by atomic reservations in a shared ledger.
+
+Every cloud call is bracketed::
+
+    reservation = await guard.reserve(action, rates.rate(action), request_id)  # or CostCapReached
+    ... the cloud call ...
+    await guard.commit(reservation, actual_usd)   # it ran (actual cost, else the estimate)
+    await guard.release(reservation)              # it provably did not run
+
+``reserve`` succeeds only if the month's committed + reserved + amount stays within the hard
+cap, decided atomically by the database (``cost_ledger``), so several instances sharing one
+PostgreSQL ledger never pass the cap together. ``is_soft_cap_reached`` / ``is_hard_cap_reached``
+read in-memory totals (no I/O, cheap on every route) refreshed from each reserve/commit answer
+and by a background task every few seconds. If the ledger cannot be reached the guard fails
+closed: the flags say "cap reached" (route local) and ``reserve`` raises ``CostCapReached``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, tzinfo
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from cost_ledger import (
+    MICRO_USD,
+    LedgerStore,
+    LedgerUnavailable,
+    MonthTotals,
+    ReserveRequest,
+    SqliteLedgerStore,
+    from_micro,
+    to_micro,
+)
+from cost_ledger_pg import PostgresLedgerStore, SupabaseLedgerStore
+from errors import ConfigError, CostCapReached
+
+if TYPE_CHECKING:
+    import httpx
+
+    from config.hybrid_config import HybridConfig
+
+log = logging.getLogger(__name__)
+
+LEDGER_FILENAME = "cost_ledger.sqlite3"
+_NOT_OPENED = "not opened yet"
+
+
+def usd(amount: Decimal) -> str:
+    """Format money exactly, with at least two decimals: 0.1 -> '0.10', 0.002 -> '0.002'."""
+    text = format(amount.quantize(MICRO_USD), "f")
+    whole, _, cents = text.partition(".")
+    cents = cents.rstrip("0")
+    return f"{whole}.{cents.ljust(2, '0')}"
+
+
+def month_of(moment: datetime, tz: tzinfo) -> str:
+    """Return 'YYYY-MM' of ``moment`` in ``tz``: months roll over at local midnight of the 1st."""
+    local = moment.astimezone(tz)
+    return f"{local.year:04d}-{local.month:02d}"
+
+
+def _next_month(month: str) -> str:
+    year, mon = (int(part) for part in month.split("-"))
+    return f"{year + mon // 12:04d}-{mon % 12 + 1:02d}"
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Money set aside for one cloud call until it is committed, released or expires."""
+
+    id: str
+    action: str
+    amount_usd: Decimal
+    request_id: str
+    month: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A commit/release the ledger could not take yet; retried when it is reachable again."""
+
+    reservation: Reservation
+    actual_usd: Decimal | None  # None: a release
+
+
+class CostGuard:
+    """Monthly soft/hard cap over a ``LedgerStore``; see the module docstring."""
+
+    def __init__(
+        self,
+        store: LedgerStore,
+        *,
+        monthly_cap_usd: Decimal,
+        soft_cap_usd: Decimal,
+        tz: tzinfo,
+        reservation_ttl_s: float = 900.0,
+        clock: Callable[[], datetime] | None = None,
+        refresh_interval_s: float = 5.0,
+        retry_interval_s: float = 1.0,
+    ) -> None:
+        if soft_cap_usd > monthly_cap_usd:
+            raise ConfigError(
+                f"COST_SOFT_CAP ({soft_cap_usd}) must not exceed "
+                f"MONTHLY_COST_CAP ({monthly_cap_usd})"
+            )
+        if reservation_ttl_s <= 0:
+            raise ValueError("reservation_ttl_s must be positive")
+        self._store = store
+        self._hard_cap_usd = Decimal(monthly_cap_usd)
+        self._soft_cap_usd = Decimal(soft_cap_usd)
+        self._tz = tz
+        self._ttl_s = reservation_ttl_s
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._refresh_interval_s = refresh_interval_s
+        self._retry_interval_s = retry_interval_s
+        self._totals: MonthTotals | None = None
+        self._healthy = False
+        self._store_open = False
+        self._last_error: str | None = _NOT_OPENED
+        self._pending: list[_Pending] = []
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._refresh_lock = asyncio.Lock()
+
+    @classmethod
+    def from_config(
+        cls, config: HybridConfig, *, http_client: httpx.AsyncClient | None = None
+    ) -> CostGuard:
+        """Build the guard the configuration asks for (not opened yet).
+
+        Store: PostgreSQL if DATABASE_URL or SUPABASE_DB_URL is set; else Supabase REST if
+        SUPABASE_URL and SUPABASE_SERVICE_KEY are; else SQLite at DATA_DIR/cost_ledger.sqlite3.
+        ``http_client`` (the app's shared client) carries Supabase REST calls if given.
+        """
+        store: LedgerStore
+        key = config.secret("supabase_service_key")
+        if config.postgres_dsn:
+            store = PostgresLedgerStore(config.postgres_dsn)
+        elif config.supabase_url and key:
+            store = SupabaseLedgerStore(config.supabase_url, key, http_client=http_client)
+        elif config.supabase_url or key:
+            missing = "SUPABASE_SERVICE_KEY" if config.supabase_url else "SUPABASE_URL"
+            raise ConfigError(
+                f"the Supabase cost ledger needs both SUPABASE_URL and SUPABASE_SERVICE_KEY; "
+                f"{missing} is not set (or set DATABASE_URL / SUPABASE_DB_URL instead)"
+            )
+        else:
+            store = SqliteLedgerStore(config.data_dir / LEDGER_FILENAME)
+        return cls(
+            store,
+            monthly_cap_usd=config.monthly_cost_cap,
+            soft_cap_usd=config.cost_soft_cap,
+            tz=_zone(config.everreach_tz),
+        )
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the store (creating the schema where it can), load the month, start refreshing.
+
+        An unreachable database does not stop start-up: the guard is unhealthy and fails closed
+        until the background task reaches it. A missing Supabase migration is a ``ConfigError``.
+        """
+        if self._task is not None:
+            return
+        self._closed = False
+        await self.refresh()
+        self._task = asyncio.create_task(self._refresh_loop(), name="cost-guard-refresh")
+
+    async def close(self) -> None:
+        """Stop the refresh task and close the store; safe to call twice."""
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            # wait() does not raise the task's CancelledError, but does raise our own.
+            await asyncio.wait([task])
+        if self._store_open:
+            await self._drain_before_close()
+            self._store_open = False
+            await self._store.close()
+        self._healthy = False
+        self._last_error = _NOT_OPENED
+
+    async def _drain_before_close(self) -> None:
+        """Last try at commits/releases the ledger could not take; say loudly what is lost."""
+        try:
+            while self._pending:
+                await self._settle(self._pending[0])
+                self._pending.pop(0)
+        except LedgerUnavailable as exc:
+            log.error(
+                "cost ledger unreachable at shutdown: %d commit/release(s) not recorded (%s); "
+                "their reservations expire after %.0f s",
+                len(self._pending),
+                exc,
+                self._ttl_s,
+            )
+            self._pending.clear()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            delay_s = self._refresh_interval_s if self._healthy else self._retry_interval_s
+            await asyncio.sleep(delay_s)
+            try:
+                await self.refresh()
+            except ConfigError as exc:  # e.g. the Supabase migration vanished: stay closed
+                self._mark_unhealthy(str(exc))
+            except Exception:
+                log.exception("cost guard refresh failed")
+
+    async def refresh(self) -> None:
+        """Re-read the month's totals (expiring stale reservations) and retry pending settles."""
+        async with self._refresh_lock:  # the background task and a caller: one at a time
+            await self._refresh()
+
+    async def _refresh(self) -> None:
+        if self._closed:
+            return
+        try:
+            if not self._store_open:
+                await self._store.open()
+                self._store_open = True
+            elif not self._healthy:
+                await self._store.heal()
+            while self._pending:
+                await self._settle(self._pending[0])
+                self._pending.pop(0)
+            now = self._clock()
+            totals = await self._store.totals(month_of(now, self._tz), now)
+        except LedgerUnavailable as exc:
+            self._mark_unhealthy(str(exc))
+            return
+        self._apply(totals)
+        if not self._healthy and self._last_error != _NOT_OPENED:
+            log.warning("cost ledger reachable again (%s)", self._store.describe())
+        self._healthy = True
+        self._last_error = None
+
+    def _mark_unhealthy(self, reason: str) -> None:
+        if self._healthy or reason != self._last_error:
+            log.warning("cost ledger unreachable, cloud spend fails closed: %s", reason)
+        self._healthy = False
+        self._last_error = reason
+
+    # -- the cheap flags (no I/O) ---------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    @property
+    def store_kind(self) -> str:
+        return self._store.kind.value
+
+    def month(self) -> str:
+        """The current ledger month, 'YYYY-MM' in EVERREACH_TZ."""
+        return month_of(self._clock(), self._tz)
+
+    def current_totals(self) -> MonthTotals:
+        """The last known totals of the current month (zero right after it rolled over)."""
+        month = self.month()
+        totals = self._totals
+        return totals if totals is not None and totals.month == month else MonthTotals.empty(month)
+
+    def is_soft_cap_reached(self) -> bool:
+        """True at COST_SOFT_CAP (committed + reserved), or whenever the ledger is unhealthy."""
+        return not self._healthy or self.current_totals().total_usd >= self._soft_cap_usd
+
+    def is_hard_cap_reached(self) -> bool:
+        """True at MONTHLY_COST_CAP, or whenever the ledger is unhealthy (fail closed)."""
+        return not self._healthy or self.current_totals().total_usd >= self._hard_cap_usd
+
+    def cap_error(self) -> CostCapReached | None:
+        """The error to answer with when no cloud spend is possible now, else None; no I/O."""
+        if not self._healthy:
+            return self._unreachable_error()
+        totals = self.current_totals()
+        if totals.total_usd >= self._hard_cap_usd:
+            return self._cap_error(totals, None, None)
+        return None
+
+    # -- reservations ---------------------------------------------------------------------------
+
+    async def reserve(self, action: str, amount_usd: Decimal, request_id: str) -> Reservation:
+        """Set ``amount_usd`` aside for one cloud call of ``action``, atomically in the ledger.
+
+        Raises ``CostCapReached`` if it would pass MONTHLY_COST_CAP this month, or if the ledger
+        is unreachable (fail closed). Amounts finer than a micro-dollar are rounded up.
+        """
+        amount = _money(amount_usd, "amount_usd")
+        if not self._healthy:
+            raise self._unreachable_error()
+        now = self._clock()
+        month = month_of(now, self._tz)
+        reservation = Reservation(uuid.uuid4().hex, action, amount, request_id, month)
+        try:
+            result = await self._store.reserve(
+                ReserveRequest(
+                    reservation_id=reservation.id,
+                    month=month,
+                    action=action,
+                    amount_usd=amount,
+                    request_id=request_id,
+                    cap_usd=self._hard_cap_usd,
+                    now=now,
+                    ttl_s=self._ttl_s,
+                )
+            )
+        except LedgerUnavailable as exc:
+            self._mark_unhealthy(str(exc))
+            raise self._unreachable_error() from exc
+        self._apply(result.totals)
+        if not result.accepted:
+            raise self._cap_error(result.totals, action, amount)
+        return reservation
+
+    async def commit(self, reservation: Reservation, actual_usd: Decimal | None = None) -> None:
+        """Record that the call ran, costing ``actual_usd`` (else the amount reserved).
+
+        Never raises for an unreachable ledger: the commit is kept and retried by the refresh
+        task, and the guard stays closed for new spend until it lands.
+        """
+        actual = reservation.amount_usd if actual_usd is None else _money(actual_usd, "actual_usd")
+        await self._settle_or_queue(_Pending(reservation, actual))
+
+    async def release(self, reservation: Reservation) -> None:
+        """Give the money back: the call provably did not run. Retried later like commit."""
+        await self._settle_or_queue(_Pending(reservation, None))
+
+    async def _settle_or_queue(self, pending: _Pending) -> None:
+        if not self._healthy:
+            self._pending.append(pending)
+            return
+        try:
+            await self._settle(pending)
+        except LedgerUnavailable as exc:
+            self._mark_unhealthy(str(exc))
+            self._pending.append(pending)
+
+    async def _settle(self, pending: _Pending) -> None:
+        reservation, now = pending.reservation, self._clock()
+        result = await self._store.settle(reservation.id, pending.actual_usd, now)
+        if not result.found:
+            log.error("cost ledger has no reservation %s (%s)", reservation.id, reservation.action)
+        if result.late:
+            log.warning(
+                "reservation %s of %s expired before its commit; recorded anyway (a call took "
+                "longer than the reservation TTL of %.0f s)",
+                reservation.id,
+                reservation.action,
+                self._ttl_s,
+            )
+        if result.totals is not None:
+            self._apply(result.totals)
+
+    def _apply(self, totals: MonthTotals) -> None:
+        if totals.month == self.month():
+            self._totals = totals
+
+    # -- reporting ----------------------------------------------------------------------------
+
+    async def snapshot(self) -> dict[str, Any]:
+        """Month-to-date spend for /status and /health; money as exact decimal strings."""
+        by_action: dict[str, str] = {}
+        reserved_by_action: dict[str, str] = {}
+        month = self.month()
+        if self._healthy:
+            try:
+                now = self._clock()
+                self._apply(await self._store.totals(month, now))
+                for action, spend in sorted((await self._store.by_action(month)).items()):
+                    if spend.committed_usd:
+                        by_action[action] = usd(spend.committed_usd)
+                    if spend.reserved_usd:
+                        reserved_by_action[action] = usd(spend.reserved_usd)
+            except LedgerUnavailable as exc:
+                self._mark_unhealthy(str(exc))
+        totals = self.current_totals()
+        remaining = max(self._hard_cap_usd - totals.total_usd, Decimal(0))
+        return {
+            "month": month,
+            "timezone": str(self._tz),
+            "spent_usd": usd(totals.committed_usd),
+            "reserved_usd": usd(totals.reserved_usd),
+            "remaining_usd": usd(remaining),
+            "soft_cap_usd": usd(self._soft_cap_usd),
+            "hard_cap_usd": usd(self._hard_cap_usd),
+            "soft_cap_reached": self.is_soft_cap_reached(),
+            "hard_cap_reached": self.is_hard_cap_reached(),
+            "by_action": by_action,
+            "reserved_by_action": reserved_by_action,
+            "store": self._store.kind.value,
+            "ledger": self._store.describe(),
+            "healthy": self._healthy,
+            "error": self._last_error,
+            "pending_settlements": len(self._pending),
+            "reservation_ttl_s": self._ttl_s,
+        }
+
+    def _cap_error(
+        self, totals: MonthTotals, action: str | None, amount: Decimal | None
+    ) -> CostCapReached:
+        asked = f" + ${usd(amount)} for {action}" if amount is not None else ""
+        detail = (
+            f"monthly cloud spend cap reached for {totals.month} ({self._tz}): "
+            f"${usd(totals.committed_usd)} spent + ${usd(totals.reserved_usd)} reserved{asked} "
+            f"would pass MONTHLY_COST_CAP ${usd(self._hard_cap_usd)}; raise MONTHLY_COST_CAP "
+            f"or wait for the month to roll over on {_next_month(totals.month)}-01"
+        )
+        return CostCapReached(
+            detail,
+            month=totals.month,
+            spent_usd=usd(totals.committed_usd),
+            reserved_usd=usd(totals.reserved_usd),
+            cap_usd=usd(self._hard_cap_usd),
+        )
+
+    def _unreachable_error(self) -> CostCapReached:
+        return CostCapReached(
+            f"the cost ledger ({self._store.describe()}) is unreachable, so cloud spend fails "
+            f"closed until it is back ({self._last_error}); actions with a local handler still "
+            f"run locally",
+            ledger_healthy=False,
+        )
+
+
+def _money(amount: Decimal | int | float | str, name: str) -> Decimal:
+    """Return ``amount`` as an exact Decimal in whole micro-dollars (rounded up), >= 0.
+
+    A float (a cloud response's ``cost_usd`` parsed from JSON) goes through its shortest
+    repr, so 0.01 stays 0.01 and not 0.01000000000000000020816681711721685.
+    """
+    if isinstance(amount, bool):
+        raise TypeError(f"{name} must be an amount of US dollars, got {amount!r}")
+    value = Decimal(repr(amount)) if isinstance(amount, float) else Decimal(amount)
+    if not value.is_finite() or value < 0:
+        raise ValueError(f"{name} must be a finite, non-negative amount, got {amount!r}")
+    return from_micro(to_micro(value))
+
+
+def _zone(name: str) -> tzinfo:
+    """EVERREACH_TZ, or the machine's local zone when it is empty."""
+    if name:
+        from zoneinfo import ZoneInfo
+
+        return ZoneInfo(name)
+    import tzlocal
+
+    return tzlocal.get_localzone()

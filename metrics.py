@@ -1,0 +1,293 @@
+"""Prometheus metrics of one orchestrator instance, rendered for ``GET /metrics``.
+
+Each ``Metrics`` object owns its own ``CollectorRegistry``, so several apps in one process (tests,
+a cloud and a terminal side by side) never share or collide on series.
+
+Label values are closed sets: ``action`` comes only from the ``known_actions`` given at start-up
+(the route table and the registry), ``source`` from ``Source`` and ``outcome`` from ``ok``,
+``queued`` and the ``ErrorCode`` values. Anything else is counted under ``other``, so a client
+sending random action names cannot grow the number of series.
+
+Point-in-time values (circuit states, offline flag, outbox depth, spend against the caps, bus
+backend and backlog, cache size) are not pushed: a status provider — a plain sync function — is
+called once per scrape and its dict turned into gauges. Missing keys are simply not exported.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+from errors import ErrorCode, Source
+
+OTHER = "other"
+"""The label value every unknown action, source or outcome is folded into."""
+
+NO_SOURCE = "none"
+"""The ``source`` label of a dispatch that failed before any path produced a result."""
+
+CIRCUIT_STATES: tuple[str, ...] = ("closed", "open", "degraded", "half_open")
+"""States a circuit breaker can report; one 0/1 series per state (a Prometheus state set)."""
+
+BUS_BACKENDS: tuple[str, ...] = ("redis", "sqlite")
+
+OUTCOMES: frozenset[str] = frozenset({"ok", "queued", *(code.value for code in ErrorCode)})
+
+SOURCES: frozenset[str] = frozenset(source.value for source in Source)
+
+# Local handlers answer in milliseconds; a cloud call may take CLOUD_TIMEOUT_SEC (30 s) per attempt
+# and, with retries and backoff, about two minutes in all. The buckets cover both ends.
+DURATION_BUCKETS_S: tuple[float, ...] = (
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+)
+
+# The classic text format, which every Prometheus version parses; names here are plain ASCII, so
+# the body is the same as the newer 1.0.0 format prometheus-client would otherwise announce.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+StatusProvider = Callable[[], Mapping[str, Any]]
+
+logger = logging.getLogger(__name__)
+
+
+class Metrics:
+    """The counters, histogram and scrape-time gauges of one instance."""
+
+    def __init__(self, known_actions: Iterable[str]) -> None:
+        self.known_actions: frozenset[str] = frozenset(known_actions)
+        self.registry = CollectorRegistry()
+        self._dispatches = Counter(
+            "everreach_dispatch",
+            "Dispatched actions by action, source that produced the result, and outcome.",
+            ("action", "source", "outcome"),
+            registry=self.registry,
+        )
+        self._duration = Histogram(
+            "everreach_dispatch_duration_seconds",
+            "Time from receiving an action to its result envelope, by action and source.",
+            ("action", "source"),
+            buckets=DURATION_BUCKETS_S,
+            registry=self.registry,
+        )
+        self._cloud_retries = Counter(
+            "everreach_cloud_retries",
+            "Cloud call attempts that were retried (5xx, 429, timeout, connection error).",
+            ("action",),
+            registry=self.registry,
+        )
+        self._status_errors = Counter(
+            "everreach_status_provider_errors",
+            "Scrapes where the status provider raised; its gauges were left out of that scrape.",
+            registry=self.registry,
+        )
+        self._status = _StatusCollector(self)
+        self.registry.register(self._status)
+
+    # -- label hygiene --------------------------------------------------------------------------
+
+    def action_label(self, action: str) -> str:
+        """Return ``action`` if it is a known action, else ``other``."""
+        return action if action in self.known_actions else OTHER
+
+    @staticmethod
+    def source_label(source: str | None) -> str:
+        """Return the source's value, ``none`` when nothing produced a result, else ``other``."""
+        value = _enum_value(source)
+        if value is None:
+            return NO_SOURCE
+        return value if value in SOURCES else OTHER
+
+    @staticmethod
+    def outcome_label(outcome: str) -> str:
+        value = _enum_value(outcome)
+        return value if value in OUTCOMES else OTHER
+
+    # -- recording ------------------------------------------------------------------------------
+
+    def observe_dispatch(
+        self, action: str, source: str | None, outcome: str, duration_s: float
+    ) -> None:
+        """Count one dispatch and record how long it took."""
+        action_l = self.action_label(action)
+        source_l = self.source_label(source)
+        self._dispatches.labels(action_l, source_l, self.outcome_label(outcome)).inc()
+        if math.isfinite(duration_s) and duration_s >= 0:
+            self._duration.labels(action_l, source_l).observe(duration_s)
+
+    def inc_cloud_retry(self, action: str) -> None:
+        """Count one retried cloud attempt."""
+        self._cloud_retries.labels(self.action_label(action)).inc()
+
+    def set_status_provider(self, fn: StatusProvider) -> None:
+        """Install the function read at scrape time for the point-in-time gauges."""
+        self._status.provider = fn
+
+    # -- exposition -----------------------------------------------------------------------------
+
+    def render(self) -> tuple[bytes, str]:
+        """Return the Prometheus text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE
+
+    def record_status_failure(self) -> None:
+        """Count a scrape whose status provider raised."""
+        self._status_errors.inc()
+
+
+class _StatusCollector(Collector):
+    """Turn the status provider's dict into gauges at each scrape."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self.provider: StatusProvider | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return list(_status_families({}, self._metrics, describing=True))
+
+    def collect(self) -> Iterable[Metric]:
+        if self.provider is None:
+            return []
+        try:
+            status = self.provider()
+            return list(_status_families(status, self._metrics))
+        except Exception:
+            # A scrape must not fail because one part of the status is broken: the counters
+            # are still worth having; the failure is counted and logged.
+            logger.exception("metrics status provider failed")
+            self._metrics.record_status_failure()
+            return []
+
+
+def _status_families(
+    status: Mapping[str, Any], metrics: Metrics, *, describing: bool = False
+) -> Iterator[Metric]:
+    """Yield the gauges for the keys present in ``status`` (all of them when describing)."""
+    circuits = status.get("circuits")
+    if describing or isinstance(circuits, Mapping):
+        per_action = GaugeMetricFamily(
+            "everreach_circuit_state",
+            "Local circuit breaker of an action: 1 for its current state, 0 for the others.",
+            labels=("action", "state"),
+        )
+        totals = GaugeMetricFamily(
+            "everreach_circuits",
+            "Number of local circuit breakers in each state (all actions, known or not).",
+            labels=("state",),
+        )
+        counts = dict.fromkeys(CIRCUIT_STATES, 0)
+        for action, state in sorted((circuits or {}).items()):
+            state_v = _enum_value(state)
+            if state_v not in counts:
+                continue
+            counts[state_v] += 1
+            # Only known actions get series of their own; the label set stays bounded.
+            if action in metrics.known_actions:
+                for name in CIRCUIT_STATES:
+                    per_action.add_metric((action, name), 1.0 if name == state_v else 0.0)
+        for name, count in counts.items():
+            totals.add_metric((name,), float(count))
+        yield per_action
+        yield totals
+
+    cloud = _enum_value(status.get("cloud_circuit"))
+    if describing or cloud in CIRCUIT_STATES:
+        yield _state_set(
+            "everreach_cloud_circuit_state",
+            "Cloud circuit breaker: 1 for its current state, 0 for the others.",
+            "state",
+            CIRCUIT_STATES,
+            cloud,
+        )
+
+    flags = (
+        ("online", "everreach_online", "1 while the cloud is reachable, 0 while offline."),
+        ("offline_mode", "everreach_offline_mode", "1 when OFFLINE_MODE forces offline."),
+    )
+    for key, name, help_text in flags:
+        if describing or isinstance(status.get(key), bool):
+            yield GaugeMetricFamily(name, help_text, value=1.0 if status.get(key) else 0.0)
+
+    gauges = (
+        ("outbox_depth", "everreach_outbox_depth", "Side-effect actions waiting for replay."),
+        (
+            "dead_letters",
+            "everreach_outbox_dead_letters",
+            "Outbox entries that exhausted their replays and need a person.",
+        ),
+        (
+            "cost_month_usd",
+            "everreach_cost_month_to_date_usd",
+            "Cloud spend this calendar month in US dollars (reserved and committed).",
+        ),
+        (
+            "cost_soft_cap_usd",
+            "everreach_cost_soft_cap_usd",
+            "COST_SOFT_CAP: from here on actions with a local handler run locally.",
+        ),
+        (
+            "cost_hard_cap_usd",
+            "everreach_cost_hard_cap_usd",
+            "MONTHLY_COST_CAP: no cloud call is made at or above it.",
+        ),
+        ("bus_backlog", "everreach_bus_backlog", "Sync bus messages not yet delivered."),
+        ("cache_entries", "everreach_cache_entries", "Entries in the offline response cache."),
+    )
+    for key, name, help_text in gauges:
+        value = _number(status.get(key))
+        if describing or value is not None:
+            yield GaugeMetricFamily(name, help_text, value=value or 0.0)
+
+    backend = _enum_value(status.get("bus_backend"))
+    if describing or backend in BUS_BACKENDS:
+        yield _state_set(
+            "everreach_bus_backend",
+            "Sync bus backend in use: 1 for the active one (redis, or the sqlite fallback).",
+            "backend",
+            BUS_BACKENDS,
+            backend,
+        )
+
+
+def _state_set(
+    name: str, help_text: str, label: str, states: Iterable[str], current: Any
+) -> GaugeMetricFamily:
+    """One 0/1 series per possible state, 1 for ``current`` (Prometheus' state-set pattern)."""
+    family = GaugeMetricFamily(name, help_text, labels=(label,))
+    for state in states:
+        family.add_metric((state,), 1.0 if state == current else 0.0)
+    return family
+
+
+def _enum_value(value: Any) -> Any:
+    """A str Enum member's value, or the value itself (for plain strings and None)."""
+    return getattr(value, "value", value)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None

@@ -1,0 +1,327 @@
+"""Outbox: the durable FIFO of side-effect actions waiting for the cloud.
+
+An action that could not reach the cloud (offline, circuit open, or an ambiguous failure) is
+committed here with ``PRAGMA synchronous=FULL`` before ``enqueue()`` returns: a 202 means the row
+is on disk and survives SIGKILL. ``StateSync.push_pending_sync()`` replays items in enqueue order
+with their original idempotency key; an item leaves only when the cloud acknowledged it
+(``ack()`` deletes the row). A 4xx, or ``max_attempts`` ambiguous failures, makes it a dead
+letter: kept, visible, retried only on request (``retry_dead()``). A row that does not decode
+(hand-edited params JSON) is logged and moved to the dead letters with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from errors import InvalidParams
+from sqlite_file import (
+    HYBRID_DB_FILENAME,
+    SqliteFile,
+    Synchronous,
+    canonical_json,
+    parse_timestamp,
+    transaction,
+    utc_iso,
+)
+
+if TYPE_CHECKING:
+    from config.hybrid_config import HybridConfig
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR_CHARS = 1000
+
+
+class OutboxStatus(StrEnum):
+    PENDING = "pending"
+    DEAD = "dead"
+
+
+_OUTBOX_SCHEMA = """
+CREATE TABLE IF NOT EXISTS hybrid_outbox (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    id              TEXT NOT NULL UNIQUE,
+    action          TEXT NOT NULL,
+    params_json     TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL UNIQUE,
+    created_at      TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    status          TEXT NOT NULL DEFAULT 'pending',
+    last_error      TEXT,
+    updated_at      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS hybrid_outbox_status_seq ON hybrid_outbox (status, seq);
+"""
+_OUTBOX_COLUMNS = (
+    "id, seq, action, params_json, idempotency_key, created_at, attempts, status, last_error"
+)
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """One queued side-effect action."""
+
+    id: str
+    seq: int
+    action: str
+    params: dict[str, Any]
+    idempotency_key: str
+    created_at: datetime
+    attempts: int
+    status: OutboxStatus
+    last_error: str | None
+
+
+def _decode_item(row: tuple[Any, ...]) -> OutboxItem:
+    """Build an item from a row; raise ValueError naming what is unreadable."""
+    item_id, seq, action, params_json, key, created_at, attempts, status, last_error = row
+    try:
+        params = json.loads(params_json)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"params_json is not valid JSON ({exc})") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"params_json is a {type(params).__name__}, not an object")
+    try:
+        created = parse_timestamp(created_at)
+        status_value = OutboxStatus(status)
+        attempts_count = int(attempts)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(str(exc)) from None
+    return OutboxItem(
+        id=str(item_id),
+        seq=int(seq),
+        action=str(action),
+        params=params,
+        idempotency_key=str(key),
+        created_at=created,
+        attempts=attempts_count,
+        status=status_value,
+        last_error=last_error,
+    )
+
+
+def _lenient_item(row: tuple[Any, ...], reason: str) -> OutboxItem:
+    """An unreadable row, shown as well as it can be (for the dead-letter list)."""
+    item_id, seq, action, _params, key, created_at, attempts, status, last_error = row
+    try:
+        created = parse_timestamp(created_at)
+    except (TypeError, ValueError):
+        created = datetime.min.replace(tzinfo=UTC)
+    try:
+        status_value = OutboxStatus(status)
+    except ValueError:
+        status_value = OutboxStatus.DEAD
+    try:
+        attempts_count = int(attempts)
+    except (TypeError, ValueError):
+        attempts_count = 0
+    return OutboxItem(
+        id=str(item_id),
+        seq=int(seq),
+        action=str(action),
+        params={},
+        idempotency_key=str(key),
+        created_at=created,
+        attempts=attempts_count,
+        status=status_value,
+        last_error=last_error or reason,
+    )
+
+
+class Outbox:
+    """Durable FIFO of side-effect actions waiting for the cloud; failures become dead letters."""
+
+    def __init__(
+        self, path: Path, *, max_attempts: int = 10, clock: Callable[[], float] = time.time
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        self.path = Path(path)
+        self.max_attempts = max_attempts
+        self._clock = clock
+        self._db = SqliteFile(self.path, synchronous=Synchronous.FULL, name="outbox")
+
+    @classmethod
+    def from_config(cls, config: HybridConfig) -> Outbox:
+        """Outbox in ``DATA_DIR/hybrid.sqlite3``."""
+        return cls(config.data_dir / HYBRID_DB_FILENAME)
+
+    async def open(self) -> None:
+        await self._db.open(_OUTBOX_SCHEMA)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def enqueue(
+        self, action: str, params: dict[str, Any], idempotency_key: str
+    ) -> OutboxItem:
+        """Queue ``action``; committed and fsync'd before this returns.
+
+        Enqueueing an idempotency key that is already queued returns the queued item (a
+        client's retry is not queued twice); the same key with another action or other params
+        is ``InvalidParams``, as the cloud would answer.
+        """
+        try:
+            params_json = canonical_json(params)
+        except (TypeError, ValueError) as exc:
+            raise InvalidParams(f"params of {action} are not JSON-serialisable: {exc}") from exc
+        now = utc_iso(self._clock())
+        new_id = uuid.uuid4().hex
+
+        def write(conn: sqlite3.Connection) -> tuple[Any, ...]:
+            row = conn.execute(
+                f"SELECT {_OUTBOX_COLUMNS} FROM hybrid_outbox WHERE idempotency_key = ?",
+                (idempotency_key,),
+            ).fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO hybrid_outbox (id, action, params_json, idempotency_key, "
+                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (new_id, action, params_json, idempotency_key, now, now),
+                )
+                row = conn.execute(
+                    f"SELECT {_OUTBOX_COLUMNS} FROM hybrid_outbox WHERE id = ?", (new_id,)
+                ).fetchone()
+            return tuple(row)
+
+        row = await self._db.run(lambda conn: transaction(conn, write))
+        if row[0] != new_id and (row[2] != action or row[3] != params_json):
+            raise InvalidParams(
+                f"idempotency key {idempotency_key!r} is already queued for another action "
+                f"or other params (outbox item {row[0]})"
+            )
+        return _decode_item(row)
+
+    async def pending(self, limit: int = 100) -> list[OutboxItem]:
+        """Up to ``limit`` pending items in enqueue order; unreadable rows become dead letters."""
+
+        def read(conn: sqlite3.Connection) -> list[OutboxItem]:
+            items: list[OutboxItem] = []
+            after = -1
+            while len(items) < limit:
+                rows = conn.execute(
+                    f"SELECT {_OUTBOX_COLUMNS} FROM hybrid_outbox "
+                    "WHERE status = 'pending' AND seq > ? ORDER BY seq LIMIT ?",
+                    (after, limit - len(items)),
+                ).fetchall()
+                if not rows:
+                    break
+                for row in rows:
+                    after = row[1]
+                    try:
+                        items.append(_decode_item(row))
+                    except ValueError as exc:
+                        self._bury_corrupt(conn, row[0], str(exc))
+            return items
+
+        return await self._db.run(read)
+
+    def _bury_corrupt(self, conn: sqlite3.Connection, item_id: str, reason: str) -> None:
+        log.error("outbox item %s is unreadable and moves to the dead letters: %s", item_id, reason)
+        conn.execute(
+            "UPDATE hybrid_outbox SET status = 'dead', last_error = ?, updated_at = ? WHERE id = ?",
+            (f"corrupt row: {reason}"[:MAX_ERROR_CHARS], utc_iso(self._clock()), item_id),
+        )
+
+    async def ack(self, item_id: str, result: Any = None) -> None:
+        """The cloud acknowledged the item: delete it (acking twice is harmless)."""
+        await self._db.run(
+            lambda conn: conn.execute("DELETE FROM hybrid_outbox WHERE id = ?", (item_id,))
+        )
+
+    async def fail(
+        self, item_id: str, error: str, *, permanent: bool, count_attempt: bool = True
+    ) -> OutboxStatus | None:
+        """Record a failed delivery; return the item's new status (None: no such item).
+
+        ``permanent`` (a 4xx) or ``max_attempts`` counted attempts make it a dead letter.
+        ``count_attempt=False`` records the error without spending an attempt: for failures
+        that prove the request never reached the cloud, which say nothing about the item.
+        """
+        now = utc_iso(self._clock())
+
+        def write(conn: sqlite3.Connection) -> OutboxStatus | None:
+            row = conn.execute(
+                "SELECT attempts FROM hybrid_outbox WHERE id = ?", (item_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            attempts = int(row[0]) + (1 if count_attempt else 0)
+            dead = permanent or attempts >= self.max_attempts
+            status = OutboxStatus.DEAD if dead else OutboxStatus.PENDING
+            conn.execute(
+                "UPDATE hybrid_outbox SET attempts = ?, status = ?, last_error = ?, "
+                "updated_at = ? WHERE id = ?",
+                (attempts, status.value, error[:MAX_ERROR_CHARS], now, item_id),
+            )
+            return status
+
+        return await self._db.run(lambda conn: transaction(conn, write))
+
+    async def depth(self) -> int:
+        """Number of pending items."""
+        return await self._count(OutboxStatus.PENDING)
+
+    async def _count(self, status: OutboxStatus) -> int:
+        (rows,) = await self._db.run(
+            lambda conn: conn.execute(
+                "SELECT count(*) FROM hybrid_outbox WHERE status = ?", (status.value,)
+            ).fetchone()
+        )
+        return int(rows)
+
+    async def dead_letters(self) -> list[OutboxItem]:
+        """Every dead letter, oldest first (unreadable rows shown with empty params)."""
+        rows = await self._db.run(
+            lambda conn: conn.execute(
+                f"SELECT {_OUTBOX_COLUMNS} FROM hybrid_outbox WHERE status = 'dead' ORDER BY seq"
+            ).fetchall()
+        )
+        items = []
+        for row in rows:
+            try:
+                items.append(_decode_item(row))
+            except ValueError as exc:
+                items.append(_lenient_item(row, f"corrupt row: {exc}"))
+        return items
+
+    async def retry_dead(self, item_id: str) -> None:
+        """Put a dead letter back in the queue at its original place, attempts reset."""
+        now = utc_iso(self._clock())
+        cursor = await self._db.run(
+            lambda conn: conn.execute(
+                "UPDATE hybrid_outbox SET status = 'pending', attempts = 0, updated_at = ? "
+                "WHERE id = ? AND status = 'dead'",
+                (now, item_id),
+            )
+        )
+        if cursor.rowcount == 0:
+            raise KeyError(f"no dead letter with id {item_id!r}")
+
+    async def snapshot(self) -> dict[str, Any]:
+        """Counts for ``/status``: pending depth, dead letters, oldest pending enqueue time."""
+
+        def read(conn: sqlite3.Connection) -> dict[str, Any]:
+            counts = dict(
+                conn.execute("SELECT status, count(*) FROM hybrid_outbox GROUP BY status")
+            )
+            (oldest,) = conn.execute(
+                "SELECT min(created_at) FROM hybrid_outbox WHERE status = 'pending'"
+            ).fetchone()
+            return {
+                "depth": int(counts.get("pending", 0)),
+                "dead_letters": int(counts.get("dead", 0)),
+                "oldest_pending_at": oldest,
+            }
+
+        return await self._db.run(read)

@@ -1,0 +1,138 @@
+"""SqliteFile: one SQLite connection in WAL mode, driven from asyncio through one worker thread.
+
+The offline cache, the outbox and the local state store each own one of these (they may share one
+database file: WAL lets one writer and many readers work side by side, and ``busy_timeout`` makes
+a second writer wait instead of failing). Every statement of a connection runs on its own
+single-thread executor, so calls are serialised in submission order, the connection never
+crosses threads, and the event loop never blocks on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_MS = 5_000
+
+# The one file under DATA_DIR that holds the offline cache, the outbox and the state store.
+HYBRID_DB_FILENAME = "hybrid.sqlite3"
+
+
+class Synchronous(StrEnum):
+    """SQLite's ``PRAGMA synchronous`` levels we use.
+
+    FULL fsyncs the WAL on every commit: a committed row survives a process kill and a power
+    cut. NORMAL fsyncs only at checkpoints: a power cut may lose the last commits (never a
+    process kill), which is fine for a cache.
+    """
+
+    FULL = "FULL"
+    NORMAL = "NORMAL"
+
+
+class SqliteFile:
+    """An SQLite connection opened lazily on its own worker thread."""
+
+    def __init__(
+        self, path: Path, *, synchronous: Synchronous = Synchronous.FULL, name: str = "sqlite"
+    ) -> None:
+        self.path = Path(path)
+        self.synchronous = synchronous
+        self.name = name
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._conn is not None
+
+    async def open(self, schema: str = "") -> None:
+        """Create the parent folder, connect, switch to WAL and run ``schema`` (idempotent)."""
+        if self._conn is not None:
+            return
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-sqlite")
+        loop = asyncio.get_running_loop()
+        try:
+            self._conn = await loop.run_in_executor(executor, self._connect, schema)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        self._executor = executor
+
+    def _connect(self, schema: str) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a transaction takes the
+        # write lock up front instead of failing half-way with SQLITE_BUSY on upgrade.
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                log.warning(
+                    "%s: %s does not support WAL (journal_mode=%s)", self.name, self.path, mode
+                )
+            conn.execute(f"PRAGMA synchronous={self.synchronous.value}")
+            if schema:
+                conn.executescript(schema)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(connection)`` on the worker thread and return its result."""
+        if self._conn is None or self._executor is None:
+            raise RuntimeError(f"{self.name}: {self.path} is not open; call open() first")
+        conn = self._conn
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, conn)
+
+    async def close(self) -> None:
+        """Close the connection and stop the worker thread (idempotent)."""
+        conn, executor = self._conn, self._executor
+        self._conn, self._executor = None, None
+        if conn is None or executor is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, conn.close)
+        finally:
+            executor.shutdown(wait=False)
+
+
+def transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """Run ``fn`` inside ``BEGIN IMMEDIATE`` … ``COMMIT`` (rolled back if it raises)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
+def utc_iso(unix_s: float) -> str:
+    """Unix time as the ISO 8601 UTC text our tables store (``2025-01-31T12:00:00+00:00``)."""
+    return datetime.fromtimestamp(unix_s, UTC).isoformat()
+
+
+def parse_timestamp(value: Any) -> datetime:
+    """Return ``value`` (ISO 8601 text or datetime) as an aware UTC datetime; naive means UTC."""
+    when = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def canonical_json(value: Any) -> str:
+    """Serialise ``value`` with sorted keys and no spaces: equal data, equal text."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

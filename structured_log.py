@@ -1,0 +1,188 @@
+"""JSON-lines logging: one object per line on stderr, secrets replaced by ``***``.
+
+A line looks like::
+
+    {"ts": "2025-01-31T06:00:00.123Z", "level": "INFO", "logger": "everreach.dispatch",
+     "msg": "dispatch research.keyword -> cloud ok", "event": "dispatch",
+     "request_id": "…", "action": "research.keyword", "env": "cloud", "source": "cloud",
+     "outcome": "ok", "duration_ms": 41.2, "attempts": 1, "error": null}
+
+Fields passed with ``extra={...}`` become top-level keys. ``configure_logging`` also routes
+uvicorn's own loggers through the same handler, so a server's stderr is JSON only. Dispatch lines
+never carry params or results: those are user data and may hold credentials.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+REDACTED = "***"
+
+DISPATCH_LOGGER = "everreach.dispatch"
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+# uvicorn adds ``color_message``: the same text with terminal colour codes.
+_RECORD_ATTRS = frozenset(
+    logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys()
+    | {"message", "asctime", "color_message"}
+)
+_UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
+_MAX_ACTION_CHARS = 200
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """Return ``text`` with every occurrence of each non-empty secret replaced by ``***``."""
+    # Longest first, so a secret that contains another is replaced whole.
+    for secret in sorted({s for s in secrets if s and s.strip()}, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def config_secrets(config: Any) -> list[str]:
+    """The secret values of a ``HybridConfig``: keys, tokens, and passwords inside URLs."""
+    from pydantic import SecretStr
+
+    found: list[str] = []
+    for name in type(config).model_fields:
+        value = getattr(config, name)
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+            found.append(value)
+        if isinstance(value, str) and "://" in value:
+            try:
+                password = urlsplit(value).password
+            except ValueError:
+                password = None
+            if password:
+                found.append(password)
+    return [value for value in found if value and value.strip()]
+
+
+class JsonFormatter(logging.Formatter):
+    """Format each record as one JSON object on one line, with secrets redacted."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.secrets: tuple[str, ...] = tuple(s for s in secrets if s and s.strip())
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, Any] = {
+            "ts": _iso_utc(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _RECORD_ATTRS and not key.startswith("_") and key not in payload:
+                payload[key] = value
+        if record.exc_info:
+            payload["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            payload["exc"] = record.exc_text
+        if record.stack_info:
+            payload["stack"] = self.formatStack(record.stack_info)
+        if self.secrets:
+            payload = _redact_tree(payload, self.secrets)
+        return json.dumps(payload, ensure_ascii=False, default=str, separators=(", ", ": "))
+
+
+class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Our stderr handler; a class of its own so ``configure_logging`` can find and replace it."""
+
+
+def configure_logging(
+    level: str = "INFO", *, secrets: Iterable[str] = (), stream: IO[str] | None = None
+) -> None:
+    """Send every log record, uvicorn's included, as a JSON line to stderr (or ``stream``).
+
+    Idempotent: calling it again replaces the handler it installed before instead of adding a
+    second one. Handlers installed by others (pytest's capture, for one) are left alone.
+    """
+    numeric = logging.getLevelName(level.upper()) if isinstance(level, str) else level
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}; use DEBUG, INFO, WARNING or ERROR")
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _JsonHandler):
+            root.removeHandler(handler)
+    handler = _JsonHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(JsonFormatter(secrets))
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    # uvicorn installs text handlers of its own and stops propagation; send its records to
+    # the root handler instead, keeping the levels uvicorn was started with.
+    for name in _UVICORN_LOGGERS:
+        uv_logger = logging.getLogger(name)
+        for uv_handler in list(uv_logger.handlers):
+            uv_logger.removeHandler(uv_handler)
+        uv_logger.propagate = True
+
+
+def log_dispatch(
+    logger: logging.Logger,
+    *,
+    request_id: str,
+    action: str,
+    env: str,
+    source: str | None,
+    outcome: str,
+    duration_ms: float,
+    error: str | None = None,
+    attempts: int = 0,
+) -> None:
+    """Log one dispatch as one line: INFO when it succeeded, WARNING when it failed.
+
+    Takes no params or result on purpose: they are user data and can carry credentials.
+    """
+    env_v = _enum_value(env)
+    source_v = _enum_value(source)
+    outcome_v = _enum_value(outcome)
+    error_v = _enum_value(error)
+    action_v = action if len(action) <= _MAX_ACTION_CHARS else action[:_MAX_ACTION_CHARS] + "…"
+    fields: Mapping[str, Any] = {
+        "event": "dispatch",
+        "request_id": request_id,
+        "action": action_v,
+        "env": env_v,
+        "source": source_v,
+        "outcome": outcome_v,
+        "duration_ms": round(float(duration_ms), 3),
+        "attempts": attempts,
+        "error": error_v,
+    }
+    level = logging.INFO if error_v is None else logging.WARNING
+    logger.log(
+        level,
+        "dispatch %s -> %s %s",
+        action_v,
+        source_v or env_v,
+        outcome_v,
+        extra=dict(fields),
+    )
+
+
+def _enum_value(value: Any) -> Any:
+    return getattr(value, "value", value)
+
+
+def _iso_utc(created: float) -> str:
+    stamp = datetime.fromtimestamp(created, tz=UTC)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+
+
+def _redact_tree(value: Any, secrets: tuple[str, ...]) -> Any:
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if isinstance(value, Mapping):
+        return {key: _redact_tree(item, secrets) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact_tree(item, secrets) for item in value]
+    if isinstance(value, int | float | bool) or value is None:
+        return value
+    return redact(str(value), secrets)

@@ -1,0 +1,594 @@
+"""CostGuard on the embedded SQLite ledger (and the guard's logic with any store).
+
+PostgreSQL and Supabase REST are in test_cost_guard_pg.py; the helpers here are shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+
+from config.hybrid_config import HybridConfig
+from cost_guard import CostGuard, Reservation, month_of, usd
+from cost_ledger import (
+    LedgerStore,
+    LedgerUnavailable,
+    MonthTotals,
+    ReserveRequest,
+    ReserveResult,
+    SettleResult,
+    SqliteLedgerStore,
+)
+from cost_ledger_pg import PostgresLedgerStore, SupabaseLedgerStore
+from errors import ConfigError, CostCapReached
+
+pytestmark = pytest.mark.prd200
+
+ROOT = Path(__file__).resolve().parent.parent
+CAP = Decimal("400")
+SOFT = Decimal("380")
+CENT = Decimal("0.01")
+
+
+# -- helpers shared with test_cost_guard_pg.py ---------------------------------------------------
+
+
+class FakeClock:
+    """A settable UTC clock: ``clock()`` is now, ``advance(s)`` moves it."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@dataclass
+class WatchedStore:
+    """Wraps a real store: records every total it answers, and can be switched 'down'."""
+
+    inner: LedgerStore
+    down: bool = False
+    seen_totals: list[Decimal] = field(default_factory=list)
+
+    @property
+    def kind(self) -> Any:
+        return self.inner.kind
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+    def _check(self) -> None:
+        if self.down:
+            raise LedgerUnavailable("switched off by the test")
+
+    async def open(self) -> None:
+        self._check()
+        await self.inner.open()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def heal(self) -> None:
+        self._check()
+        await self.inner.heal()
+
+    async def reserve(self, request: ReserveRequest) -> ReserveResult:
+        self._check()
+        result = await self.inner.reserve(request)
+        self.seen_totals.append(result.totals.total_usd)
+        return result
+
+    async def settle(
+        self, reservation_id: str, amount_usd: Decimal | None, now: datetime
+    ) -> SettleResult:
+        self._check()
+        result = await self.inner.settle(reservation_id, amount_usd, now)
+        if result.totals:
+            self.seen_totals.append(result.totals.total_usd)
+        return result
+
+    async def totals(self, month: str, now: datetime) -> MonthTotals:
+        self._check()
+        return await self.inner.totals(month, now)
+
+    async def by_action(self, month: str) -> Any:
+        self._check()
+        return await self.inner.by_action(month)
+
+
+GuardFactory = Callable[..., Awaitable[CostGuard]]
+
+
+@asynccontextmanager
+async def opened(store: LedgerStore, **kwargs: Any) -> AsyncIterator[CostGuard]:
+    """A CostGuard over ``store`` with the PRD's caps, opened and finally closed."""
+    kwargs.setdefault("monthly_cap_usd", CAP)
+    kwargs.setdefault("soft_cap_usd", SOFT)
+    kwargs.setdefault("tz", UTC)
+    guard = CostGuard(store, **kwargs)
+    await guard.open()
+    try:
+        yield guard
+    finally:
+        await guard.close()
+
+
+async def spend(guard: CostGuard, amount: Decimal, action: str = "claude.complete") -> None:
+    """Reserve and commit ``amount`` (test set-up: 'so much was already spent')."""
+    reservation = await guard.reserve(action, amount, "setup")
+    await guard.commit(reservation)
+
+
+async def burst(guard: CostGuard, calls: int, amount: Decimal = CENT) -> int:
+    """Run ``calls`` concurrent reserve+commit; return how many were allowed."""
+
+    async def one(i: int) -> bool:
+        try:
+            reservation = await guard.reserve("dm.send", amount, f"req-{i}")
+        except CostCapReached:
+            return False
+        await guard.commit(reservation)
+        return True
+
+    return sum(await asyncio.gather(*(one(i) for i in range(calls))))
+
+
+# A separate OS process with its own CostGuard, built from configuration like the server does.
+# "burst": reserve+commit N calls concurrently after "go" on stdin, print how many ran and the
+# largest month total any ledger answer showed. "hang": reserve once, print, then wait forever.
+WORKER = r"""
+import asyncio, json, sys
+from decimal import Decimal
+from config.hybrid_config import HybridConfig
+from cost_guard import CostGuard
+from errors import CostCapReached
+
+async def main() -> None:
+    spec = json.loads(sys.argv[1])
+    guard = CostGuard.from_config(HybridConfig.from_mapping(spec["config"]))
+    await guard.open()
+    assert guard.healthy, guard._last_error
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    amount = Decimal(spec["amount"])
+    peak = Decimal(0)
+    if spec["mode"] == "hang":
+        reservation = await guard.reserve("dm.send", amount, "doomed")
+        print(json.dumps({"reserved": reservation.id}), flush=True)
+        await asyncio.sleep(3600)
+
+    async def one(i: int) -> bool:
+        nonlocal peak
+        try:
+            reservation = await guard.reserve("dm.send", amount, f"w{i}")
+        except CostCapReached:
+            return False
+        peak = max(peak, guard.current_totals().total_usd)
+        await guard.commit(reservation)
+        peak = max(peak, guard.current_totals().total_usd)
+        return True
+
+    ran = sum(await asyncio.gather(*(one(i) for i in range(spec["calls"]))))
+    print(json.dumps({"ran": ran, "peak": str(peak)}), flush=True)
+    await guard.close()
+
+asyncio.run(main())
+"""
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen[str]
+
+    def wait_ready(self) -> None:
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if line.strip() != "ready":
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise AssertionError(f"worker did not start: {line!r} {err[-3000:]}")
+
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def result(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        out, err = self.proc.communicate(timeout=timeout_s)
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        assert self.proc.returncode == 0 and lines, f"worker failed: {out!r} {err[-3000:]}"
+        return dict(json.loads(lines[-1]))
+
+    def read_json(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        assert line.startswith("{"), f"unexpected worker output {line!r}"
+        return dict(json.loads(line))
+
+
+@pytest.fixture
+def start_worker() -> Iterator[Callable[..., Worker]]:
+    """Start worker processes (see WORKER); any still running at the end are killed."""
+    started: list[Worker] = []
+
+    def start(config: dict[str, str], *, mode: str, calls: int = 0, amount: str = "0.01") -> Worker:
+        spec = {"config": config, "mode": mode, "calls": calls, "amount": amount}
+        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "SUPABASE_DB_URL")}
+        env["PYTHONPATH"] = str(ROOT)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WORKER, json.dumps(spec)],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        worker = Worker(proc)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        if worker.proc.poll() is None:
+            worker.proc.kill()
+            worker.proc.wait(timeout=10)
+        for pipe in (worker.proc.stdin, worker.proc.stdout, worker.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def run_two_process_burst(
+    start_worker: Callable[..., Worker], config: dict[str, str], calls_each: int
+) -> tuple[int, Decimal]:
+    """Two OS processes burst at one ledger at once; return (calls that ran, peak total)."""
+    workers = [start_worker(config, mode="burst", calls=calls_each) for _ in range(2)]
+    for worker in workers:
+        worker.wait_ready()
+    for worker in workers:
+        worker.go()
+    results = [worker.result() for worker in workers]
+    return sum(r["ran"] for r in results), max(Decimal(r["peak"]) for r in results)
+
+
+def kill_between_reserve_and_commit(
+    start_worker: Callable[..., Worker], config: dict[str, str], amount: str
+) -> None:
+    """A process reserves ``amount`` and is SIGKILLed before it can commit or release."""
+    worker = start_worker(config, mode="hang", amount=amount)
+    worker.wait_ready()
+    worker.go()
+    assert worker.read_json()["reserved"]
+    worker.proc.send_signal(signal.SIGKILL)
+    worker.proc.wait(timeout=10)
+
+
+# -- SQLite --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ledger_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "cost_ledger.sqlite3"
+
+
+async def test_ten_one_cent_calls_make_exactly_ten_cents(ledger_path: Path) -> None:
+    async with opened(SqliteLedgerStore(ledger_path)) as guard:
+        for _ in range(10):
+            await spend(guard, CENT)
+        assert guard.current_totals().committed_usd == Decimal("0.10")
+        snap = await guard.snapshot()
+    assert snap["spent_usd"] == "0.10"
+    assert snap["by_action"] == {"claude.complete": "0.10"}
+
+
+async def test_380_recorded_reaches_the_soft_cap(ledger_path: Path) -> None:
+    async with opened(SqliteLedgerStore(ledger_path)) as guard:
+        await spend(guard, Decimal("379.99"))
+        assert not guard.is_soft_cap_reached()
+        await spend(guard, CENT)
+        assert guard.is_soft_cap_reached()
+        assert not guard.is_hard_cap_reached()
+        assert guard.cap_error() is None
+
+
+async def test_reserve_past_the_hard_cap_says_why_and_how_to_raise_it(ledger_path: Path) -> None:
+    clock = FakeClock(datetime(2026, 3, 10, 12, tzinfo=UTC))
+    async with opened(SqliteLedgerStore(ledger_path), clock=clock) as guard:
+        await spend(guard, Decimal("399.95"))
+        with pytest.raises(CostCapReached) as info:
+            await guard.reserve("dm.send", Decimal("0.10"), "r1")
+        await spend(guard, Decimal("0.05"))  # exactly to the cap is allowed
+        assert guard.is_hard_cap_reached()
+        assert guard.cap_error() is not None
+    detail = info.value.detail
+    assert "2026-03" in detail and "399.95" in detail and "400.00" in detail
+    assert "MONTHLY_COST_CAP" in detail and "2026-04-01" in detail
+    assert info.value.http_status == 429
+
+
+async def test_cap_holds_under_200_concurrent_calls(ledger_path: Path) -> None:
+    store = WatchedStore(SqliteLedgerStore(ledger_path))
+    async with opened(store) as guard:
+        await spend(guard, Decimal("399.90"))
+        ran = await burst(guard, 200)
+        snap = await guard.snapshot()
+    assert ran == 10
+    assert max(store.seen_totals) == Decimal("400.00")
+    assert snap["spent_usd"] == "400.00" and snap["reserved_usd"] == "0.00"
+
+
+async def test_cap_holds_across_two_processes_on_one_sqlite_file(
+    tmp_path: Path, start_worker: Callable[..., Worker]
+) -> None:
+    config = {"DATA_DIR": str(tmp_path / "data"), "EVERREACH_TZ": "UTC"}
+    async with opened(SqliteLedgerStore(tmp_path / "data" / "cost_ledger.sqlite3")) as guard:
+        await spend(guard, Decimal("399.90"))
+        ran, peak = run_two_process_burst(start_worker, config, calls_each=100)
+        await guard.refresh()
+        assert guard.current_totals() == MonthTotals(guard.month(), Decimal("400"), Decimal(0))
+    assert ran == 10
+    assert peak <= CAP
+
+
+async def test_killed_process_leaves_no_phantom_spend_after_the_ttl(
+    tmp_path: Path, start_worker: Callable[..., Worker]
+) -> None:
+    config = {"DATA_DIR": str(tmp_path / "data"), "EVERREACH_TZ": "UTC"}
+    kill_between_reserve_and_commit(start_worker, config, amount="300")
+    clock = FakeClock()
+    store = SqliteLedgerStore(tmp_path / "data" / "cost_ledger.sqlite3")
+    async with opened(store, clock=clock) as guard:
+        assert guard.current_totals().reserved_usd == Decimal("300")  # still held: may be running
+        with pytest.raises(CostCapReached):
+            await guard.reserve("dm.send", Decimal("200"), "r")
+        clock.advance(900 + 1)
+        await guard.refresh()
+        assert guard.current_totals().reserved_usd == Decimal(0)
+        await guard.reserve("dm.send", Decimal("400"), "r")
+
+
+async def test_reservation_expires_after_the_ttl(ledger_path: Path) -> None:
+    clock = FakeClock()
+    async with opened(SqliteLedgerStore(ledger_path), clock=clock, reservation_ttl_s=60) as guard:
+        await guard.reserve("dm.send", Decimal("390"), "never-settled")
+        clock.advance(59)
+        with pytest.raises(CostCapReached):
+            await guard.reserve("dm.send", Decimal("20"), "r2")
+        clock.advance(2)
+        await guard.reserve("dm.send", Decimal("20"), "r3")  # expiry happens inside reserve
+        assert guard.current_totals().reserved_usd == Decimal("20")
+
+
+async def test_late_commit_after_expiry_is_still_recorded(ledger_path: Path) -> None:
+    clock = FakeClock()
+    async with opened(SqliteLedgerStore(ledger_path), clock=clock, reservation_ttl_s=60) as guard:
+        slow = await guard.reserve("dm.send", Decimal("5"), "slow")
+        clock.advance(120)
+        await guard.refresh()
+        assert guard.current_totals().reserved_usd == Decimal(0)
+        await guard.commit(slow, Decimal("4.5"))
+        assert guard.current_totals() == MonthTotals(guard.month(), Decimal("4.5"), Decimal(0))
+
+
+async def test_release_gives_the_money_back(ledger_path: Path) -> None:
+    async with opened(SqliteLedgerStore(ledger_path)) as guard:
+        reservation = await guard.reserve("dm.send", Decimal("400"), "r")
+        assert guard.is_hard_cap_reached()
+        await guard.release(reservation)
+        await guard.release(reservation)  # twice is harmless
+        assert guard.current_totals().total_usd == Decimal(0)
+        await guard.commit(await guard.reserve("dm.send", Decimal("400"), "r2"))
+
+
+async def test_commit_records_the_actual_cost_once(ledger_path: Path) -> None:
+    async with opened(SqliteLedgerStore(ledger_path)) as guard:
+        reservation = await guard.reserve("claude.complete", CENT, "r")
+        await guard.commit(reservation, 0.004)  # type: ignore[arg-type]  # a JSON float
+        await guard.commit(reservation, Decimal("1"))  # a repeated commit changes nothing
+        assert guard.current_totals().committed_usd == Decimal("0.004")
+        tiny = await guard.reserve("claude.complete", Decimal("0.0000001"), "r2")
+        assert tiny.amount_usd == Decimal("0.000001")  # rounded up to a whole micro-dollar
+
+
+async def test_month_rolls_over_at_the_first_in_everreach_tz(ledger_path: Path) -> None:
+    # 23:59 on 31 January in Auckland is still 31 January 10:59 in UTC.
+    clock = FakeClock(datetime(2026, 1, 31, 10, 59, tzinfo=UTC))
+    tz = ZoneInfo("Pacific/Auckland")
+    async with opened(SqliteLedgerStore(ledger_path), clock=clock, tz=tz) as guard:
+        await spend(guard, Decimal("395"))
+        assert guard.month() == "2026-01" and guard.is_soft_cap_reached()
+        clock.advance(120)  # 00:01 on 1 February in Auckland, still January in UTC
+        assert guard.month() == "2026-02"
+        assert not guard.is_soft_cap_reached()  # no I/O needed to see the new month
+        reservation = await guard.reserve("dm.send", Decimal("50"), "r")
+        assert reservation.month == "2026-02"
+        await guard.commit(reservation)
+        snap = await guard.snapshot()
+    assert snap["month"] == "2026-02" and snap["spent_usd"] == "50.00"
+
+
+def test_month_of_uses_the_zone() -> None:
+    moment = datetime(2026, 2, 28, 23, 30, tzinfo=UTC)
+    assert month_of(moment, UTC) == "2026-02"
+    assert month_of(moment, ZoneInfo("Europe/Berlin")) == "2026-03"
+    assert month_of(moment, ZoneInfo("America/New_York")) == "2026-02"
+
+
+async def test_instances_sharing_a_ledger_see_each_others_spend(ledger_path: Path) -> None:
+    async with (
+        opened(SqliteLedgerStore(ledger_path)) as first,
+        opened(SqliteLedgerStore(ledger_path)) as second,
+    ):
+        await spend(first, Decimal("380"))
+        assert not second.is_soft_cap_reached()  # not yet refreshed
+        await second.refresh()  # what the background task does every few seconds
+        assert second.is_soft_cap_reached()
+        with pytest.raises(CostCapReached):
+            await second.reserve("dm.send", Decimal("20.01"), "r")
+
+
+async def test_unwritable_ledger_fails_closed_without_crashing(tmp_path: Path) -> None:
+    blocker = tmp_path / "data"
+    blocker.write_text("a file where the data directory should be")
+    async with opened(SqliteLedgerStore(blocker / "cost_ledger.sqlite3")) as guard:
+        assert not guard.healthy
+        assert guard.is_soft_cap_reached() and guard.is_hard_cap_reached()
+        with pytest.raises(CostCapReached, match="unreachable"):
+            await guard.reserve("dm.send", CENT, "r")
+        assert (await guard.snapshot())["healthy"] is False
+        blocker.unlink()
+        await guard.refresh()  # what the background task retries every second
+        assert guard.healthy and not guard.is_soft_cap_reached()
+        await spend(guard, CENT)
+
+
+async def test_database_down_fails_closed(tmp_path: Path) -> None:
+    store = PostgresLedgerStore(
+        "postgresql://postgres@127.0.0.1:1/none", connect_timeout_s=0.3, statement_timeout_s=1
+    )
+    async with opened(store) as guard:
+        assert not guard.healthy
+        assert guard.is_soft_cap_reached() and guard.is_hard_cap_reached()
+        with pytest.raises(CostCapReached) as info:
+            await guard.reserve("dm.send", CENT, "r")
+        snap = await guard.snapshot()
+    assert "unreachable" in info.value.detail and "fails closed" in info.value.detail
+    assert snap["healthy"] is False and snap["store"] == "postgres"
+    assert "127.0.0.1:1" in snap["ledger"]
+
+
+async def test_commit_during_an_outage_lands_when_the_ledger_is_back(ledger_path: Path) -> None:
+    store = WatchedStore(SqliteLedgerStore(ledger_path))
+    async with opened(store) as guard:
+        reservation = await guard.reserve("dm.send", Decimal("2"), "r")
+        store.down = True
+        await guard.commit(reservation, Decimal("3"))  # does not raise: kept for later
+        assert not guard.healthy and guard.is_soft_cap_reached()
+        assert (await guard.snapshot())["pending_settlements"] == 1
+        await guard.refresh()
+        assert not guard.healthy
+        store.down = False
+        await guard.refresh()
+        assert guard.healthy
+        assert guard.current_totals() == MonthTotals(guard.month(), Decimal("3"), Decimal(0))
+
+
+async def test_close_is_idempotent_and_stops_the_refresh_task(ledger_path: Path) -> None:
+    guard = CostGuard(
+        SqliteLedgerStore(ledger_path), monthly_cap_usd=CAP, soft_cap_usd=SOFT, tz=UTC
+    )
+    await guard.open()
+    task = guard._task
+    assert task is not None and not task.done()
+    await guard.close()
+    await guard.close()
+    assert task.done() and not guard.healthy
+
+
+async def test_snapshot_reports_caps_reservations_and_spend_per_action(ledger_path: Path) -> None:
+    async with opened(SqliteLedgerStore(ledger_path)) as guard:
+        await spend(guard, Decimal("0.002"), "research.platform")
+        await spend(guard, Decimal("0.005"), "linkedin.message")
+        held: Reservation = await guard.reserve("upwork.propose", Decimal("0.003"), "r")
+        snap = await guard.snapshot()
+        await guard.release(held)
+    assert snap["spent_usd"] == "0.007" and snap["reserved_usd"] == "0.003"
+    assert snap["soft_cap_usd"] == "380.00" and snap["hard_cap_usd"] == "400.00"
+    assert snap["by_action"] == {"linkedin.message": "0.005", "research.platform": "0.002"}
+    assert snap["reserved_by_action"] == {"upwork.propose": "0.003"}
+    assert snap["store"] == "sqlite" and snap["healthy"] is True
+    assert snap["soft_cap_reached"] is False
+
+
+@pytest.mark.parametrize(
+    ("amount", "text"),
+    [("0.1", "0.10"), ("400", "400.00"), ("0.002", "0.002"), ("0.0000015", "0.000002")],
+)
+def test_usd_formats_exactly(amount: str, text: str) -> None:
+    assert usd(Decimal(amount).quantize(Decimal("0.000001"), rounding="ROUND_CEILING")) == text
+
+
+# -- store selection -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variables", "kind"),
+    [
+        ({}, "sqlite"),
+        ({"DATABASE_URL": "postgresql://u:secret@db.example:5432/app"}, "postgres"),
+        ({"SUPABASE_DB_URL": "postgresql://u:secret@db.example:5432/app"}, "postgres"),
+        ({"SUPABASE_URL": "https://x.supabase.co", "SUPABASE_SERVICE_KEY": "k"}, "supabase"),
+        (
+            {
+                "DATABASE_URL": "postgresql://u@db.example/app",
+                "SUPABASE_URL": "https://x.supabase.co",
+                "SUPABASE_SERVICE_KEY": "k",
+            },
+            "postgres",
+        ),
+    ],
+)
+def test_from_config_picks_the_store(variables: dict[str, str], kind: str, tmp_path: Path) -> None:
+    config = HybridConfig.from_mapping({"DATA_DIR": str(tmp_path), **variables})
+    guard = CostGuard.from_config(config)
+    assert guard.store_kind == kind
+    assert "secret" not in guard._store.describe()
+
+
+def test_from_config_sqlite_file_is_under_data_dir(tmp_path: Path) -> None:
+    guard = CostGuard.from_config(HybridConfig.from_mapping({"DATA_DIR": str(tmp_path)}))
+    assert isinstance(guard._store, SqliteLedgerStore)
+    assert guard._store.path == tmp_path / "cost_ledger.sqlite3"
+
+
+def test_from_config_half_a_supabase_config_is_an_error(tmp_path: Path) -> None:
+    config = HybridConfig.from_mapping({"SUPABASE_URL": "https://x.supabase.co"})
+    with pytest.raises(ConfigError, match="SUPABASE_SERVICE_KEY"):
+        CostGuard.from_config(config)
+
+
+def test_from_config_uses_everreach_tz_and_caps() -> None:
+    config = HybridConfig.from_mapping(
+        {"EVERREACH_TZ": "Asia/Tokyo", "MONTHLY_COST_CAP": "50", "COST_SOFT_CAP": "45.5"}
+    )
+    guard = CostGuard.from_config(config)
+    assert guard._tz == ZoneInfo("Asia/Tokyo")
+    assert (guard._hard_cap_usd, guard._soft_cap_usd) == (Decimal(50), Decimal("45.5"))
+
+
+def test_from_config_empty_tz_is_the_machines_zone() -> None:
+    import tzlocal
+
+    guard = CostGuard.from_config(HybridConfig.from_mapping({}))
+    assert str(guard._tz) == str(tzlocal.get_localzone())
+
+
+# -- Supabase REST without a server: the network layer fails -------------------------------------
+
+
+async def test_supabase_unreachable_fails_closed() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as http:
+        store = SupabaseLedgerStore("https://x.supabase.co", "k", http_client=http)
+        async with opened(store) as guard:
+            assert not guard.healthy and guard.is_soft_cap_reached()
+            with pytest.raises(CostCapReached, match="unreachable"):
+                await guard.reserve("dm.send", CENT, "r")

@@ -1,0 +1,85 @@
+"""SqliteFile and the row-format helpers shared by the cache, the outbox and the state store."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from sqlite_file import SqliteFile, Synchronous, parse_timestamp, transaction, utc_iso
+
+pytestmark = pytest.mark.prd200
+
+
+async def test_open_creates_the_folder_and_runs_the_schema(tmp_path: Path) -> None:
+    db = SqliteFile(tmp_path / "a" / "b" / "x.sqlite3")
+    await db.open("CREATE TABLE t (n INTEGER);")
+    await db.open("this is not SQL and is not run again")
+    try:
+        assert await db.run(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0]) == "wal"
+        assert await db.run(lambda c: c.execute("SELECT count(*) FROM t").fetchone()[0]) == 0
+    finally:
+        await db.close()
+
+
+async def test_calls_run_in_order_on_one_thread_off_the_loop(tmp_path: Path) -> None:
+    db = SqliteFile(tmp_path / "x.sqlite3", synchronous=Synchronous.NORMAL)
+    await db.open()
+    try:
+        threads = [await db.run(lambda c: threading.get_ident()) for _ in range(3)]
+        assert len(set(threads)) == 1
+        assert threads[0] != threading.get_ident()
+    finally:
+        await db.close()
+
+
+async def test_a_failing_transaction_is_rolled_back(tmp_path: Path) -> None:
+    db = SqliteFile(tmp_path / "x.sqlite3")
+    await db.open("CREATE TABLE t (n INTEGER);")
+
+    def insert_then_fail(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO t VALUES (1)")
+        raise ValueError("boom")
+
+    try:
+        with pytest.raises(ValueError, match="boom"):
+            await db.run(lambda c: transaction(c, insert_then_fail))
+        assert await db.run(lambda c: c.execute("SELECT count(*) FROM t").fetchone()[0]) == 0
+    finally:
+        await db.close()
+
+
+async def test_run_after_close_is_an_error_and_close_is_idempotent(tmp_path: Path) -> None:
+    db = SqliteFile(tmp_path / "x.sqlite3")
+    await db.open()
+    await db.close()
+    await db.close()
+    assert db.is_open is False
+    with pytest.raises(RuntimeError, match="not open"):
+        await db.run(lambda c: None)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2025-03-01T12:00:00+00:00", datetime(2025, 3, 1, 12, tzinfo=UTC)),
+        ("2025-03-01T13:00:00+01:00", datetime(2025, 3, 1, 12, tzinfo=UTC)),
+        ("2025-03-01T12:00:00", datetime(2025, 3, 1, 12, tzinfo=UTC)),
+        (
+            datetime(2025, 3, 1, 14, tzinfo=timezone(timedelta(hours=2))),
+            datetime(2025, 3, 1, 12, tzinfo=UTC),
+        ),
+    ],
+)
+def test_parse_timestamp_returns_aware_utc(text: str | datetime, expected: datetime) -> None:
+    parsed = parse_timestamp(text)
+    assert parsed == expected
+    assert parsed.utcoffset() == timedelta(0)
+
+
+def test_utc_iso_round_trips() -> None:
+    assert utc_iso(0.0) == "1970-01-01T00:00:00+00:00"
+    assert parse_timestamp(utc_iso(1_700_000_000.5)).timestamp() == 1_700_000_000.5

@@ -1,0 +1,223 @@
+"""Tests of structured_log.py: JSON lines, dispatch lines, redaction, idempotent set-up."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from config.hybrid_config import HybridConfig
+from errors import Env, ErrorCode, Source
+from structured_log import (
+    DISPATCH_LOGGER,
+    REDACTED,
+    JsonFormatter,
+    config_secrets,
+    configure_logging,
+    log_dispatch,
+    redact,
+)
+
+pytestmark = pytest.mark.prd200
+
+DISPATCH_KEYS = {
+    "ts",
+    "level",
+    "logger",
+    "msg",
+    "event",
+    "request_id",
+    "action",
+    "env",
+    "source",
+    "outcome",
+    "duration_ms",
+    "attempts",
+    "error",
+}
+
+
+@pytest.fixture
+def stream() -> Iterator[io.StringIO]:
+    """Configure logging into a StringIO; restore the logging set-up afterwards."""
+    root = logging.getLogger()
+    saved_root = (list(root.handlers), root.level)
+    uvicorn_names = ("uvicorn", "uvicorn.error", "uvicorn.access")
+    saved_uv = {
+        n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate)
+        for n in uvicorn_names
+    }
+    out = io.StringIO()
+    yield out
+    root.handlers[:] = saved_root[0]
+    root.setLevel(saved_root[1])
+    for name, (handlers, propagate) in saved_uv.items():
+        logging.getLogger(name).handlers[:] = handlers
+        logging.getLogger(name).propagate = propagate
+
+
+def lines(out: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def dispatch(logger: logging.Logger, **overrides: Any) -> None:
+    fields: dict[str, Any] = {
+        "request_id": "req-1",
+        "action": "research.keyword",
+        "env": "cloud",
+        "source": "cloud",
+        "outcome": "ok",
+        "duration_ms": 12.34567,
+        "attempts": 1,
+    }
+    fields.update(overrides)
+    log_dispatch(logger, **fields)
+
+
+def test_each_record_is_one_json_line(stream: io.StringIO) -> None:
+    configure_logging("INFO", stream=stream)
+    logging.getLogger("everreach.test").info("two\nlines %s", "here", extra={"n": 3})
+    [line] = lines(stream)
+    assert line["msg"] == "two\nlines here"
+    assert line["level"] == "INFO"
+    assert line["logger"] == "everreach.test"
+    assert line["n"] == 3
+    assert line["ts"].endswith("Z") and "T" in line["ts"]
+
+
+def test_a_dispatch_line_has_exactly_the_dispatch_fields(stream: io.StringIO) -> None:
+    configure_logging("INFO", stream=stream)
+    dispatch(logging.getLogger(DISPATCH_LOGGER))
+    [line] = lines(stream)
+    assert set(line) == DISPATCH_KEYS
+    assert line["event"] == "dispatch"
+    assert line["request_id"] == "req-1"
+    assert line["action"] == "research.keyword"
+    assert (line["env"], line["source"], line["outcome"]) == ("cloud", "cloud", "ok")
+    assert line["duration_ms"] == 12.346
+    assert (line["attempts"], line["error"], line["level"]) == (1, None, "INFO")
+
+
+def test_a_failed_dispatch_is_a_warning_with_its_error_code(stream: io.StringIO) -> None:
+    configure_logging("INFO", stream=stream)
+    dispatch(
+        logging.getLogger(DISPATCH_LOGGER),
+        source=None,
+        outcome="cloud_unavailable",
+        error=ErrorCode.CLOUD_UNAVAILABLE,
+        attempts=4,
+    )
+    [line] = lines(stream)
+    assert line["level"] == "WARNING"
+    assert line["error"] == "cloud_unavailable"
+    assert line["source"] is None
+    assert line["attempts"] == 4
+
+
+def test_enum_members_are_logged_as_their_values(stream: io.StringIO) -> None:
+    configure_logging("INFO", stream=stream)
+    dispatch(logging.getLogger(DISPATCH_LOGGER), env=Env.LOCAL, source=Source.LOCAL_FALLBACK)
+    [line] = lines(stream)
+    assert (line["env"], line["source"]) == ("local", "local_fallback")
+
+
+def test_an_overlong_action_name_is_cut(stream: io.StringIO) -> None:
+    configure_logging("INFO", stream=stream)
+    dispatch(logging.getLogger(DISPATCH_LOGGER), action="x" * 5000)
+    [line] = lines(stream)
+    assert len(line["action"]) <= 201
+    assert len(stream.getvalue()) < 2000
+
+
+def test_dispatch_lines_are_dropped_below_the_configured_level(stream: io.StringIO) -> None:
+    configure_logging("WARNING", stream=stream)
+    dispatch(logging.getLogger(DISPATCH_LOGGER))
+    dispatch(logging.getLogger(DISPATCH_LOGGER), outcome="timeout", error="timeout")
+    assert [line["outcome"] for line in lines(stream)] == ["timeout"]
+
+
+def test_secrets_are_redacted_in_message_fields_and_tracebacks(stream: io.StringIO) -> None:
+    secret = 'sk-"very\\secret'
+    configure_logging("INFO", secrets=[secret], stream=stream)
+    log = logging.getLogger("everreach.test")
+    log.info("key is %s", secret, extra={"detail": {"nested": [f"x{secret}y"]}})
+    try:
+        raise RuntimeError(f"auth failed for {secret}")
+    except RuntimeError:
+        log.exception("cloud call failed")
+    text = stream.getvalue()
+    assert secret not in text
+    assert json.dumps(secret)[1:-1] not in text
+    first, second = lines(stream)
+    assert first["msg"] == f"key is {REDACTED}"
+    assert first["detail"] == {"nested": [f"x{REDACTED}y"]}
+    assert f"auth failed for {REDACTED}" in second["exc"]
+
+
+def test_configure_logging_twice_installs_one_handler(stream: io.StringIO) -> None:
+    configure_logging("INFO", stream=stream)
+    configure_logging("DEBUG", stream=stream)
+    json_handlers = [
+        h for h in logging.getLogger().handlers if isinstance(h.formatter, JsonFormatter)
+    ]
+    assert len(json_handlers) == 1
+    logging.getLogger("everreach.test").debug("once")
+    assert [line["msg"] for line in lines(stream)] == ["once"]
+
+
+def test_uvicorn_records_come_out_as_json(stream: io.StringIO) -> None:
+    logging.getLogger("uvicorn.error").addHandler(logging.StreamHandler(io.StringIO()))
+    logging.getLogger("uvicorn.error").propagate = False
+    configure_logging("INFO", stream=stream)
+    logging.getLogger("uvicorn.error").warning(
+        "Started server process", extra={"color_message": "\x1b[1mStarted\x1b[0m"}
+    )
+    [line] = lines(stream)
+    assert (line["logger"], line["msg"]) == ("uvicorn.error", "Started server process")
+    assert "color_message" not in line
+
+
+def test_an_unknown_level_is_refused(stream: io.StringIO) -> None:
+    with pytest.raises(ValueError, match="log level"):
+        configure_logging("CHATTY", stream=stream)
+
+
+@pytest.mark.parametrize(
+    ("text", "secrets", "expected"),
+    [
+        ("token abc123 and abc123", ["abc123"], "token *** and ***"),
+        ("nothing to hide", ["abc123"], "nothing to hide"),
+        ("empty secrets change nothing", ["", "  "], "empty secrets change nothing"),
+        ("pw=hunter2hunter2", ["hunter2", "hunter2hunter2"], "pw=***"),
+        ("two: aaa bbb", ["aaa", "bbb"], "two: *** ***"),
+        ("", ["x"], ""),
+    ],
+)
+def test_redact(text: str, secrets: list[str], expected: str) -> None:
+    assert redact(text, secrets) == expected
+
+
+def test_config_secrets_are_keys_tokens_and_url_passwords() -> None:
+    config = HybridConfig.from_mapping(
+        {
+            "EVERREACH_ENV": "hybrid",
+            "CLOUD_ENDPOINT": "https://cloud.example.com",
+            "EVERREACH_CLOUD_KEY": "cloud-key-1",
+            "LOCAL_API_TOKEN": "local-token-2",
+            "REDIS_URL": "redis://:redis-pass-3@127.0.0.1:6379/0",
+            "DATABASE_URL": "postgresql://app:pg-pass-4@127.0.0.1:5432/db",
+            "OPENAI_API_KEY": "sk-5",
+        }
+    )
+    found = set(config_secrets(config))
+    assert {"cloud-key-1", "local-token-2", "redis-pass-3", "pg-pass-4", "sk-5"} <= found
+    assert "https://cloud.example.com" not in found
+    assert "postgresql://app:pg-pass-4@127.0.0.1:5432/db" in found  # the whole DSN too
+
+
+def test_a_default_config_has_no_secrets() -> None:
+    assert config_secrets(HybridConfig.from_mapping({})) == []
