@@ -1,0 +1,82 @@
+"""A consecutive-failure circuit breaker with a cool-down, on an injectable clock.
+
+closed --(N consecutive failures)--> open --(reset_after_s)--> half_open --success--> closed
+                                       ^                           |
+                                       +---------failure-----------+
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from enum import Enum
+
+
+class BreakerState(str, Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class CircuitBreaker:
+    """Skip a failing dependency for a while instead of paying for its failures again."""
+
+    __slots__ = ("_clock", "_failures", "_opened_at", "_trial", "failure_threshold", "reset_after_s")
+
+    def __init__(
+        self,
+        *,
+        failure_threshold: int = 3,
+        reset_after_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.failure_threshold = failure_threshold
+        self.reset_after_s = reset_after_s
+        self._clock = clock
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._trial = False
+
+    @property
+    def state(self) -> BreakerState:
+        if self._opened_at is None:
+            return BreakerState.CLOSED
+        if self._clock() - self._opened_at >= self.reset_after_s:
+            return BreakerState.HALF_OPEN
+        return BreakerState.OPEN
+
+    @property
+    def failures(self) -> int:
+        return self._failures
+
+    def allow(self) -> bool:
+        """May a call go through now? In half-open, one trial call at a time."""
+        if self._opened_at is None:
+            return True
+        state = self.state
+        if state is BreakerState.HALF_OPEN and not self._trial:
+            self._trial = True
+            return True
+        return False
+
+    def retry_in_s(self) -> float:
+        if self._opened_at is None:
+            return 0.0
+        return max(0.0, self.reset_after_s - (self._clock() - self._opened_at))
+
+    def record_success(self) -> None:
+        self._failures = 0
+        self._opened_at = None
+        self._trial = False
+
+    def record_failure(self) -> bool:
+        """Count a failure; return True when this failure opened the circuit."""
+        self._failures += 1
+        self._trial = False
+        if self._opened_at is not None:
+            self._opened_at = self._clock()  # a failed trial starts a new cool-down
+            return False
+        if self._failures >= self.failure_threshold:
+            self._opened_at = self._clock()
+            return True
+        return False
