@@ -3,6 +3,9 @@
 closed --(N consecutive failures)--> open --(reset_after_s)--> half_open --success--> closed
                                        ^                           |
                                        +---------failure-----------+
+
+Half-open lets one trial call through at a time. A trial that never reports back (its task was
+cancelled) expires after another ``reset_after_s``, so a lost trial cannot wedge the breaker open.
 """
 
 from __future__ import annotations
@@ -21,7 +24,14 @@ class BreakerState(str, Enum):
 class CircuitBreaker:
     """Skip a failing dependency for a while instead of paying for its failures again."""
 
-    __slots__ = ("_clock", "_failures", "_opened_at", "_trial", "failure_threshold", "reset_after_s")
+    __slots__ = (
+        "_clock",
+        "_failures",
+        "_opened_at",
+        "_trial_at",
+        "failure_threshold",
+        "reset_after_s",
+    )
 
     def __init__(
         self,
@@ -35,7 +45,7 @@ class CircuitBreaker:
         self._clock = clock
         self._failures = 0
         self._opened_at: float | None = None
-        self._trial = False
+        self._trial_at: float | None = None  # when the outstanding half-open trial started
 
     @property
     def state(self) -> BreakerState:
@@ -53,9 +63,11 @@ class CircuitBreaker:
         """May a call go through now? In half-open, one trial call at a time."""
         if self._opened_at is None:
             return True
-        state = self.state
-        if state is BreakerState.HALF_OPEN and not self._trial:
-            self._trial = True
+        if self.state is not BreakerState.HALF_OPEN:
+            return False
+        now = self._clock()
+        if self._trial_at is None or now - self._trial_at >= self.reset_after_s:
+            self._trial_at = now
             return True
         return False
 
@@ -67,12 +79,12 @@ class CircuitBreaker:
     def record_success(self) -> None:
         self._failures = 0
         self._opened_at = None
-        self._trial = False
+        self._trial_at = None
 
     def record_failure(self) -> bool:
         """Count a failure; return True when this failure opened the circuit."""
         self._failures += 1
-        self._trial = False
+        self._trial_at = None
         if self._opened_at is not None:
             self._opened_at = self._clock()  # a failed trial starts a new cool-down
             return False

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from errors import HTTP_STATUS_BY_CODE, ActionError, ErrorCode, Source
+from errors import HTTP_STATUS_BY_CODE, ActionError, Env, ErrorCode, Source
 
 _MISSING: Any = object()
 
@@ -36,6 +36,12 @@ class Envelope:
     cached: Any = _MISSING
     queued: bool = False
     outbox_id: str | None = None
+    # Where the router sent the call; for logs and metrics, not part of the JSON body.
+    env: Env | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        """Read a field as in the JSON body (``envelope["source"]``), as the PRD's dicts did."""
+        return self.to_dict()[key]
 
     @classmethod
     def failure(
@@ -62,10 +68,10 @@ class Envelope:
     @property
     def http_status(self) -> int:
         """HTTP status of this outcome for ``/dispatch`` (DESIGN.md §4)."""
+        if self.queued:  # first: a queued envelope is 202 whether or not it is marked ok
+            return 202
         if self.ok:
             return 200
-        if self.queued:
-            return 202
         return HTTP_STATUS_BY_CODE.get(self.error, 500) if self.error else 500
 
     def to_dict(self) -> dict[str, Any]:

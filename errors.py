@@ -78,22 +78,29 @@ class ActionError(EverReachError):
 
     code: ClassVar[ErrorCode] = ErrorCode.HANDLER_ERROR
     http_status: ClassVar[int] = 500
+    # True where the error itself proves the action did not run (refused before running).
+    NEVER_RAN: ClassVar[bool] = False
 
-    def __init__(self, detail: str, *, attempts: int = 0, **extra: Any) -> None:
+    def __init__(
+        self, detail: str, *, attempts: int = 0, never_ran: bool | None = None, **extra: Any
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.attempts = attempts
+        self.never_ran = type(self).NEVER_RAN if never_ran is None else never_ran
         self.extra = extra
 
 
 class UnknownAction(ActionError):
     code = ErrorCode.UNKNOWN_ACTION
     http_status = 404
+    NEVER_RAN = True
 
 
 class InvalidParams(ActionError):
     code = ErrorCode.INVALID_PARAMS
     http_status = 422
+    NEVER_RAN = True
 
 
 class HandlerError(ActionError):
@@ -104,21 +111,25 @@ class HandlerError(ActionError):
 class Unauthorized(ActionError):
     code = ErrorCode.UNAUTHORIZED
     http_status = 401
+    NEVER_RAN = True
 
 
 class CostCapReached(ActionError):
     code = ErrorCode.COST_CAP_REACHED
     http_status = 429
+    NEVER_RAN = True
 
 
 class CircuitOpen(ActionError):
     code = ErrorCode.CIRCUIT_OPEN
     http_status = 503
+    NEVER_RAN = True
 
 
 class Offline(ActionError):
     code = ErrorCode.OFFLINE
     http_status = 503
+    NEVER_RAN = True
 
 
 class CloudUnavailable(ActionError):
@@ -131,12 +142,6 @@ class CloudUnavailable(ActionError):
 
     code = ErrorCode.CLOUD_UNAVAILABLE
     http_status = 502
-
-    def __init__(
-        self, detail: str, *, attempts: int = 0, never_ran: bool = False, **extra: Any
-    ) -> None:
-        super().__init__(detail, attempts=attempts, **extra)
-        self.never_ran = never_ran
 
 
 class CloudTimeout(CloudUnavailable):

@@ -7,8 +7,9 @@ Format::
      "actions": {"dm.send": {"preferred_env": "cloud", "fallback_env": "local", "side_effect": true},
                  "linkedin.*": {...}}}
 
-An exact entry wins over a ``service.*`` family entry; an action in neither gets ``unknown``.
-A malformed table raises ``RouteTableError`` naming the file, the entry and the reason.
+Every entry needs all three fields (``note`` is optional). An exact entry wins over a
+``service.*`` family entry; an action in neither gets ``unknown``. A malformed table raises
+``RouteTableError`` naming the file, the entry and the reason.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 from errors import RouteTableError
 
 DEFAULT_PATH = Path(__file__).resolve().parent / "route_table.json"
-_ENTRY_RE = re.compile(r"^[a-z][a-z0-9_]*\.([a-z][a-z0-9_]*|\*)$")
+_ENTRY_RE = re.compile(r"^[a-z][a-z0-9_]*\.([a-z][a-z0-9_]*|\*)\Z")
 
 
 class Preferred(str, Enum):
@@ -132,21 +133,26 @@ def _parse_entry(source: str, name: str, entry: Any) -> Route:
             f"{source}: entry {name!r}: unknown field(s) {sorted(unknown_keys)}; allowed: "
             f"preferred_env, fallback_env, side_effect, note"
         )
+    # Every field is required: a silent default (side_effect false above all) could let a post
+    # or DM run twice.
+    missing = [f for f in ("preferred_env", "fallback_env", "side_effect") if f not in entry]
+    if missing:
+        raise RouteTableError(f"{source}: entry {name!r}: missing field(s) {missing}")
     try:
-        preferred = Preferred(entry.get("preferred_env", "auto"))
+        preferred = Preferred(entry["preferred_env"])
     except ValueError:
         raise RouteTableError(
             f"{source}: entry {name!r}: preferred_env must be local, cloud or auto; "
             f"got {entry.get('preferred_env')!r}"
         ) from None
     try:
-        fallback = Fallback(entry.get("fallback_env", "none"))
+        fallback = Fallback(entry["fallback_env"])
     except ValueError:
         raise RouteTableError(
             f"{source}: entry {name!r}: fallback_env must be local, cloud or none; "
             f"got {entry.get('fallback_env')!r}"
         ) from None
-    side_effect = entry.get("side_effect", False)
+    side_effect = entry["side_effect"]
     if not isinstance(side_effect, bool):
         raise RouteTableError(
             f"{source}: entry {name!r}: side_effect must be true or false; got {side_effect!r}"

@@ -30,7 +30,8 @@ from errors import HandlerError, InvalidParams, RegistryError, UnknownAction
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any] | Any]
 
-ACTION_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}\.[a-z][a-z0-9_]{0,63}$")
+# \Z, not $: "$" also matches before a trailing newline, which would let "dm.send\n" through.
+ACTION_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}\.[a-z][a-z0-9_]{0,63}\Z")
 
 # Filled by @register while services modules are imported; read by from_modules().
 _DECLARED: dict[str, Handler] = {}
@@ -139,6 +140,7 @@ class ServiceRegistry:
         """Run ``action``'s handler with ``params``; return its JSON-serialisable result."""
         handler = self._handlers.get(action)
         if handler is None:
+            check_action_name(action)  # a malformed name is invalid_params, not unknown_action
             near = self.near(action)
             hint = f"; did you mean {', '.join(near)}?" if near else ""
             raise UnknownAction(f"no handler is registered for {action!r}{hint}", near=near)
@@ -154,7 +156,8 @@ class ServiceRegistry:
         except Exception as exc:
             raise HandlerError(f"{action} raised {type(exc).__name__}: {exc}") from exc
         try:
-            json.dumps(result)
+            # allow_nan=False: NaN/Infinity are not JSON, and the server's response would fail.
+            json.dumps(result, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise HandlerError(
                 f"{action} returned a value that is not JSON-serialisable "

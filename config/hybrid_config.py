@@ -2,26 +2,29 @@
 
 Every variable of DESIGN.md §9 is a field here (lower-cased name), with its default. A wrong
 value stops start-up with a ``ConfigError`` that names the variable and says what is allowed.
-Tests build configs from dicts with ``HybridConfig.from_mapping({...})``, which reads neither
-``os.environ`` nor ``.env``.
+``HybridConfig.load()`` reads ``.env`` overlaid by the environment; tests build configs from
+dicts with ``HybridConfig.from_mapping({...})``, which reads neither ``os.environ`` nor ``.env``
+(pydantic-settings' own sources are switched off: they would make every construction read both).
 """
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
+from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from errors import ConfigError, Env
 
-_TIME_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
-_MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_TIME_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)\Z")
+_MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 _SECRET_FIELDS = frozenset(
     {
@@ -35,6 +38,22 @@ _SECRET_FIELDS = frozenset(
         "redis_url",
     }
 )
+# Plain-str URL fields whose userinfo may hold credentials: redacted in repr() and errors.
+_URL_FIELDS = frozenset(
+    {"cloud_endpoint", "local_endpoint", "redis_url", "supabase_url", "vector_db_url"}
+)
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with any user:password part replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"***@{host}"))
 
 
 def _check_url(name: str, value: str | None, schemes: tuple[str, ...]) -> str | None:
@@ -42,22 +61,19 @@ def _check_url(name: str, value: str | None, schemes: tuple[str, ...]) -> str | 
         return None
     value = value.strip()
     parts = urlsplit(value)
-    if parts.scheme not in schemes or not parts.hostname:
+    # unix:///path/to/redis.sock names a socket file, not a host.
+    where = parts.path if parts.scheme == "unix" else parts.hostname
+    if parts.scheme not in schemes or not where:
         allowed = " or ".join(f"{s}://" for s in schemes)
-        raise ValueError(f"{name} must be a URL starting with {allowed} and naming a host")
+        socket = " (unix://: a socket path)" if "unix" in schemes else ""
+        raise ValueError(f"{name} must be a URL starting with {allowed} and naming a host{socket}")
     return value.rstrip("/") if parts.scheme in ("http", "https") else value
 
 
 class HybridConfig(BaseSettings):
     """Validated, frozen settings of one orchestrator instance."""
 
-    model_config = SettingsConfigDict(
-        env_file=".env",
-        env_file_encoding="utf-8",
-        extra="ignore",
-        frozen=True,
-        case_sensitive=False,
-    )
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, case_sensitive=False)
 
     everreach_env: Env = Env.LOCAL
     cloud_endpoint: str | None = None
@@ -191,12 +207,39 @@ class HybridConfig(BaseSettings):
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, *, env_file: str | Path | None = ".env") -> HybridConfig:
-        """Read ``os.environ`` and ``env_file``; raise ``ConfigError`` on any bad value."""
-        try:
-            return cls(_env_file=env_file)  # type: ignore[call-arg]
-        except ValidationError as exc:
-            raise ConfigError(_explain(exc)) from None
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Take values only from the caller; ``load()`` is the one reader of the environment."""
+        return (init_settings,)
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        env_file: str | Path | None = ".env",
+        environ: Mapping[str, str] | None = None,
+    ) -> HybridConfig:
+        """Read ``env_file`` (if it exists) overlaid by ``environ`` (default ``os.environ``).
+
+        Variables in the environment win over the file; names are case-insensitive. Raise
+        ``ConfigError`` on any bad value.
+        """
+        fields = cls.model_fields
+        values: dict[str, Any] = {}
+        if env_file is not None and Path(env_file).is_file():
+            for key, value in dotenv_values(env_file, encoding="utf-8").items():
+                if value is not None and key.lower() in fields:
+                    values[key.lower()] = value
+        for key, value in (os.environ if environ is None else environ).items():
+            if key.lower() in fields:
+                values[key.lower()] = value
+        return cls.from_mapping(values)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> HybridConfig:
@@ -211,6 +254,12 @@ class HybridConfig(BaseSettings):
         data = {name: getattr(self, name) for name in type(self).model_fields}
         data.update(changes)
         return type(self).from_mapping(data)
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            if name in _URL_FIELDS and isinstance(value, str):
+                value = redact_url(value)
+            yield name, value
 
     # -- derived values -----------------------------------------------------------------------
 
@@ -251,6 +300,8 @@ def _explain(exc: ValidationError) -> str:
             shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
             if name.lower() in _SECRET_FIELDS:
                 shown = ""
+            elif name.lower() in _URL_FIELDS:
+                shown = f" (got {redact_url(given)!r})" if isinstance(given, str) else ""
             lines.append(f"{name}: {msg}{shown}")
         else:
             lines.append(msg)

@@ -1,0 +1,350 @@
+"""HybridOrchestrator: decide per call where an action runs, and what happens when it can't.
+
+It composes the parts (route table, classifier, executors, cost guard, connectivity, cache,
+outbox) and owns none of their state. Routing rules are DESIGN.md §5:
+
+1. ``force_env`` ('local' | 'cloud') wins; anything else is ``invalid_params``.
+2. ``EVERREACH_ENV`` local or cloud: that env, always.
+3. hybrid: the route table's ``preferred_env``; ``auto`` asks the classifier.
+4. at the soft cap, hybrid actions with a local handler go local (``cost_guard_triggered``);
+   at the hard cap no cloud call is made at all.
+5. offline: local handler, else a fresh cache entry, else the outbox for side effects, else
+   ``offline`` with the stale entry under ``cached``.
+6. cloud failure (hybrid): read-only actions fall back like rule 5; a side-effect action runs
+   locally only when the failure proves the cloud never ran it, else it goes to the outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from action_classifier import ActionClassifier, ActionKind
+from envelope import Envelope, new_request_id
+from errors import (
+    ActionError,
+    CloudUnavailable,
+    CostCapReached,
+    Env,
+    HandlerError,
+    InvalidParams,
+    Offline,
+    Source,
+    Unauthorized,
+    UnknownAction,
+)
+from local_executor import LocalExecutor
+from route_table import Fallback, Preferred, Route, RouteTable
+from service_registry import check_action_name
+
+if TYPE_CHECKING:
+    from cloud_executor import CloudExecutor
+    from config.hybrid_config import HybridConfig
+    from connectivity_check import ConnectivityChecker
+    from cost_guard import CostGuard, Reservation
+    from cost_rates import CostRates
+    from offline_cache import OfflineCache
+    from outbox import Outbox
+
+log = logging.getLogger("everreach.orchestrator")
+
+# Answers that are definite: replaying them from the outbox would only fail the same way.
+_DEFINITE = (UnknownAction, InvalidParams, Unauthorized, HandlerError)
+_MAX_COUNTED_ACTIONS = 1_000
+
+
+class HybridOrchestrator:
+    """Routes actions between the local registry and the cloud."""
+
+    def __init__(
+        self,
+        config: HybridConfig,
+        *,
+        local: LocalExecutor,
+        cloud: CloudExecutor | None = None,
+        route_table: RouteTable | None = None,
+        classifier: ActionClassifier | None = None,
+        cost_guard: CostGuard | None = None,
+        rates: CostRates | None = None,
+        connectivity: ConnectivityChecker | None = None,
+        cache: OfflineCache | None = None,
+        outbox: Outbox | None = None,
+    ) -> None:
+        self.config = config
+        self.env = config.everreach_env
+        self.local = local
+        self.cloud = cloud
+        self.route_table = route_table or RouteTable.load(config.route_table_path)
+        self.classifier = classifier or ActionClassifier()
+        self.cost_guard = cost_guard
+        self.rates = rates
+        self.connectivity = connectivity
+        self.cache = cache
+        self.outbox = outbox
+        self.counts: defaultdict[str, defaultdict[str, int]] = defaultdict(
+            lambda: defaultdict(int)
+        )
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- routing decisions ----------------------------------------------------------------------
+
+    def _select_env(self, action: str, force_env: str | None = None) -> Env:
+        """Where ``action`` goes, by rules 1-4 (soft cap included)."""
+        return self._plan(action, force_env, self.route_table.get(action))[0]
+
+    def _plan(self, action: str, force_env: str | None, route: Route) -> tuple[Env, bool]:
+        """(env, cost_guard_triggered) for one call."""
+        if force_env is not None:
+            if force_env not in ("local", "cloud"):
+                raise InvalidParams(
+                    f"force_env must be 'local' or 'cloud' (or left out); got {force_env!r}"
+                )
+            return Env(force_env), False
+        if self.env is not Env.HYBRID:
+            return self.env, False
+        if route.preferred_env is Preferred.LOCAL:
+            return Env.LOCAL, False
+        if route.preferred_env is Preferred.AUTO and (
+            self.classifier.classify(action) is ActionKind.COMPUTE
+        ):
+            return Env.LOCAL, False
+        guard = self.cost_guard
+        if guard is not None and guard.is_soft_cap_reached() and self.local.has(action):
+            return Env.LOCAL, True
+        return Env.CLOUD, False
+
+    def is_offline(self) -> bool:
+        if self.config.offline_mode:
+            return True
+        return self.connectivity is not None and not self.connectivity.online
+
+    # -- the one entry point --------------------------------------------------------------------
+
+    async def route(
+        self,
+        action: str,
+        params: dict[str, Any] | None = None,
+        force_env: str | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> Envelope:
+        """Run ``action`` where the rules say; always return an envelope, never raise."""
+        started = time.perf_counter()
+        request_id = request_id or new_request_id()
+        params = {} if params is None else params
+        try:
+            check_action_name(action)
+            if not isinstance(params, dict):
+                raise InvalidParams(f"params must be a JSON object; got {type(params).__name__}")
+            route = self.route_table.get(action)
+            env, triggered = self._plan(action, force_env, route)
+            if env is Env.LOCAL:
+                envelope = await self._run_local(action, params, request_id, route, force_env)
+            else:
+                envelope = await self._run_cloud(action, params, request_id, route, force_env)
+            envelope.cost_guard_triggered = envelope.cost_guard_triggered or triggered
+            envelope.env = env
+        except ActionError as exc:
+            envelope = Envelope.failure(action, exc, source=None, request_id=request_id)
+        envelope.duration_ms = (time.perf_counter() - started) * 1000
+        self._count(action, envelope)
+        return envelope
+
+    def _count(self, action: str, envelope: Envelope) -> None:
+        if action not in self.counts and (
+            len(self.counts) >= _MAX_COUNTED_ACTIONS or envelope.error is not None
+        ):
+            action = "other"
+        key = envelope.source.value if envelope.source else "error"
+        self.counts[action][key if envelope.ok or envelope.queued else f"{key}_error"] += 1
+
+    # -- local ----------------------------------------------------------------------------------
+
+    async def _run_local(
+        self,
+        action: str,
+        params: dict[str, Any],
+        request_id: str,
+        route: Route,
+        force_env: str | None,
+    ) -> Envelope:
+        try:
+            result = await self.local.run(action, params)
+        except ActionError as exc:
+            # hybrid: a local-preferred action that cannot run here may run in the cloud.
+            if (
+                self.env is Env.HYBRID
+                and force_env is None
+                and route.fallback_env is Fallback.CLOUD
+                and (exc.never_ran or not route.side_effect)
+                and self.cloud is not None
+                and not self.is_offline()
+            ):
+                return await self._run_cloud(action, params, request_id, route, "local")
+            return Envelope.failure(action, exc, source=Source.LOCAL, request_id=request_id)
+        return Envelope(
+            ok=True, action=action, source=Source.LOCAL, result=result,
+            request_id=request_id, attempts=1,
+        )
+
+    # -- cloud ----------------------------------------------------------------------------------
+
+    async def _run_cloud(
+        self,
+        action: str,
+        params: dict[str, Any],
+        request_id: str,
+        route: Route,
+        force_env: str | None,
+    ) -> Envelope:
+        if self.cloud is None:
+            if self.config.is_serving_cloud:
+                envelope = await self._run_local(action, params, request_id, route, "cloud")
+                envelope.source = Source.CLOUD
+                return envelope
+            raise CloudUnavailable(
+                "no cloud is configured: set CLOUD_ENDPOINT and EVERREACH_CLOUD_KEY, or run "
+                "the action with force_env='local'",
+                never_ran=True,
+            )
+        if self.is_offline():
+            why = "OFFLINE_MODE=true" if self.config.offline_mode else "the cloud is unreachable"
+            return await self._without_cloud(
+                action, params, request_id, route, Offline(f"{why}; {action} needs the cloud")
+            )
+
+        reservation = None
+        if self.cost_guard is not None:
+            try:
+                reservation = await self.cost_guard.reserve(
+                    action, self._rate(action), request_id
+                )
+            except CostCapReached as exc:
+                if force_env is None and self.env is Env.HYBRID and self.local.has(action):
+                    envelope = await self._run_local(action, params, request_id, route, "local")
+                    envelope.cost_guard_triggered = True
+                    return envelope
+                failed = Envelope.failure(action, exc, source=None, request_id=request_id)
+                failed.cost_guard_triggered = True
+                return failed
+
+        try:
+            done = await self.cloud.call(action, params, request_id=request_id)
+        except ActionError as exc:
+            if reservation is not None:
+                await self._settle(reservation, None if exc.never_ran else reservation.amount_usd)
+            if self.env is Env.HYBRID:
+                return await self._without_cloud(action, params, request_id, route, exc)
+            return Envelope.failure(action, exc, source=Source.CLOUD, request_id=request_id)
+
+        cost = done.cost_usd if done.cost_usd is not None else self._rate(action)
+        if reservation is not None:
+            await self._settle(reservation, cost)
+        if self.cache is not None and not route.side_effect:
+            self._spawn(self.cache.put(action, params, done.result))
+        return Envelope(
+            ok=True, action=action, source=Source.CLOUD, result=done.result,
+            request_id=request_id, attempts=done.attempts, cost_usd=cost,
+        )
+
+    def _rate(self, action: str) -> Decimal:
+        return self.rates.rate(action) if self.rates is not None else Decimal(0)
+
+    async def _settle(self, reservation: Reservation, cost_usd: Decimal | None) -> None:
+        assert self.cost_guard is not None
+        if cost_usd is None:
+            await self.cost_guard.release(reservation)
+        else:
+            await self.cost_guard.commit(reservation, cost_usd)
+
+    # -- when the cloud cannot be used ----------------------------------------------------------
+
+    async def _without_cloud(
+        self,
+        action: str,
+        params: dict[str, Any],
+        request_id: str,
+        route: Route,
+        exc: ActionError,
+    ) -> Envelope:
+        """Rules 5 and 6: local handler, fresh cache, outbox, or the error with stale data."""
+        if (
+            route.fallback_env is not Fallback.NONE
+            and (exc.never_ran or not route.side_effect)
+            and self.local.has(action)
+        ):
+            try:
+                result = await self.local.run(action, params)
+            except ActionError as local_exc:
+                log.warning(
+                    "local fallback failed",
+                    extra={"action": action, "error": local_exc.code.value},
+                )
+            else:
+                return Envelope(
+                    ok=True, action=action, source=Source.LOCAL_FALLBACK, result=result,
+                    request_id=request_id, attempts=exc.attempts + 1,
+                )
+        if not route.side_effect and self.cache is not None:
+            entry = await self.cache.get(action, params)
+            if entry is not None:
+                return Envelope(
+                    ok=True, action=action, source=Source.CACHE, result=entry.response,
+                    request_id=request_id, attempts=exc.attempts,
+                    cached_at=entry.cached_at.isoformat(),
+                )
+        if route.side_effect and self.outbox is not None and not isinstance(exc, _DEFINITE):
+            item = await self.outbox.enqueue(action, params, request_id)
+            return Envelope(
+                ok=False, action=action, source=Source.OUTBOX, request_id=request_id,
+                attempts=exc.attempts, queued=True, outbox_id=item.id,
+                detail=f"{exc.detail}; queued and sent to the cloud once it answers",
+            )
+        failed = Envelope.failure(action, exc, source=Source.CLOUD, request_id=request_id)
+        if not route.side_effect and self.cache is not None:
+            stale = await self.cache.get_stale(action, params)
+            if stale is not None:
+                failed.cached = stale.response
+                failed.cached_at = stale.cached_at.isoformat()
+        return failed
+
+    # -- outbox replay --------------------------------------------------------------------------
+
+    async def send_queued(self, action: str, params: dict[str, Any], key: str) -> Any:
+        """Send one outbox item to the cloud with its original key, inside the cost cap."""
+        if self.cloud is None:
+            raise CloudUnavailable("no cloud is configured", never_ran=True)
+        reservation = None
+        if self.cost_guard is not None:
+            reservation = await self.cost_guard.reserve(action, self._rate(action), key)
+        try:
+            done = await self.cloud.call(action, params, request_id=key)
+        except ActionError as exc:
+            if reservation is not None:
+                await self._settle(reservation, None if exc.never_ran else reservation.amount_usd)
+            raise
+        if reservation is not None:
+            await self._settle(
+                reservation, done.cost_usd if done.cost_usd is not None else self._rate(action)
+            )
+        return done.result
+
+    # -- background work ------------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for background writes (cache fills) to finish; call before closing stores."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counts by action and source, for /status."""
+        return {action: dict(sources) for action, sources in sorted(self.counts.items())}

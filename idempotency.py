@@ -1,0 +1,162 @@
+"""IdempotencyStore: the serving side's memory of ``Idempotency-Key``s, durable in SQLite.
+
+A key is *claimed* before the handler runs and *completed* with the answer afterwards, so:
+
+- the same key again returns the stored answer without running the handler a second time;
+- the same key with another action or other params is refused (422): it is a client bug;
+- the same key while the first call still runs waits for it, then answers 409 if it is slow.
+
+A handler that fails releases its claim, so the caller's retry may run it again (a failure
+changed nothing the caller can rely on). A claim left ``running`` by a crashed process is taken
+over after ``lease_s``. Completed keys are kept ``keep_s`` (7 days), longer than any outbox
+replay waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from sqlite_file import HYBRID_DB_FILENAME, SqliteFile, Synchronous, transaction
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS hybrid_idempotency (
+    key TEXT PRIMARY KEY,
+    action TEXT NOT NULL,
+    params_hash TEXT NOT NULL,
+    state TEXT NOT NULL,
+    status_code INTEGER,
+    response_json TEXT,
+    claimed_at REAL NOT NULL,
+    completed_at REAL
+);
+CREATE INDEX IF NOT EXISTS hybrid_idempotency_completed ON hybrid_idempotency (completed_at);
+"""
+
+
+class ClaimState(StrEnum):
+    NEW = "new"  # the caller owns the key now: run the handler, then complete() or release()
+    DONE = "done"  # a stored answer: return it
+    RUNNING = "running"  # another call holds the key
+    MISMATCH = "mismatch"  # the key was used for another action or other params
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    state: ClaimState
+    status_code: int | None = None
+    body: Any = None
+
+
+class IdempotencyStore:
+    """Claims, answers and releases of idempotency keys."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        lease_s: float = 600.0,
+        keep_s: float = 7 * 86400.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._db = SqliteFile(path, synchronous=Synchronous.FULL, name="idempotency")
+        self._lease_s = lease_s
+        self._keep_s = keep_s
+        self._clock = clock
+        self._last_prune = 0.0
+
+    @classmethod
+    def for_data_dir(cls, data_dir: Path) -> IdempotencyStore:
+        return cls(data_dir / HYBRID_DB_FILENAME)
+
+    async def open(self) -> None:
+        await self._db.open(_SCHEMA)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def claim(self, key: str, action: str, params_hash: str) -> Claim:
+        """Claim ``key`` for this call, or say why not."""
+        now = self._clock()
+
+        def work(conn: sqlite3.Connection) -> Claim:
+            row = conn.execute(
+                "SELECT action, params_hash, state, status_code, response_json, claimed_at "
+                "FROM hybrid_idempotency WHERE key = ?",
+                (key,),
+            ).fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO hybrid_idempotency (key, action, params_hash, state, claimed_at) "
+                    "VALUES (?, ?, ?, 'running', ?)",
+                    (key, action, params_hash, now),
+                )
+                return Claim(ClaimState.NEW)
+            if row[0] != action or row[1] != params_hash:
+                return Claim(ClaimState.MISMATCH)
+            if row[2] == "done":
+                return Claim(ClaimState.DONE, row[3], json.loads(row[4]))
+            if now - row[5] >= self._lease_s:
+                conn.execute(
+                    "UPDATE hybrid_idempotency SET claimed_at = ? WHERE key = ?", (now, key)
+                )
+                return Claim(ClaimState.NEW)
+            return Claim(ClaimState.RUNNING)
+
+        claim = await self._db.run(lambda conn: transaction(conn, work))
+        if now - self._last_prune > 3600:
+            self._last_prune = now
+            await self._prune(now)
+        return claim
+
+    async def wait(self, key: str, action: str, params_hash: str, *, timeout_s: float) -> Claim:
+        """Claim, waiting up to ``timeout_s`` while another call holds the key."""
+        deadline = time.monotonic() + timeout_s
+        delay_s = 0.02
+        while True:
+            claim = await self.claim(key, action, params_hash)
+            if claim.state is not ClaimState.RUNNING or time.monotonic() >= deadline:
+                return claim
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 0.5)
+
+    async def complete(self, key: str, status_code: int, body: Any) -> None:
+        """Store the answer of a successful call under ``key``."""
+        text = json.dumps(body)
+        await self._db.run(
+            lambda conn: conn.execute(
+                "UPDATE hybrid_idempotency SET state = 'done', status_code = ?, "
+                "response_json = ?, completed_at = ? WHERE key = ?",
+                (status_code, text, self._clock(), key),
+            )
+        )
+
+    async def release(self, key: str) -> None:
+        """Forget a claim whose call failed, so a retry may run it again."""
+        await self._db.run(
+            lambda conn: conn.execute(
+                "DELETE FROM hybrid_idempotency WHERE key = ? AND state = 'running'", (key,)
+            )
+        )
+
+    async def size(self) -> int:
+        row = await self._db.run(
+            lambda conn: conn.execute("SELECT COUNT(*) FROM hybrid_idempotency").fetchone()
+        )
+        return int(row[0])
+
+    async def _prune(self, now: float) -> None:
+        cutoff = now - self._keep_s
+        await self._db.run(
+            lambda conn: conn.execute(
+                "DELETE FROM hybrid_idempotency WHERE state = 'done' AND completed_at < ?",
+                (cutoff,),
+            )
+        )

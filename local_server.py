@@ -1,0 +1,348 @@
+"""The HTTP face of an instance: ``create_app(config) -> FastAPI`` and the module-level ``app``.
+
+``uvicorn local_server:app`` serves the instance configured by the environment and ``.env``;
+``create_app(config)`` serves a given config (tests, the CLI). Every resource is opened and
+closed in the lifespan (``Runtime.open``); importing this module does nothing but build objects.
+
+Errors become responses in one place (``_envelope_response`` and the exception handlers): the
+body is always the result envelope, or FastAPI's validation error for a 422 on the body shape.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from config.hybrid_config import HybridConfig
+from envelope import Envelope, new_request_id
+from errors import ActionError, InvalidParams, Source, Unauthorized
+from local_batch import batch_execute
+from offline_cache import params_hash
+from runtime import VERSION, Runtime
+from structured_log import DISPATCH_LOGGER, config_secrets, configure_logging, log_dispatch
+
+MAX_BODY_BYTES = 1024 * 1024
+_dispatch_log = logging.getLogger(DISPATCH_LOGGER)
+
+
+class BodyTooLarge(Exception):
+    """The request body passed MAX_BODY_BYTES."""
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over ``max_bytes`` with 413, by Content-Length or while streaming."""
+
+    def __init__(self, app: Any, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await self._refuse(send)
+                return
+        seen = 0
+
+        async def limited() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except BodyTooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send: Any) -> None:
+        body = json.dumps(
+            {"ok": False, "error": "invalid_params", "source": None,
+             "detail": f"request body is larger than {self.max_bytes} bytes (1 MiB); "
+                       f"split the batch or send less data"}
+        ).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _bearer(request: Request) -> str | None:
+    value = request.headers.get("authorization", "")
+    scheme, _, token = value.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _envelope_response(envelope: Envelope) -> JSONResponse:
+    return JSONResponse(envelope.to_dict(), status_code=envelope.http_status)
+
+
+def _error_response(action: str, exc: ActionError, request_id: str | None = None) -> JSONResponse:
+    return _envelope_response(
+        Envelope.failure(action, exc, source=None, request_id=request_id or new_request_id())
+    )
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw) if raw else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidParams(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidParams("the body must be a JSON object, e.g. {\"action\": \"system.echo\"}")
+    return body
+
+
+def create_app(config: HybridConfig | None = None) -> FastAPI:
+    """Build the app; ``config=None`` reads the environment and ``.env`` at start-up."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings = config or HybridConfig.load()
+        configure_logging(secrets=config_secrets(settings))
+        async with Runtime.open(settings) as runtime:
+            app.state.runtime = runtime
+            yield
+        app.state.runtime = None
+
+    app = FastAPI(title="EverReach hybrid orchestrator", version=VERSION, lifespan=lifespan)
+    app.add_middleware(BodyLimitMiddleware)
+
+    def rt(request: Request) -> Runtime:
+        runtime: Runtime = request.app.state.runtime
+        return runtime
+
+    def check_local_token(request: Request) -> None:
+        token = rt(request).config.secret("local_api_token")
+        if token is None:
+            return
+        given = _bearer(request)
+        if given is None or not hmac.compare_digest(given.encode(), token.encode()):
+            raise Unauthorized(
+                "missing or wrong bearer token: send 'Authorization: Bearer <LOCAL_API_TOKEN>'"
+            )
+
+    def check_cloud_key(request: Request) -> None:
+        runtime = rt(request)
+        if runtime.config.everreach_cloud_key is None:
+            raise Unauthorized(
+                "this instance does not serve /api/*: set EVERREACH_CLOUD_KEY on it to the key "
+                "its callers send"
+            )
+        if not runtime.cloud_key_matches(_bearer(request)):
+            raise Unauthorized(
+                "missing or wrong bearer key: send 'Authorization: Bearer <EVERREACH_CLOUD_KEY>'"
+            )
+
+    @app.exception_handler(ActionError)
+    async def on_action_error(request: Request, exc: ActionError) -> JSONResponse:
+        return _error_response(str(getattr(request.state, "action", "") or ""), exc)
+
+    @app.post("/dispatch")
+    async def dispatch(request: Request) -> Response:
+        runtime = rt(request)
+        check_local_token(request)
+        body = await _json_object(request)
+        action = body.get("action")
+        request.state.action = action if isinstance(action, str) else ""
+        if not isinstance(action, str):
+            raise InvalidParams("'action' is required: a 'service.topic' string")
+        params = body.get("params", {})
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise InvalidParams(f"'params' must be a JSON object; got {type(params).__name__}")
+        force_env = body.get("force_env")
+        key = body.get("idempotency_key")
+        if key is not None and (not isinstance(key, str) or not 8 <= len(key) <= 200):
+            raise InvalidParams("'idempotency_key' must be a string of 8 to 200 characters")
+        if key is None:
+            envelope = await _route(runtime, action, params, force_env, new_request_id())
+            return _envelope_response(envelope)
+        return await _route_once(runtime, action, params, force_env, key)
+
+    async def _route(
+        runtime: Runtime, action: str, params: dict[str, Any], force_env: Any, request_id: str
+    ) -> Envelope:
+        assert runtime.orchestrator is not None
+        envelope = await runtime.orchestrator.route(action, params, force_env,
+                                                    request_id=request_id)
+        outcome = "ok" if envelope.ok else ("queued" if envelope.queued else
+                                            (envelope.error.value if envelope.error else "error"))
+        source = envelope.source.value if envelope.source else None
+        runtime.metrics.observe_dispatch(action, source, outcome, envelope.duration_ms / 1000)
+        log_dispatch(
+            _dispatch_log, request_id=envelope.request_id, action=action,
+            env=envelope.env.value if envelope.env else "none", source=source, outcome=outcome,
+            duration_ms=envelope.duration_ms,
+            error=envelope.error.value if envelope.error else None, attempts=envelope.attempts,
+        )
+        return envelope
+
+    async def _route_once(
+        runtime: Runtime, action: str, params: dict[str, Any], force_env: Any, key: str
+    ) -> Response:
+        """Route under an idempotency key: a repeated key answers what the first call did."""
+        store = runtime.idempotency
+        digest = params_hash({"force_env": force_env, "params": params})
+        claim = await store.wait(f"dispatch:{key}", action, digest,
+                                 timeout_s=runtime.config.cloud_timeout_sec)
+        if claim.state == "done":
+            return JSONResponse(claim.body, status_code=claim.status_code or 200)
+        if claim.state == "mismatch":
+            raise InvalidParams(
+                f"idempotency_key {key!r} was already used for another action or other params"
+            )
+        if claim.state == "running":
+            return JSONResponse(
+                {"ok": False, "error": "conflict", "action": action,
+                 "detail": "a request with this idempotency_key is still running; retry later"},
+                status_code=409,
+            )
+        try:
+            envelope = await _route(runtime, action, params, force_env, key)
+        except BaseException:
+            await store.release(f"dispatch:{key}")
+            raise
+        if envelope.ok or envelope.queued:
+            await store.complete(f"dispatch:{key}", envelope.http_status, envelope.to_dict())
+        else:
+            await store.release(f"dispatch:{key}")
+        return _envelope_response(envelope)
+
+    @app.post("/batch")
+    async def batch(request: Request) -> Response:
+        runtime = rt(request)
+        check_local_token(request)
+        body = await _json_object(request)
+        items = body.get("items")
+        if not isinstance(items, list):
+            raise InvalidParams("'items' is required: a list of {action, params} objects")
+        max_concurrent = body.get("max_concurrent", 3)
+        if not isinstance(max_concurrent, int) or isinstance(max_concurrent, bool):
+            raise InvalidParams("'max_concurrent' must be an integer")
+
+        async def route(action: str, params: dict[str, Any] | None, force_env: str | None
+                        ) -> Envelope:
+            return await _route(runtime, action, params or {}, force_env, new_request_id())
+
+        return JSONResponse(await batch_execute(items, max_concurrent, route=route))
+
+    @app.get("/health")
+    async def health(request: Request) -> dict[str, Any]:
+        return await rt(request).health()
+
+    @app.get("/status")
+    async def status(request: Request) -> dict[str, Any]:
+        check_local_token(request)
+        return await rt(request).status()
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        body, content_type = rt(request).metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def status_page(request: Request) -> HTMLResponse:
+        from status_page import render_status_page
+
+        return HTMLResponse(render_status_page())
+
+    # -- the cloud role: every instance can serve another one ------------------------------------
+
+    @app.post("/api/services/{service}/{topic}")
+    async def serve_action(service: str, topic: str, request: Request) -> Response:
+        runtime = rt(request)
+        action = f"{service}.{topic}"
+        request.state.action = action
+        check_cloud_key(request)
+        body = await _json_object(request)
+        params = body.get("params", {})
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise InvalidParams(f"'params' must be a JSON object; got {type(params).__name__}")
+        key = request.headers.get("idempotency-key")
+        if key is None:
+            return _envelope_response(await _serve(runtime, action, params, new_request_id()))
+        if not 8 <= len(key) <= 200:
+            raise InvalidParams("Idempotency-Key must be 8 to 200 characters")
+        store = runtime.idempotency
+        digest = params_hash(params)
+        claim = await store.wait(key, action, digest,
+                                 timeout_s=min(runtime.config.cloud_timeout_sec, 10.0))
+        if claim.state == "done":
+            return JSONResponse(claim.body, status_code=claim.status_code or 200,
+                                headers={"Idempotent-Replayed": "true"})
+        if claim.state == "mismatch":
+            raise InvalidParams(
+                f"Idempotency-Key {key!r} was already used for another action or other params"
+            )
+        if claim.state == "running":
+            return JSONResponse(
+                {"ok": False, "error": "conflict", "action": action, "request_id": key,
+                 "detail": "this Idempotency-Key is still running here; retry later"},
+                status_code=409, headers={"Retry-After": "1"},
+            )
+        try:
+            envelope = await _serve(runtime, action, params, key)
+        except BaseException:
+            await store.release(key)
+            raise
+        if envelope.ok:
+            await store.complete(key, envelope.http_status, envelope.to_dict())
+        else:
+            await store.release(key)
+        return _envelope_response(envelope)
+
+    async def _serve(runtime: Runtime, action: str, params: dict[str, Any], request_id: str
+                     ) -> Envelope:
+        started = time.perf_counter()
+        envelope = await runtime.local.execute(action, params, request_id=request_id)
+        envelope.source = Source.CLOUD
+        if envelope.ok:
+            envelope.cost_usd = runtime.rates.rate(action)
+        outcome = "ok" if envelope.ok else (envelope.error.value if envelope.error else "error")
+        runtime.metrics.observe_dispatch(action, "cloud", outcome, time.perf_counter() - started)
+        return envelope
+
+    @app.get("/api/sync/state")
+    async def get_state(request: Request) -> dict[str, Any]:
+        check_cloud_key(request)
+        runtime = rt(request)
+        assert runtime.state_sync is not None
+        return await runtime.state_sync.serve_state()
+
+    @app.post("/api/sync/state")
+    async def post_state(request: Request) -> dict[str, Any]:
+        check_cloud_key(request)
+        runtime = rt(request)
+        assert runtime.state_sync is not None
+        return await runtime.state_sync.accept_state(await _json_object(request))
+
+    @app.get("/api/schedules")
+    async def schedules(request: Request) -> dict[str, Any]:
+        check_cloud_key(request)
+        from local_cron import load_schedules
+
+        runtime = rt(request)
+        return {"schedules": [s.to_dict() for s in load_schedules(runtime.config.schedules_path)]}
+
+    return app
+
+
+app = create_app()
