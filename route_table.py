@@ -96,7 +96,8 @@ class RouteTable:
         if route is None:
             route = self._exact.get(action)
             if route is None:
-                route = self._family.get(action.partition(".")[0], self._unknown)
+                service, dot, _ = action.partition(".")
+                route = self._family.get(service, self._unknown) if dot else self._unknown
             if len(self._memo) < 10_000:
                 self._memo[action] = route
         return route
@@ -106,7 +107,8 @@ class RouteTable:
         return sorted([*self._exact, *(f"{f}.*" for f in self._family)])
 
     def is_known(self, action: str) -> bool:
-        return action in self._exact or action.partition(".")[0] in self._family
+        service, dot, _ = action.partition(".")
+        return action in self._exact or (bool(dot) and service in self._family)
 
     def rows(self) -> list[dict[str, Any]]:
         """Table rows for docs and ``everreach routes``."""

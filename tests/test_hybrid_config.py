@@ -154,7 +154,7 @@ def test_value_is_parsed(variable: str, given: str, field: str, expected: object
         ({"EVERREACH_ENV": "prod"}, "EVERREACH_ENV", "'local', 'cloud' or 'hybrid'"),
         ({"MONTHLY_COST_CAP": "-1"}, "MONTHLY_COST_CAP", "greater than or equal to 0"),
         ({"COST_SOFT_CAP": "-0.01"}, "COST_SOFT_CAP", "greater than or equal to 0"),
-        ({"MONTHLY_COST_CAP": "lots"}, "MONTHLY_COST_CAP", "number"),
+        ({"MONTHLY_COST_CAP": "lots"}, "MONTHLY_COST_CAP", "valid decimal"),
         ({"COST_SOFT_CAP": "401"}, "COST_SOFT_CAP", "must not exceed MONTHLY_COST_CAP"),
         ({"CLOUD_ENDPOINT": "cloud.example.com"}, "CLOUD_ENDPOINT", "http:// or https://"),
         ({"CLOUD_ENDPOINT": "ftp://cloud.example.com"}, "CLOUD_ENDPOINT", "http:// or https://"),

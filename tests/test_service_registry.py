@@ -1,0 +1,438 @@
+"""ServiceRegistry: registering and dispatching handlers, loading EVERREACH_SERVICES modules, the
+errors a bad handler or module produces, and the system.* built-ins."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import sys
+import textwrap
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import service_registry
+from errors import HandlerError, InvalidParams, RegistryError, UnknownAction
+from service_registry import ServiceRegistry, check_action_name, register
+
+pytestmark = pytest.mark.prd200
+
+BUILTINS = ["system.echo", "system.heartbeat", "system.self_test"]
+
+
+@pytest.fixture(autouse=True)
+def declared(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """A private copy of the @register table, so test declarations vanish afterwards."""
+    table = dict(service_registry._DECLARED)
+    monkeypatch.setattr(service_registry, "_DECLARED", table)
+    return table
+
+
+@pytest.fixture
+def services_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Factory: write a uniquely named module on sys.path; return its name."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    written: list[str] = []
+
+    def write(source: str, *, stem: str = "svc") -> str:
+        name = f"{stem}_{uuid.uuid4().hex[:10]}"
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source), encoding="utf-8")
+        written.append(name)
+        return name
+
+    yield write
+    for name in written:
+        sys.modules.pop(name, None)
+
+
+async def _add(params: dict[str, Any]) -> dict[str, Any]:
+    return {"sum": params["a"] + params["b"]}
+
+
+def _registry(**handlers: Callable[..., Any]) -> ServiceRegistry:
+    return ServiceRegistry({name.replace("__", "."): h for name, h in handlers.items()})
+
+
+# -- names ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["research.keyword", "dm.send", "a.b", "content.analyze_video", "s3.put_2"]
+)
+def test_valid_action_name(name: str) -> None:
+    assert check_action_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "x",
+        "../x",
+        "a.b/c",
+        "A.B",
+        "Dm.send",
+        "a.b.c",
+        ".b",
+        "a.",
+        "1a.b",
+        "a.1b",
+        "a-b.c",
+        "a.b c",
+        "dm.send\n",
+        "",
+        "a." + "b" * 65,  # topic longer than 64
+        None,
+        42,
+    ],
+)
+def test_invalid_action_name(name: object) -> None:
+    with pytest.raises(InvalidParams, match="service.topic"):
+        check_action_name(name)
+
+
+# -- register, dispatch, actions --------------------------------------------------------------
+
+
+async def test_dispatch_runs_an_async_handler_on_the_event_loop_thread() -> None:
+    seen: list[int] = []
+
+    async def handler(params: dict[str, Any]) -> dict[str, Any]:
+        seen.append(threading.get_ident())
+        return {"got": params}
+
+    registry = _registry(test__async=handler)
+    assert await registry.dispatch("test.async", {"x": 1}) == {"got": {"x": 1}}
+    assert seen == [threading.get_ident()]
+
+
+async def test_dispatch_runs_a_sync_handler_in_a_worker_thread() -> None:
+    seen: list[int] = []
+
+    def handler(params: dict[str, Any]) -> int:
+        seen.append(threading.get_ident())
+        return int(params["n"]) * 2
+
+    registry = _registry(test__sync=handler)
+    assert await registry.dispatch("test.sync", {"n": 21}) == 42
+    assert len(seen) == 1
+    assert seen[0] != threading.get_ident()
+
+
+async def test_a_blocking_sync_handler_does_not_block_the_event_loop() -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def handler(params: dict[str, Any]) -> str:
+        started.set()
+        assert release.wait(10), "the loop never released the handler"
+        return "done"
+
+    registry = _registry(test__blocking=handler)
+    task = asyncio.create_task(registry.dispatch("test.blocking", {}))
+    assert await asyncio.to_thread(started.wait, 10)
+    # The handler is blocked in its thread, and the loop still runs other work.
+    assert await registry.dispatch("system.echo", {"still": "serving"}) == {"still": "serving"}
+    assert not task.done()
+    release.set()
+    assert await task == "done"
+
+
+async def test_a_callable_object_returning_a_coroutine_is_awaited() -> None:
+    class Handler:
+        async def __call__(self, params: dict[str, Any]) -> str:
+            return "from __call__"
+
+    registry = _registry(test__callable=Handler())
+    assert await registry.dispatch("test.callable", {}) == "from __call__"
+
+
+def test_actions_lists_builtins_and_added_handlers_sorted() -> None:
+    registry = _registry(zeta__z=_add, alpha__a=_add)
+    assert registry.actions() == ["alpha.a", *BUILTINS, "zeta.z"]
+    assert registry.has("alpha.a")
+    assert not registry.has("alpha.b")
+
+
+def test_a_registry_without_builtins_is_empty() -> None:
+    assert ServiceRegistry(builtins=False).actions() == []
+
+
+async def test_module_level_register_dispatch_and_actions(declared: dict[str, Any]) -> None:
+    @register("test.module_level")
+    async def handler(params: dict[str, Any]) -> str:
+        return "ok"
+
+    assert declared["test.module_level"] is handler
+    assert "test.module_level" in service_registry.actions()
+    assert await service_registry.dispatch("test.module_level", {}) == "ok"
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+async def test_unknown_action_names_the_near_ones() -> None:
+    registry = _registry(content__analyze_video=_add, content__generate=_add)
+    with pytest.raises(UnknownAction) as info:
+        await registry.dispatch("content.analyse_video", {})
+    assert info.value.extra["near"][0] == "content.analyze_video"
+    assert "did you mean content.analyze_video" in info.value.detail
+    assert info.value.http_status == 404
+
+
+async def test_unknown_action_with_nothing_near_gives_no_hint() -> None:
+    with pytest.raises(UnknownAction) as info:
+        await _registry().dispatch("zzzzzz.qqqqqq", {})
+    assert info.value.extra["near"] == []
+    assert "did you mean" not in info.value.detail
+
+
+@pytest.mark.parametrize("name", ["../x", "a.b/c", "A.B", "x", "system.echo\n", "a.b.c"])
+async def test_dispatch_of_a_malformed_name_is_invalid_params(name: str) -> None:
+    with pytest.raises(InvalidParams) as info:
+        await _registry().dispatch(name, {})
+    assert info.value.http_status == 422
+
+
+async def test_a_raising_handler_becomes_a_handler_error_with_type_and_message() -> None:
+    async def handler(params: dict[str, Any]) -> None:
+        raise KeyError("no such video")
+
+    def sync_handler(params: dict[str, Any]) -> None:
+        raise ZeroDivisionError("division by zero")
+
+    registry = _registry(test__raises=handler, test__sync_raises=sync_handler)
+    with pytest.raises(HandlerError) as info:
+        await registry.dispatch("test.raises", {})
+    assert info.value.detail == "test.raises raised KeyError: 'no such video'"
+    assert isinstance(info.value.__cause__, KeyError)
+    with pytest.raises(HandlerError, match="ZeroDivisionError: division by zero"):
+        await registry.dispatch("test.sync_raises", {})
+
+
+async def test_a_cancelled_handler_is_not_turned_into_a_handler_error() -> None:
+    async def handler(params: dict[str, Any]) -> None:
+        raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await _registry(test__cancelled=handler).dispatch("test.cancelled", {})
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        object(),
+        {1, 2},
+        b"bytes",
+        datetime.date(2024, 1, 1),
+        {"nested": [object()]},
+        {("tuple", "key"): 1},
+        float("nan"),
+        {"score": float("inf")},
+    ],
+    ids=["object", "set", "bytes", "date", "nested", "tuple-key", "nan", "inf"],
+)
+async def test_a_non_json_result_is_a_handler_error(result: object) -> None:
+    async def handler(params: dict[str, Any]) -> object:
+        return result
+
+    with pytest.raises(HandlerError, match="not JSON-serialisable"):
+        await _registry(test__junk=handler).dispatch("test.junk", {})
+
+
+@pytest.mark.parametrize(
+    "result", [None, True, 0, 1.5, "text", [1, "a", None], {"a": {"b": [1.0, {"c": None}]}}]
+)
+async def test_a_json_result_is_returned_unchanged(result: object) -> None:
+    async def handler(params: dict[str, Any]) -> object:
+        return result
+
+    assert await _registry(test__fine=handler).dispatch("test.fine", {}) == result
+
+
+def test_adding_an_action_twice_is_a_registry_error() -> None:
+    registry = _registry(test__twice=_add)
+
+    async def other(params: dict[str, Any]) -> None:
+        return None
+
+    with pytest.raises(RegistryError, match=r"'test.twice' is registered twice.*_add.*other"):
+        registry.add("test.twice", other)
+    registry.add("test.twice", other, replace=True)
+    with pytest.raises(RegistryError, match="'system.echo' is registered twice"):
+        ServiceRegistry({"system.echo": other})
+
+
+def test_declaring_an_action_twice_is_a_registry_error() -> None:
+    register("test.declared_twice")(_add)
+    register("test.declared_twice")(_add)  # the same function again (a reload) is fine
+
+    async def other(params: dict[str, Any]) -> None:
+        return None
+
+    with pytest.raises(RegistryError, match="'test.declared_twice' is registered twice"):
+        register("test.declared_twice")(other)
+
+
+def test_registering_a_malformed_name_is_refused() -> None:
+    with pytest.raises(InvalidParams):
+        register("Bad.Name")
+    with pytest.raises(InvalidParams):
+        ServiceRegistry({"../x": _add})
+
+
+# -- EVERREACH_SERVICES modules ---------------------------------------------------------------
+
+MODULE = """
+    from service_registry import register
+
+    @register("{action}")
+    async def handler(params):
+        return {{"from": __name__}}
+"""
+
+
+async def test_from_modules_loads_the_named_modules(services_module: Any) -> None:
+    first = services_module(MODULE.format(action="alpha.one"))
+    second = services_module(MODULE.format(action="beta.two"))
+    registry = ServiceRegistry.from_modules([first, second])
+    assert registry.actions() == ["alpha.one", "beta.two", *BUILTINS]
+    assert await registry.dispatch("beta.two", {}) == {"from": second}
+
+
+def test_from_modules_takes_only_the_named_modules_handlers(services_module: Any) -> None:
+    named = services_module(MODULE.format(action="alpha.one"))
+    other = services_module(MODULE.format(action="gamma.three"))
+    ServiceRegistry.from_modules([other])  # declared, but not named below
+    assert ServiceRegistry.from_modules([named]).actions() == ["alpha.one", *BUILTINS]
+
+
+@pytest.mark.parametrize(
+    ("source", "reason"),
+    [
+        ("raise RuntimeError('no credentials for the scraper')", "RuntimeError: no credentials"),
+        ("import module_that_does_not_exist_42", "ModuleNotFoundError"),
+        ("def broken(:\n    pass", "SyntaxError"),
+        (MODULE.format(action="Bad.Name"), "InvalidParams"),
+    ],
+    ids=["raises", "missing-import", "syntax-error", "bad-action-name"],
+)
+def test_a_module_that_fails_to_import_is_a_registry_error_naming_it(
+    services_module: Any, source: str, reason: str
+) -> None:
+    name = services_module(source)
+    with pytest.raises(RegistryError) as info:
+        ServiceRegistry.from_modules([name])
+    message = str(info.value)
+    assert f"module {name!r} failed to import" in message
+    assert "EVERREACH_SERVICES" in message
+    assert reason in message
+
+
+def test_a_missing_module_is_a_registry_error_naming_it() -> None:
+    with pytest.raises(RegistryError, match="module 'no_such_services_module' failed to import"):
+        ServiceRegistry.from_modules(["no_such_services_module"])
+
+
+def test_two_modules_declaring_one_action_is_a_registry_error(services_module: Any) -> None:
+    first = services_module(MODULE.format(action="dup.action"))
+    second = services_module(MODULE.format(action="dup.action"))
+    with pytest.raises(RegistryError) as info:
+        ServiceRegistry.from_modules([first, second])
+    assert "'dup.action' is registered twice" in str(info.value)
+    assert first in str(info.value)
+    assert second in str(info.value)
+
+
+def test_a_module_declaring_a_builtin_is_a_registry_error(services_module: Any) -> None:
+    name = services_module(MODULE.format(action="system.echo"))
+    with pytest.raises(RegistryError, match="'system.echo' is registered twice"):
+        ServiceRegistry.from_modules([name])
+
+
+async def test_the_e2e_services_module_loads() -> None:
+    registry = ServiceRegistry.from_modules(["tests.e2e_services"])
+    expected = {
+        "content.analyze_video",
+        "content.generate",
+        "research.keyword",
+        "research.platform",
+        "dm.send",
+        "test.fail",
+        "test.sync_add",
+    }
+    assert expected | set(BUILTINS) == set(registry.actions())
+    assert (await registry.dispatch("test.sync_add", {"a": 2, "b": 3}))["sum"] == 5
+    with pytest.raises(HandlerError, match="RuntimeError: boom"):
+        await registry.dispatch("test.fail", {})
+
+
+# -- built-ins --------------------------------------------------------------------------------
+
+
+async def test_heartbeat() -> None:
+    beat = await ServiceRegistry().dispatch("system.heartbeat", {})
+    assert beat["alive"] is True
+    assert isinstance(beat["ts"], float)
+    assert isinstance(beat["host"], str)
+
+
+async def test_echo_returns_the_params() -> None:
+    params = {"a": [1, 2], "b": {"c": None}}
+    assert await ServiceRegistry().dispatch("system.echo", params) == params
+
+
+async def test_self_test_reports_the_registry() -> None:
+    report = await _registry(test__one=_add).dispatch("system.self_test", {})
+    assert report == {"registry": {"ok": True, "actions": 4}, "ok": True}
+
+
+async def test_self_test_runs_every_check() -> None:
+    registry = ServiceRegistry()
+
+    async def store_ok() -> dict[str, Any]:
+        return {"ok": True, "backend": "sqlite"}
+
+    async def bus_ok() -> dict[str, Any]:
+        return {"ok": True}
+
+    registry.add_check("store", store_ok)
+    registry.add_check("bus", bus_ok)
+    report = await registry.dispatch("system.self_test", {})
+    assert report["ok"] is True
+    assert report["store"] == {"ok": True, "backend": "sqlite"}
+    assert report["bus"] == {"ok": True}
+
+
+async def test_self_test_reports_a_raising_check_and_fails() -> None:
+    registry = ServiceRegistry()
+
+    async def store_ok() -> dict[str, Any]:
+        return {"ok": True}
+
+    async def cloud_down() -> dict[str, Any]:
+        raise ConnectionRefusedError("cloud refused the connection")
+
+    registry.add_check("store", store_ok)
+    registry.add_check("cloud", cloud_down)
+    report = await registry.dispatch("system.self_test", {})
+    assert report["ok"] is False
+    assert report["store"] == {"ok": True}
+    assert report["cloud"] == {
+        "ok": False,
+        "error": "ConnectionRefusedError: cloud refused the connection",
+    }
+
+
+async def test_self_test_fails_on_a_check_that_reports_not_ok() -> None:
+    registry = ServiceRegistry()
+
+    async def degraded() -> dict[str, Any]:
+        return {"ok": False, "detail": "redis down, using sqlite"}
+
+    registry.add_check("bus", degraded)
+    report = await registry.dispatch("system.self_test", {})
+    assert report["ok"] is False
+    assert report["registry"]["ok"] is True
