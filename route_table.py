@@ -4,8 +4,9 @@ Format::
 
     {"version": 1,
      "unknown": {"preferred_env": "auto", "fallback_env": "local", "side_effect": true},
-     "actions": {"dm.send": {"preferred_env": "cloud", "fallback_env": "local", "side_effect": true},
-                 "linkedin.*": {...}}}
+     "actions": {
+        "dm.send": {"preferred_env": "cloud", "fallback_env": "local", "side_effect": true},
+        "linkedin.*": {...}}}
 
 Every entry needs all three fields (``note`` is optional). An exact entry wins over a
 ``service.*`` family entry; an action in neither gets ``unknown``. A malformed table raises

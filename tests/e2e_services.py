@@ -64,3 +64,9 @@ async def always_fail(params: dict[str, Any]) -> dict[str, Any]:
 @register("test.sync_add")
 def sync_add(params: dict[str, Any]) -> dict[str, Any]:
     return {"sum": params.get("a", 0) + params.get("b", 0), "pid": os.getpid()}
+
+
+@register("claude.complete")
+async def claude_complete(params: dict[str, Any]) -> dict[str, Any]:
+    _record(params, "claude.complete")
+    return {"text": "done", "pid": os.getpid()}

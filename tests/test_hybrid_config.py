@@ -392,9 +392,7 @@ def test_environment_wins_over_the_env_file(tmp_path: Path) -> None:
     assert (config.port, config.host) == (9191, "127.0.0.1")
 
 
-def test_load_reads_os_environ_by_default(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_load_reads_os_environ_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _env_file(tmp_path, "PORT=9090\n")
     monkeypatch.setenv("PORT", "9292")
     assert HybridConfig.load(env_file=path).port == 9292

@@ -26,8 +26,13 @@ def test_the_bundled_table_loads_from_the_package() -> None:
 
 @pytest.mark.parametrize(
     "action",
-    sorted(LOCAL_PREFERRED | CLOUD_PREFERRED)
-    + ["revenue.dashboard", "feedback.twitter_cycle", "system.heartbeat", "system.echo"],
+    [
+        *sorted(LOCAL_PREFERRED | CLOUD_PREFERRED),
+        "revenue.dashboard",
+        "feedback.twitter_cycle",
+        "system.heartbeat",
+        "system.echo",
+    ],
 )
 def test_the_bundled_table_has_an_exact_entry_for(action: str) -> None:
     assert action in BUNDLED.names()

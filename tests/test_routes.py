@@ -47,7 +47,11 @@ def test_the_endpoint_is_kept_without_its_trailing_slash() -> None:
 
 def test_a_repeated_lookup_gives_the_same_url() -> None:
     routes = CloudRoutes("https://cloud.example")
-    assert routes.url("dm.send") == routes.url("dm.send") == cloud_url("https://cloud.example", "dm.send")
+    assert (
+        routes.url("dm.send")
+        == routes.url("dm.send")
+        == cloud_url("https://cloud.example", "dm.send")
+    )
     assert routes.url("dm.conversations") == "https://cloud.example/api/services/dm/conversations"
 
 

@@ -90,7 +90,7 @@ def test_valid_action_name(name: str) -> None:
     ],
 )
 def test_invalid_action_name(name: object) -> None:
-    with pytest.raises(InvalidParams, match="service.topic"):
+    with pytest.raises(InvalidParams, match=r"service\.topic"):
         check_action_name(name)
 
 
@@ -261,7 +261,7 @@ def test_adding_an_action_twice_is_a_registry_error() -> None:
     with pytest.raises(RegistryError, match=r"'test.twice' is registered twice.*_add.*other"):
         registry.add("test.twice", other)
     registry.add("test.twice", other, replace=True)
-    with pytest.raises(RegistryError, match="'system.echo' is registered twice"):
+    with pytest.raises(RegistryError, match=r"'system\.echo' is registered twice"):
         ServiceRegistry({"system.echo": other})
 
 
@@ -272,7 +272,7 @@ def test_declaring_an_action_twice_is_a_registry_error() -> None:
     async def other(params: dict[str, Any]) -> None:
         return None
 
-    with pytest.raises(RegistryError, match="'test.declared_twice' is registered twice"):
+    with pytest.raises(RegistryError, match=r"'test\.declared_twice' is registered twice"):
         register("test.declared_twice")(other)
 
 
@@ -348,7 +348,7 @@ def test_two_modules_declaring_one_action_is_a_registry_error(services_module: A
 
 def test_a_module_declaring_a_builtin_is_a_registry_error(services_module: Any) -> None:
     name = services_module(MODULE.format(action="system.echo"))
-    with pytest.raises(RegistryError, match="'system.echo' is registered twice"):
+    with pytest.raises(RegistryError, match=r"'system\.echo' is registered twice"):
         ServiceRegistry.from_modules([name])
 
 
@@ -363,7 +363,7 @@ async def test_the_e2e_services_module_loads() -> None:
         "test.fail",
         "test.sync_add",
     }
-    assert expected | set(BUILTINS) == set(registry.actions())
+    assert expected | set(BUILTINS) <= set(registry.actions())
     assert (await registry.dispatch("test.sync_add", {"a": 2, "b": 3}))["sum"] == 5
     with pytest.raises(HandlerError, match="RuntimeError: boom"):
         await registry.dispatch("test.fail", {})

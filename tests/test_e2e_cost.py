@@ -1,0 +1,97 @@
+"""End to end: the monthly cap holds across real server processes sharing one ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import pytest
+
+from config.hybrid_config import HybridConfig
+from cost_guard import CostGuard
+
+pytestmark = [pytest.mark.prd200, pytest.mark.e2e]
+
+KEY = "e2e-cloud-key-123"
+
+
+async def spend(config: HybridConfig, amount_usd: str) -> None:
+    guard = CostGuard.from_config(config)
+    await guard.open()
+    try:
+        reservation = await guard.reserve("claude.complete", Decimal(amount_usd), "pre-spend")
+        await guard.commit(reservation)
+    finally:
+        await guard.close()
+
+
+async def committed_total(config: HybridConfig) -> Decimal:
+    guard = CostGuard.from_config(config)
+    await guard.open()
+    try:
+        snapshot = await guard.snapshot()
+    finally:
+        await guard.close()
+    return Decimal(snapshot["spent_usd"]) + Decimal(snapshot["reserved_usd"])
+
+
+def terminal_env(cloud_url: str, **variables: str) -> dict[str, str]:
+    return {
+        "EVERREACH_ENV": "hybrid", "CLOUD_ENDPOINT": cloud_url, "EVERREACH_CLOUD_KEY": KEY,
+        "EVERREACH_SERVICES": "tests.e2e_terminal_services", **variables,
+    }
+
+
+@pytest.mark.postgres
+async def test_two_terminals_on_one_postgres_ledger_never_pass_the_cap(
+    server_factory, postgres_dsn, tmp_path
+):
+    await spend(HybridConfig.from_mapping({"DATABASE_URL": postgres_dsn}), "399.90")
+    cloud = server_factory(name="cloud", EVERREACH_ENV="cloud", EVERREACH_CLOUD_KEY=KEY)
+    terminals = [
+        server_factory(name=f"t{i}", **terminal_env(cloud.url, DATABASE_URL=postgres_dsn))
+        for i in range(2)
+    ]
+    log = tmp_path / "claude.log"
+
+    async def call(client: httpx.AsyncClient, n: int) -> httpx.Response:
+        term = terminals[n % 2]
+        return await client.post(
+            f"{term.url}/dispatch",
+            json={"action": "claude.complete", "params": {"id": n, "log": str(log)}},
+        )
+
+    limits = httpx.Limits(max_connections=64)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        answers = await asyncio.gather(*(call(client, n) for n in range(200)))
+
+    ok = [a for a in answers if a.status_code == 200]
+    capped = [a for a in answers if a.status_code == 429]
+    assert len(ok) + len(capped) == 200, {a.status_code for a in answers}
+    assert len(ok) == 10
+    assert all(a.json()["error"] == "cost_cap_reached" for a in capped)
+    runs = [json.loads(line) for line in Path(log).read_text().splitlines()]
+    assert len(runs) == 10
+    total = await committed_total(HybridConfig.from_mapping({"DATABASE_URL": postgres_dsn}))
+    assert total <= Decimal("400.00")
+    assert total == Decimal("400.00")
+
+
+async def test_at_the_soft_cap_the_next_auto_action_runs_locally(server_factory, tmp_path):
+    data_dir = tmp_path / "term-data"
+    await spend(HybridConfig.from_mapping({"DATA_DIR": str(data_dir)}), "380")
+    cloud = server_factory(name="cloud", EVERREACH_ENV="cloud", EVERREACH_CLOUD_KEY=KEY)
+    term = server_factory(name="term", **terminal_env(cloud.url, DATA_DIR=str(data_dir)))
+    async with httpx.AsyncClient(timeout=30) as client:
+        answer = await client.post(
+            f"{term.url}/dispatch", json={"action": "research.platform", "params": {}}
+        )
+        status = (await client.get(f"{term.url}/status")).json()
+    body = answer.json()
+    assert body["ok"] and body["source"] == "local" and body["cost_guard_triggered"] is True
+    assert body["result"]["pid"] == term.proc.pid
+    assert status["cost"]["soft_cap_reached"] is True
+    assert Decimal(status["cost"]["spent_usd"]) == Decimal("380")

@@ -1,0 +1,196 @@
+"""Envelope and the error tree: the HTTP status of every outcome (DESIGN.md §4) and the JSON
+body's fields."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+import errors
+from envelope import Envelope, new_request_id
+from errors import (
+    HTTP_STATUS_BY_CODE,
+    ActionError,
+    CircuitOpen,
+    CloudTimeout,
+    CloudUnavailable,
+    ConfigError,
+    CostCapReached,
+    ErrorCode,
+    EverReachError,
+    HandlerError,
+    InvalidParams,
+    Offline,
+    RegistryError,
+    RouteTableError,
+    Source,
+    Unauthorized,
+    UnknownAction,
+)
+
+pytestmark = pytest.mark.prd200
+
+# DESIGN.md §4: 401 token, 404 unknown action, 422 bad params, 429 cost cap, 502 cloud error,
+# 503 circuit open / offline, 504 timeout; a handler that raised is a server-side 500.
+DESIGN_STATUS = {
+    ErrorCode.UNKNOWN_ACTION: 404,
+    ErrorCode.INVALID_PARAMS: 422,
+    ErrorCode.HANDLER_ERROR: 500,
+    ErrorCode.TIMEOUT: 504,
+    ErrorCode.CLOUD_UNAVAILABLE: 502,
+    ErrorCode.OFFLINE: 503,
+    ErrorCode.COST_CAP_REACHED: 429,
+    ErrorCode.CIRCUIT_OPEN: 503,
+    ErrorCode.UNAUTHORIZED: 401,
+}
+EXCEPTIONS: list[type[ActionError]] = [
+    UnknownAction,
+    InvalidParams,
+    HandlerError,
+    Unauthorized,
+    CostCapReached,
+    CircuitOpen,
+    Offline,
+    CloudUnavailable,
+    CloudTimeout,
+]
+
+
+def _envelope(**fields: Any) -> Envelope:
+    base: dict[str, Any] = {"ok": True, "action": "dm.send", "source": Source.CLOUD}
+    return Envelope(**{**base, **fields})
+
+
+def test_every_error_code_has_a_status() -> None:
+    assert set(HTTP_STATUS_BY_CODE) == set(ErrorCode)
+    assert HTTP_STATUS_BY_CODE == DESIGN_STATUS
+
+
+@pytest.mark.parametrize("code", list(ErrorCode), ids=lambda c: c.value)
+def test_a_failed_envelope_has_the_status_of_its_code(code: ErrorCode) -> None:
+    assert _envelope(ok=False, error=code).http_status == DESIGN_STATUS[code]
+
+
+@pytest.mark.parametrize("exc_type", EXCEPTIONS, ids=lambda t: t.__name__)
+def test_every_exception_maps_to_its_code_and_status(exc_type: type[ActionError]) -> None:
+    exc = exc_type("what happened", attempts=2)
+    envelope = Envelope.failure("dm.send", exc, source=Source.CLOUD, request_id="r1")
+    assert envelope.error is exc_type.code
+    assert envelope.http_status == exc_type.http_status == DESIGN_STATUS[exc_type.code]
+    body = envelope.to_dict()
+    assert (body["ok"], body["error"], body["detail"]) == (False, exc_type.code.value, exc.detail)
+    assert (body["attempts"], body["request_id"]) == (2, "r1")
+
+
+@pytest.mark.parametrize(
+    ("envelope", "status"),
+    [
+        (_envelope(), 200),
+        (_envelope(source=Source.LOCAL_FALLBACK), 200),
+        (_envelope(source=Source.CACHE, cached_at="2024-01-01T00:00:00Z"), 200),
+        (_envelope(source=Source.OUTBOX, queued=True, outbox_id="o1"), 202),
+        (_envelope(ok=False, source=Source.OUTBOX, queued=True, outbox_id="o1"), 202),
+        (_envelope(ok=False, error=ErrorCode.OFFLINE, cached={"old": 1}), 503),
+        (_envelope(ok=False), 500),  # a failure without a code is a server fault
+    ],
+    ids=["ok", "fallback", "cache", "queued", "queued-not-ok", "offline-stale", "no-code"],
+)
+def test_outcome_status(envelope: Envelope, status: int) -> None:
+    assert envelope.http_status == status
+
+
+def test_to_dict_has_the_design_fields() -> None:
+    body = _envelope(result={"id": 7}, duration_ms=12.34567, attempts=1, request_id="abc").to_dict()
+    assert body == {
+        "ok": True,
+        "action": "dm.send",
+        "source": "cloud",
+        "result": {"id": 7},
+        "error": None,
+        "detail": None,
+        "duration_ms": 12.346,
+        "request_id": "abc",
+        "attempts": 1,
+        "cost_usd": 0.0,
+        "cost_guard_triggered": False,
+    }
+
+
+@pytest.mark.parametrize(
+    ("fields", "extra"),
+    [
+        ({"cached_at": "2024-01-01T00:00:00Z"}, {"cached_at": "2024-01-01T00:00:00Z"}),
+        ({"cached": {"old": True}}, {"cached": {"old": True}}),
+        ({"cached": None}, {"cached": None}),  # set to null is still set
+        ({"queued": True, "outbox_id": "ob-1"}, {"queued": True, "outbox_id": "ob-1"}),
+        ({"outbox_id": "ob-1"}, {}),  # not queued: no outbox fields
+    ],
+)
+def test_optional_fields_appear_only_when_set(
+    fields: dict[str, Any], extra: dict[str, Any]
+) -> None:
+    body = _envelope(**fields).to_dict()
+    optional = {"cached_at", "cached", "queued", "outbox_id"}
+    assert {k: v for k, v in body.items() if k in optional} == extra
+
+
+@pytest.mark.parametrize(
+    ("cost", "json_text"),
+    [
+        (Decimal("0.01"), '"cost_usd": 0.01,'),
+        (Decimal("0.002"), '"cost_usd": 0.002,'),
+        (Decimal("0.0015"), '"cost_usd": 0.0015,'),
+        (Decimal("0.1") + Decimal("0.2"), '"cost_usd": 0.3,'),
+        (Decimal("0.01") * 3, '"cost_usd": 0.03,'),
+        (Decimal(0), '"cost_usd": 0.0,'),
+        (Decimal("400"), '"cost_usd": 400.0,'),
+    ],
+)
+def test_cost_usd_is_serialised_exactly(cost: Decimal, json_text: str) -> None:
+    text = json.dumps(_envelope(cost_usd=cost).to_dict())
+    assert json_text in text
+    assert Decimal(str(json.loads(text)["cost_usd"])) == cost
+
+
+@pytest.mark.parametrize("source", list(Source), ids=lambda s: s.value)
+def test_source_is_its_string(source: Source) -> None:
+    assert _envelope(source=source).to_dict()["source"] == source.value
+
+
+def test_the_body_is_json() -> None:
+    envelope = _envelope(ok=False, error=ErrorCode.TIMEOUT, detail="30 s", cached={"a": [1]})
+    assert json.loads(json.dumps(envelope.to_dict()))["error"] == "timeout"
+
+
+def test_request_ids_are_fresh() -> None:
+    assert new_request_id() != new_request_id()
+    assert _envelope().request_id != _envelope().request_id
+
+
+def test_never_ran_defaults_per_exception() -> None:
+    assert UnknownAction("x").never_ran and CircuitOpen("x").never_ran
+    assert not HandlerError("x").never_ran
+    assert not CloudUnavailable("5xx").never_ran
+    assert CloudUnavailable("refused", never_ran=True).never_ran
+    assert not CloudTimeout("read timeout").never_ran
+
+
+def test_the_exception_tree() -> None:
+    assert issubclass(RouteTableError, ConfigError)
+    assert issubclass(RegistryError, ConfigError)
+    assert issubclass(ConfigError, EverReachError)
+    assert issubclass(CloudTimeout, CloudUnavailable)
+    assert all(issubclass(t, ActionError) for t in EXCEPTIONS)
+    assert issubclass(ActionError, EverReachError)
+    # The docstring draws the tree; every public exception is in it.
+    doc = errors.__doc__ or ""
+    assert all(t.__name__ in doc for t in [*EXCEPTIONS, ConfigError, RegistryError])
+
+
+def test_an_action_error_carries_its_fields() -> None:
+    exc = UnknownAction("no handler", attempts=0, near=["dm.send"])
+    assert (exc.detail, exc.attempts, exc.extra) == ("no handler", 0, {"near": ["dm.send"]})
+    assert str(exc) == "no handler"
