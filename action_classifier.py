@@ -6,10 +6,10 @@ Exact names from the PRD's LOCAL_PREFERRED and CLOUD_PREFERRED sets win; then wh
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class ActionKind(str, Enum):
+class ActionKind(StrEnum):
     COMPUTE = "compute"
     API = "api"
 

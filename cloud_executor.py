@@ -163,7 +163,8 @@ class CloudExecutor:
                     response = await self._client.post(
                         url, json=body, headers=headers, timeout=self._timeout
                     )
-                except httpx.TransportError as exc:
+                except httpx.RequestError as exc:  # transport errors, and a body that
+                    # does not decode (DecodingError): the cloud answered, so it may have run
                     raise _Retry(_map_transport_error(exc, self.timeout_s)) from exc
                 result = self._parse(action, response)
             except _Retry as retry:
@@ -263,7 +264,7 @@ class CloudExecutor:
         return response.json()
 
 
-def _map_transport_error(exc: httpx.TransportError, timeout_s: float) -> ActionError:
+def _map_transport_error(exc: httpx.RequestError, timeout_s: float) -> ActionError:
     if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
         return CloudTimeout(f"could not connect to the cloud within the timeout: {exc!r}",
                             never_ran=True)

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,13 @@ DEFAULT_PATH = Path(__file__).resolve().parent / "route_table.json"
 _ENTRY_RE = re.compile(r"^[a-z][a-z0-9_]*\.([a-z][a-z0-9_]*|\*)\Z")
 
 
-class Preferred(str, Enum):
+class Preferred(StrEnum):
     LOCAL = "local"
     CLOUD = "cloud"
     AUTO = "auto"
 
 
-class Fallback(str, Enum):
+class Fallback(StrEnum):
     LOCAL = "local"
     CLOUD = "cloud"
     NONE = "none"
@@ -161,3 +162,24 @@ def _parse_entry(source: str, name: str, entry: Any) -> Route:
             f"{source}: entry {name!r}: side_effect must be true or false; got {side_effect!r}"
         )
     return Route(preferred, fallback, side_effect)
+
+
+def markdown(table: RouteTable, kind_of: Callable[[str], str] | None = None) -> str:
+    """The route table as a markdown table (the docs' routing table is this output)."""
+    lines = [
+        "| action | preferred_env | fallback_env | side_effect | classifier |",
+        "|---|---|---|---|---|",
+    ]
+    for row in table.rows():
+        kind = kind_of(row["action"].replace("*", "x")) if kind_of else ""
+        lines.append(
+            f"| `{row['action']}` | {row['preferred_env']} | {row['fallback_env']} | "
+            f"{'yes' if row['side_effect'] else 'no'} | {kind} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    from action_classifier import ActionClassifier
+
+    print(markdown(RouteTable.load(), lambda a: ActionClassifier().classify(a).value), end="")
