@@ -163,8 +163,9 @@ class CloudExecutor:
                     response = await self._client.post(
                         url, json=body, headers=headers, timeout=self._timeout
                     )
-                except httpx.RequestError as exc:  # transport errors, and a body that
-                    # does not decode (DecodingError): the cloud answered, so it may have run
+                # RequestError, not just TransportError: a body that does not decode
+                # (DecodingError) must not escape route(); the cloud answered, so it may have run.
+                except httpx.RequestError as exc:
                     raise _Retry(_map_transport_error(exc, self.timeout_s)) from exc
                 result = self._parse(action, response)
             except _Retry as retry:
@@ -266,8 +267,9 @@ class CloudExecutor:
 
 def _map_transport_error(exc: httpx.RequestError, timeout_s: float) -> ActionError:
     if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
-        return CloudTimeout(f"could not connect to the cloud within the timeout: {exc!r}",
-                            never_ran=True)
+        return CloudTimeout(
+            f"could not connect to the cloud within the timeout: {exc!r}", never_ran=True
+        )
     if isinstance(exc, httpx.TimeoutException):
         return CloudTimeout(f"the cloud did not answer within {timeout_s:g} s", never_ran=False)
     if isinstance(exc, httpx.ConnectError):

@@ -21,11 +21,11 @@ result envelope; these exceptions are faults, turned into envelopes and HTTP sta
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Any, ClassVar
 
 
-class Env(str, Enum):
+class Env(StrEnum):
     """Where an instance runs its actions (EVERREACH_ENV) or where one call goes."""
 
     LOCAL = "local"
@@ -33,7 +33,7 @@ class Env(str, Enum):
     HYBRID = "hybrid"
 
 
-class Source(str, Enum):
+class Source(StrEnum):
     """Which path produced a result envelope."""
 
     LOCAL = "local"
@@ -43,7 +43,7 @@ class Source(str, Enum):
     OUTBOX = "outbox"
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(StrEnum):
     """Machine-readable error codes of the envelope (DESIGN.md §4)."""
 
     UNKNOWN_ACTION = "unknown_action"

@@ -85,9 +85,7 @@ class HybridOrchestrator:
         self.connectivity = connectivity
         self.cache = cache
         self.outbox = outbox
-        self.counts: defaultdict[str, defaultdict[str, int]] = defaultdict(
-            lambda: defaultdict(int)
-        )
+        self.counts: defaultdict[str, defaultdict[str, int]] = defaultdict(lambda: defaultdict(int))
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- routing decisions ----------------------------------------------------------------------
@@ -187,8 +185,12 @@ class HybridOrchestrator:
                 return await self._run_cloud(action, params, request_id, route, "local")
             return Envelope.failure(action, exc, source=Source.LOCAL, request_id=request_id)
         return Envelope(
-            ok=True, action=action, source=Source.LOCAL, result=result,
-            request_id=request_id, attempts=1,
+            ok=True,
+            action=action,
+            source=Source.LOCAL,
+            result=result,
+            request_id=request_id,
+            attempts=1,
         )
 
     # -- cloud ----------------------------------------------------------------------------------
@@ -220,9 +222,7 @@ class HybridOrchestrator:
         reservation = None
         if self.cost_guard is not None:
             try:
-                reservation = await self.cost_guard.reserve(
-                    action, self._rate(action), request_id
-                )
+                reservation = await self.cost_guard.reserve(action, self._rate(action), request_id)
             except CostCapReached as exc:
                 if force_env is None and self.env is Env.HYBRID and self.local.has(action):
                     envelope = await self._run_local(action, params, request_id, route, "local")
@@ -247,8 +247,13 @@ class HybridOrchestrator:
         if self.cache is not None and not route.side_effect:
             self._spawn(self.cache.put(action, params, done.result))
         return Envelope(
-            ok=True, action=action, source=Source.CLOUD, result=done.result,
-            request_id=request_id, attempts=done.attempts, cost_usd=cost,
+            ok=True,
+            action=action,
+            source=Source.CLOUD,
+            result=done.result,
+            request_id=request_id,
+            attempts=done.attempts,
+            cost_usd=cost,
         )
 
     def _rate(self, action: str) -> Decimal:
@@ -286,22 +291,35 @@ class HybridOrchestrator:
                 )
             else:
                 return Envelope(
-                    ok=True, action=action, source=Source.LOCAL_FALLBACK, result=result,
-                    request_id=request_id, attempts=exc.attempts + 1,
+                    ok=True,
+                    action=action,
+                    source=Source.LOCAL_FALLBACK,
+                    result=result,
+                    request_id=request_id,
+                    attempts=exc.attempts + 1,
                 )
         if not route.side_effect and self.cache is not None:
             entry = await self.cache.get(action, params)
             if entry is not None:
                 return Envelope(
-                    ok=True, action=action, source=Source.CACHE, result=entry.response,
-                    request_id=request_id, attempts=exc.attempts,
+                    ok=True,
+                    action=action,
+                    source=Source.CACHE,
+                    result=entry.response,
+                    request_id=request_id,
+                    attempts=exc.attempts,
                     cached_at=entry.cached_at.isoformat(),
                 )
         if route.side_effect and self.outbox is not None and not isinstance(exc, _DEFINITE):
             item = await self.outbox.enqueue(action, params, request_id)
             return Envelope(
-                ok=False, action=action, source=Source.OUTBOX, request_id=request_id,
-                attempts=exc.attempts, queued=True, outbox_id=item.id,
+                ok=False,
+                action=action,
+                source=Source.OUTBOX,
+                request_id=request_id,
+                attempts=exc.attempts,
+                queued=True,
+                outbox_id=item.id,
                 detail=f"{exc.detail}; queued and sent to the cloud once it answers",
             )
         failed = Envelope.failure(action, exc, source=Source.CLOUD, request_id=request_id)

@@ -77,8 +77,11 @@ class LocalExecutor:
         if breaker.record_failure():
             log.warning(
                 "local action degraded",
-                extra={"action": action, "failures": breaker.failures,
-                       "reset_after_s": self._reset_after_s},
+                extra={
+                    "action": action,
+                    "failures": breaker.failures,
+                    "reset_after_s": self._reset_after_s,
+                },
             )
 
     async def execute(
@@ -91,15 +94,26 @@ class LocalExecutor:
             result = await self.run(action, params)
         except ActionError as exc:
             return Envelope.failure(
-                action, exc, source=Source.LOCAL, request_id=request_id,
+                action,
+                exc,
+                source=Source.LOCAL,
+                request_id=request_id,
                 duration_ms=(time.perf_counter() - started) * 1000,
             )
         return Envelope(
-            ok=True, action=action, source=Source.LOCAL, result=result, request_id=request_id,
-            duration_ms=(time.perf_counter() - started) * 1000, attempts=1,
+            ok=True,
+            action=action,
+            source=Source.LOCAL,
+            result=result,
+            request_id=request_id,
+            duration_ms=(time.perf_counter() - started) * 1000,
+            attempts=1,
         )
 
     def circuits(self) -> dict[str, str]:
         """State of every action breaker that has seen a failure."""
-        return {action: b.state.value for action, b in sorted(self._breakers.items())
-                if b.failures or b.state is not BreakerState.CLOSED}
+        return {
+            action: b.state.value
+            for action, b in sorted(self._breakers.items())
+            if b.failures or b.state is not BreakerState.CLOSED
+        }

@@ -70,13 +70,24 @@ class BodyLimitMiddleware:
 
     async def _refuse(self, send: Any) -> None:
         body = json.dumps(
-            {"ok": False, "error": "invalid_params", "source": None,
-             "detail": f"request body is larger than {self.max_bytes} bytes (1 MiB); "
-                       f"split the batch or send less data"}
+            {
+                "ok": False,
+                "error": "invalid_params",
+                "source": None,
+                "detail": f"request body is larger than {self.max_bytes} bytes (1 MiB); "
+                f"split the batch or send less data",
+            }
         ).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -103,7 +114,7 @@ async def _json_object(request: Request) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidParams(f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise InvalidParams("the body must be a JSON object, e.g. {\"action\": \"system.echo\"}")
+        raise InvalidParams('the body must be a JSON object, e.g. {"action": "system.echo"}')
     return body
 
 
@@ -179,17 +190,30 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         runtime: Runtime, action: str, params: dict[str, Any], force_env: Any, request_id: str
     ) -> Envelope:
         assert runtime.orchestrator is not None
-        envelope = await runtime.orchestrator.route(action, params, force_env,
-                                                    request_id=request_id)
-        outcome = "ok" if envelope.ok else ("queued" if envelope.queued else
-                                            (envelope.error.value if envelope.error else "error"))
+        envelope = await runtime.orchestrator.route(
+            action, params, force_env, request_id=request_id
+        )
+        outcome = (
+            "ok"
+            if envelope.ok
+            else (
+                "queued"
+                if envelope.queued
+                else (envelope.error.value if envelope.error else "error")
+            )
+        )
         source = envelope.source.value if envelope.source else None
         runtime.metrics.observe_dispatch(action, source, outcome, envelope.duration_ms / 1000)
         log_dispatch(
-            _dispatch_log, request_id=envelope.request_id, action=action,
-            env=envelope.env.value if envelope.env else "none", source=source, outcome=outcome,
+            _dispatch_log,
+            request_id=envelope.request_id,
+            action=action,
+            env=envelope.env.value if envelope.env else "none",
+            source=source,
+            outcome=outcome,
             duration_ms=envelope.duration_ms,
-            error=envelope.error.value if envelope.error else None, attempts=envelope.attempts,
+            error=envelope.error.value if envelope.error else None,
+            attempts=envelope.attempts,
         )
         return envelope
 
@@ -199,8 +223,9 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         """Route under an idempotency key: a repeated key answers what the first call did."""
         store = runtime.idempotency
         digest = params_hash({"force_env": force_env, "params": params})
-        claim = await store.wait(f"dispatch:{key}", action, digest,
-                                 timeout_s=runtime.config.cloud_timeout_sec)
+        claim = await store.wait(
+            f"dispatch:{key}", action, digest, timeout_s=runtime.config.cloud_timeout_sec
+        )
         if claim.state == "done":
             return JSONResponse(claim.body, status_code=claim.status_code or 200)
         if claim.state == "mismatch":
@@ -209,8 +234,12 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
             )
         if claim.state == "running":
             return JSONResponse(
-                {"ok": False, "error": "conflict", "action": action,
-                 "detail": "a request with this idempotency_key is still running; retry later"},
+                {
+                    "ok": False,
+                    "error": "conflict",
+                    "action": action,
+                    "detail": "a request with this idempotency_key is still running; retry later",
+                },
                 status_code=409,
             )
         try:
@@ -236,8 +265,9 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         if not isinstance(max_concurrent, int) or isinstance(max_concurrent, bool):
             raise InvalidParams("'max_concurrent' must be an integer")
 
-        async def route(action: str, params: dict[str, Any] | None, force_env: str | None
-                        ) -> Envelope:
+        async def route(
+            action: str, params: dict[str, Any] | None, force_env: str | None
+        ) -> Envelope:
             return await _route(runtime, action, params or {}, force_env, new_request_id())
 
         return JSONResponse(await batch_execute(items, max_concurrent, route=route))
@@ -283,20 +313,30 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
             raise InvalidParams("Idempotency-Key must be 8 to 200 characters")
         store = runtime.idempotency
         digest = params_hash(params)
-        claim = await store.wait(key, action, digest,
-                                 timeout_s=min(runtime.config.cloud_timeout_sec, 10.0))
+        claim = await store.wait(
+            key, action, digest, timeout_s=min(runtime.config.cloud_timeout_sec, 10.0)
+        )
         if claim.state == "done":
-            return JSONResponse(claim.body, status_code=claim.status_code or 200,
-                                headers={"Idempotent-Replayed": "true"})
+            return JSONResponse(
+                claim.body,
+                status_code=claim.status_code or 200,
+                headers={"Idempotent-Replayed": "true"},
+            )
         if claim.state == "mismatch":
             raise InvalidParams(
                 f"Idempotency-Key {key!r} was already used for another action or other params"
             )
         if claim.state == "running":
             return JSONResponse(
-                {"ok": False, "error": "conflict", "action": action, "request_id": key,
-                 "detail": "this Idempotency-Key is still running here; retry later"},
-                status_code=409, headers={"Retry-After": "1"},
+                {
+                    "ok": False,
+                    "error": "conflict",
+                    "action": action,
+                    "request_id": key,
+                    "detail": "this Idempotency-Key is still running here; retry later",
+                },
+                status_code=409,
+                headers={"Retry-After": "1"},
             )
         try:
             envelope = await _serve(runtime, action, params, key)
@@ -309,8 +349,9 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
             await store.release(key)
         return _envelope_response(envelope)
 
-    async def _serve(runtime: Runtime, action: str, params: dict[str, Any], request_id: str
-                     ) -> Envelope:
+    async def _serve(
+        runtime: Runtime, action: str, params: dict[str, Any], request_id: str
+    ) -> Envelope:
         started = time.perf_counter()
         envelope = await runtime.local.execute(action, params, request_id=request_id)
         envelope.source = Source.CLOUD

@@ -157,8 +157,12 @@ class Runtime:
             self._spawn(self._sync_loop(), "state-sync")
         log.info(
             "started",
-            extra={"env": config.everreach_env.value, "actions": len(self.registry.actions()),
-                   "cloud": config.cloud_endpoint, "bus": self.bus.backend},
+            extra={
+                "env": config.everreach_env.value,
+                "actions": len(self.registry.actions()),
+                "cloud": config.cloud_endpoint,
+                "bus": self.bus.backend,
+            },
         )
 
     def _open_cloud(self) -> None:
@@ -181,8 +185,11 @@ class Runtime:
 
     def _add_self_test_checks(self) -> None:
         async def stores() -> dict[str, Any]:
-            return {"ok": True, "cache_entries": await self.cache.size(),
-                    "outbox": await self.outbox.snapshot()}
+            return {
+                "ok": True,
+                "cache_entries": await self.cache.size(),
+                "outbox": await self.outbox.snapshot(),
+            }
 
         async def bus() -> dict[str, Any]:
             stats = await self.bus.stats()
@@ -198,8 +205,12 @@ class Runtime:
             reachable = await self.connectivity.probe()
             return {"ok": reachable or self.config.offline_mode, "reachable": reachable}
 
-        for name, check in (("stores", stores), ("bus", bus), ("cost_ledger", cost),
-                            ("cloud", cloud)):
+        for name, check in (
+            ("stores", stores),
+            ("bus", bus),
+            ("cost_ledger", cost),
+            ("cloud", cloud),
+        ):
             self.registry.add_check(name, check)
 
     # -- background work ------------------------------------------------------------------------

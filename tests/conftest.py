@@ -4,6 +4,7 @@ loopback ports, and real uvicorn server processes of this project."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -21,9 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REDIS_TEST_URL = os.environ.get("REDIS_TEST_URL", "redis://127.0.0.1:6379/15")
-POSTGRES_TEST_DSN = os.environ.get(
-    "POSTGRES_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test"
-)
+POSTGRES_TEST_DSN = os.environ.get("POSTGRES_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def service_missing(what: str) -> None:
@@ -45,10 +44,8 @@ def redis_url() -> Iterator[str]:
         service_missing(f"Redis at {REDIS_TEST_URL}")
     client.flushdb()
     yield REDIS_TEST_URL
-    try:
+    with contextlib.suppress(redis.RedisError):
         client.flushdb()
-    except redis.RedisError:
-        pass
     client.close()
 
 
@@ -85,6 +82,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# Configuration variables of the developer's shell must not leak into test servers.
+_CONFIG_PREFIXES = ("EVERREACH_", "CLOUD_", "LOCAL_", "COST_", "CACHE_", "SUPABASE_")
+_CONFIG_NAMES = ("DATABASE_URL", "REDIS_URL", "OFFLINE_MODE", "DATA_DIR", "HOST", "PORT")
+
+
 @dataclass
 class ServerProcess:
     """A real ``uvicorn local_server:app`` process on a loopback port."""
@@ -104,9 +106,17 @@ class ServerProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [
-                sys.executable, "-m", "uvicorn", "local_server:app",
-                "--host", "127.0.0.1", "--port", str(self.port),
-                "--log-level", "warning", *self.extra_args,
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "local_server:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                *self.extra_args,
             ],
             cwd=self.log_path.parent / self.log_path.stem,  # its own folder: no stray .env
             env=self.env,
@@ -151,12 +161,16 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     """
     started: list[ServerProcess] = []
 
-    def start(*, name: str | None = None, port: int | None = None, **variables: str) -> ServerProcess:
+    def start(
+        *, name: str | None = None, port: int | None = None, **variables: str
+    ) -> ServerProcess:
         name = name or f"srv{len(started)}"
         env = {
             key: value
             for key, value in os.environ.items()
-            if not key.startswith(("EVERREACH_", "CLOUD_", "LOCAL_", "COST_", "CACHE_", "SUPABASE_"))
+            if not key.startswith(
+                ("EVERREACH_", "CLOUD_", "LOCAL_", "COST_", "CACHE_", "SUPABASE_")
+            )
             and key not in ("DATABASE_URL", "REDIS_URL", "OFFLINE_MODE", "DATA_DIR", "HOST", "PORT")
         }
         env.update(

@@ -68,15 +68,23 @@ class FaultProxy:
         fault = self._next_fault(path)
         if fault == "500":
             return Response('{"ok": false}', status_code=500, media_type="application/json")
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        headers = {
+            k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")
+        }
         async with httpx.AsyncClient(timeout=30) as client:
             answer = await client.request(
-                request.method, f"{self.target}/{path}", content=await request.body(),
-                headers=headers, params=dict(request.query_params),
+                request.method,
+                f"{self.target}/{path}",
+                content=await request.body(),
+                headers=headers,
+                params=dict(request.query_params),
             )
         if fault == "500_after":
             return Response('{"ok": false}', status_code=500, media_type="application/json")
         if fault == "slow_after":
             await asyncio.sleep(self.slow_s)
-        return Response(answer.content, status_code=answer.status_code,
-                        media_type=answer.headers.get("content-type"))
+        return Response(
+            answer.content,
+            status_code=answer.status_code,
+            media_type=answer.headers.get("content-type"),
+        )

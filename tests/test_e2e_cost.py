@@ -38,10 +38,17 @@ async def committed_total(config: HybridConfig) -> Decimal:
     return Decimal(snapshot["spent_usd"]) + Decimal(snapshot["reserved_usd"])
 
 
+def count_runs(log: Path) -> int:
+    return len([json.loads(line) for line in log.read_text().splitlines()])
+
+
 def terminal_env(cloud_url: str, **variables: str) -> dict[str, str]:
     return {
-        "EVERREACH_ENV": "hybrid", "CLOUD_ENDPOINT": cloud_url, "EVERREACH_CLOUD_KEY": KEY,
-        "EVERREACH_SERVICES": "tests.e2e_terminal_services", **variables,
+        "EVERREACH_ENV": "hybrid",
+        "CLOUD_ENDPOINT": cloud_url,
+        "EVERREACH_CLOUD_KEY": KEY,
+        "EVERREACH_SERVICES": "tests.e2e_terminal_services",
+        **variables,
     }
 
 
@@ -73,8 +80,7 @@ async def test_two_terminals_on_one_postgres_ledger_never_pass_the_cap(
     assert len(ok) + len(capped) == 200, {a.status_code for a in answers}
     assert len(ok) == 10
     assert all(a.json()["error"] == "cost_cap_reached" for a in capped)
-    runs = [json.loads(line) for line in Path(log).read_text().splitlines()]
-    assert len(runs) == 10
+    assert count_runs(log) == 10
     total = await committed_total(HybridConfig.from_mapping({"DATABASE_URL": postgres_dsn}))
     assert total <= Decimal("400.00")
     assert total == Decimal("400.00")

@@ -19,7 +19,8 @@ KEY = "e2e-cloud-key-123"
 
 def dispatch(server, action: str, params: dict | None = None, **extra) -> httpx.Response:
     return httpx.post(
-        f"{server.url}/dispatch", json={"action": action, "params": params or {}, **extra},
+        f"{server.url}/dispatch",
+        json={"action": action, "params": params or {}, **extra},
         timeout=60,
     )
 
@@ -38,8 +39,11 @@ def cloud(server_factory):
 
 def terminal(server_factory, cloud_url: str, **variables):
     settings = {
-        "EVERREACH_ENV": "hybrid", "CLOUD_ENDPOINT": cloud_url, "EVERREACH_CLOUD_KEY": KEY,
-        "CLOUD_BACKOFF_SEC": "0.05", "CONNECTIVITY_INTERVAL_SEC": "0.5",
+        "EVERREACH_ENV": "hybrid",
+        "CLOUD_ENDPOINT": cloud_url,
+        "EVERREACH_CLOUD_KEY": KEY,
+        "CLOUD_BACKOFF_SEC": "0.05",
+        "CONNECTIVITY_INTERVAL_SEC": "0.5",
     }
     settings.update(variables)
     return server_factory(name=settings.pop("name", "terminal"), **settings)
@@ -69,7 +73,10 @@ def test_hybrid_sends_api_actions_to_the_cloud_and_compute_actions_local(server_
     compute = dispatch(term, "content.analyze_video", {"url": "v.mp4"}).json()
     assert (api["ok"], api["source"], api["result"]["pid"]) == (True, "cloud", cloud.proc.pid)
     assert (compute["ok"], compute["source"], compute["result"]["pid"]) == (
-        True, "local", term.proc.pid)
+        True,
+        "local",
+        term.proc.pid,
+    )
     assert api["cost_usd"] > 0
     status = httpx.get(f"{term.url}/status", timeout=10).json()
     assert status["dispatch_counts"]["research.keyword"] == {"cloud": 1}
@@ -137,9 +144,13 @@ def test_answer_after_client_timeout_still_runs_once(server_factory, cloud, tmp_
 def test_cloud_role_requires_the_bearer_key(cloud):
     url = f"{cloud.url}/api/services/research/platform"
     assert httpx.post(url, json={"params": {}}, timeout=10).status_code == 401
-    wrong = httpx.post(url, json={"params": {}}, headers={"Authorization": "Bearer nope"}, timeout=10)
+    wrong = httpx.post(
+        url, json={"params": {}}, headers={"Authorization": "Bearer nope"}, timeout=10
+    )
     assert wrong.status_code == 401 and wrong.json()["error"] == "unauthorized"
-    ok = httpx.post(url, json={"params": {}}, headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    ok = httpx.post(
+        url, json={"params": {}}, headers={"Authorization": f"Bearer {KEY}"}, timeout=10
+    )
     assert ok.status_code == 200 and ok.json()["source"] == "cloud"
 
 

@@ -25,8 +25,9 @@ KEY = "e2e-cloud-key-123"
 
 
 def dispatch(server, action: str, params: dict | None = None) -> httpx.Response:
-    return httpx.post(f"{server.url}/dispatch", json={"action": action, "params": params or {}},
-                      timeout=60)
+    return httpx.post(
+        f"{server.url}/dispatch", json={"action": action, "params": params or {}}, timeout=60
+    )
 
 
 def executions(log: Path) -> Counter[str]:
@@ -55,9 +56,14 @@ def start_cloud(server_factory, port: int):
 def start_terminal(server_factory, cloud_url: str, **variables):
     # The terminal has no dm.send or research.keyword handler: those can only run in the cloud.
     settings = {
-        "EVERREACH_ENV": "hybrid", "CLOUD_ENDPOINT": cloud_url, "EVERREACH_CLOUD_KEY": KEY,
-        "EVERREACH_SERVICES": "tests.e2e_terminal_services", "CLOUD_RETRIES": "1",
-        "CLOUD_BACKOFF_SEC": "0.05", "CONNECTIVITY_INTERVAL_SEC": "0.3", "SYNC_INTERVAL_SEC": "1",
+        "EVERREACH_ENV": "hybrid",
+        "CLOUD_ENDPOINT": cloud_url,
+        "EVERREACH_CLOUD_KEY": KEY,
+        "EVERREACH_SERVICES": "tests.e2e_terminal_services",
+        "CLOUD_RETRIES": "1",
+        "CLOUD_BACKOFF_SEC": "0.05",
+        "CONNECTIVITY_INTERVAL_SEC": "0.3",
+        "SYNC_INTERVAL_SEC": "1",
     }
     settings.update(variables)
     return server_factory(name="terminal", **settings)
@@ -140,8 +146,10 @@ def test_corrupt_outbox_rows_are_reported_not_a_crash_loop(server_factory, tmp_p
         conn.execute("UPDATE hybrid_outbox SET params_json = '{not json'")
     start_cloud(server_factory, port)
     term.start()
-    wait_for(lambda: httpx.get(f"{term.url}/status", timeout=10).json()["outbox"]["dead_letters"] == 1,
-             what="the corrupt row to become a dead letter")
+    wait_for(
+        lambda: httpx.get(f"{term.url}/status", timeout=10).json()["outbox"]["dead_letters"] == 1,
+        what="the corrupt row to become a dead letter",
+    )
     status = httpx.get(f"{term.url}/status", timeout=10).json()
     assert "corrupt" in status["dead_letters"][0]["error"]
     assert dispatch(term, "research.platform", {"platform": "ok"}).json()["ok"]
@@ -161,3 +169,37 @@ def test_offline_mode_serves_local_and_queues_without_touching_the_cloud(server_
     assert offline.status_code == 503 and offline.json()["error"] == "offline"
     time.sleep(1.0)
     assert executions(log) == Counter()
+
+
+def test_terminal_pulls_cloud_state_at_start_up(server_factory):
+    port = free_port()
+    cloud = start_cloud(server_factory, port)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    changes = {
+        "changes": [
+            {
+                "key": "crm.stats",
+                "value": {"leads": 42},
+                "kind": "crm",
+                "updated_at": "2026-11-01T00:00:00+00:00",
+            },
+            {
+                "key": "feedback.strategy",
+                "value": {"tone": "warm"},
+                "kind": "feedback",
+                "updated_at": "2026-11-01T00:00:00+00:00",
+            },
+        ]
+    }
+    pushed = httpx.post(f"{cloud.url}/api/sync/state", json=changes, headers=auth, timeout=10)
+    assert pushed.status_code == 200 and pushed.json()["applied"] == 2
+    term = start_terminal(server_factory, cloud.url)
+
+    def pulled() -> dict:
+        answer = httpx.get(f"{term.url}/api/sync/state", headers=auth, timeout=10)
+        return answer.json()["state"]
+
+    wait_for(lambda: "crm.stats" in pulled(), what="the start-up pull")
+    assert pulled()["crm.stats"]["value"] == {"leads": 42}
+    assert pulled()["feedback.strategy"]["value"] == {"tone": "warm"}
+    assert httpx.get(f"{term.url}/api/sync/state", timeout=10).status_code == 401

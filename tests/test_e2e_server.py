@@ -35,9 +35,14 @@ def test_bad_input_gets_a_clear_answer_and_the_server_keeps_serving(server):
     assert failing.status_code == 500
     assert failing.json()["error"] == "handler_error"
     assert "RuntimeError: boom" in failing.json()["detail"]
-    big = post(server, {"content": b'{"action": "system.echo", "params": {"x": "' + b"a" * (1 << 20) + b'"}}'})
+    big = post(
+        server,
+        {"content": b'{"action": "system.echo", "params": {"x": "' + b"a" * (1 << 20) + b'"}}'},
+    )
     assert big.status_code == 413
-    assert post(server, {"json": {"action": "system.echo", "params": {"a": 1}}}).json()["result"] == {"a": 1}
+    assert post(server, {"json": {"action": "system.echo", "params": {"a": 1}}}).json()[
+        "result"
+    ] == {"a": 1}
 
 
 def test_sync_handlers_run_in_a_thread(server):
@@ -50,8 +55,11 @@ def test_local_api_token_guards_dispatch_and_status(server_factory):
     assert post(server, {"json": {"action": "system.echo"}}).status_code == 401
     wrong = post(server, {"json": {"action": "system.echo"}}, headers={"Authorization": "Bearer x"})
     assert wrong.status_code == 401 and wrong.json()["error"] == "unauthorized"
-    good = post(server, {"json": {"action": "system.echo"}},
-                headers={"Authorization": "Bearer t0ken-for-tests"})
+    good = post(
+        server,
+        {"json": {"action": "system.echo"}},
+        headers={"Authorization": "Bearer t0ken-for-tests"},
+    )
     assert good.status_code == 200
     assert httpx.get(f"{server.url}/status", timeout=10).status_code == 401
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
@@ -60,8 +68,11 @@ def test_local_api_token_guards_dispatch_and_status(server_factory):
 
 def test_dispatch_idempotency_key_runs_once_and_replays(server, tmp_path):
     log = tmp_path / "dm.log"
-    body = {"action": "dm.send", "params": {"id": "x", "log": str(log)},
-            "idempotency_key": "client-key-001"}
+    body = {
+        "action": "dm.send",
+        "params": {"id": "x", "log": str(log)},
+        "idempotency_key": "client-key-001",
+    }
     first = post(server, {"json": body}).json()
     again = post(server, {"json": body}).json()
     assert again == first
@@ -89,17 +100,29 @@ def test_metrics_scrape_is_valid_prometheus_text(server):
     if promtool is None:
         service_missing("promtool (Debian package: prometheus)")
     assert promtool is not None
-    check = subprocess.run([promtool, "check", "metrics"], input=scrape.content,
-                           capture_output=True, timeout=60, check=False)
+    check = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=scrape.content,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
     assert check.returncode == 0, (check.stdout + check.stderr).decode()
 
 
 def _start_and_expect_refusal(tmp_path, **variables: str) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EVERREACH_", "CLOUD_", "LOCAL_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("EVERREACH_", "CLOUD_", "LOCAL_"))
+    }
     env.update({"PYTHONPATH": str(ROOT), "DATA_DIR": str(tmp_path / "data"), **variables})
     proc = subprocess.run(
         [sys.executable, "-m", "uvicorn", "local_server:app", "--port", str(free_port())],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode != 0
     return proc.stdout + proc.stderr
@@ -118,6 +141,7 @@ def test_a_wrong_env_value_stops_start_up_naming_the_variable(tmp_path):
 def test_a_broken_services_module_stops_start_up_naming_it(tmp_path):
     (tmp_path / "broken_services.py").write_text("raise ImportError('missing dependency xyz')\n")
     env_path = f"{ROOT}{os.pathsep}{tmp_path}"
-    output = _start_and_expect_refusal(tmp_path, EVERREACH_SERVICES="broken_services",
-                                       PYTHONPATH=env_path)
+    output = _start_and_expect_refusal(
+        tmp_path, EVERREACH_SERVICES="broken_services", PYTHONPATH=env_path
+    )
     assert "broken_services" in output and "missing dependency xyz" in output
