@@ -160,3 +160,125 @@ class IdempotencyStore:
                 (cutoff,),
             )
         )
+
+
+_RELEASE_IF_RUNNING = """
+local value = redis.call('GET', KEYS[1])
+if value and cjson.decode(value)['state'] == 'running' then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class RedisIdempotencyStore:
+    """The same claims in Redis, shared by every replica (DESIGN.md §10).
+
+    A claim is ``SET key NX PX lease``: the expiry is the lease, so a crashed holder's claim
+    lapses by itself. When Redis does not answer, calls fall back to this instance's SQLite
+    store (``fallback``): one instance never runs a key twice; replicas may, during the outage.
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        fallback: IdempotencyStore,
+        *,
+        lease_s: float = 600.0,
+        keep_s: float = 7 * 86400.0,
+        prefix: str = "everreach:idem:",
+        socket_timeout_s: float = 2.0,
+    ) -> None:
+        self._url = redis_url
+        self._fallback = fallback
+        self._lease_ms = int(lease_s * 1000)
+        self._keep_s = int(keep_s)
+        self._prefix = prefix
+        self._timeout_s = socket_timeout_s
+        self._redis: Any = None
+        self._local_keys: set[str] = set()  # claims taken in the fallback while Redis was down
+
+    async def open(self) -> None:
+        import redis.asyncio as aioredis
+
+        await self._fallback.open()
+        self._redis = aioredis.Redis.from_url(
+            self._url,
+            socket_timeout=self._timeout_s,
+            socket_connect_timeout=self._timeout_s,
+            decode_responses=True,
+        )
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+        await self._fallback.close()
+
+    async def claim(self, key: str, action: str, params_hash: str) -> Claim:
+        import redis
+
+        record = json.dumps({"state": "running", "action": action, "params_hash": params_hash})
+        try:
+            if await self._redis.set(self._prefix + key, record, nx=True, px=self._lease_ms):
+                return Claim(ClaimState.NEW)
+            raw = await self._redis.get(self._prefix + key)
+        except (redis.RedisError, OSError):
+            self._local_keys.add(key)
+            return await self._fallback.claim(key, action, params_hash)
+        if raw is None:  # expired between SET and GET: try once more
+            return await self.claim(key, action, params_hash)
+        stored = json.loads(raw)
+        if stored.get("action") != action or stored.get("params_hash") != params_hash:
+            return Claim(ClaimState.MISMATCH)
+        if stored.get("state") == "done":
+            return Claim(ClaimState.DONE, stored.get("status_code"), stored.get("body"))
+        return Claim(ClaimState.RUNNING)
+
+    async def wait(self, key: str, action: str, params_hash: str, *, timeout_s: float) -> Claim:
+        deadline = time.monotonic() + timeout_s
+        delay_s = 0.02
+        while True:
+            claim = await self.claim(key, action, params_hash)
+            if claim.state is not ClaimState.RUNNING or time.monotonic() >= deadline:
+                return claim
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 0.5)
+
+    async def complete(self, key: str, status_code: int, body: Any) -> None:
+        import redis
+
+        if key in self._local_keys:
+            self._local_keys.discard(key)
+            await self._fallback.complete(key, status_code, body)
+            return
+        raw = await self._redis.get(self._prefix + key)
+        stored = json.loads(raw) if raw else {}
+        record = json.dumps(
+            {
+                "state": "done",
+                "action": stored.get("action"),
+                "params_hash": stored.get("params_hash"),
+                "status_code": status_code,
+                "body": body,
+            }
+        )
+        try:
+            await self._redis.set(self._prefix + key, record, ex=self._keep_s)
+        except (redis.RedisError, OSError):
+            await self._fallback.complete(key, status_code, body)
+
+    async def release(self, key: str) -> None:
+        import redis
+
+        if key in self._local_keys:
+            self._local_keys.discard(key)
+            await self._fallback.release(key)
+            return
+        try:
+            await self._redis.eval(_RELEASE_IF_RUNNING, 1, self._prefix + key)
+        except (redis.RedisError, OSError):
+            await self._fallback.release(key)
+
+    async def size(self) -> int:
+        return await self._fallback.size()

@@ -26,7 +26,7 @@ from cost_guard import CostGuard
 from cost_rates import CostRates
 from errors import ConfigError, Env
 from hybrid_orchestrator import HybridOrchestrator
-from idempotency import IdempotencyStore
+from idempotency import IdempotencyStore, RedisIdempotencyStore
 from local_cron import LocalCron
 from local_executor import LocalExecutor
 from metrics import Metrics
@@ -62,7 +62,10 @@ class Runtime:
         self.cache = OfflineCache.from_config(config)
         self.outbox = Outbox.from_config(config)
         self.state_store = StateStore.from_config(config)
-        self.idempotency = IdempotencyStore.for_data_dir(config.data_dir)
+        local_keys = IdempotencyStore.for_data_dir(config.data_dir)
+        self.idempotency: IdempotencyStore | RedisIdempotencyStore = (
+            RedisIdempotencyStore(config.redis_url, local_keys) if config.redis_url else local_keys
+        )
         consumer = f"{socket.gethostname()}:{config.port}"
         self.bus = SyncBus.from_config(config, consumer_name=consumer)
         self.orchestrator: HybridOrchestrator | None = None

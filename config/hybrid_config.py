@@ -181,6 +181,23 @@ class HybridConfig(BaseSettings):
                 ) from None
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_soft_cap(cls, data: Any) -> Any:
+        """An unset COST_SOFT_CAP is 95 % of MONTHLY_COST_CAP (380 of the default 400)."""
+        if isinstance(data, dict):
+            soft = data.get("cost_soft_cap")
+            cap = data.get("monthly_cost_cap")
+            if (soft is None or (isinstance(soft, str) and not soft.strip())) and cap not in (
+                None,
+                "",
+            ):
+                try:
+                    data = {**data, "cost_soft_cap": Decimal(str(cap)) * Decimal("0.95")}
+                except ArithmeticError:
+                    pass  # the field check names MONTHLY_COST_CAP
+        return data
+
     @model_validator(mode="after")
     def _coherent(self) -> HybridConfig:
         if self.cost_soft_cap > self.monthly_cost_cap:

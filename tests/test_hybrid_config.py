@@ -425,3 +425,17 @@ def test_from_mapping_reads_neither_environment_nor_dotenv(
 def test_direct_construction_reads_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PORT", "1234")
     assert HybridConfig().port == 8080
+
+
+@pytest.mark.prd200
+@pytest.mark.parametrize(
+    ("values", "soft_cap"),
+    [
+        ({}, Decimal("380")),
+        ({"MONTHLY_COST_CAP": "100"}, Decimal("95")),
+        ({"MONTHLY_COST_CAP": "100", "COST_SOFT_CAP": ""}, Decimal("95")),
+        ({"MONTHLY_COST_CAP": "100", "COST_SOFT_CAP": "50"}, Decimal("50")),
+    ],
+)
+def test_unset_soft_cap_is_95_percent_of_the_hard_cap(values, soft_cap):
+    assert HybridConfig.from_mapping(values).cost_soft_cap == soft_cap
