@@ -9,6 +9,7 @@ dicts with ``HybridConfig.from_mapping({...})``, which reads neither ``os.enviro
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -192,10 +193,9 @@ class HybridConfig(BaseSettings):
                 None,
                 "",
             ):
-                try:
+                # A cap that is not a number is left for the field check, which names it.
+                with contextlib.suppress(ArithmeticError):
                     data = {**data, "cost_soft_cap": Decimal(str(cap)) * Decimal("0.95")}
-                except ArithmeticError:
-                    pass  # the field check names MONTHLY_COST_CAP
         return data
 
     @model_validator(mode="after")
