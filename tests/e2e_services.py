@@ -70,3 +70,15 @@ def sync_add(params: dict[str, Any]) -> dict[str, Any]:
 async def claude_complete(params: dict[str, Any]) -> dict[str, Any]:
     _record(params, "claude.complete")
     return {"text": "done", "pid": os.getpid()}
+
+
+@register("test.tick")
+async def tick(params: dict[str, Any]) -> dict[str, Any]:
+    """Record the wall-clock second of each run: two runs in one second are a double fire."""
+    import time
+
+    log = params.get("log")
+    if log:
+        with Path(log).open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"second": int(time.time()), "pid": os.getpid()}) + "\n")
+    return {"pid": os.getpid()}
