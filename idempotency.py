@@ -18,7 +18,7 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -53,6 +53,24 @@ class Claim:
     state: ClaimState
     status_code: int | None = None
     body: Any = None
+
+
+async def _claim_waiting(
+    claim: Callable[[str, str, str], Awaitable[Claim]],
+    key: str,
+    action: str,
+    params_hash: str,
+    timeout_s: float,
+) -> Claim:
+    """Claim, polling with backoff while another call holds the key, up to ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    delay_s = 0.02
+    while True:
+        result = await claim(key, action, params_hash)
+        if result.state is not ClaimState.RUNNING or time.monotonic() >= deadline:
+            return result
+        await asyncio.sleep(delay_s)
+        delay_s = min(delay_s * 2, 0.5)
 
 
 class IdempotencyStore:
@@ -118,14 +136,7 @@ class IdempotencyStore:
 
     async def wait(self, key: str, action: str, params_hash: str, *, timeout_s: float) -> Claim:
         """Claim, waiting up to ``timeout_s`` while another call holds the key."""
-        deadline = time.monotonic() + timeout_s
-        delay_s = 0.02
-        while True:
-            claim = await self.claim(key, action, params_hash)
-            if claim.state is not ClaimState.RUNNING or time.monotonic() >= deadline:
-                return claim
-            await asyncio.sleep(delay_s)
-            delay_s = min(delay_s * 2, 0.5)
+        return await _claim_waiting(self.claim, key, action, params_hash, timeout_s)
 
     async def complete(self, key: str, status_code: int, body: Any) -> None:
         """Store the answer of a successful call under ``key``."""
@@ -236,14 +247,8 @@ class RedisIdempotencyStore:
         return Claim(ClaimState.RUNNING)
 
     async def wait(self, key: str, action: str, params_hash: str, *, timeout_s: float) -> Claim:
-        deadline = time.monotonic() + timeout_s
-        delay_s = 0.02
-        while True:
-            claim = await self.claim(key, action, params_hash)
-            if claim.state is not ClaimState.RUNNING or time.monotonic() >= deadline:
-                return claim
-            await asyncio.sleep(delay_s)
-            delay_s = min(delay_s * 2, 0.5)
+        """Claim, waiting up to ``timeout_s`` while another call holds the key."""
+        return await _claim_waiting(self.claim, key, action, params_hash, timeout_s)
 
     async def complete(self, key: str, status_code: int, body: Any) -> None:
         import redis

@@ -14,7 +14,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -24,6 +24,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from config.hybrid_config import HybridConfig
 from envelope import Envelope, new_request_id
 from errors import ActionError, InvalidParams, Source, Unauthorized
+from idempotency import ClaimState, IdempotencyStore, RedisIdempotencyStore
 from local_batch import batch_execute
 from offline_cache import params_hash
 from runtime import VERSION, Runtime
@@ -116,6 +117,55 @@ async def _json_object(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidParams('the body must be a JSON object, e.g. {"action": "system.echo"}')
     return body
+
+
+async def _once(
+    store: IdempotencyStore | RedisIdempotencyStore,
+    key: str,
+    action: str,
+    digest: str,
+    *,
+    timeout_s: float,
+    run: Callable[[], Awaitable[Envelope]],
+    keep: Callable[[Envelope], bool],
+    what: str,
+) -> Response:
+    """Run ``run()`` at most once per ``key``; a repeat gets the stored answer.
+
+    The same key with another action or other params is 422; while the first call still runs,
+    a repeat waits up to ``timeout_s`` and then gets 409 with ``Retry-After``. Only answers for
+    which ``keep(envelope)`` holds are stored; a failure releases the key so a retry may run.
+    """
+    claim = await store.wait(key, action, digest, timeout_s=timeout_s)
+    if claim.state is ClaimState.DONE:
+        return JSONResponse(
+            claim.body,
+            status_code=claim.status_code or 200,
+            headers={"Idempotent-Replayed": "true"},
+        )
+    if claim.state is ClaimState.MISMATCH:
+        raise InvalidParams(f"{what} was already used for another action or other params")
+    if claim.state is ClaimState.RUNNING:
+        return JSONResponse(
+            {
+                "ok": False,
+                "error": "conflict",
+                "action": action,
+                "detail": f"a request with this {what} is still running; retry later",
+            },
+            status_code=409,
+            headers={"Retry-After": "1"},
+        )
+    try:
+        envelope = await run()
+    except BaseException:
+        await store.release(key)
+        raise
+    if keep(envelope):
+        await store.complete(key, envelope.http_status, envelope.to_dict())
+    else:
+        await store.release(key)
+    return _envelope_response(envelope)
 
 
 def create_app(config: HybridConfig | None = None) -> FastAPI:
@@ -221,37 +271,16 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         runtime: Runtime, action: str, params: dict[str, Any], force_env: Any, key: str
     ) -> Response:
         """Route under an idempotency key: a repeated key answers what the first call did."""
-        store = runtime.idempotency
-        digest = params_hash({"force_env": force_env, "params": params})
-        claim = await store.wait(
-            f"dispatch:{key}", action, digest, timeout_s=runtime.config.cloud_timeout_sec
+        return await _once(
+            runtime.idempotency,
+            f"dispatch:{key}",
+            action,
+            params_hash({"force_env": force_env, "params": params}),
+            timeout_s=runtime.config.cloud_timeout_sec,
+            run=lambda: _route(runtime, action, params, force_env, key),
+            keep=lambda envelope: envelope.ok or envelope.queued,
+            what="idempotency_key",
         )
-        if claim.state == "done":
-            return JSONResponse(claim.body, status_code=claim.status_code or 200)
-        if claim.state == "mismatch":
-            raise InvalidParams(
-                f"idempotency_key {key!r} was already used for another action or other params"
-            )
-        if claim.state == "running":
-            return JSONResponse(
-                {
-                    "ok": False,
-                    "error": "conflict",
-                    "action": action,
-                    "detail": "a request with this idempotency_key is still running; retry later",
-                },
-                status_code=409,
-            )
-        try:
-            envelope = await _route(runtime, action, params, force_env, key)
-        except BaseException:
-            await store.release(f"dispatch:{key}")
-            raise
-        if envelope.ok or envelope.queued:
-            await store.complete(f"dispatch:{key}", envelope.http_status, envelope.to_dict())
-        else:
-            await store.release(f"dispatch:{key}")
-        return _envelope_response(envelope)
 
     @app.post("/batch")
     async def batch(request: Request) -> Response:
@@ -311,43 +340,16 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
             return _envelope_response(await _serve(runtime, action, params, new_request_id()))
         if not 8 <= len(key) <= 200:
             raise InvalidParams("Idempotency-Key must be 8 to 200 characters")
-        store = runtime.idempotency
-        digest = params_hash(params)
-        claim = await store.wait(
-            key, action, digest, timeout_s=min(runtime.config.cloud_timeout_sec, 10.0)
+        return await _once(
+            runtime.idempotency,
+            key,
+            action,
+            params_hash(params),
+            timeout_s=min(runtime.config.cloud_timeout_sec, 10.0),
+            run=lambda: _serve(runtime, action, params, key),
+            keep=lambda envelope: envelope.ok,
+            what="Idempotency-Key",
         )
-        if claim.state == "done":
-            return JSONResponse(
-                claim.body,
-                status_code=claim.status_code or 200,
-                headers={"Idempotent-Replayed": "true"},
-            )
-        if claim.state == "mismatch":
-            raise InvalidParams(
-                f"Idempotency-Key {key!r} was already used for another action or other params"
-            )
-        if claim.state == "running":
-            return JSONResponse(
-                {
-                    "ok": False,
-                    "error": "conflict",
-                    "action": action,
-                    "request_id": key,
-                    "detail": "this Idempotency-Key is still running here; retry later",
-                },
-                status_code=409,
-                headers={"Retry-After": "1"},
-            )
-        try:
-            envelope = await _serve(runtime, action, params, key)
-        except BaseException:
-            await store.release(key)
-            raise
-        if envelope.ok:
-            await store.complete(key, envelope.http_status, envelope.to_dict())
-        else:
-            await store.release(key)
-        return _envelope_response(envelope)
 
     async def _serve(
         runtime: Runtime, action: str, params: dict[str, Any], request_id: str

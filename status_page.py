@@ -42,8 +42,12 @@ h2 { font-size: 13px; margin: 0 0 10px; text-transform: uppercase; letter-spacin
 #updated { margin-left: auto; font-size: 12px; }
 .banner { margin: 12px 20px 0; padding: 10px 14px; border-radius: 6px;
   border: 1px solid var(--bad); color: var(--bad); background: var(--card); }
-main { display: grid; gap: 14px; padding: 14px 20px 24px;
-  grid-template-columns: repeat(auto-fit, minmax(360px, 1fr)); }
+[hidden] { display: none !important; }
+main { display: grid; gap: 14px; padding: 14px 20px 24px; grid-template-columns: 1fr;
+  grid-auto-flow: row dense; }
+@media (min-width: 760px) { main { grid-template-columns: repeat(2, minmax(0, 1fr)); } }
+@media (min-width: 1200px) { main { grid-template-columns: repeat(3, minmax(0, 1fr)); }
+  .wide.span2 { grid-column: span 2; } }
 .card { background: var(--card); border: 1px solid var(--line); border-radius: 8px;
   padding: 14px 16px; min-width: 0; }
 .wide { grid-column: 1 / -1; }
@@ -136,7 +140,11 @@ _SCRIPT = """
   function renderHeader(s) {
     const env = String(s.env || "?");
     const nodes = [badge("env " + env, env === "hybrid" ? "info" : "muted")];
-    nodes.push(s.online ? badge("online", "ok") : badge("offline", env === "local" ? "muted" : "bad"));
+    if (s.connectivity) {
+      nodes.push(s.online ? badge("cloud online", "ok") : badge("cloud offline", "bad"));
+    } else {
+      nodes.push(badge(env === "cloud" ? "serving as the cloud" : "no cloud configured", "muted"));
+    }
     if (s.offline_mode) nodes.push(badge("OFFLINE_MODE", "warn"));
     const cost = obj(s.cost);
     if (cost.hard_cap_reached) nodes.push(badge("hard cap reached", "bad"));
@@ -370,10 +378,10 @@ stays in this tab only (sessionStorage).</label>
 <main id="main" hidden>
 <section class="card"><h2>Spend this month</h2><div id="cost"></div></section>
 <section class="card"><h2>Outbox</h2><div id="outbox"></div></section>
-<section class="card wide"><h2>Dispatches by source</h2><div id="counts"></div></section>
 <section class="card"><h2>Circuits and connectivity</h2><div id="circuits"></div></section>
+<section class="card wide"><h2>Dispatches by source</h2><div id="counts"></div></section>
+<section class="card wide span2"><h2>Scheduled jobs</h2><div id="jobs"></div></section>
 <section class="card"><h2>Bus, cache and routes</h2><div id="infra"></div></section>
-<section class="card wide"><h2>Scheduled jobs</h2><div id="jobs"></div></section>
 </main>
 """
 
