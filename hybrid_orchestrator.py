@@ -238,7 +238,11 @@ class HybridOrchestrator:
             if reservation is not None:
                 await self._settle(reservation, None if exc.never_ran else reservation.amount_usd)
             if self.env is Env.HYBRID:
-                return await self._without_cloud(action, params, request_id, route, exc)
+                # force_env 'local' here means _run_local already failed and sent us to the
+                # cloud: running the local handler again would count one call's failure twice.
+                return await self._without_cloud(
+                    action, params, request_id, route, exc, local_tried=force_env == "local"
+                )
             return Envelope.failure(action, exc, source=Source.CLOUD, request_id=request_id)
 
         cost = done.cost_usd if done.cost_usd is not None else self._rate(action)
@@ -275,10 +279,16 @@ class HybridOrchestrator:
         request_id: str,
         route: Route,
         exc: ActionError,
+        *,
+        local_tried: bool = False,
     ) -> Envelope:
         """Rules 5 and 6: local handler, fresh cache, outbox, or the error with stale data."""
+        if isinstance(exc, Unauthorized):
+            # A wrong key is a configuration error to see now, not to paper over locally.
+            return Envelope.failure(action, exc, source=Source.CLOUD, request_id=request_id)
         if (
-            route.fallback_env is not Fallback.NONE
+            not local_tried
+            and route.fallback_env is not Fallback.NONE
             and (exc.never_ran or not route.side_effect)
             and self.local.has(action)
         ):
@@ -289,6 +299,12 @@ class HybridOrchestrator:
                     "local fallback failed",
                     extra={"action": action, "error": local_exc.code.value},
                 )
+                if route.side_effect and not local_exc.never_ran:
+                    # The local handler may have done part of the side effect: queueing it
+                    # for the cloud too could do it twice. Answer the failure instead.
+                    return Envelope.failure(
+                        action, local_exc, source=Source.LOCAL_FALLBACK, request_id=request_id
+                    )
             else:
                 return Envelope(
                     ok=True,

@@ -257,18 +257,18 @@ class RedisIdempotencyStore:
             self._local_keys.discard(key)
             await self._fallback.complete(key, status_code, body)
             return
-        raw = await self._redis.get(self._prefix + key)
-        stored = json.loads(raw) if raw else {}
-        record = json.dumps(
-            {
-                "state": "done",
-                "action": stored.get("action"),
-                "params_hash": stored.get("params_hash"),
-                "status_code": status_code,
-                "body": body,
-            }
-        )
         try:
+            raw = await self._redis.get(self._prefix + key)
+            stored = json.loads(raw) if raw else {}
+            record = json.dumps(
+                {
+                    "state": "done",
+                    "action": stored.get("action"),
+                    "params_hash": stored.get("params_hash"),
+                    "status_code": status_code,
+                    "body": body,
+                }
+            )
             await self._redis.set(self._prefix + key, record, ex=self._keep_s)
         except (redis.RedisError, OSError):
             await self._fallback.complete(key, status_code, body)

@@ -7,13 +7,16 @@ apply; one failing item never fails the others, and results come back in input o
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from envelope import Envelope
-from errors import ActionError, InvalidParams
+from envelope import Envelope, new_request_id
+from errors import ActionError, HandlerError, InvalidParams
+
+log = logging.getLogger("everreach.batch")
 
 RouteFn = Callable[[str, dict[str, Any] | None, str | None], Awaitable[Envelope]]
 ProgressFn = Callable[[int, int], None]
@@ -70,7 +73,17 @@ async def batch_execute(
             try:
                 envelope = await route(item.action, item.params, item.force_env)
             except ActionError as exc:  # route() returns envelopes; this is belt and braces
-                envelope = Envelope.failure(item.action, exc, source=None, request_id="")
+                envelope = Envelope.failure(
+                    item.action, exc, source=None, request_id=new_request_id()
+                )
+            except Exception as exc:  # e.g. a store that cannot write: fail this item only
+                log.exception("batch item %d (%s) failed", index, item.action)
+                envelope = Envelope.failure(
+                    item.action,
+                    HandlerError(f"{type(exc).__name__}: {exc}"),
+                    source=None,
+                    request_id=new_request_id(),
+                )
             results[index] = envelope.to_dict()
         done += 1
         if on_progress is not None:

@@ -23,7 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from config.hybrid_config import HybridConfig
 from envelope import Envelope, new_request_id
-from errors import ActionError, InvalidParams, Source, Unauthorized
+from errors import ActionError, HandlerError, InvalidParams, Source, Unauthorized
 from idempotency import ClaimState, IdempotencyStore, RedisIdempotencyStore
 from local_batch import batch_execute
 from offline_cache import params_hash
@@ -32,6 +32,7 @@ from structured_log import DISPATCH_LOGGER, config_secrets, configure_logging, l
 
 MAX_BODY_BYTES = 1024 * 1024
 _dispatch_log = logging.getLogger(DISPATCH_LOGGER)
+_fault_log = logging.getLogger("everreach.server")
 
 
 class BodyTooLarge(Exception):
@@ -212,6 +213,14 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
     @app.exception_handler(ActionError)
     async def on_action_error(request: Request, exc: ActionError) -> JSONResponse:
         return _error_response(str(getattr(request.state, "action", "") or ""), exc)
+
+    @app.exception_handler(Exception)
+    async def on_fault(request: Request, exc: Exception) -> JSONResponse:
+        # A fault of ours (disk full, a store gone): an envelope, never an HTML page, and never
+        # a 202 — nothing was queued.
+        _fault_log.exception("unexpected error", extra={"path": request.url.path})
+        fault = HandlerError(f"internal error: {type(exc).__name__}: {exc}"[:300])
+        return _error_response(str(getattr(request.state, "action", "") or ""), fault)
 
     @app.post("/dispatch")
     async def dispatch(request: Request) -> Response:

@@ -214,7 +214,9 @@ async def test_cost_usd_is_parsed_exactly_from_the_answer(
     make_executor: MakeExecutor, reported: Any, parsed: Decimal | None
 ) -> None:
     extra = {} if reported is None else {"cost_usd": reported}
-    done = await make_executor(FakeCloud(ok("r", **extra))).call("claude.generate", {}, request_id="k")
+    done = await make_executor(FakeCloud(ok("r", **extra))).call(
+        "claude.generate", {}, request_id="k"
+    )
     assert done.cost_usd == parsed
 
 
@@ -256,8 +258,17 @@ async def test_a_malformed_2xx_answer_is_cloud_unavailable_and_not_retried(
         httpx.ConnectTimeout("connect timed out"),
         httpx.RemoteProtocolError("server disconnected"),
     ],
-    ids=["500", "502", "503", "429", "409", "read-timeout", "connect-error", "connect-timeout",
-         "disconnected"],
+    ids=[
+        "500",
+        "502",
+        "503",
+        "429",
+        "409",
+        "read-timeout",
+        "connect-error",
+        "connect-timeout",
+        "disconnected",
+    ],
 )
 async def test_a_transient_failure_is_retried(
     make_executor: MakeExecutor, transient: Answer
@@ -478,9 +489,22 @@ async def test_a_timeout_gives_the_timeout_envelope(make_executor: MakeExecutor)
         ([status(429), httpx.ConnectError("refused")], True),
     ],
     ids=[
-        "connect-error", "connect-timeout", "pool-timeout", "429", "503-circuit-open",
-        "503-offline", "read-timeout", "write-timeout", "500", "502", "409", "disconnected",
-        "read-timeout-then-refused", "500-then-refused", "refused-then-500", "429-then-refused",
+        "connect-error",
+        "connect-timeout",
+        "pool-timeout",
+        "429",
+        "503-circuit-open",
+        "503-offline",
+        "read-timeout",
+        "write-timeout",
+        "500",
+        "502",
+        "409",
+        "disconnected",
+        "read-timeout-then-refused",
+        "500-then-refused",
+        "refused-then-500",
+        "429-then-refused",
     ],
 )
 async def test_never_ran_is_true_only_when_no_attempt_may_have_run(
@@ -530,15 +554,21 @@ def _breaker(clock: Clock, threshold: int = 2) -> CircuitBreaker:
     return CircuitBreaker(failure_threshold=threshold, reset_after_s=30.0, clock=clock)
 
 
+async def _tripped(make_executor: MakeExecutor, cloud: FakeCloud, clock: Clock) -> CloudExecutor:
+    """An executor (no retries, breaker threshold 2) whose first two calls failed."""
+    executor = make_executor(cloud, policy=RetryPolicy(retries=0), breaker=_breaker(clock))
+    for _ in range(2):
+        with pytest.raises(CloudUnavailable):
+            await executor.call("research.keyword", {}, request_id="k")
+    return executor
+
+
 async def test_the_breaker_opens_after_repeated_failures_and_then_fails_fast(
     make_executor: MakeExecutor,
 ) -> None:
     clock = Clock()
     cloud = FakeCloud(httpx.ConnectError("refused"))
-    executor = make_executor(cloud, policy=RetryPolicy(retries=0), breaker=_breaker(clock))
-    for _ in range(2):
-        with pytest.raises(CloudUnavailable):
-            await executor.call("research.keyword", {}, request_id="k")
+    executor = await _tripped(make_executor, cloud, clock)
     assert executor.breaker.state is BreakerState.OPEN
     sent = len(cloud.requests)
     with pytest.raises(CircuitOpen) as caught:
@@ -568,10 +598,7 @@ async def test_the_breaker_half_opens_after_the_cool_down_and_closes_on_success(
 ) -> None:
     clock = Clock()
     cloud = FakeCloud(httpx.ConnectError("refused"), httpx.ConnectError("refused"), ok("back"))
-    executor = make_executor(cloud, policy=RetryPolicy(retries=0), breaker=_breaker(clock))
-    for _ in range(2):
-        with pytest.raises(CloudUnavailable):
-            await executor.call("research.keyword", {}, request_id="k")
+    executor = await _tripped(make_executor, cloud, clock)
     clock.now += 29.9
     with pytest.raises(CircuitOpen):
         await executor.call("research.keyword", {}, request_id="k")
@@ -588,10 +615,7 @@ async def test_a_failed_half_open_trial_opens_the_breaker_for_another_cool_down(
 ) -> None:
     clock = Clock()
     cloud = FakeCloud(httpx.ConnectError("refused"))
-    executor = make_executor(cloud, policy=RetryPolicy(retries=0), breaker=_breaker(clock))
-    for _ in range(2):
-        with pytest.raises(CloudUnavailable):
-            await executor.call("research.keyword", {}, request_id="k")
+    executor = await _tripped(make_executor, cloud, clock)
     clock.now += 30
     with pytest.raises(CloudUnavailable) as caught:  # the trial goes out and fails
         await executor.call("research.keyword", {}, request_id="k")

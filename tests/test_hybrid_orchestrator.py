@@ -132,7 +132,11 @@ async def build(tmp_path: Path) -> AsyncIterator[Build]:
                 "EVERREACH_ENV": env,
                 "DATA_DIR": str(data_dir),
                 "EVERREACH_TZ": "UTC",
-                **({"CLOUD_ENDPOINT": ENDPOINT, "EVERREACH_CLOUD_KEY": KEY} if env != "local" else {}),
+                **(
+                    {"CLOUD_ENDPOINT": ENDPOINT, "EVERREACH_CLOUD_KEY": KEY}
+                    if env != "local"
+                    else {}
+                ),
                 **variables,
             }
         )
@@ -214,8 +218,10 @@ async def test_the_env_comes_from_everreach_env(build: Build, env: str) -> None:
     assert world.orchestrator.env is Env(env)
 
 
-@pytest.mark.parametrize("action", ["dm.send", "research.keyword", "content.analyze_video",
-                                    "claude.generate", "widget.spin"])
+@pytest.mark.parametrize(
+    "action",
+    ["dm.send", "research.keyword", "content.analyze_video", "claude.generate", "widget.spin"],
+)
 async def test_env_local_selects_local_for_every_action(build: Build, action: str) -> None:
     world = await build(env="local")
     assert world.orchestrator._select_env(action) is Env.LOCAL
@@ -366,6 +372,27 @@ async def test_a_local_read_only_action_that_fails_locally_falls_back_to_the_clo
     assert envelope.ok is True
     assert envelope.source is Source.CLOUD
     assert world.cloud.paths == ["/api/services/content/analyze_video"]
+
+
+async def test_a_local_action_failing_here_and_in_the_cloud_runs_its_handler_once(
+    build: Build,
+) -> None:
+    calls: list[dict[str, Any]] = []
+
+    async def broken(params: dict[str, Any]) -> None:
+        calls.append(params)
+        raise RuntimeError("ffmpeg missing")
+
+    world = await build(handlers={"content.analyze_video": broken})
+    world.cloud.answer(status(500))
+    envelope = await world.route("content.analyze_video", {"url": "v.mp4"})
+    assert envelope.error is ErrorCode.CLOUD_UNAVAILABLE
+    assert len(calls) == 1  # not run again as a "local fallback" of its own cloud fallback
+    for _ in range(2):
+        await world.route("content.analyze_video", {"url": "v.mp4"})
+    # three calls, three failures: degraded exactly at the threshold, not before
+    assert len(calls) == 3
+    assert world.orchestrator.local.is_degraded("content.analyze_video")
 
 
 # -- route() never raises -------------------------------------------------------------------------
@@ -760,6 +787,31 @@ async def test_definite_cloud_errors_of_side_effect_actions_are_not_queued(
     assert len(world.cloud.requests) == 1
 
 
+async def test_a_refused_key_is_answered_not_papered_over_locally(
+    build: Build,
+) -> None:
+    world = await build(local=("dm.send",))
+    world.cloud.answer(status(401, "unauthorized"))
+    envelope = await world.route("dm.send", {"to": "ann"})
+    assert envelope.error is ErrorCode.UNAUTHORIZED and envelope.http_status == 401
+    assert world.calls["dm.send"] == 0
+    assert await world.outbox.depth() == 0
+
+
+async def test_a_failing_local_fallback_of_a_side_effect_is_not_queued_too(
+    build: Build,
+) -> None:
+    async def half_sent(params: dict[str, Any]) -> dict[str, Any]:
+        raise RuntimeError("sent to one of two recipients, then failed")
+
+    world = await build(handlers={"dm.send": half_sent})
+    world.cloud.answer(httpx.ConnectError("refused"))
+    envelope = await world.route("dm.send", {"to": "ann"})
+    assert envelope.error is ErrorCode.HANDLER_ERROR
+    assert envelope.source is Source.LOCAL_FALLBACK
+    assert await world.outbox.depth() == 0
+
+
 async def test_a_cloud_handler_error_of_a_side_effect_action_is_not_run_locally(
     build: Build,
 ) -> None:
@@ -769,6 +821,30 @@ async def test_a_cloud_handler_error_of_a_side_effect_action_is_not_run_locally(
     assert envelope.error is ErrorCode.HANDLER_ERROR
     assert world.calls["dm.send"] == 0
     assert await world.outbox.depth() == 0
+
+
+async def test_a_callers_request_id_is_the_cloud_idempotency_key(build: Build) -> None:
+    world = await build()
+    envelope = await world.orchestrator.route("dm.send", {"to": "ann"}, request_id="client-7")
+    assert envelope.request_id == "client-7"
+    assert world.cloud.keys == ["client-7"]
+
+
+async def test_a_retried_request_is_queued_once(build: Build) -> None:
+    world = await build()
+    world.cloud.answer(httpx.ReadTimeout("no answer"))
+    first = await world.orchestrator.route("dm.send", {"to": "ann"}, request_id="client-8")
+    again = await world.orchestrator.route("dm.send", {"to": "ann"}, request_id="client-8")
+    assert first.outbox_id == again.outbox_id
+    assert await world.outbox.depth() == 1
+
+
+async def test_force_env_cloud_still_falls_back_when_the_cloud_fails(build: Build) -> None:
+    # force_env picks where the call goes first; rule 6 still applies when that fails.
+    world = await build(local=("research.keyword",))
+    world.cloud.answer(status(500))
+    envelope = await world.route("research.keyword", {}, "cloud")
+    assert envelope.source is Source.LOCAL_FALLBACK
 
 
 async def test_send_queued_replays_with_the_original_key(build: Build) -> None:

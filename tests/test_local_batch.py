@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from config.hybrid_config import HybridConfig
-from errors import InvalidParams
+from envelope import Envelope
+from errors import InvalidParams, Source
 from hybrid_orchestrator import HybridOrchestrator
 from local_batch import MAX_BATCH_ITEMS, MAX_CONCURRENT_LIMIT, BatchItem, batch_execute, parse_items
 from local_executor import LocalExecutor
@@ -45,6 +46,7 @@ class Gauge:
 
 def _router(tmp_path: Path, gauge: Gauge) -> Callable[..., Any]:
     config = HybridConfig.from_mapping({"EVERREACH_ENV": "local", "DATA_DIR": str(tmp_path)})
+
     async def generate(params: dict[str, Any]) -> dict[str, Any]:
         return await gauge(params)
 
@@ -110,7 +112,7 @@ async def test_one_failing_item_does_not_fail_the_others(tmp_path: Path) -> None
 
 async def test_bad_actions_become_error_results_not_a_failed_batch(tmp_path: Path) -> None:
     gauge = Gauge()
-    items = [
+    items: list[dict[str, Any]] = [
         {"action": "content.generate", "params": {"n": 0}},
         {"action": "No Such Thing"},
         {"action": "nosuch.action", "params": {}},
@@ -135,19 +137,34 @@ async def test_force_env_per_item_is_passed_to_the_router() -> None:
     seen: list[tuple[str, dict[str, Any] | None, str | None]] = []
 
     async def route(action: str, params: dict[str, Any] | None, force_env: str | None) -> Any:
-        from envelope import Envelope
-        from errors import Source
-
         seen.append((action, params, force_env))
         return Envelope(ok=True, action=action, source=Source.LOCAL, result=None)
 
     await batch_execute(
-        [{"action": "dm.send", "params": {"to": "a"}, "force_env": "local"},
-         BatchItem("dm.send", {"to": "b"})],
+        [
+            {"action": "dm.send", "params": {"to": "a"}, "force_env": "local"},
+            BatchItem("dm.send", {"to": "b"}),
+        ],
         max_concurrent=1,
         route=route,
     )
     assert seen == [("dm.send", {"to": "a"}, "local"), ("dm.send", {"to": "b"}, None)]
+
+
+async def test_a_router_that_raises_for_one_item_fails_only_that_item() -> None:
+    async def route(action: str, params: dict[str, Any] | None, force_env: str | None) -> Any:
+        assert params is not None
+        if params["n"] == 1:
+            raise OSError("disk full")  # e.g. the outbox could not write
+        return Envelope(ok=True, action=action, source=Source.LOCAL, result=params["n"])
+
+    items = [{"action": "dm.send", "params": {"n": n}} for n in range(3)]
+    out = await batch_execute(items, route=route)
+    assert [r["ok"] for r in out["results"]] == [True, False, True]
+    failed = out["results"][1]
+    assert failed["error"] == "handler_error"
+    assert "OSError: disk full" in failed["detail"]
+    assert failed["request_id"]  # still a real id to find the log line by
 
 
 async def test_progress_is_reported_once_per_item(tmp_path: Path) -> None:

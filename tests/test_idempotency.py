@@ -1,0 +1,213 @@
+"""IdempotencyStore on real SQLite files: claim states, release, lease takeover, wait, reopen."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from idempotency import Claim, ClaimState, IdempotencyStore
+from offline_cache import params_hash
+from tests.conftest import until
+
+pytestmark = pytest.mark.prd200
+
+LEASE_S = 600.0
+HASH_A = params_hash({"to": "ann"})
+HASH_B = params_hash({"to": "bob"})
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class CountingStore(IdempotencyStore):
+    """Counts ``claim()`` calls, so a test can tell that a waiter has polled."""
+
+    claims = 0
+
+    async def claim(self, key: str, action: str, params_hash: str) -> Claim:
+        self.claims += 1
+        return await super().claim(key, action, params_hash)
+
+
+OpenStore = Callable[..., Awaitable[CountingStore]]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def open_store(tmp_path: Path, clock: Clock) -> AsyncIterator[OpenStore]:
+    """Open stores on one file (as separate server processes would); close them afterwards."""
+    opened: list[IdempotencyStore] = []
+
+    async def factory(**options: Any) -> CountingStore:
+        options.setdefault("lease_s", LEASE_S)
+        options.setdefault("clock", clock)
+        store = CountingStore(tmp_path / "data" / "hybrid.sqlite3", **options)
+        await store.open()
+        opened.append(store)
+        return store
+
+    yield factory
+    for store in opened:
+        await store.close()
+
+
+async def test_a_new_key_is_claimed(open_store: OpenStore) -> None:
+    store = await open_store()
+    claim = await store.claim("k1", "dm.send", HASH_A)
+    assert claim == Claim(ClaimState.NEW)
+    assert await store.size() == 1
+
+
+async def test_a_key_being_run_is_running_for_a_second_caller(open_store: OpenStore) -> None:
+    first, second = await open_store(), await open_store()
+    assert (await first.claim("k1", "dm.send", HASH_A)).state is ClaimState.NEW
+    assert (await first.claim("k1", "dm.send", HASH_A)).state is ClaimState.RUNNING
+    assert (await second.claim("k1", "dm.send", HASH_A)).state is ClaimState.RUNNING
+
+
+async def test_a_completed_key_returns_the_stored_answer(open_store: OpenStore) -> None:
+    store = await open_store()
+    await store.claim("k1", "dm.send", HASH_A)
+    await store.complete("k1", 200, {"ok": True, "result": {"sent": 1}})
+    claim = await store.claim("k1", "dm.send", HASH_A)
+    assert claim == Claim(ClaimState.DONE, 200, {"ok": True, "result": {"sent": 1}})
+
+
+@pytest.mark.parametrize(
+    ("action", "hash_"), [("dm.send", HASH_B), ("telegram.send", HASH_A)], ids=["params", "action"]
+)
+async def test_the_same_key_for_other_params_or_another_action_is_a_mismatch(
+    open_store: OpenStore, action: str, hash_: str
+) -> None:
+    store = await open_store()
+    await store.claim("k1", "dm.send", HASH_A)
+    assert (await store.claim("k1", action, hash_)).state is ClaimState.MISMATCH
+    await store.complete("k1", 200, {"ok": True})
+    assert (await store.claim("k1", action, hash_)).state is ClaimState.MISMATCH
+
+
+async def test_release_lets_a_retry_run(open_store: OpenStore) -> None:
+    store = await open_store()
+    await store.claim("k1", "dm.send", HASH_A)
+    await store.release("k1")
+    assert (await store.claim("k1", "dm.send", HASH_A)).state is ClaimState.NEW
+    # a released key is free for other params too: the failed call changed nothing
+    await store.release("k1")
+    assert (await store.claim("k1", "dm.send", HASH_B)).state is ClaimState.NEW
+
+
+async def test_release_never_forgets_a_completed_answer(open_store: OpenStore) -> None:
+    store = await open_store()
+    await store.claim("k1", "dm.send", HASH_A)
+    await store.complete("k1", 200, {"ok": True})
+    await store.release("k1")
+    assert (await store.claim("k1", "dm.send", HASH_A)).state is ClaimState.DONE
+
+
+async def test_a_claim_left_running_is_taken_over_after_the_lease(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    crashed, survivor = await open_store(), await open_store()
+    await crashed.claim("k1", "dm.send", HASH_A)
+    clock.now += LEASE_S - 1
+    assert (await survivor.claim("k1", "dm.send", HASH_A)).state is ClaimState.RUNNING
+    clock.now += 1
+    assert (await survivor.claim("k1", "dm.send", HASH_A)).state is ClaimState.NEW
+    # the takeover renews the lease: a third caller sees it running again
+    assert (await crashed.claim("k1", "dm.send", HASH_A)).state is ClaimState.RUNNING
+
+
+async def test_a_completed_answer_is_never_taken_over(open_store: OpenStore, clock: Clock) -> None:
+    store = await open_store()
+    await store.claim("k1", "dm.send", HASH_A)
+    await store.complete("k1", 200, {"ok": True})
+    clock.now += LEASE_S * 10
+    assert (await store.claim("k1", "dm.send", HASH_A)).state is ClaimState.DONE
+
+
+async def _waiting(open_store: OpenStore) -> tuple[IdempotencyStore, asyncio.Task[Claim]]:
+    """An owner holding ``k1`` and a task (another instance) that waits for it and has polled."""
+    owner, other = await open_store(), await open_store()
+    await owner.claim("k1", "dm.send", HASH_A)
+    waiter = asyncio.create_task(other.wait("k1", "dm.send", HASH_A, timeout_s=30.0))
+    await until(lambda: other.claims >= 2, what="the waiter saw the key running")
+    assert not waiter.done()
+    return owner, waiter
+
+
+async def test_wait_returns_done_once_another_task_completes_the_key(
+    open_store: OpenStore,
+) -> None:
+    owner, waiter = await _waiting(open_store)
+    await owner.complete("k1", 200, {"ok": True, "result": "sent once"})
+    claim = await asyncio.wait_for(waiter, timeout=30.0)
+    assert claim == Claim(ClaimState.DONE, 200, {"ok": True, "result": "sent once"})
+
+
+async def test_wait_takes_the_key_when_the_first_call_releases_it(
+    open_store: OpenStore,
+) -> None:
+    owner, waiter = await _waiting(open_store)
+    await owner.release("k1")
+    claim = await asyncio.wait_for(waiter, timeout=30.0)
+    assert claim.state is ClaimState.NEW
+    assert (await owner.claim("k1", "dm.send", HASH_A)).state is ClaimState.RUNNING
+
+
+async def test_wait_gives_up_running_after_its_timeout(open_store: OpenStore) -> None:
+    store = await open_store()
+    await store.claim("k1", "dm.send", HASH_A)
+    claim = await store.wait("k1", "dm.send", HASH_A, timeout_s=0.0)
+    assert claim.state is ClaimState.RUNNING  # the server answers 409 then
+
+
+async def test_wait_returns_at_once_for_a_new_key(open_store: OpenStore) -> None:
+    store = await open_store()
+    claim = await store.wait("fresh", "dm.send", HASH_A, timeout_s=30.0)
+    assert claim.state is ClaimState.NEW
+    assert store.claims == 1
+
+
+async def test_answers_survive_closing_and_reopening_the_file(open_store: OpenStore) -> None:
+    store = await open_store()
+    await store.claim("k1", "dm.send", HASH_A)
+    await store.complete("k1", 201, {"ok": True, "result": [1, 2]})
+    await store.claim("k2", "dm.send", HASH_B)
+    await store.close()
+    reopened = await open_store()
+    assert await reopened.claim("k1", "dm.send", HASH_A) == Claim(
+        ClaimState.DONE, 201, {"ok": True, "result": [1, 2]}
+    )
+    assert (await reopened.claim("k2", "dm.send", HASH_B)).state is ClaimState.RUNNING
+
+
+async def test_completed_keys_are_pruned_after_keep_s(open_store: OpenStore, clock: Clock) -> None:
+    store = await open_store(keep_s=86400.0)
+    await store.claim("old", "dm.send", HASH_A)
+    await store.complete("old", 200, {"ok": True})
+    clock.now += 86400.0 + 3601  # past keep_s, and past the hourly prune interval
+    await store.claim("other", "dm.send", HASH_A)  # any claim runs the prune
+    assert (await store.claim("old", "dm.send", HASH_A)).state is ClaimState.NEW
+
+
+async def test_for_data_dir_uses_the_shared_hybrid_file(tmp_path: Path) -> None:
+    store = IdempotencyStore.for_data_dir(tmp_path)
+    await store.open()
+    try:
+        await store.claim("k", "dm.send", HASH_A)
+    finally:
+        await store.close()
+    assert (tmp_path / "hybrid.sqlite3").is_file()

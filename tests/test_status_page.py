@@ -1,0 +1,314 @@
+"""The status page at ``/``: its HTML, and the page as headless Chromium renders it.
+
+The browser tests drive Chromium over the DevTools protocol (a websocket on loopback) against
+real server processes; they skip without Chromium locally and fail under CI=true.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from status_page import REFRESH_S, render_status_page
+from tests.conftest import service_missing
+
+pytestmark = pytest.mark.prd200
+
+TOKEN = "page-test-token-456"
+HOSTILE = '<img src=x onerror="window.__pwned=1">'
+
+
+# -- the document -----------------------------------------------------------------------------------
+
+
+def test_page_is_one_self_contained_document():
+    html = render_status_page()
+    assert html.startswith("<!doctype html>") and html.rstrip().endswith("</html>")
+    assert not re.search(r"<link|<iframe|<img|@import|url\(", html)
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
+    assert "http://" not in html and "https://" not in html
+    assert html.count("<script>") == 1 and html.count("<style>") == 1
+
+
+def test_page_never_parses_text_as_html():
+    html = render_status_page()
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
+                 "new Function"):
+        assert sink not in html
+
+
+def test_csp_allows_exactly_the_inline_script_and_style():
+    html = render_status_page()
+    csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', html).group(1)
+    script = re.search(r"<script>(.*)</script>", html, re.S).group(1)
+    style = re.search(r"<style>(.*)</style>", html, re.S).group(1)
+
+    def sha(text: str) -> str:
+        return base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+
+    assert f"script-src 'sha256-{sha(script)}'" in csp
+    assert f"style-src 'sha256-{sha(style)}'" in csp
+    assert "default-src 'none'" in csp and "connect-src 'self'" in csp
+
+
+def test_script_fetches_status_with_the_session_token_every_5_seconds():
+    html = render_status_page()
+    assert REFRESH_S == 5 and "const REFRESH_MS = 5000;" in html
+    assert 'const STATUS_URL = "status";' in html  # relative: /status when served at /
+    assert 'headers["Authorization"] = "Bearer " + token' in html
+    assert "sessionStorage.getItem(TOKEN_KEY)" in html and "response.status === 401" in html
+
+
+# -- in a browser -----------------------------------------------------------------------------------
+
+
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol (flat sessions, one page)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], ws: Any) -> None:
+        self.proc = proc
+        self.ws = ws
+        self.session: str | None = None
+        self._id = 0
+
+    @classmethod
+    def launch(cls, profile: Path) -> Chromium:
+        binary = shutil.which("chromium") or shutil.which("chromium-browser")
+        if binary is None:
+            service_missing("chromium (Debian package chromium)")
+        from websockets.sync.client import connect
+
+        proc = subprocess.Popen(
+            [binary, "--headless", "--no-sandbox", "--disable-gpu",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--no-first-run", "--no-default-browser-check", f"--user-data-dir={profile}",
+             "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+             "--window-size=1280,900", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 30  # only stops a hung test
+        while not (port_file.exists() and len(port_file.read_text().split()) == 2):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("chromium did not start its DevTools endpoint")
+            time.sleep(0.05)
+        port, path = port_file.read_text().split()
+        return cls(proc, connect(f"ws://127.0.0.1:{port}{path}", max_size=None))
+
+    def call(self, method: str, params: dict[str, Any] | None = None, *, page: bool = True
+             ) -> dict[str, Any]:
+        self._id += 1
+        message: dict[str, Any] = {"id": self._id, "method": method, "params": params or {}}
+        if page and self.session:
+            message["sessionId"] = self.session
+        self.ws.send(json.dumps(message))
+        while True:
+            reply = json.loads(self.ws.recv(timeout=30))
+            if reply.get("id") == self._id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return dict(reply["result"])
+
+    def open(self, url: str) -> None:
+        target = self.call("Target.createTarget", {"url": "about:blank"}, page=False)
+        self.session = self.call("Target.attachToTarget",
+                                 {"targetId": target["targetId"], "flatten": True},
+                                 page=False)["sessionId"]
+        self.call("Page.navigate", {"url": url})
+        self.wait_for(f"location.href === {json.dumps(url)} && document.readyState !== 'loading'",
+                      what=f"{url} to load")
+
+    def eval(self, expression: str) -> Any:
+        result = self.call("Runtime.evaluate", {"expression": expression,
+                                                "returnByValue": True, "awaitPromise": True})
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, *, what: str, timeout_s: float = 20.0) -> Any:
+        deadline = time.monotonic() + timeout_s  # only stops a hung test
+        while True:
+            value = self.eval(expression)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                body = self.eval("document.body ? document.body.innerText : ''")
+                pytest.fail(f"gave up waiting for {what}; the page shows:\n{body}")
+            time.sleep(0.05)
+
+    def text(self, selector: str) -> str:
+        return str(self.eval(f"document.querySelector({json.dumps(selector)}).innerText"))
+
+    def screenshot(self, path: Path) -> Path:
+        data = self.call("Page.captureScreenshot", {"format": "png"})["data"]
+        path.write_bytes(base64.b64decode(data))
+        return path
+
+    def close(self) -> None:
+        try:
+            self.ws.close()
+        finally:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Chromium]:
+    chromium = Chromium.launch(tmp_path / "profile")
+    yield chromium
+    chromium.close()
+
+
+def counts_row(browser: Chromium, action: str) -> dict[str, str]:
+    """The dispatch-counts row of ``action`` as {column header: cell text}."""
+    return dict(browser.eval(f"""(() => {{
+        const table = document.querySelector("#counts table");
+        if (!table) return null;
+        const heads = [...table.querySelectorAll("th")].map((th) => th.textContent);
+        const row = [...table.querySelectorAll("tbody tr")]
+            .find((tr) => tr.cells[0].textContent === {json.dumps(action)});
+        return row ? Object.fromEntries([...row.cells].map((td, i) => [heads[i], td.textContent]))
+                   : null;
+    }})()""") or {})
+
+
+@pytest.mark.e2e
+def test_page_shows_env_and_dispatch_counts_and_refreshes_itself(
+    server_factory, browser, tmp_path
+):
+    server = server_factory()
+    page = httpx.get(f"{server.url}/", timeout=10)
+    assert page.headers["content-type"].startswith("text/html")
+    for _ in range(2):
+        httpx.post(f"{server.url}/dispatch", json={"action": "system.echo"}, timeout=10)
+
+    browser.open(f"{server.url}/")
+    browser.wait_for("!document.getElementById('main').hidden", what="the status to render")
+    assert "env local" in browser.text("#badges")
+    assert counts_row(browser, "system.echo") == {"action": "system.echo", "local": "2",
+                                                  "total": "2"}
+    assert "$0.00" in browser.text("#cost") and "$400.00" in browser.text("#cost")
+    assert "daily_routine" in browser.text("#jobs")
+    assert browser.eval("document.querySelector('#login').hidden") is True
+    browser.screenshot(tmp_path / "status-page.png")
+
+    httpx.post(f"{server.url}/dispatch", json={"action": "system.echo"}, timeout=10)
+    browser.wait_for(
+        "(() => { const r = [...document.querySelectorAll('#counts tbody tr')]"
+        ".find((tr) => tr.cells[0].textContent === 'system.echo');"
+        " return r && r.cells[1].textContent === '3'; })()",
+        what=f"the next automatic refresh (every {REFRESH_S} s) to show 3 dispatches",
+    )
+
+
+@pytest.mark.e2e
+def test_page_asks_for_the_token_on_401_and_keeps_it_for_the_tab(server_factory, browser):
+    server = server_factory(LOCAL_API_TOKEN=TOKEN)
+    browser.open(f"{server.url}/")
+    browser.wait_for("!document.getElementById('login').hidden", what="the token form")
+    assert browser.eval("document.getElementById('main').hidden") is True
+
+    submit = ("(() => { document.getElementById('token').value = {token};"
+              " document.getElementById('login').requestSubmit(); return true; })()")
+    browser.eval(submit.replace("{token}", json.dumps("wrong-token")))
+    browser.wait_for("!document.getElementById('login-error').hidden",
+                     what="the refused-token message")
+    assert "refused" in browser.text("#login-error")
+
+    browser.eval(submit.replace("{token}", json.dumps(TOKEN)))
+    browser.wait_for("!document.getElementById('main').hidden", what="the status to render")
+    assert "env local" in browser.text("#badges")
+    assert browser.eval("sessionStorage.getItem('everreach.local_api_token')") == TOKEN
+
+    browser.call("Page.reload")
+    browser.wait_for("document.readyState === 'complete' && "
+                     "!document.getElementById('main').hidden", what="the status after reload")
+    assert browser.eval("document.getElementById('login').hidden") is True
+
+
+def hostile_status() -> dict[str, Any]:
+    return {
+        "env": "hybrid", "version": HOSTILE, "uptime_sec": 90061, "online": False,
+        "offline_mode": True, "connectivity": {"online": False, "last_error": HOSTILE},
+        "dispatch_counts": {HOSTILE: {"cloud": 5}, "dm.send": {"outbox": 2, "cloud": 7}},
+        "circuits": {"local": {"content.generate": "open"}, "cloud": "half_open"},
+        "cost": {"month": "2026-03", "timezone": "UTC", "spent_usd": "391.50",
+                 "reserved_usd": "4.00", "remaining_usd": "4.50", "soft_cap_usd": "380.00",
+                 "hard_cap_usd": "400.00", "soft_cap_reached": True, "hard_cap_reached": False,
+                 "by_action": {"dm.send": "300.00", HOSTILE: "91.50"}, "store": "postgres",
+                 "healthy": True, "error": None},
+        "outbox": {"depth": 2, "dead_letters": 1, "oldest_pending_at": "2026-03-01T05:00:00Z"},
+        "dead_letters": [{"id": "ob-1", "action": "dm.send", "attempts": 8, "error": HOSTILE}],
+        "cache": {"entries": 3, "ttl_sec": 3600},
+        "scheduler": {"timezone": "UTC", "replica_lock": "redis", "jobs": [
+            {"id": "nightly", "action": "system.heartbeat", "trigger": HOSTILE,
+             "next_run_time": "2099-01-01T06:00:00+00:00", "runs": 4, "mirrored": True,
+             "last_outcome": "ok"}],
+            "mirror": {"enabled": True, "count": 1, "last_error": None}},
+        "bus": {"backend": "redis", "redis_configured": True, "redis_connected": True,
+                "backlog": 0, "last_error": HOSTILE},
+        "routes": {"source": "route_table.json", "entries": 47},
+        "actions": ["dm.send"],
+    }
+
+
+@pytest.fixture
+def hostile_server() -> Iterator[str]:
+    """A stand-in server whose /status carries HTML in every free-text field."""
+    page = render_status_page().encode()
+    status = json.dumps(hostile_status()).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body, kind = (page, "text/html") if self.path == "/" else (status, "application/json")
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+def test_page_shows_server_text_as_text_never_as_html(hostile_server, browser, tmp_path):
+    browser.open(f"{hostile_server}/")
+    browser.wait_for("!document.getElementById('main').hidden", what="the status to render")
+    assert browser.eval("document.querySelectorAll('img').length") == 0
+    assert browser.eval("window.__pwned === undefined") is True
+    body = browser.text("body")
+    assert body.count(HOSTILE) >= 6  # shown literally wherever it appeared
+    assert "soft cap reached" in browser.text("#badges")
+    assert "1 dead letters" in browser.text("#badges")
+    assert counts_row(browser, "dm.send") == {"action": "dm.send", "cloud": "7", "outbox": "2",
+                                              "total": "9"}
+    width = browser.eval("document.querySelector('#cost .fill.spent').style.width")
+    assert float(width.rstrip("%")) == pytest.approx(97.875)
+    assert "open" in browser.text("#circuits") and "half_open" in browser.text("#circuits")
+    browser.screenshot(tmp_path / "status-page-busy.png")
