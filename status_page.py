@@ -59,7 +59,8 @@ button { font: inherit; padding: 6px 12px; border-radius: 6px; border: 1px solid
 .error { color: var(--bad); margin: 0; }
 table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
 th, td { text-align: left; padding: 4px 8px; border-bottom: 1px solid var(--line);
-  vertical-align: top; overflow-wrap: anywhere; }
+  vertical-align: top; overflow-wrap: break-word; }
+th, td.num { white-space: nowrap; }
 th { font-weight: 600; color: var(--muted); font-size: 12px; }
 td.num, th.num { text-align: right; }
 .scroll { overflow-x: auto; }
@@ -70,7 +71,7 @@ td.num, th.num { text-align: right; }
 .fill.spent { left: 0; background: var(--ok); }
 .fill.spent.warn { background: var(--warn); } .fill.spent.bad { background: var(--bad); }
 .fill.reserved { background: var(--info); opacity: .45; }
-.marker { position: absolute; top: -2px; bottom: -2px; width: 2px; background: var(--warn); }
+.marker { position: absolute; top: 0; bottom: 0; width: 2px; background: var(--fg); }
 .kv { display: grid; grid-template-columns: max-content 1fr; gap: 3px 14px; margin: 0; }
 .kv dt { color: var(--muted); } .kv dd { margin: 0; overflow-wrap: anywhere; }
 p.note { margin: 8px 0 0; font-size: 12px; }
@@ -84,6 +85,7 @@ _SCRIPT = """
   const TOKEN_KEY = "everreach.local_api_token";
   const SOURCES = ["local", "cloud", "local_fallback", "cache", "outbox"];
   let timer = null;
+  let busy = false;  // one request at a time, however refresh() was triggered
 
   // Every server string goes through text nodes: append() of a string never parses HTML.
   function el(tag, cls, ...children) {
@@ -150,7 +152,8 @@ _SCRIPT = """
     if (cost.hard_cap_reached) nodes.push(badge("hard cap reached", "bad"));
     else if (cost.soft_cap_reached) nodes.push(badge("soft cap reached", "warn"));
     const outbox = obj(s.outbox);
-    if (num(outbox.dead_letters) > 0) nodes.push(badge(outbox.dead_letters + " dead letters", "bad"));
+    const dead = num(outbox.dead_letters);
+    if (dead > 0) nodes.push(badge(dead + (dead === 1 ? " dead letter" : " dead letters"), "bad"));
     put("badges", ...nodes);
     put("updated", "v" + (s.version || "?") + " · up " + duration(num(s.uptime_sec)) +
         " · updated " + new Date().toLocaleTimeString() + " · refreshes every " +
@@ -227,8 +230,8 @@ _SCRIPT = """
     }
     const conn = s.connectivity;
     if (conn && typeof conn === "object") {
-      nodes.push(kv(Object.entries(conn).map(([k, v]) =>
-        [k.replaceAll("_", " "), v === null ? "-" : typeof v === "object" ? JSON.stringify(v) : String(v)])));
+      const shown = (v) => v === null ? "-" : typeof v === "object" ? JSON.stringify(v) : String(v);
+      nodes.push(kv(Object.entries(conn).map(([k, v]) => [k.replaceAll("_", " "), shown(v)])));
     }
     put("circuits", ...nodes);
   }
@@ -318,6 +321,12 @@ _SCRIPT = """
 
   async function refresh() {
     clearTimeout(timer);
+    if (busy) return;
+    busy = true;
+    try { await load(); } finally { busy = false; }
+  }
+
+  async function load() {
     const token = sessionStorage.getItem(TOKEN_KEY);
     const headers = { "Accept": "application/json" };
     if (token) headers["Authorization"] = "Bearer " + token;

@@ -1,9 +1,9 @@
-"""Benchmark the cloud path: hybrid ``/dispatch`` -> cloud instance, against calling the cloud direct.
+"""Benchmark the cloud path: hybrid ``/dispatch`` -> cloud, against calling the cloud directly.
 
     python -m bench.bench_cloud_path [--quick] [--requests N]
 
 Two real uvicorn processes (the settings of ``bench.common.uvicorn_command``), each from its own
-temporary working directory and ``DATA_DIR``, both loading ``EVERREACH_SERVICES=tests.e2e_services``:
+temporary working directory and ``DATA_DIR``, both with ``EVERREACH_SERVICES=tests.e2e_services``:
 
 - the cloud: ``EVERREACH_ENV=cloud``, no ``CLOUD_ENDPOINT``, ``EVERREACH_CLOUD_KEY`` set;
 - the terminal: ``EVERREACH_ENV=hybrid``, ``CLOUD_ENDPOINT`` = the cloud, the same key.

@@ -14,7 +14,6 @@ local test server; the run uses a throwaway schema. If it is unreachable its row
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sqlite3
 import tempfile
@@ -26,6 +25,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from bench import common
 from cost_guard import CostGuard
 from cost_ledger import LedgerStore, SqliteLedgerStore
 from cost_ledger_pg import PostgresLedgerStore
@@ -59,12 +59,11 @@ async def _measure(
     wall_start = time.perf_counter()
     await asyncio.gather(*(caller(c) for c in range(callers)))
     wall_s = time.perf_counter() - wall_start
-    ordered = sorted(samples)
     return {
         "ops": len(samples),
         "ops_per_s": len(samples) / wall_s,
-        "p50_ms": ordered[len(ordered) // 2] * 1e3,
-        "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e3,
+        "p50_ms": common.percentile(samples, 0.5) * 1e3,
+        "p99_ms": common.percentile(samples, 0.99) * 1e3,
     }
 
 
@@ -201,30 +200,32 @@ def run(quick: bool = False, *, folder: Path | None = None, dsn: str | None = No
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| store | callers | reserve+commit /s | p50 ms | p99 ms | bare INSERT /s | p50 ms "
-        "| p99 ms | ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    """Render rows as a markdown table."""
+    cells = []
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['name']} | skipped: {r['skipped']} ||||||||")
+            cells.append([r["name"], f"skipped: {r['skipped']}", *[""] * 7])
             continue
-        lines.append(
-            f"| {r['store']} | {r['callers']} | {r['reserve_commit_per_s']:,.0f} "
-            f"| {r['reserve_commit_p50_ms']:.2f} | {r['reserve_commit_p99_ms']:.2f} "
-            f"| {r['insert_per_s']:,.0f} | {r['insert_p50_ms']:.2f} | {r['insert_p99_ms']:.2f} "
-            f"| {r['ratio']:.1f}x |"
-        )
-    return "\n".join(lines)
+        cells.append(
+            [
+                r["store"], r["callers"], f"{r['reserve_commit_per_s']:,.0f}",
+                f"{r['reserve_commit_p50_ms']:.2f}", f"{r['reserve_commit_p99_ms']:.2f}",
+                f"{r['insert_per_s']:,.0f}", f"{r['insert_p50_ms']:.2f}",
+                f"{r['insert_p99_ms']:.2f}", f"{r['ratio']:.1f}x",
+            ]
+        )  # fmt: skip
+    return common.table(
+        ["store", "callers", "reserve+commit /s", "p50 ms", "p99 ms", "bare INSERT /s", "p50 ms",
+         "p99 ms", "ratio"],
+        cells,
+    )  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="10x fewer operations")
+def main(argv: list[str] | None = None) -> None:
+    parser = common.parser(__doc__)  # --quick: 10x fewer operations
     parser.add_argument("--dir", type=Path, default=Path("data"), help="where the SQLite files go")
     parser.add_argument("--dsn", default=None, help="PostgreSQL DSN (default: see module doc)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
     print(markdown(run(args.quick, folder=args.dir, dsn=args.dsn)))
 

@@ -78,13 +78,15 @@ def parse_wrk(out: str) -> LoadResult:
     done = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m),", out)
     if done is None:
         raise RuntimeError(f"unexpected wrk output:\n{out}")
-    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    socket_errors = re.search(r"Socket errors:(.*)$", out, re.MULTILINE)
+    errors = sum(int(n) for n in re.findall(r"\d+", socket_errors.group(1))) if socket_errors else 0
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors += int(non_2xx.group(1)) if non_2xx else 0
     latency = {
         f"p{pct}": float(value) * _UNIT_MS[unit]
-        for pct, value, unit in re.findall(r"^\s+(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s|m)\s*$",
-                                           out, re.MULTILINE)
+        for pct, value, unit in re.findall(
+            r"^\s+(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.MULTILINE
+        )
     }
     return LoadResult(
         requests=int(done.group(1)),
@@ -120,8 +122,10 @@ async def _httpx_load(url: str, connections: int, duration_s: float) -> LoadResu
         requests=len(samples),
         duration_s=wall_s,
         errors=errors,
-        latency_ms={"p50": common.percentile(samples, 0.5) * 1e3,
-                    "p99": common.percentile(samples, 0.99) * 1e3},
+        latency_ms={
+            "p50": common.percentile(samples, 0.5) * 1e3,
+            "p99": common.percentile(samples, 0.99) * 1e3,
+        },
     )
 
 
@@ -169,9 +173,7 @@ def _bench(
         f"wrk -t1 -c{connections} -d{max(1, round(duration_s))}s" if use_wrk
         else f"httpx async, {connections} keep-alive connections, {duration_s:g} s"
     )  # fmt: skip
-    ratios = [
-        d.rps / b.rps for d, b in zip(results["dispatch"], results["bare"], strict=True)
-    ]
+    ratios = [d.rps / b.rps for d, b in zip(results["dispatch"], results["bare"], strict=True)]
     ratio = common.median(ratios)
 
     def row(name: str, path: str, runs: list[LoadResult]) -> common.Row:
@@ -188,7 +190,7 @@ def _bench(
             "errors": sum(r.errors for r in runs),
             "path": path,
             "server": f"uvicorn 1 worker, --loop {common.UVICORN_LOOP} "
-                      f"--http {common.UVICORN_HTTP}",
+            f"--http {common.UVICORN_HTTP}",
         }
 
     bare_row = row("bare FastAPI endpoint (baseline)", "POST /echo", results["bare"])
@@ -225,12 +227,12 @@ def markdown(rows: list[common.Row]) -> str:
         return f"{r['ratio']:.1%} (worst round {r['ratio_min']:.1%})"
 
     return common.table(
-        ["endpoint", "load", "rounds", "req/s (median)", "min–max req/s", "p50 ms", "p99 ms",
+        ["endpoint", "load", "rounds", "req/s (median)", "min..max req/s", "p50 ms", "p99 ms",
          "errors", "vs bare", "goal"],
         [
             [
                 r["name"], r["generator"], r["rounds"], f"{r['rps']:,.0f}",
-                f"{r['rps_min']:,.0f}–{r['rps_max']:,.0f}", f"{r['p50_ms']:.2f}",
+                f"{r['rps_min']:,.0f}..{r['rps_max']:,.0f}", f"{r['p50_ms']:.2f}",
                 f"{r['p99_ms']:.2f}", r["errors"], ratio(r),
                 common.goal_cell(r["goal_met"], f">= {GOAL_RATIO:.0%}"),
             ]
@@ -245,8 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration-s", type=float, default=None, help="seconds per load run")
     parser.add_argument("--rounds", type=int, default=None, help="load runs per endpoint")
     args = parser.parse_args(argv)
-    rows = run(args.quick, connections=args.connections, duration_s=args.duration_s,
-               rounds=args.rounds)
+    rows = run(
+        args.quick, connections=args.connections, duration_s=args.duration_s, rounds=args.rounds
+    )
     print(markdown(rows))
 
 

@@ -15,16 +15,13 @@ so both write paths hit the same disk the service uses.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sqlite3
 import statistics
-import tempfile
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from bench import common
 from offline_cache import OfflineCache
 from outbox import Outbox
 from service_registry import ServiceRegistry
@@ -37,37 +34,14 @@ async def _noop(params: dict[str, Any]) -> dict[str, Any]:
     return {"ok": True}
 
 
-async def _time_async(n: int, call: Callable[[int], Awaitable[Any]]) -> list[float]:
-    for i in range(min(50, n)):  # warm up: thread start, page cache, first compiles
-        await call(-1 - i)
-    samples = []
-    for i in range(n):
-        start = time.perf_counter()
-        await call(i)
-        samples.append(time.perf_counter() - start)
-    return samples
-
-
-def _time_sync(n: int, call: Callable[[int], Any]) -> list[float]:
-    for i in range(min(50, n)):
-        call(-1 - i)
-    samples = []
-    for i in range(n):
-        start = time.perf_counter()
-        call(i)
-        samples.append(time.perf_counter() - start)
-    return samples
-
-
 def _row(name: str, samples: list[float], baseline: dict[str, Any] | None = None) -> dict[str, Any]:
-    ordered = sorted(samples)
     mean_s = statistics.fmean(samples)
     row = {
         "name": name,
         "n": len(samples),
         "mean_us": mean_s * 1e6,
-        "p50_us": ordered[len(ordered) // 2] * 1e6,
-        "p99_us": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e6,
+        "p50_us": common.percentile(samples, 0.5) * 1e6,
+        "p99_us": common.percentile(samples, 0.99) * 1e6,
         "per_s": 1.0 / mean_s,
         "vs_baseline": None,
     }
@@ -83,7 +57,7 @@ async def _bench(folder: Path, quick: bool) -> list[dict[str, Any]]:
     registry = ServiceRegistry({"bench.noop": _noop}, builtins=False)
     local = _row(
         "local no-op handler (ServiceRegistry.dispatch)",
-        await _time_async(reads, lambda i: registry.dispatch("bench.noop", PARAMS)),
+        await common.time_calls(reads, lambda i: registry.dispatch("bench.noop", PARAMS)),
     )
 
     cache = OfflineCache(folder / "cache.sqlite3")
@@ -92,7 +66,7 @@ async def _bench(folder: Path, quick: bool) -> list[dict[str, Any]]:
         await cache.put("research.keyword", PARAMS, RESPONSE)
         cached = _row(
             "offline read: OfflineCache.get (fresh hit)",
-            await _time_async(reads, lambda i: cache.get("research.keyword", PARAMS)),
+            await common.time_calls(reads, lambda i: cache.get("research.keyword", PARAMS)),
             local,
         )
     finally:
@@ -110,7 +84,10 @@ async def _bench(folder: Path, quick: bool) -> list[dict[str, Any]]:
             conn.execute("INSERT INTO t (body) VALUES (?)", (f'{{"n":{i}}}',))
             conn.execute("COMMIT")
 
-        bare = _row("bare sqlite INSERT+COMMIT (WAL, synchronous=FULL)", _time_sync(writes, insert))
+        bare = _row(
+            "bare sqlite INSERT+COMMIT (WAL, synchronous=FULL)",
+            common.time_sync_calls(writes, insert),
+        )
     finally:
         conn.close()
 
@@ -119,7 +96,7 @@ async def _bench(folder: Path, quick: bool) -> list[dict[str, Any]]:
     try:
         enqueued = _row(
             "Outbox.enqueue (fsync'd, acknowledged)",
-            await _time_async(
+            await common.time_calls(
                 writes, lambda i: outbox.enqueue("dm.send", {**PARAMS, "n": i}, f"bench-{i}")
             ),
             bare,
@@ -131,30 +108,27 @@ async def _bench(folder: Path, quick: bool) -> list[dict[str, Any]]:
 
 def run(quick: bool = False, *, directory: Path | None = None) -> list[dict[str, Any]]:
     """Run the benchmark; return one dict per measured path (times in microseconds)."""
-    base = Path(directory) if directory is not None else Path("data")
-    base.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="bench-offline-", dir=base) as folder:
-        return asyncio.run(_bench(Path(folder), quick))
+    with common.temp_folder("bench-offline-", directory) as folder:
+        return asyncio.run(_bench(folder, quick))
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """Render rows as a markdown table."""
-    lines = [
-        "| path | n | mean µs | p50 µs | p99 µs | per second | vs baseline |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        ratio = "baseline" if row["vs_baseline"] is None else f"{row['vs_baseline']:.2f}"
-        lines.append(
-            f"| {row['name']} | {row['n']} | {row['mean_us']:.1f} | {row['p50_us']:.1f} | "
-            f"{row['p99_us']:.1f} | {row['per_s']:,.0f} | {ratio} |"
-        )
-    return "\n".join(lines)
+    return common.table(
+        ["path", "n", "mean µs", "p50 µs", "p99 µs", "per second", "vs baseline"],
+        [
+            [
+                row["name"], row["n"], f"{row['mean_us']:.1f}", f"{row['p50_us']:.1f}",
+                f"{row['p99_us']:.1f}", f"{row['per_s']:,.0f}",
+                "baseline" if row["vs_baseline"] is None else f"{row['vs_baseline']:.2f}",
+            ]
+            for row in rows
+        ],
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
+    parser = common.parser(__doc__)
     parser.add_argument("--dir", type=Path, default=None, help="folder for the files (./data)")
     args = parser.parse_args(argv)
     print(markdown(run(args.quick, directory=args.dir)))

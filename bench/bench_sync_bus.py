@@ -21,14 +21,10 @@ there is no redis-server on PATH.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import shutil
-import socket
-import statistics
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -39,6 +35,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
+from bench import common
 from sync_bus import SyncBus, stream_key
 
 WARMUP = 50
@@ -63,8 +60,7 @@ class _Sink:
 
 
 def _percentile_ms(samples_s: list[float], fraction: float) -> float:
-    ordered = sorted(samples_s)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))] * 1000
+    return common.percentile(samples_s, fraction) * 1000
 
 
 async def _measure(name: str, publish: Publish, sink: _Sink, n: int) -> dict[str, Any]:
@@ -92,9 +88,9 @@ async def _measure(name: str, publish: Publish, sink: _Sink, n: int) -> dict[str
         "name": name,
         "n": n,
         "per_s": n / (max(sink.received.values()) - start),
-        "idle_p50_ms": statistics.median(idle) * 1000,
+        "idle_p50_ms": common.median(idle) * 1000,
         "idle_p99_ms": _percentile_ms(idle, 0.99),
-        "load_p50_ms": statistics.median(burst) * 1000,
+        "load_p50_ms": common.median(burst) * 1000,
         "load_p99_ms": _percentile_ms(burst, 0.99),
         "vs_baseline": None,
     }
@@ -150,19 +146,13 @@ async def _sync_bus(name: str, url: str | None, folder: Path, n: int) -> dict[st
             redis.Redis.from_url(url).delete(stream_key(topic))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def _throwaway_redis() -> Iterator[str | None]:
     """A private redis-server on a free loopback port, or None if there is none to start."""
     if shutil.which("redis-server") is None:
         yield None
         return
-    port = _free_port()
+    port = common.free_port()
     proc = subprocess.Popen(
         [
             "redis-server",
@@ -209,40 +199,37 @@ def run(
     quick: bool = False, *, redis_url: str | None = None, directory: Path | None = None
 ) -> list[dict[str, Any]]:
     """Run the benchmark; one dict per case (latencies in ms, throughput in messages/s)."""
-    base = Path(directory) if directory is not None else Path("data")
-    base.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="bench-bus-", dir=base) as folder:
+    with common.temp_folder("bench-bus-", directory) as folder:
         if redis_url is not None:
-            return asyncio.run(_bench(redis_url, Path(folder), quick))
+            return asyncio.run(_bench(redis_url, folder, quick))
         with _throwaway_redis() as url:
-            return asyncio.run(_bench(url, Path(folder), quick))
+            return asyncio.run(_bench(url, folder, quick))
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """Render rows as a markdown table."""
-    lines = [
-        "| path | messages | msg/s | idle p50 ms | idle p99 ms | burst p50 ms | burst p99 ms "
-        "| bare/this msg/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
+
+    def ratio(row: dict[str, Any]) -> str:
         if row["name"].startswith("bare"):
-            ratio = "baseline"
-        elif row["vs_baseline"] is None:
-            ratio = "—"
-        else:
-            ratio = f"{row['vs_baseline']:.2f}"
-        lines.append(
-            f"| {row['name']} | {row['n']} | {row['per_s']:,.0f} | {row['idle_p50_ms']:.2f} | "
-            f"{row['idle_p99_ms']:.2f} | {row['load_p50_ms']:.2f} | {row['load_p99_ms']:.2f} "
-            f"| {ratio} |"
-        )
-    return "\n".join(lines)
+            return "baseline"
+        return "—" if row["vs_baseline"] is None else f"{row['vs_baseline']:.2f}"
+
+    return common.table(
+        ["path", "messages", "msg/s", "idle p50 ms", "idle p99 ms", "burst p50 ms",
+         "burst p99 ms", "bare/this msg/s"],
+        [
+            [
+                row["name"], row["n"], f"{row['per_s']:,.0f}", f"{row['idle_p50_ms']:.2f}",
+                f"{row['idle_p99_ms']:.2f}", f"{row['load_p50_ms']:.2f}",
+                f"{row['load_p99_ms']:.2f}", ratio(row),
+            ]
+            for row in rows
+        ],
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="fewer messages (a smoke run)")
+    parser = common.parser(__doc__)
     parser.add_argument("--redis-url", default=None, help="use this Redis, not a throwaway one")
     parser.add_argument("--dir", type=Path, default=None, help="folder for SQLite files (./data)")
     args = parser.parse_args(argv)

@@ -204,5 +204,6 @@ def _wait_until_healthy(server: Server, health_path: str, wait_s: float) -> None
         except httpx.HTTPError:
             pass
         time.sleep(0.05)
-    raise RuntimeError(f"{server.name} did not answer {health_path} in {wait_s:g} s:\n"
-                       f"{server.log_tail()}")
+    raise RuntimeError(
+        f"{server.name} did not answer {health_path} in {wait_s:g} s:\n{server.log_tail()}"
+    )

@@ -1,8 +1,7 @@
-"""The ``everreach`` command line against real server processes (and a few pure views)."""
+"""The ``everreach`` commands, against real server processes where they need one."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import os
@@ -10,16 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from rich.console import Console
 
-import cli
-from cli import ExitCode, Server, main, outbox_view, send_batch, status_view
+from cli import ExitCode, main
 from config.hybrid_config import HybridConfig
 from tests.conftest import ROOT, free_port
 
@@ -30,8 +26,9 @@ CONFIG = HybridConfig.from_mapping({})  # no environment, no .env: every call na
 TOKEN = "cli-test-token-123"
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str, config: HybridConfig = CONFIG
-        ) -> tuple[int, str, str]:
+def run(
+    capsys: pytest.CaptureFixture[str], *argv: str, config: HybridConfig = CONFIG
+) -> tuple[int, str, str]:
     code = main(list(argv), config=config)
     out, err = capsys.readouterr()
     return code, out, err
@@ -40,27 +37,36 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str, config: HybridConfig = C
 def terminal_offline(server_factory: Any) -> Any:
     """A hybrid terminal in OFFLINE_MODE with no dm.send handler: dm.send can only queue."""
     return server_factory(
-        name="terminal", EVERREACH_ENV="hybrid",
-        CLOUD_ENDPOINT=f"http://127.0.0.1:{free_port()}", EVERREACH_CLOUD_KEY="cloud-key-123",
-        EVERREACH_SERVICES="tests.e2e_terminal_services", OFFLINE_MODE="true",
+        name="terminal",
+        EVERREACH_ENV="hybrid",
+        CLOUD_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+        EVERREACH_CLOUD_KEY="cloud-key-123",
+        EVERREACH_SERVICES="tests.e2e_terminal_services",
+        OFFLINE_MODE="true",
     )
 
 
-def render(parts: list[Any]) -> str:
-    console = Console(record=True, width=160, markup=False, file=io.StringIO())
-    for part in parts:
-        console.print(part)
-    return console.export_text()
-
-
-# -- dispatch ---------------------------------------------------------------------------------------
+# -- dispatch -------------------------------------------------------------------------------------
 
 
 @e2e
 def test_dispatch_prints_the_envelope_and_exits_0(server_factory, capsys):
     server = server_factory()
-    code, out, _ = run(capsys, "dispatch", "system.echo", "--url", server.url,
-                       "--params", '{"a": 1, "b": "x"}', "-p", "b=y", "-p", "n=3", "-p", "to=alice")
+    code, out, _ = run(
+        capsys,
+        "dispatch",
+        "system.echo",
+        "--url",
+        server.url,
+        "--params",
+        '{"a": 1, "b": "x"}',
+        "-p",
+        "b=y",
+        "-p",
+        "n=3",
+        "-p",
+        "to=alice",
+    )
     envelope = json.loads(out)
     assert code == ExitCode.OK == 0
     assert envelope["ok"] is True and envelope["source"] == "local"
@@ -79,8 +85,17 @@ def test_dispatch_of_an_unknown_action_exits_1_and_says_why(server_factory, caps
 @e2e
 def test_dispatch_queued_in_the_outbox_exits_3(server_factory, capsys):
     server = terminal_offline(server_factory)
-    code, out, err = run(capsys, "dispatch", "dm.send", "--url", server.url, "-p", "to=bob",
-                         "--idempotency-key", "cli-queued-0001")
+    code, out, err = run(
+        capsys,
+        "dispatch",
+        "dm.send",
+        "--url",
+        server.url,
+        "-p",
+        "to=bob",
+        "--idempotency-key",
+        "cli-queued-0001",
+    )
     envelope = json.loads(out)
     assert code == ExitCode.QUEUED == 3
     assert envelope["queued"] is True and envelope["source"] == "outbox"
@@ -120,15 +135,17 @@ def test_dispatch_with_bad_params_is_a_usage_error(capsys, argv, message):
     assert code == ExitCode.USAGE and out == "" and message in err
 
 
-# -- batch ------------------------------------------------------------------------------------------
+# -- batch ----------------------------------------------------------------------------------------
 
 
 @e2e
 def test_batch_prints_results_in_input_order_with_a_progress_bar(server_factory, capsys, tmp_path):
     server = server_factory()
     # The first items sleep longest, so they finish last: the output must still be in order.
-    items = [{"action": "content.generate", "params": {"n": n, "sleep_s": 0.03 * (6 - n)}}
-             for n in range(6)]
+    items = [
+        {"action": "content.generate", "params": {"n": n, "sleep_s": 0.03 * (6 - n)}}
+        for n in range(6)
+    ]
     items.append({"action": "nope.missing", "params": {}})
     path = tmp_path / "items.json"
     path.write_text(json.dumps(items))
@@ -137,7 +154,11 @@ def test_batch_prints_results_in_input_order_with_a_progress_bar(server_factory,
     assert [r["result"]["piece"] for r in body["results"][:6]] == [0, 1, 2, 3, 4, 5]
     assert body["results"][6]["error"] == "unknown_action"
     assert body["summary"] | {"duration_ms": 0} == {
-        "total": 7, "ok": 6, "failed": 1, "queued": 0, "by_source": {"local": 7},
+        "total": 7,
+        "ok": 6,
+        "failed": 1,
+        "queued": 0,
+        "by_source": {"local": 7},
         "duration_ms": 0,
     }
     assert code == ExitCode.FAILED  # one item failed
@@ -157,45 +178,6 @@ def test_batch_reads_stdin_and_can_run_on_the_server(server_factory, capsys, mon
     assert body["summary"]["ok"] == 4 and "4 items, 4 ok" in err
 
 
-async def test_send_batch_keeps_at_most_max_concurrent_requests_in_flight():
-    in_flight = peak = 0
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        nonlocal in_flight, peak
-        in_flight += 1
-        peak = max(peak, in_flight)
-        for _ in range(5):  # yield to the loop so the other items get their chance to start
-            await asyncio.sleep(0)
-        in_flight -= 1
-        item = json.loads(request.content)
-        return httpx.Response(200, json={"ok": True, "action": item["action"],
-                                         "source": "local", "result": item["params"]})
-
-    seen: list[int] = []
-    results = await send_batch(
-        Server("http://test"), [{"action": "x.y", "params": {"i": i}} for i in range(10)],
-        max_concurrent=3, on_result=lambda index, _: seen.append(index),
-        transport=httpx.MockTransport(handler),
-    )
-    assert peak == 3
-    assert [r["result"]["i"] for r in results] == list(range(10))
-    assert sorted(seen) == list(range(10))
-
-
-async def test_send_batch_turns_an_unusable_answer_into_a_failed_item():
-    def handler(request: httpx.Request) -> httpx.Response:
-        if json.loads(request.content)["params"]["i"] == 1:
-            return httpx.Response(502, text="<html>bad gateway</html>")
-        return httpx.Response(200, json={"ok": True, "action": "x.y", "source": "local"})
-
-    results = await send_batch(
-        Server("http://test"), [{"action": "x.y", "params": {"i": i}} for i in range(3)],
-        transport=httpx.MockTransport(handler),
-    )
-    assert [r["ok"] for r in results] == [True, False, True]
-    assert results[1]["error"] == cli.NO_RESPONSE and "502" in results[1]["detail"]
-
-
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -212,7 +194,7 @@ def test_batch_rejects_a_malformed_file_as_a_usage_error(capsys, tmp_path, conte
     assert code == ExitCode.USAGE and out == "" and message in err
 
 
-# -- status, cost, outbox, routes -------------------------------------------------------------------
+# -- status, cost, outbox, routes -----------------------------------------------------------------
 
 
 @e2e
@@ -272,48 +254,39 @@ def test_outbox_shows_the_pending_depth(server_factory, capsys):
     assert json.loads(out)["outbox"]["depth"] == 1 and json.loads(out)["dead_letters"] == []
 
 
-def test_outbox_view_lists_dead_letters_with_their_errors():
-    text = render(outbox_view({
-        "outbox": {"depth": 0, "dead_letters": 1, "oldest_pending_at": None},
-        "dead_letters": [{"id": "ob-1", "action": "dm.send", "attempts": 8,
-                          "error": "HTTP 422 [bold]from the cloud[/bold]"}],
-    }))
-    row = next(line for line in text.splitlines() if "ob-1" in line)
-    assert "dm.send" in row and "8" in row
-    assert "HTTP 422 [bold]from the cloud[/bold]" in row  # server text is never rich markup
-
-
-def test_status_view_shows_open_circuits_caps_and_next_runs():
-    now = datetime(2026, 3, 1, 5, 0, tzinfo=UTC)
-    text = render(status_view({
-        "env": "hybrid", "online": False, "offline_mode": True, "connectivity": {"online": False},
-        "version": "9", "uptime_sec": 3700,
-        "cost": {"month": "2026-03", "spent_usd": "400.00", "hard_cap_usd": "400.00",
-                 "soft_cap_usd": "380.00", "hard_cap_reached": True, "soft_cap_reached": True},
-        "circuits": {"local": {"content.generate": "open"}, "cloud": "half_open"},
-        "scheduler": {"timezone": "UTC", "jobs": [
-            {"id": "nightly", "action": "system.heartbeat", "trigger": "cron 0 6 * * *",
-             "next_run_time": "2026-03-01T06:00:00+00:00", "runs": 4, "mirrored": True}]},
-    }, now=now))
-    assert "env hybrid · cloud offline · OFFLINE_MODE · v9 · up 1 h 1 min" in text
-    assert "hard cap reached" in text and "100.0% of the hard cap" in text
-    assert "local content.generate" in text and "open" in text and "half_open" in text
-    assert "nightly (mirrored)" in text and "2026-03-01T06:00:00+00:00 (in 1 h)" in text
-
-
 def test_routes_prints_the_table_with_the_classifier_kind_without_a_server(capsys, tmp_path):
     table = tmp_path / "routes.json"
-    table.write_text(json.dumps({"actions": {
-        "research.keyword": {"preferred_env": "auto", "fallback_env": "local",
-                             "side_effect": False},
-        "content.*": {"preferred_env": "auto", "fallback_env": "cloud", "side_effect": False},
-        "dm.send": {"preferred_env": "cloud", "fallback_env": "none", "side_effect": True},
-    }}))
+    table.write_text(
+        json.dumps(
+            {
+                "actions": {
+                    "research.keyword": {
+                        "preferred_env": "auto",
+                        "fallback_env": "local",
+                        "side_effect": False,
+                    },
+                    "content.*": {
+                        "preferred_env": "auto",
+                        "fallback_env": "cloud",
+                        "side_effect": False,
+                    },
+                    "dm.send": {
+                        "preferred_env": "cloud",
+                        "fallback_env": "none",
+                        "side_effect": True,
+                    },
+                }
+            }
+        )
+    )
     config = HybridConfig.from_mapping({"route_table_path": str(table)})
     code, out, _ = run(capsys, "routes", config=config)
     assert code == ExitCode.OK
-    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:7]]
-            for line in out.splitlines() if line.startswith("│")}
+    rows = {
+        line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:7]]
+        for line in out.splitlines()
+        if line.startswith("│")
+    }
     assert rows == {
         "content.*": ["auto", "cloud", "no", "compute", "local"],
         "dm.send": ["cloud", "none", "yes", "api", "cloud"],
@@ -322,9 +295,14 @@ def test_routes_prints_the_table_with_the_classifier_kind_without_a_server(capsy
     code, out, _ = run(capsys, "routes", "--json", config=config)
     body = json.loads(out)
     assert body["source"] == str(table)
-    assert body["routes"][0] == {"action": "content.*", "preferred_env": "auto",
-                                 "fallback_env": "cloud", "side_effect": False,
-                                 "classifier_kind": "compute", "hybrid_env": "local"}
+    assert body["routes"][0] == {
+        "action": "content.*",
+        "preferred_env": "auto",
+        "fallback_env": "cloud",
+        "side_effect": False,
+        "classifier_kind": "compute",
+        "hybrid_env": "local",
+    }
 
 
 def test_routes_with_a_broken_table_is_a_configuration_error(capsys, tmp_path):
@@ -336,37 +314,32 @@ def test_routes_with_a_broken_table_is_a_configuration_error(capsys, tmp_path):
     assert err.startswith("everreach: configuration error: ") and err.count("\n") == 1
 
 
-@pytest.mark.parametrize(
-    ("variables", "url"),
-    [
-        ({}, "http://127.0.0.1:8080"),
-        ({"host": "0.0.0.0", "port": "9000", "local_api_token": "t"}, "http://127.0.0.1:9000"),
-        ({"host": "::1"}, "http://[::1]:8080"),
-        ({"local_endpoint": "http://box.lan:7000/"}, "http://box.lan:7000"),
-    ],
-)
-def test_the_server_url_comes_from_the_config(variables, url):
-    assert Server.from_config(HybridConfig.from_mapping(variables)).url == url
-
-
-def test_the_token_comes_from_the_config_unless_given():
-    config = HybridConfig.from_mapping({"local_api_token": "from-config"})
-    assert Server.from_config(config).headers() == {"Authorization": "Bearer from-config"}
-    assert Server.from_config(config, token="t2").headers() == {"Authorization": "Bearer t2"}
-    assert Server.from_config(CONFIG).headers() == {}
-
-
-# -- serve ------------------------------------------------------------------------------------------
-
-
 def cli_process(tmp_path: Path, *argv: str, **variables: str) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("EVERREACH_", "CLOUD_", "LOCAL_", "COST_", "CACHE_", "SUPABASE_"))
-           and k not in ("DATABASE_URL", "REDIS_URL", "OFFLINE_MODE", "DATA_DIR", "HOST", "PORT",
-                         "ROUTE_TABLE_PATH", "SCHEDULES_PATH")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("EVERREACH_", "CLOUD_", "LOCAL_", "COST_", "CACHE_", "SUPABASE_"))
+        and k
+        not in (
+            "DATABASE_URL",
+            "REDIS_URL",
+            "OFFLINE_MODE",
+            "DATA_DIR",
+            "HOST",
+            "PORT",
+            "ROUTE_TABLE_PATH",
+            "SCHEDULES_PATH",
+        )
+    }
     env.update({"PYTHONPATH": str(ROOT), "DATA_DIR": str(tmp_path / "data"), **variables})
-    return subprocess.Popen([sys.executable, "-m", "cli", *argv], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli", *argv],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finished(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
@@ -393,20 +366,25 @@ def test_serve_refuses_a_public_host_without_a_token(tmp_path):
 
 def test_serve_reports_a_start_up_config_error_without_a_traceback(tmp_path):
     (tmp_path / "schedules.json").write_text("{not json")
-    code, _, err = finished(cli_process(tmp_path, "serve", "--port", str(free_port()),
-                                        SCHEDULES_PATH="schedules.json"))
+    code, _, err = finished(
+        cli_process(tmp_path, "serve", "--port", str(free_port()), SCHEDULES_PATH="schedules.json")
+    )
     assert code == 2
     assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if '"level": "ERROR"' in line or
-             line.startswith("everreach:")]
+    lines = [
+        line
+        for line in err.splitlines()
+        if '"level": "ERROR"' in line or line.startswith("everreach:")
+    ]
     assert lines == [lines[-1]] and "configuration error: SCHEDULES_PATH" in lines[-1]
 
 
 @e2e
 def test_serve_runs_the_configured_server_until_interrupted(tmp_path):
     port = free_port()
-    proc = cli_process(tmp_path, "serve", "--port", str(port), PORT="1",
-                       EVERREACH_SERVICES="tests.e2e_services")
+    proc = cli_process(
+        tmp_path, "serve", "--port", str(port), PORT="1", EVERREACH_SERVICES="tests.e2e_services"
+    )
     try:
         deadline = time.monotonic() + 30  # only stops a hung test
         while True:
@@ -418,8 +396,11 @@ def test_serve_runs_the_configured_server_until_interrupted(tmp_path):
                 assert time.monotonic() < deadline, "the server did not come up"
                 time.sleep(0.05)
         assert health.json()["env"] == "local"
-        echo = httpx.post(f"http://127.0.0.1:{port}/dispatch",
-                          json={"action": "test.sync_add", "params": {"a": 2, "b": 3}}, timeout=10)
+        echo = httpx.post(
+            f"http://127.0.0.1:{port}/dispatch",
+            json={"action": "test.sync_add", "params": {"a": 2, "b": 3}},
+            timeout=10,
+        )
         assert echo.json()["result"]["sum"] == 5
         proc.send_signal(signal.SIGINT)
         code, _, err = finished(proc)

@@ -31,7 +31,7 @@ TOKEN = "page-test-token-456"
 HOSTILE = '<img src=x onerror="window.__pwned=1">'
 
 
-# -- the document -----------------------------------------------------------------------------------
+# -- the document ---------------------------------------------------------------------------------
 
 
 def test_page_is_one_self_contained_document():
@@ -45,16 +45,28 @@ def test_page_is_one_self_contained_document():
 
 def test_page_never_parses_text_as_html():
     html = render_status_page()
-    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
-                 "new Function"):
+    for sink in (
+        "innerHTML",
+        "outerHTML",
+        "insertAdjacentHTML",
+        "document.write",
+        "eval(",
+        "new Function",
+    ):
         assert sink not in html
 
 
 def test_csp_allows_exactly_the_inline_script_and_style():
     html = render_status_page()
-    csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', html).group(1)
-    script = re.search(r"<script>(.*)</script>", html, re.S).group(1)
-    style = re.search(r"<style>(.*)</style>", html, re.S).group(1)
+
+    def group(pattern: str) -> str:
+        match = re.search(pattern, html, re.S)
+        assert match is not None, pattern
+        return match.group(1)
+
+    csp = group(r'http-equiv="Content-Security-Policy" content="([^"]+)"')
+    script = group(r"<script>(.*)</script>")
+    style = group(r"<style>(.*)</style>")
 
     def sha(text: str) -> str:
         return base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
@@ -72,7 +84,7 @@ def test_script_fetches_status_with_the_session_token_every_5_seconds():
     assert "sessionStorage.getItem(TOKEN_KEY)" in html and "response.status === 401" in html
 
 
-# -- in a browser -----------------------------------------------------------------------------------
+# -- in a browser ---------------------------------------------------------------------------------
 
 
 class Chromium:
@@ -89,15 +101,28 @@ class Chromium:
         binary = shutil.which("chromium") or shutil.which("chromium-browser")
         if binary is None:
             service_missing("chromium (Debian package chromium)")
+        assert binary is not None
         from websockets.sync.client import connect
 
         proc = subprocess.Popen(
-            [binary, "--headless", "--no-sandbox", "--disable-gpu",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--no-first-run", "--no-default-browser-check", f"--user-data-dir={profile}",
-             "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
-             "--window-size=1280,900", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                binary,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--no-default-browser-check",
+                f"--user-data-dir={profile}",
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+                "--window-size=1280,900",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         port_file = profile / "DevToolsActivePort"
         deadline = time.monotonic() + 30  # only stops a hung test
@@ -109,8 +134,9 @@ class Chromium:
         port, path = port_file.read_text().split()
         return cls(proc, connect(f"ws://127.0.0.1:{port}{path}", max_size=None))
 
-    def call(self, method: str, params: dict[str, Any] | None = None, *, page: bool = True
-             ) -> dict[str, Any]:
+    def call(
+        self, method: str, params: dict[str, Any] | None = None, *, page: bool = True
+    ) -> dict[str, Any]:
         self._id += 1
         message: dict[str, Any] = {"id": self._id, "method": method, "params": params or {}}
         if page and self.session:
@@ -125,16 +151,20 @@ class Chromium:
 
     def open(self, url: str) -> None:
         target = self.call("Target.createTarget", {"url": "about:blank"}, page=False)
-        self.session = self.call("Target.attachToTarget",
-                                 {"targetId": target["targetId"], "flatten": True},
-                                 page=False)["sessionId"]
+        self.session = self.call(
+            "Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}, page=False
+        )["sessionId"]
         self.call("Page.navigate", {"url": url})
-        self.wait_for(f"location.href === {json.dumps(url)} && document.readyState !== 'loading'",
-                      what=f"{url} to load")
+        self.wait_for(
+            f"location.href === {json.dumps(url)} && document.readyState !== 'loading'",
+            what=f"{url} to load",
+        )
 
     def eval(self, expression: str) -> Any:
-        result = self.call("Runtime.evaluate", {"expression": expression,
-                                                "returnByValue": True, "awaitPromise": True})
+        result = self.call(
+            "Runtime.evaluate",
+            {"expression": expression, "returnByValue": True, "awaitPromise": True},
+        )
         if "exceptionDetails" in result:
             raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
@@ -179,7 +209,8 @@ def browser(tmp_path: Path) -> Iterator[Chromium]:
 
 def counts_row(browser: Chromium, action: str) -> dict[str, str]:
     """The dispatch-counts row of ``action`` as {column header: cell text}."""
-    return dict(browser.eval(f"""(() => {{
+    return dict(
+        browser.eval(f"""(() => {{
         const table = document.querySelector("#counts table");
         if (!table) return null;
         const heads = [...table.querySelectorAll("th")].map((th) => th.textContent);
@@ -187,13 +218,13 @@ def counts_row(browser: Chromium, action: str) -> dict[str, str]:
             .find((tr) => tr.cells[0].textContent === {json.dumps(action)});
         return row ? Object.fromEntries([...row.cells].map((td, i) => [heads[i], td.textContent]))
                    : null;
-    }})()""") or {})
+    }})()""")
+        or {}
+    )
 
 
 @pytest.mark.e2e
-def test_page_shows_env_and_dispatch_counts_and_refreshes_itself(
-    server_factory, browser, tmp_path
-):
+def test_page_shows_env_and_dispatch_counts_and_refreshes_itself(server_factory, browser, tmp_path):
     server = server_factory()
     page = httpx.get(f"{server.url}/", timeout=10)
     assert page.headers["content-type"].startswith("text/html")
@@ -203,8 +234,11 @@ def test_page_shows_env_and_dispatch_counts_and_refreshes_itself(
     browser.open(f"{server.url}/")
     browser.wait_for("!document.getElementById('main').hidden", what="the status to render")
     assert "env local" in browser.text("#badges")
-    assert counts_row(browser, "system.echo") == {"action": "system.echo", "local": "2",
-                                                  "total": "2"}
+    assert counts_row(browser, "system.echo") == {
+        "action": "system.echo",
+        "local": "2",
+        "total": "2",
+    }
     assert "$0.00" in browser.text("#cost") and "$400.00" in browser.text("#cost")
     assert "daily_routine" in browser.text("#jobs")
     assert browser.eval("document.querySelector('#login').hidden") is True
@@ -226,11 +260,14 @@ def test_page_asks_for_the_token_on_401_and_keeps_it_for_the_tab(server_factory,
     browser.wait_for("!document.getElementById('login').hidden", what="the token form")
     assert browser.eval("document.getElementById('main').hidden") is True
 
-    submit = ("(() => { document.getElementById('token').value = {token};"
-              " document.getElementById('login').requestSubmit(); return true; })()")
+    submit = (
+        "(() => { document.getElementById('token').value = {token};"
+        " document.getElementById('login').requestSubmit(); return true; })()"
+    )
     browser.eval(submit.replace("{token}", json.dumps("wrong-token")))
-    browser.wait_for("!document.getElementById('login-error').hidden",
-                     what="the refused-token message")
+    browser.wait_for(
+        "!document.getElementById('login-error').hidden", what="the refused-token message"
+    )
     assert "refused" in browser.text("#login-error")
 
     browser.eval(submit.replace("{token}", json.dumps(TOKEN)))
@@ -239,32 +276,64 @@ def test_page_asks_for_the_token_on_401_and_keeps_it_for_the_tab(server_factory,
     assert browser.eval("sessionStorage.getItem('everreach.local_api_token')") == TOKEN
 
     browser.call("Page.reload")
-    browser.wait_for("document.readyState === 'complete' && "
-                     "!document.getElementById('main').hidden", what="the status after reload")
+    browser.wait_for(
+        "document.readyState === 'complete' && !document.getElementById('main').hidden",
+        what="the status after reload",
+    )
     assert browser.eval("document.getElementById('login').hidden") is True
 
 
 def hostile_status() -> dict[str, Any]:
     return {
-        "env": "hybrid", "version": HOSTILE, "uptime_sec": 90061, "online": False,
-        "offline_mode": True, "connectivity": {"online": False, "last_error": HOSTILE},
+        "env": "hybrid",
+        "version": HOSTILE,
+        "uptime_sec": 90061,
+        "online": False,
+        "offline_mode": True,
+        "connectivity": {"online": False, "last_error": HOSTILE},
         "dispatch_counts": {HOSTILE: {"cloud": 5}, "dm.send": {"outbox": 2, "cloud": 7}},
         "circuits": {"local": {"content.generate": "open"}, "cloud": "half_open"},
-        "cost": {"month": "2026-03", "timezone": "UTC", "spent_usd": "391.50",
-                 "reserved_usd": "4.00", "remaining_usd": "4.50", "soft_cap_usd": "380.00",
-                 "hard_cap_usd": "400.00", "soft_cap_reached": True, "hard_cap_reached": False,
-                 "by_action": {"dm.send": "300.00", HOSTILE: "91.50"}, "store": "postgres",
-                 "healthy": True, "error": None},
+        "cost": {
+            "month": "2026-03",
+            "timezone": "UTC",
+            "spent_usd": "391.50",
+            "reserved_usd": "4.00",
+            "remaining_usd": "4.50",
+            "soft_cap_usd": "380.00",
+            "hard_cap_usd": "400.00",
+            "soft_cap_reached": True,
+            "hard_cap_reached": False,
+            "by_action": {"dm.send": "300.00", HOSTILE: "91.50"},
+            "store": "postgres",
+            "healthy": True,
+            "error": None,
+        },
         "outbox": {"depth": 2, "dead_letters": 1, "oldest_pending_at": "2026-03-01T05:00:00Z"},
         "dead_letters": [{"id": "ob-1", "action": "dm.send", "attempts": 8, "error": HOSTILE}],
         "cache": {"entries": 3, "ttl_sec": 3600},
-        "scheduler": {"timezone": "UTC", "replica_lock": "redis", "jobs": [
-            {"id": "nightly", "action": "system.heartbeat", "trigger": HOSTILE,
-             "next_run_time": "2099-01-01T06:00:00+00:00", "runs": 4, "mirrored": True,
-             "last_outcome": "ok"}],
-            "mirror": {"enabled": True, "count": 1, "last_error": None}},
-        "bus": {"backend": "redis", "redis_configured": True, "redis_connected": True,
-                "backlog": 0, "last_error": HOSTILE},
+        "scheduler": {
+            "timezone": "UTC",
+            "replica_lock": "redis",
+            "jobs": [
+                {
+                    "id": "nightly",
+                    "action": "system.heartbeat",
+                    "trigger": HOSTILE,
+                    "next_run_time": "2099-01-01T06:00:00+00:00",
+                    "runs": 4,
+                    "mirrored": True,
+                    "last_outcome": "ok",
+                }
+            ],
+            "mirror": {"enabled": True, "count": 1, "last_error": None},
+        },
+        "bus": {
+            "backend": "redis",
+            "redis_configured": True,
+            "redis_connected": True,
+            "backlog": 0,
+            "last_error": HOSTILE,
+        },
         "routes": {"source": "route_table.json", "entries": 47},
         "actions": ["dm.send"],
     }
@@ -305,9 +374,13 @@ def test_page_shows_server_text_as_text_never_as_html(hostile_server, browser, t
     body = browser.text("body")
     assert body.count(HOSTILE) >= 6  # shown literally wherever it appeared
     assert "soft cap reached" in browser.text("#badges")
-    assert "1 dead letters" in browser.text("#badges")
-    assert counts_row(browser, "dm.send") == {"action": "dm.send", "cloud": "7", "outbox": "2",
-                                              "total": "9"}
+    assert "1 dead letter" in browser.text("#badges")
+    assert counts_row(browser, "dm.send") == {
+        "action": "dm.send",
+        "cloud": "7",
+        "outbox": "2",
+        "total": "9",
+    }
     width = browser.eval("document.querySelector('#cost .fill.spent').style.width")
     assert float(width.rstrip("%")) == pytest.approx(97.875)
     assert "open" in browser.text("#circuits") and "half_open" in browser.text("#circuits")

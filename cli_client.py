@@ -1,0 +1,194 @@
+"""The command line's client of a running server: where it is, the calls, the batch sender.
+
+Failures the user must see become ``CliFailure`` with the exit code the command line returns
+(``ExitCode``); nothing here prints. httpx clients are opened per command with ``trust_env=False``:
+the server is almost always on loopback, and an HTTP_PROXY from the environment must not catch it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import httpx
+
+from config.hybrid_config import HybridConfig
+
+NO_RESPONSE = "no_response"  # the client's own error code: the server gave no usable answer
+DISPATCH_TIMEOUT_S = 120.0  # covers a cloud call with its retries (4 x 30 s by default)
+VIEW_TIMEOUT_S = 10.0
+
+
+class ExitCode(IntEnum):
+    """What ``everreach`` exits with."""
+
+    OK = 0
+    FAILED = 1
+    USAGE = 2
+    QUEUED = 3
+
+
+class CliFailure(Exception):
+    """A failure the CLI reports as one line on stderr, with its exit code."""
+
+    def __init__(self, message: str, code: ExitCode = ExitCode.FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    """Where a running instance answers, and how to authenticate to it."""
+
+    url: str
+    token: str | None = None
+    timeout_s: float = VIEW_TIMEOUT_S
+
+    @classmethod
+    def from_config(
+        cls,
+        config: HybridConfig,
+        *,
+        url: str | None = None,
+        token: str | None = None,
+        timeout_s: float = VIEW_TIMEOUT_S,
+    ) -> Server:
+        """``--url``, else LOCAL_ENDPOINT, else http://HOST:PORT (a wildcard bind as loopback)."""
+        if url is None:
+            url = config.local_endpoint or default_url(config.host, config.port)
+        return cls(url.rstrip("/"), token or config.secret("local_api_token"), timeout_s)
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+
+def default_url(host: str, port: int) -> str:
+    """http://HOST:PORT of a server bound to HOST (a wildcard bind is reached on loopback)."""
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def request(server: Server, method: str, path: str, body: Any = None) -> httpx.Response:
+    """Send one request; ``CliFailure`` when nothing answers or the transport fails."""
+    try:
+        with httpx.Client(timeout=server.timeout_s, trust_env=False) as client:
+            return client.request(method, server.url + path, json=body, headers=server.headers())
+    except (httpx.ConnectError, httpx.ConnectTimeout):
+        raise CliFailure(f"no server at {server.url}; start it with: everreach serve") from None
+    except httpx.TimeoutException:
+        raise CliFailure(
+            f"{method} {server.url}{path} got no answer within {server.timeout_s:g} s "
+            f"(raise it with --timeout)"
+        ) from None
+    except httpx.HTTPError as exc:
+        raise CliFailure(f"{method} {server.url}{path} failed: {exc}") from None
+
+
+def json_body(response: httpx.Response) -> Any:
+    """The decoded JSON body; ``CliFailure`` naming the status when it is not JSON."""
+    try:
+        return response.json()
+    except ValueError:
+        raise CliFailure(
+            f"{response.request.method} {response.request.url} answered HTTP "
+            f"{response.status_code} that is not JSON: {response.text[:200]!r}"
+        ) from None
+
+
+def token_problem(server: Server) -> str:
+    """Say what to do about a 401."""
+    if server.token:
+        return f"{server.url} refused the token (LOCAL_API_TOKEN or --token)"
+    return f"{server.url} needs a token: set LOCAL_API_TOKEN (environment or .env) or pass --token"
+
+
+def fetch_status(server: Server) -> dict[str, Any]:
+    """GET /status; ``CliFailure`` when there is no server, a wrong token or an odd answer."""
+    response = request(server, "GET", "/status")
+    if response.status_code == 401:
+        raise CliFailure(token_problem(server))
+    if response.status_code != 200:
+        raise CliFailure(f"GET /status answered HTTP {response.status_code}: {response.text[:200]}")
+    body = json_body(response)
+    if not isinstance(body, dict):
+        raise CliFailure("GET /status did not answer a JSON object")
+    return body
+
+
+async def send_batch(
+    server: Server,
+    items: Sequence[Mapping[str, Any]],
+    *,
+    max_concurrent: int = 3,
+    on_result: Callable[[int, dict[str, Any]], None] | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> list[dict[str, Any]]:
+    """POST each item to /dispatch, at most ``max_concurrent`` at once; envelopes in input order.
+
+    An item the server gave no usable answer for gets an envelope with error ``no_response``;
+    one failing item never stops the others.
+    """
+    semaphore = asyncio.Semaphore(max_concurrent)
+    results: list[dict[str, Any]] = [{} for _ in items]
+    limits = httpx.Limits(max_connections=max_concurrent, max_keepalive_connections=max_concurrent)
+    async with httpx.AsyncClient(
+        base_url=server.url,
+        headers=server.headers(),
+        timeout=server.timeout_s,
+        limits=limits,
+        transport=transport,
+        trust_env=False,
+    ) as client:
+
+        async def one(index: int, item: Mapping[str, Any]) -> None:
+            async with semaphore:
+                results[index] = await _dispatch_one(client, item)
+            if on_result is not None:
+                on_result(index, results[index])
+
+        await asyncio.gather(*(one(i, item) for i, item in enumerate(items)))
+    return results
+
+
+async def _dispatch_one(client: httpx.AsyncClient, item: Mapping[str, Any]) -> dict[str, Any]:
+    action = str(item.get("action", ""))
+    try:
+        response = await client.post("/dispatch", json=dict(item))
+        body = response.json()
+    except httpx.HTTPError as exc:
+        detail = f"{type(exc).__name__}: {exc}".rstrip(": ")
+    except ValueError:
+        detail = f"HTTP {response.status_code} with a body that is not JSON"
+    else:
+        if isinstance(body, dict) and "ok" in body:
+            return body
+        detail = f"HTTP {response.status_code}: {json.dumps(body)[:200]}"
+    return {
+        "ok": False,
+        "action": action,
+        "source": None,
+        "result": None,
+        "error": NO_RESPONSE,
+        "detail": detail,
+    }
+
+
+def summarize(results: Sequence[Mapping[str, Any]], duration_ms: float) -> dict[str, Any]:
+    """The same summary ``POST /batch`` answers: totals, by source, duration."""
+    by_source: dict[str, int] = {}
+    for result in results:
+        key = str(result.get("source") or "none")
+        by_source[key] = by_source.get(key, 0) + 1
+    return {
+        "total": len(results),
+        "ok": sum(1 for r in results if r.get("ok")),
+        "failed": sum(1 for r in results if not r.get("ok") and not r.get("queued")),
+        "queued": sum(1 for r in results if r.get("queued")),
+        "by_source": by_source,
+        "duration_ms": round(duration_ms, 3),
+    }

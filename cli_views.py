@@ -1,0 +1,259 @@
+"""Terminal views of the command line: a ``/status`` body (or the route table) in, rich out.
+
+Pure functions, no I/O. Server strings are plain ``str`` cells on a console with markup off, so
+text such as ``[bold]`` in an error message is shown as written, never interpreted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.console import RenderableType
+from rich.table import Table
+from rich.text import Text
+
+SOURCES = ("local", "cloud", "local_fallback", "cache", "outbox")
+
+
+def _kv(title: str, pairs: Sequence[tuple[str, RenderableType]]) -> Table:
+    table = Table(
+        title=title, title_justify="left", show_header=False, box=None, padding=(0, 2, 0, 0)
+    )
+    table.add_column(style="dim")
+    table.add_column()
+    for key, value in pairs:
+        table.add_row(key, value)
+    return table
+
+
+def _usd(value: Any) -> str:
+    return "-" if value is None else f"${value}"
+
+
+def _num(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _duration(seconds: float) -> str:
+    left, parts = round(abs(seconds)), []
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if left >= size:
+            parts.append(f"{left // size} {unit}")
+            left %= size
+    if len(parts) < 2 and (left or not parts):
+        parts.append(f"{left} s")
+    return " ".join(parts[:2])
+
+
+def _when(iso: Any, now: datetime | None = None) -> str:
+    if not iso:
+        return "-"
+    try:
+        at = datetime.fromisoformat(str(iso))
+    except ValueError:
+        return str(iso)
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    delta = (at - (now or datetime.now(UTC))).total_seconds()
+    relative = f"in {_duration(delta)}" if delta >= 0 else f"{_duration(delta)} ago"
+    return f"{at.isoformat(timespec='seconds')} ({relative})"
+
+
+def cost_bar(spent: float, soft: float, hard: float, *, width: int = 40, style: str = "") -> Text:
+    """``█████░░░░|░`` : spend against the hard cap, with ``|`` where the soft cap is."""
+    filled = round(width * min(spent / hard, 1.0)) if hard > 0 else (width if spent > 0 else 0)
+    soft_at = round(width * min(soft / hard, 1.0)) if hard > 0 else width
+    cells = ["█" if i < filled else "░" for i in range(width)]
+    if 0 < soft_at < width:
+        cells[soft_at] = "|"
+    percent = f" {100 * spent / hard:.1f}% of the hard cap" if hard > 0 else ""
+    return Text("".join(cells), style=style) + Text(percent)
+
+
+def _cost_table(cost: Mapping[str, Any]) -> Table:
+    spent, hard = _num(cost.get("spent_usd")), _num(cost.get("hard_cap_usd"))
+    if cost.get("hard_cap_reached"):
+        state, style = "hard cap reached: no cloud calls until next month", "red"
+    elif cost.get("soft_cap_reached"):
+        state, style = "soft cap reached: work with a local handler runs locally", "yellow"
+    else:
+        state, style = "under the soft cap", "green"
+    bar = cost_bar(spent, _num(cost.get("soft_cap_usd")), hard, style=style)
+    pairs: list[tuple[str, RenderableType]] = [
+        ("spent", Text(f"{_usd(cost.get('spent_usd'))} of {_usd(cost.get('hard_cap_usd'))}")),
+        ("", bar),
+        ("reserved", _usd(cost.get("reserved_usd"))),
+        ("remaining", _usd(cost.get("remaining_usd"))),
+        ("soft cap", _usd(cost.get("soft_cap_usd"))),
+        ("hard cap", _usd(cost.get("hard_cap_usd"))),
+        ("state", Text(state, style=style)),
+        (
+            "ledger",
+            f"{cost.get('store', '-')}"
+            + ("" if cost.get("healthy", True) else f" (unhealthy: {cost.get('error')})"),
+        ),
+    ]
+    month = f"{cost.get('month', '?')}, {cost.get('timezone', 'UTC')}"
+    return _kv(f"Cost this month ({month})", pairs)
+
+
+def _counts_table(counts: Mapping[str, Any]) -> RenderableType:
+    if not counts:
+        return Text("Dispatches: none yet.")
+    seen = {key for row in counts.values() if isinstance(row, dict) for key in row}
+    columns = [k for k in SOURCES if k in seen] + sorted(seen - set(SOURCES))
+    table = Table(title="Dispatches by source", title_justify="left")
+    table.add_column("action")
+    for column in [*columns, "total"]:
+        table.add_column(column.replace("_", " "), justify="right")
+    for action in sorted(counts):
+        row = counts[action] if isinstance(counts[action], dict) else {}
+        table.add_row(
+            action,
+            *(str(row.get(k, "")) for k in columns),
+            str(sum(int(_num(row.get(k))) for k in columns)),
+        )
+    return table
+
+
+def status_view(status: Mapping[str, Any], now: datetime | None = None) -> list[RenderableType]:
+    """Tables of a /status body: env, online, cost vs caps, counts, circuits, outbox, jobs."""
+    env = str(status.get("env", "?"))
+    if status.get("connectivity"):
+        online = "cloud online" if status.get("online") else "cloud offline"
+    else:
+        online = "serving as the cloud" if env == "cloud" else "no cloud configured"
+    head = (
+        f"EverReach  env {env} · {online}"
+        + (" · OFFLINE_MODE" if status.get("offline_mode") else "")
+        + f" · v{status.get('version', '?')} · up {_duration(_num(status.get('uptime_sec')))}"
+    )
+    parts: list[RenderableType] = [Text(head, style="bold")]
+    parts.append(_cost_table(status.get("cost") or {}))
+    parts.append(_counts_table(status.get("dispatch_counts") or {}))
+    circuits = status.get("circuits") or {}
+    circuit_rows: list[tuple[str, RenderableType]] = [
+        ("cloud", str(circuits.get("cloud") or "not configured"))
+    ]
+    local = circuits.get("local") or {}
+    circuit_rows += [(f"local {action}", str(state)) for action, state in sorted(local.items())]
+    if not local:
+        circuit_rows.append(("local", "every handler closed"))
+    parts.append(_kv("Circuits", circuit_rows))
+    parts.extend(outbox_view(status))
+    parts.append(_jobs_table(status.get("scheduler"), now))
+    bus = status.get("bus") or {}
+    cache = status.get("cache") or {}
+    parts.append(
+        _kv(
+            "Bus and cache",
+            [
+                ("bus backend", str(bus.get("backend", "?"))),
+                ("bus backlog", str(bus.get("backlog", 0))),
+                ("cache entries", str(cache.get("entries", 0))),
+            ],
+        )
+    )
+    return parts
+
+
+def _jobs_table(scheduler: Any, now: datetime | None) -> RenderableType:
+    if not isinstance(scheduler, dict):
+        return Text("Jobs: the scheduler is not running.")
+    table = Table(title=f"Jobs ({scheduler.get('timezone', '?')})", title_justify="left")
+    for column in ("job", "action", "trigger", "next run", "runs", "last"):
+        table.add_column(column, justify="right" if column == "runs" else "left")
+    for job in scheduler.get("jobs") or []:
+        table.add_row(
+            str(job.get("id")) + (" (mirrored)" if job.get("mirrored") else ""),
+            str(job.get("action")),
+            str(job.get("trigger")),
+            _when(job.get("next_run_time"), now),
+            str(job.get("runs", 0)),
+            str(job.get("last_outcome") or "-"),
+        )
+    return table
+
+
+def outbox_view(status: Mapping[str, Any]) -> list[RenderableType]:
+    """The outbox: pending depth, dead letters and their errors."""
+    outbox = status.get("outbox") or {}
+    parts: list[RenderableType] = [
+        _kv(
+            "Outbox",
+            [
+                ("pending", str(outbox.get("depth", 0))),
+                ("dead letters", str(outbox.get("dead_letters", 0))),
+                ("oldest pending", _when(outbox.get("oldest_pending_at"))),
+            ],
+        )
+    ]
+    dead = status.get("dead_letters") or []
+    if dead:
+        table = Table(title="Dead letters", title_justify="left")
+        for column in ("id", "action", "attempts", "error"):
+            table.add_column(column, justify="right" if column == "attempts" else "left")
+        for item in dead:
+            table.add_row(
+                str(item.get("id")),
+                str(item.get("action")),
+                str(item.get("attempts")),
+                str(item.get("error")),
+            )
+        parts.append(table)
+    return parts
+
+
+def cost_view(cost: Mapping[str, Any] | None, rates: Mapping[str, str]) -> list[RenderableType]:
+    """The cost section of /status (if known) and the $/call table."""
+    parts: list[RenderableType] = []
+    if cost is not None:
+        parts.append(_cost_table(cost))
+        by_action = cost.get("by_action") or {}
+        if by_action:
+            spend = Table(title="Spent by action", title_justify="left")
+            spend.add_column("action")
+            spend.add_column("spent", justify="right")
+            for action, usd in sorted(by_action.items(), key=lambda kv: -_num(kv[1])):
+                spend.add_row(action, _usd(usd))
+            parts.append(spend)
+    table = Table(
+        title="Rates ($/cloud call)",
+        title_justify="left",
+        caption="* is the default",
+        caption_justify="left",
+    )
+    table.add_column("action")
+    table.add_column("$/call", justify="right")
+    for key, usd in rates.items():
+        table.add_row(key, _usd(usd))
+    parts.append(table)
+    return parts
+
+
+def routes_view(rows: Sequence[Mapping[str, Any]], source: str) -> Table:
+    """The route table with the classifier's kind and where hybrid mode sends each action."""
+    table = Table(
+        title=f"Routes ({source})",
+        title_justify="left",
+        caption="actions not listed: auto (the classifier decides), fallback local, "
+        "side effect assumed",
+        caption_justify="left",
+    )
+    for column in ("action", "preferred", "fallback", "side effect", "classifier", "hybrid"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["action"],
+            row["preferred_env"],
+            row["fallback_env"],
+            "yes" if row["side_effect"] else "no",
+            row["classifier_kind"],
+            row["hybrid_env"],
+        )
+    return table

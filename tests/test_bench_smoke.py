@@ -1,0 +1,185 @@
+"""Smoke tests of the benchmarks: each ``run(quick=True)`` returns well-formed rows.
+
+Nothing here asserts a speed (speed is what ``python -m bench`` reports); the tests check that
+every bench still runs against the current code and answers with rows its table can render.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import __main__ as bench_main
+from bench import common
+from bench.bench_http import parse_wrk
+
+pytestmark = pytest.mark.prd200
+SIGNED = ("overhead", "added")
+
+WRK_OUTPUT = """\
+Running 1s test @ http://127.0.0.1:18190/echo
+  1 threads and 4 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   420.14us  481.17us   5.28ms   95.60%
+    Req/Sec    11.60k     0.93k   13.39k    72.73%
+  Latency Distribution
+     50%  328.00us
+     75%  356.00us
+     90%  443.00us
+     99%    3.26ms
+  12668 requests in 1.10s, 2.62MB read
+  Socket errors: connect 0, read 2, write 1, timeout 0
+  Non-2xx or 3xx responses: 5
+Requests/sec:  11523.59
+Transfer/sec:      2.38MB
+"""
+
+
+def _numbers(row: dict[str, Any]) -> dict[str, float]:
+    return {
+        key: value
+        for key, value in row.items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
+
+
+def _check_rows(module: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows are named dicts of finite numbers, and the module's table renders each one."""
+    assert rows, "a bench returned no rows"
+    measured = [row for row in rows if "skipped" not in row]
+    assert measured, f"every row was skipped: {rows}"
+    for row in rows:
+        assert isinstance(row["name"], str) and row["name"]
+    for row in measured:
+        numbers = _numbers(row)
+        assert numbers, f"row without numbers: {row}"
+        for key, value in numbers.items():
+            assert math.isfinite(value), f"{row['name']}: {key}={value}"
+            # Differences (overhead, added time) are signed; everything else is a count or time.
+            assert value >= 0 or key.startswith(SIGNED), f"{row['name']}: {key}={value}"
+    table = module.markdown(rows).splitlines()
+    assert len(table) == 2 + len(rows)
+    assert all(line.startswith("|") and line.endswith("|") for line in table)
+    return measured
+
+
+@pytest.mark.parametrize(
+    "name", ["bench_routing", "bench_cost_guard", "bench_offline", "bench_sync_bus"]
+)
+def test_in_process_bench_quick_run_returns_well_formed_rows(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the benches' SQLite files go under ./data
+    module = importlib.import_module(f"bench.{name}")
+    _check_rows(module, module.run(quick=True))
+
+
+def test_routing_bench_reports_route_against_the_direct_call() -> None:
+    from bench import bench_routing
+
+    routed, direct = bench_routing.run(quick=True)
+    assert routed["calls"] == direct["calls"] > 0
+    assert routed["per_call_us"] > 0 and direct["per_call_us"] > 0
+    assert isinstance(routed["goal_met"], bool) and direct["goal_met"] is None
+    assert direct["overhead_us"] is None and isinstance(routed["overhead_us"], float)
+
+
+@pytest.mark.e2e
+def test_http_bench_loads_both_servers_without_errors() -> None:
+    from bench import bench_http
+
+    rows = bench_http.run(quick=True, connections=4)
+    dispatch, bare = _check_rows(bench_http, rows)
+    assert dispatch["path"] == "POST /dispatch" and bare["path"] == "POST /echo"
+    assert dispatch["errors"] == 0 and bare["errors"] == 0
+    assert dispatch["requests"] > 0 and bare["requests"] > 0
+    assert dispatch["ratio"] == pytest.approx(dispatch["rps"] / bare["rps"])
+    assert isinstance(dispatch["goal_met"], bool)
+
+
+@pytest.mark.e2e
+def test_cloud_path_bench_compares_hybrid_with_direct_and_times_the_cost_guard() -> None:
+    from bench import bench_cloud_path
+
+    rows = bench_cloud_path.run(quick=True, requests=20)
+    hybrid, direct, guard = _check_rows(bench_cloud_path, rows)
+    assert [r["n"] for r in rows] == [20, 20, 20]
+    assert hybrid["added_p50_ms"] == pytest.approx(hybrid["p50_ms"] - direct["p50_ms"])
+    assert isinstance(hybrid["goal_met"], bool)
+    assert guard["p50_ms"] > 0
+
+
+def test_parse_wrk_reads_requests_errors_and_latency_percentiles() -> None:
+    result = parse_wrk(WRK_OUTPUT)
+    assert result.requests == 12668
+    assert result.duration_s == pytest.approx(1.10)
+    assert result.errors == 3 + 5
+    assert result.latency_ms == pytest.approx({"p50": 0.328, "p99": 3.26})
+
+
+def test_parse_wrk_refuses_output_without_a_request_count() -> None:
+    with pytest.raises(RuntimeError, match="unexpected wrk output"):
+        parse_wrk("unable to connect to 127.0.0.1:1 Connection refused\n")
+
+
+@pytest.mark.parametrize(
+    ("samples", "fraction", "expected"),
+    [
+        ([3.0], 0.5, 3.0),
+        ([4.0, 1.0, 3.0, 2.0], 0.5, 3.0),  # nearest rank: sorted[int(4 * 0.5)]
+        ([float(i) for i in range(100)], 0.99, 99.0),
+        ([float(i) for i in range(10)], 0.99, 9.0),
+        ([5.0, 1.0], 1.0, 5.0),
+    ],
+)
+def test_percentile_is_nearest_rank(samples: list[float], fraction: float, expected: float) -> None:
+    assert common.percentile(samples, fraction) == expected
+
+
+def test_percentile_of_no_samples_is_an_error() -> None:
+    with pytest.raises(ValueError):
+        common.percentile([], 0.5)
+
+
+def test_table_aligns_numbers_right_and_the_first_column_left() -> None:
+    assert common.table(["path", "n"], [["a", 1], ["b", 22]]).splitlines() == [
+        "| path | n |",
+        "|---|---:|",
+        "| a | 1 |",
+        "| b | 22 |",
+    ]
+
+
+def test_bench_runner_writes_the_selected_tables_with_their_commands(tmp_path: Path) -> None:
+    output = tmp_path / "results" / "latest.md"
+    status = bench_main.main(["--quick", "--only", "routing", "--output", str(output)])
+    text = output.read_text(encoding="utf-8")
+    assert status == 0
+    assert "`python -m bench --quick --only routing --output" in text
+    assert "## bench_routing" in text and "`python -m bench.bench_routing --quick`" in text
+    assert "| HybridOrchestrator.route()" in text
+    assert "## bench_http" not in text
+
+
+def test_bench_runner_refuses_an_unknown_bench_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        bench_main.main(["--only", "nope"])
+    assert "no bench 'nope'" in capsys.readouterr().err
+
+
+def test_bench_runner_reports_a_failing_bench_and_exits_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import bench_routing
+
+    def broken(quick: bool = False) -> list[dict[str, Any]]:
+        raise RuntimeError("handler vanished")
+
+    monkeypatch.setattr(bench_routing, "run", broken)
+    output = tmp_path / "latest.md"
+    assert bench_main.main(["--quick", "--only", "routing", "--output", str(output)]) == 1
+    assert "RuntimeError: handler vanished" in output.read_text(encoding="utf-8")

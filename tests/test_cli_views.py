@@ -1,0 +1,100 @@
+"""The command line's terminal views of /status: pure functions, rendered to text here."""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from cli_views import cost_bar, outbox_view, status_view
+
+pytestmark = pytest.mark.prd200
+
+
+def render(parts: list[Any]) -> str:
+    console = Console(record=True, width=160, markup=False, file=io.StringIO())
+    for part in parts:
+        console.print(part)
+    return console.export_text()
+
+
+def test_outbox_view_lists_dead_letters_with_their_errors():
+    text = render(
+        outbox_view(
+            {
+                "outbox": {"depth": 0, "dead_letters": 1, "oldest_pending_at": None},
+                "dead_letters": [
+                    {
+                        "id": "ob-1",
+                        "action": "dm.send",
+                        "attempts": 8,
+                        "error": "HTTP 422 [bold]from the cloud[/bold]",
+                    }
+                ],
+            }
+        )
+    )
+    row = next(line for line in text.splitlines() if "ob-1" in line)
+    assert "dm.send" in row and "8" in row
+    assert "HTTP 422 [bold]from the cloud[/bold]" in row  # server text is never rich markup
+
+
+def test_status_view_shows_open_circuits_caps_and_next_runs():
+    now = datetime(2026, 3, 1, 5, 0, tzinfo=UTC)
+    text = render(
+        status_view(
+            {
+                "env": "hybrid",
+                "online": False,
+                "offline_mode": True,
+                "connectivity": {"online": False},
+                "version": "9",
+                "uptime_sec": 3700,
+                "cost": {
+                    "month": "2026-03",
+                    "spent_usd": "400.00",
+                    "hard_cap_usd": "400.00",
+                    "soft_cap_usd": "380.00",
+                    "hard_cap_reached": True,
+                    "soft_cap_reached": True,
+                },
+                "circuits": {"local": {"content.generate": "open"}, "cloud": "half_open"},
+                "scheduler": {
+                    "timezone": "UTC",
+                    "jobs": [
+                        {
+                            "id": "nightly",
+                            "action": "system.heartbeat",
+                            "trigger": "cron 0 6 * * *",
+                            "next_run_time": "2026-03-01T06:00:00+00:00",
+                            "runs": 4,
+                            "mirrored": True,
+                        }
+                    ],
+                },
+            },
+            now=now,
+        )
+    )
+    assert "env hybrid · cloud offline · OFFLINE_MODE · v9 · up 1 h 1 min" in text
+    assert "hard cap reached" in text and "100.0% of the hard cap" in text
+    assert "local content.generate" in text and "open" in text and "half_open" in text
+    assert "nightly (mirrored)" in text and "2026-03-01T06:00:00+00:00 (in 1 h)" in text
+
+
+@pytest.mark.parametrize(
+    ("spent", "soft", "hard", "bar"),
+    [
+        (0, 380, 400, "░" * 19 + "|" + " 0.0% of the hard cap"),
+        (200, 380, 400, "█" * 10 + "░" * 9 + "|" + " 50.0% of the hard cap"),
+        (400, 380, 400, "█" * 19 + "|" + " 100.0% of the hard cap"),
+        (500, 380, 400, "█" * 19 + "|" + " 125.0% of the hard cap"),
+        (0, 0, 0, "░" * 20),
+        (1, 0, 0, "█" * 20),
+    ],
+)
+def test_cost_bar_fills_to_the_spend_and_marks_the_soft_cap(spent, soft, hard, bar):
+    assert cost_bar(spent, soft, hard, width=20).plain == bar
