@@ -130,11 +130,10 @@ class CloudExecutor:
                 request_id=request_id,
                 duration_ms=(time.perf_counter() - started) * 1000,
             )
-        return Envelope(
-            ok=True,
-            action=action,
+        return Envelope.success(
+            action,
+            done.result,
             source=Source.CLOUD,
-            result=done.result,
             request_id=request_id,
             attempts=done.attempts,
             duration_ms=done.duration_ms,

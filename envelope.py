@@ -44,6 +44,32 @@ class Envelope:
         return self.to_dict()[key]
 
     @classmethod
+    def success(
+        cls,
+        action: str,
+        result: Any,
+        *,
+        source: Source,
+        request_id: str,
+        attempts: int = 1,
+        duration_ms: float = 0.0,
+        cost_usd: Decimal = Decimal(0),
+        cached_at: str | None = None,
+    ) -> Envelope:
+        """Build the envelope of an action that ran (or was served) successfully."""
+        return cls(
+            ok=True,
+            action=action,
+            source=source,
+            result=result,
+            request_id=request_id,
+            attempts=attempts,
+            duration_ms=duration_ms,
+            cost_usd=cost_usd,
+            cached_at=cached_at,
+        )
+
+    @classmethod
     def failure(
         cls,
         action: str,

@@ -184,11 +184,10 @@ class HybridOrchestrator:
             ):
                 return await self._run_cloud(action, params, request_id, route, "local")
             return Envelope.failure(action, exc, source=Source.LOCAL, request_id=request_id)
-        return Envelope(
-            ok=True,
-            action=action,
+        return Envelope.success(
+            action,
+            result,
             source=Source.LOCAL,
-            result=result,
             request_id=request_id,
             attempts=1,
         )
@@ -250,11 +249,10 @@ class HybridOrchestrator:
             await self._settle(reservation, cost)
         if self.cache is not None and not route.side_effect:
             self._spawn(self.cache.put(action, params, done.result))
-        return Envelope(
-            ok=True,
-            action=action,
+        return Envelope.success(
+            action,
+            done.result,
             source=Source.CLOUD,
-            result=done.result,
             request_id=request_id,
             attempts=done.attempts,
             cost_usd=cost,
@@ -306,22 +304,20 @@ class HybridOrchestrator:
                         action, local_exc, source=Source.LOCAL_FALLBACK, request_id=request_id
                     )
             else:
-                return Envelope(
-                    ok=True,
-                    action=action,
+                return Envelope.success(
+                    action,
+                    result,
                     source=Source.LOCAL_FALLBACK,
-                    result=result,
                     request_id=request_id,
                     attempts=exc.attempts + 1,
                 )
         if not route.side_effect and self.cache is not None:
             entry = await self.cache.get(action, params)
             if entry is not None:
-                return Envelope(
-                    ok=True,
-                    action=action,
+                return Envelope.success(
+                    action,
+                    entry.response,
                     source=Source.CACHE,
-                    result=entry.response,
                     request_id=request_id,
                     attempts=exc.attempts,
                     cached_at=entry.cached_at.isoformat(),

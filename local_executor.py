@@ -100,11 +100,10 @@ class LocalExecutor:
                 request_id=request_id,
                 duration_ms=(time.perf_counter() - started) * 1000,
             )
-        return Envelope(
-            ok=True,
-            action=action,
+        return Envelope.success(
+            action,
+            result,
             source=Source.LOCAL,
-            result=result,
             request_id=request_id,
             duration_ms=(time.perf_counter() - started) * 1000,
             attempts=1,
