@@ -28,6 +28,8 @@ from prometheus_client.registry import Collector
 from errors import ErrorCode, Source
 
 OTHER = "other"
+# Label children kept per raw (action, source, outcome); beyond this many, looked up per call.
+_MAX_CACHED_CHILDREN = 4096
 """The label value every unknown action, source or outcome is folded into."""
 
 NO_SOURCE = "none"
@@ -77,6 +79,7 @@ class Metrics:
     def __init__(self, known_actions: Iterable[str]) -> None:
         self.known_actions: frozenset[str] = frozenset(known_actions)
         self.registry = CollectorRegistry()
+        self._children: dict[tuple[Any, Any, Any], list[Any]] = {}
         self._dispatches = Counter(
             "everreach_dispatch",
             "Dispatched actions by action, source that produced the result, and outcome.",
@@ -129,11 +132,23 @@ class Metrics:
         self, action: str, source: str | None, outcome: str, duration_s: float
     ) -> None:
         """Count one dispatch and record how long it took."""
-        action_l = self.action_label(action)
-        source_l = self.source_label(source)
-        self._dispatches.labels(action_l, source_l, self.outcome_label(outcome)).inc()
+        key = (action, source, outcome)
+        children = self._children.get(key)
+        if children is None:
+            # labels() costs a few µs a call; the label sets are bounded, so keep the children.
+            labels = (
+                self.action_label(action),
+                self.source_label(source),
+                self.outcome_label(outcome),
+            )
+            children = [self._dispatches.labels(*labels), None, labels]
+            if len(self._children) < _MAX_CACHED_CHILDREN:
+                self._children[key] = children
+        children[0].inc()
         if math.isfinite(duration_s) and duration_s >= 0:
-            self._duration.labels(action_l, source_l).observe(duration_s)
+            if children[1] is None:  # a series appears with its first observation only
+                children[1] = self._duration.labels(*children[2][:2])
+            children[1].observe(duration_s)
 
     def inc_cloud_retry(self, action: str) -> None:
         """Count one retried cloud attempt."""

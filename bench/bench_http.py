@@ -14,10 +14,12 @@ own temporary working directory:
 One load generator loads them alternately, ``rounds`` times each (A/B/A/B…, so a noisy
 neighbour hits both alike), after a warm-up of each: ``wrk`` with a Lua script that POSTs the
 body, if ``wrk`` is on PATH (Debian/Ubuntu: ``apt-get install wrk``); else an httpx async load
-generator with ``connections`` keep-alive connections in this process (slower: it then measures
-less of the servers' difference). Reported: the median requests/s over rounds, wrk's latency
-percentiles (median over rounds), errors, and the median of the per-round ratios
-dispatch/bare. Goal: ``/dispatch`` reaches at least 85 % of the bare endpoint's requests/s.
+generator with ``connections`` keep-alive connections in this process, which on a small machine
+saturates before the servers do: its numbers are reported, but give no verdict on the goal.
+
+Reported: the median requests/s over rounds, wrk's latency percentiles (median over rounds),
+errors, and the median of the per-round ratios dispatch/bare. Goal: ``/dispatch`` reaches at
+least 85 % of the bare endpoint's requests/s.
 """
 
 from __future__ import annotations
@@ -171,7 +173,7 @@ def _bench(
 
     generator = (
         f"wrk -t1 -c{connections} -d{max(1, round(duration_s))}s" if use_wrk
-        else f"httpx async, {connections} keep-alive connections, {duration_s:g} s"
+        else f"httpx async, {connections} connections, {duration_s:g} s (client-bound: no verdict)"
     )  # fmt: skip
     ratios = [d.rps / b.rps for d, b in zip(results["dispatch"], results["bare"], strict=True)]
     ratio = common.median(ratios)
@@ -196,7 +198,10 @@ def _bench(
     bare_row = row("bare FastAPI endpoint (baseline)", "POST /echo", results["bare"])
     bare_row.update(ratio=None, ratio_min=None, goal_met=None)
     dispatch_row = row("POST /dispatch system.echo", "POST /dispatch", results["dispatch"])
-    dispatch_row.update(ratio=ratio, ratio_min=min(ratios), goal_met=ratio >= GOAL_RATIO)
+    # A Python load generator on the same 2 cores saturates before the servers do, which makes
+    # the two look alike; only wrk's numbers decide the goal.
+    goal_met = ratio >= GOAL_RATIO if use_wrk else None
+    dispatch_row.update(ratio=ratio, ratio_min=min(ratios), goal_met=goal_met)
     return [dispatch_row, bare_row]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +68,12 @@ def _check_rows(module: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]
     return measured
 
 
-@pytest.mark.parametrize(
-    "name", ["bench_routing", "bench_cost_guard", "bench_offline", "bench_sync_bus"]
-)
-def test_in_process_bench_quick_run_returns_well_formed_rows(
+# Every bench `python -m bench` runs; the two HTTP benches have tests of their own below.
+GENERIC = [name for name in bench_main.BENCHES if name not in ("bench_http", "bench_cloud_path")]
+
+
+@pytest.mark.parametrize("name", GENERIC)
+def test_bench_quick_run_returns_well_formed_rows(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)  # the benches' SQLite files go under ./data
@@ -98,7 +101,8 @@ def test_http_bench_loads_both_servers_without_errors() -> None:
     assert dispatch["errors"] == 0 and bare["errors"] == 0
     assert dispatch["requests"] > 0 and bare["requests"] > 0
     assert dispatch["ratio"] == pytest.approx(dispatch["rps"] / bare["rps"])
-    assert isinstance(dispatch["goal_met"], bool)
+    # Only wrk decides the goal; the httpx fallback is client-bound and gives no verdict.
+    assert isinstance(dispatch["goal_met"], bool) == (shutil.which("wrk") is not None)
 
 
 @pytest.mark.e2e
