@@ -32,6 +32,8 @@ BUILTIN_RATES: Mapping[str, Decimal] = {
     "dm.send": Decimal("0.001"),
     "linkedin.message": Decimal("0.005"),
     "upwork.propose": Decimal("0.003"),
+    # The built-ins (heartbeat, echo, self-test) call no paid API.
+    "system.*": Decimal("0"),
     DEFAULT_KEY: Decimal("0.01"),
 }
 

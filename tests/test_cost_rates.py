@@ -100,3 +100,10 @@ def test_bad_rate_file_is_a_config_error_naming_the_entry(
 def test_missing_rate_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="COST_RATES_FILE"):
         CostRates.load(tmp_path / "nope.json")
+
+
+@pytest.mark.prd200
+def test_the_builtin_system_actions_cost_nothing() -> None:
+    rates = CostRates.load(None)
+    assert rates.rate("system.heartbeat") == Decimal("0")
+    assert rates.rate("system.self_test") == Decimal("0")
