@@ -33,6 +33,8 @@ Handler = Callable[[dict[str, Any]], Awaitable[Any] | Any]
 # \Z, not $: "$" also matches before a trailing newline, which would let "dm.send\n" through.
 ACTION_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}\.[a-z][a-z0-9_]{0,63}\Z")
 
+SELF_TEST_CHECK_TIMEOUT_S = 5.0
+
 # Filled by @register while services modules are imported; read by from_modules().
 _DECLARED: dict[str, Handler] = {}
 
@@ -153,6 +155,8 @@ class ServiceRegistry:
                     result = await result
         except asyncio.CancelledError:
             raise
+        except InvalidParams:
+            raise  # a handler that rejects its params answers 422, not handler_error
         except Exception as exc:
             raise HandlerError(f"{action} raised {type(exc).__name__}: {exc}") from exc
         try:
@@ -169,7 +173,9 @@ class ServiceRegistry:
         report: dict[str, Any] = {"registry": {"ok": True, "actions": len(self._handlers)}}
         for name, check in self._checks.items():
             try:
-                report[name] = await check()
+                report[name] = await asyncio.wait_for(check(), SELF_TEST_CHECK_TIMEOUT_S)
+            except TimeoutError:
+                report[name] = {"ok": False, "error": f"no answer in {SELF_TEST_CHECK_TIMEOUT_S} s"}
             except Exception as exc:
                 report[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         report["ok"] = all(

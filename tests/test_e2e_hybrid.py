@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -175,4 +176,26 @@ def test_idempotency_survives_a_cloud_restart(cloud, tmp_path):
     cloud.start()
     again = httpx.post(url, json=params, headers=headers, timeout=10).json()
     assert again["result"] == first["result"]
+    assert len(executions(log)) == 1
+
+
+def test_same_key_while_the_first_call_runs_is_409_with_retry_after(server_factory, tmp_path):
+    import concurrent.futures
+
+    cloud = server_factory(
+        name="busy-cloud", EVERREACH_ENV="cloud", EVERREACH_CLOUD_KEY=KEY, CLOUD_TIMEOUT_SEC="0.3"
+    )
+    log = tmp_path / "dm.log"
+    url = f"{cloud.url}/api/services/dm/send"
+    headers = {"Authorization": f"Bearer {KEY}", "Idempotency-Key": "busy-key-0001"}
+    body = {"params": {"id": "slow", "log": str(log), "sleep_s": 1.5}}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(httpx.post, url, json=body, headers=headers, timeout=30)
+        time.sleep(0.3)
+        second = pool.submit(httpx.post, url, json=body, headers=headers, timeout=30)
+        answers = [first.result(), second.result()]
+    assert sorted(a.status_code for a in answers) == [200, 409]
+    busy = next(a for a in answers if a.status_code == 409)
+    assert busy.headers["Retry-After"] == "1"
+    assert busy.json()["error"] == "conflict" and busy.json()["request_id"] == "busy-key-0001"
     assert len(executions(log)) == 1

@@ -436,3 +436,30 @@ async def test_self_test_fails_on_a_check_that_reports_not_ok() -> None:
     report = await registry.dispatch("system.self_test", {})
     assert report["ok"] is False
     assert report["registry"]["ok"] is True
+
+
+@pytest.mark.prd200
+async def test_a_handler_rejecting_its_params_answers_invalid_params() -> None:
+    async def strict(params: dict[str, Any]) -> dict[str, Any]:
+        raise InvalidParams("'to' is required: the recipient's handle")
+
+    registry = ServiceRegistry({"dm.send": strict})
+    with pytest.raises(InvalidParams, match="'to' is required"):
+        await registry.dispatch("dm.send", {})
+
+
+@pytest.mark.prd200
+async def test_a_hanging_self_test_check_is_reported_not_waited_for(monkeypatch) -> None:
+    import service_registry
+
+    monkeypatch.setattr(service_registry, "SELF_TEST_CHECK_TIMEOUT_S", 0.05)
+
+    async def hangs() -> dict[str, Any]:
+        await asyncio.sleep(60)
+        return {"ok": True}
+
+    registry = ServiceRegistry()
+    registry.add_check("stuck", hangs)
+    report = await registry.dispatch("system.self_test", {})
+    assert report["stuck"]["ok"] is False and "no answer" in report["stuck"]["error"]
+    assert report["ok"] is False
