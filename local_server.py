@@ -93,10 +93,15 @@ class BodyLimitMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-def _bearer(request: Request) -> str | None:
-    value = request.headers.get("authorization", "")
-    scheme, _, token = value.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+def _bearer_matches(request: Request, expected: str) -> bool:
+    """Does the request carry ``Authorization: Bearer <expected>``? (constant-time compare)"""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    return (
+        scheme.lower() == "bearer"
+        and bool(token)
+        and hmac.compare_digest(token.encode(), expected.encode())
+    )
 
 
 def _envelope_response(envelope: Envelope) -> JSONResponse:
@@ -184,22 +189,19 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
 
     def check_local_token(request: Request) -> None:
         token = rt(request).config.secret("local_api_token")
-        if token is None:
-            return
-        given = _bearer(request)
-        if given is None or not hmac.compare_digest(given.encode(), token.encode()):
+        if token is not None and not _bearer_matches(request, token):
             raise Unauthorized(
                 "missing or wrong bearer token: send 'Authorization: Bearer <LOCAL_API_TOKEN>'"
             )
 
     def check_cloud_key(request: Request) -> None:
-        runtime = rt(request)
-        if runtime.config.everreach_cloud_key is None:
+        key = rt(request).config.secret("everreach_cloud_key")
+        if key is None:
             raise Unauthorized(
                 "this instance does not serve /api/*: set EVERREACH_CLOUD_KEY on it to the key "
                 "its callers send"
             )
-        if not runtime.cloud_key_matches(_bearer(request)):
+        if not _bearer_matches(request, key):
             raise Unauthorized(
                 "missing or wrong bearer key: send 'Authorization: Bearer <EVERREACH_CLOUD_KEY>'"
             )

@@ -24,7 +24,7 @@ from config.hybrid_config import HybridConfig
 from connectivity_check import ConnectivityChecker
 from cost_guard import CostGuard
 from cost_rates import CostRates
-from errors import ConfigError, Env
+from errors import ConfigError
 from hybrid_orchestrator import HybridOrchestrator
 from idempotency import IdempotencyStore, RedisIdempotencyStore
 from local_cron import LocalCron
@@ -366,13 +366,3 @@ class Runtime:
             "routes": {"source": self.route_table.source, "entries": len(self.route_table.names())},
             "actions": self.registry.actions(),
         }
-
-    def cloud_key_matches(self, token: str | None) -> bool:
-        import hmac
-
-        key = self.config.secret("everreach_cloud_key")
-        return bool(key and token and hmac.compare_digest(key.encode(), token.encode()))
-
-    @property
-    def env(self) -> Env:
-        return self.config.everreach_env
