@@ -5,9 +5,12 @@ and an ``Idempotency-Key`` that stays the same across retries (and later outbox 
 the cloud runs the action at most once whatever happens on the wire.
 
 What is retried (up to ``retries`` times, backoff ``backoff_s`` * 3^n with ±10 % jitter,
-``Retry-After`` honoured): connection errors, timeouts, 5xx, 429 and 409 (the same key still
-running). Never retried: other 4xx, and a 5xx whose body says the handler itself raised — that
-is a definite answer, not a transient fault.
+``Retry-After`` honoured): timeouts, 5xx, 429 and 409 (the same key still running). A refused
+connection gets one quick retry (``refused_retry_s``, ~0.2 s) and no more: it proves the request
+never ran, so the caller may fall back at once (local handler, outbox) instead of waiting 1+3+9 s
+for a cloud that is down; the connectivity checker and the breaker take it from there. Never
+retried: other 4xx, and a 5xx whose body says the handler itself raised — that is a definite
+answer, not a transient fault.
 
 Every failure says whether it *proves* the request never ran (``never_ran``): connection
 refused, connect or pool timeout, circuit open, 429. Read timeouts and 5xx are ambiguous — the
@@ -53,6 +56,7 @@ class RetryPolicy:
     multiplier: float = 3.0
     jitter_ratio: float = 0.1
     max_retry_after_s: float = 60.0
+    refused_retry_s: float = 0.2
 
     def delay_s(self, retry_index: int, rng: Callable[[], float] = random.random) -> float:
         """Backoff before retry ``retry_index`` (0-based): 1 s, 3 s, 9 s … with jitter."""
@@ -74,10 +78,13 @@ class CloudResult:
 class _Retry(Exception):
     """One attempt failed transiently; carries the error to raise if it was the last."""
 
-    def __init__(self, error: ActionError, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self, error: ActionError, retry_after_s: float | None = None, *, refused: bool = False
+    ) -> None:
         super().__init__(error.detail)
         self.error = error
         self.retry_after_s = retry_after_s
+        self.refused = refused
 
 
 class CloudExecutor:
@@ -148,6 +155,7 @@ class CloudExecutor:
         started = time.perf_counter()
         ambiguous = False
         attempt = 0
+        refusals = 0
         while True:
             if not self.breaker.allow():
                 raise CircuitOpen(
@@ -165,14 +173,26 @@ class CloudExecutor:
                 # RequestError, not just TransportError: a body that does not decode
                 # (DecodingError) must not escape route(); the cloud answered, so it may have run.
                 except httpx.RequestError as exc:
-                    raise _Retry(_map_transport_error(exc, self.timeout_s)) from exc
+                    raise _Retry(
+                        _map_transport_error(exc, self.timeout_s),
+                        refused=isinstance(exc, httpx.ConnectError),
+                    ) from exc
                 result = self._parse(action, response)
             except _Retry as retry:
                 ambiguous = ambiguous or not retry.error.never_ran
+                refusals += retry.refused
                 self._record(False)
-                if attempt > self.policy.retries or self.breaker.state is BreakerState.OPEN:
+                if (
+                    attempt > self.policy.retries
+                    or refusals > 1
+                    or self.breaker.state is BreakerState.OPEN
+                ):
                     raise self._final(retry.error, attempt, ambiguous) from None
-                delay = self.policy.delay_s(attempt - 1, self._rng)
+                if retry.refused:
+                    jitter = 1 + self.policy.jitter_ratio * (2 * self._rng() - 1)
+                    delay = self.policy.refused_retry_s * jitter
+                else:
+                    delay = self.policy.delay_s(attempt - 1, self._rng)
                 if retry.retry_after_s is not None:
                     delay = max(delay, min(retry.retry_after_s, self.policy.max_retry_after_s))
                 if self._on_retry is not None:

@@ -299,7 +299,7 @@ async def test_gives_up_after_the_configured_retries_with_the_final_error(
 async def test_the_number_of_attempts_is_one_plus_retries(
     make_executor: MakeExecutor, retries: int
 ) -> None:
-    cloud = FakeCloud(httpx.ConnectError("refused"))
+    cloud = FakeCloud(status(503))
     executor = make_executor(
         cloud,
         policy=RetryPolicy(retries=retries),
@@ -310,6 +310,45 @@ async def test_the_number_of_attempts_is_one_plus_retries(
     assert len(cloud.requests) == retries + 1
     assert caught.value.attempts == retries + 1
     assert len(_sleeps(executor)) == retries
+
+
+async def test_a_refused_connection_gets_one_quick_retry_and_no_backoff(
+    make_executor: MakeExecutor,
+) -> None:
+    cloud = FakeCloud(httpx.ConnectError("connection refused"))
+    executor = make_executor(cloud, breaker=CircuitBreaker(failure_threshold=100))
+    with pytest.raises(CloudUnavailable) as caught:
+        await executor.call("research.keyword", {}, request_id="k")
+    assert len(cloud.requests) == 2 and caught.value.attempts == 2
+    assert caught.value.never_ran is True
+    assert _sleeps(executor) == [0.2]
+
+
+async def test_a_refusal_after_a_5xx_still_gets_only_its_quick_retry(
+    make_executor: MakeExecutor,
+) -> None:
+    cloud = FakeCloud(status(500), httpx.ConnectError("refused"))
+    executor = make_executor(cloud, breaker=CircuitBreaker(failure_threshold=100))
+    with pytest.raises(CloudUnavailable):
+        await executor.call("research.keyword", {}, request_id="k")
+    assert len(cloud.requests) == 3
+    assert _sleeps(executor) == [1.0, 0.2]
+
+
+async def test_a_cloud_that_died_answers_the_first_call_within_a_second(
+    make_executor: MakeExecutor,
+) -> None:
+    from tests.conftest import free_port
+
+    sleeps = Sleeps()
+    async with httpx.AsyncClient() as client:  # a real socket: nothing listens on the port
+        executor = CloudExecutor(
+            endpoint=f"http://127.0.0.1:{free_port()}", api_key=KEY, client=client, sleep=sleeps
+        )
+        envelope = await executor.execute("research.keyword", {})
+    assert envelope.error is ErrorCode.CLOUD_UNAVAILABLE
+    assert envelope.attempts == 2
+    assert len(sleeps.delays) == 1 and sum(sleeps.delays) < 1.0
 
 
 async def test_the_backoff_schedule_is_1_3_9_seconds(make_executor: MakeExecutor) -> None:
@@ -514,7 +553,9 @@ async def test_never_ran_is_true_only_when_no_attempt_may_have_run(
     executor = make_executor(cloud, breaker=CircuitBreaker(failure_threshold=100))
     with pytest.raises(CloudUnavailable) as caught:
         await executor.call("dm.send", {}, request_id="k")
-    assert len(cloud.requests) == 4
+    # the last answer repeats; a repeated refusal ends the call after its one quick retry
+    refused_last = isinstance(answers[-1], httpx.ConnectError)
+    assert len(cloud.requests) == (len(answers) + 1 if refused_last else 4)
     assert caught.value.never_ran is never_ran
 
 
