@@ -185,7 +185,7 @@ def cmd_dispatch(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
     envelope = json_body(response)
     io.json(envelope)
     if response.status_code == 401:
-        raise CliFailure(token_problem(server))
+        raise CliFailure(token_problem(server, envelope))
     if response.status_code == 202:
         outbox_id = envelope.get("outbox_id") if isinstance(envelope, dict) else None
         io.say(f"queued in the outbox (id {outbox_id}); it is sent when the cloud is reachable")

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from config.hybrid_config import HybridConfig
+from errors import Source
 
 NO_RESPONSE = "no_response"  # the client's own error code: the server gave no usable answer
 DISPATCH_TIMEOUT_S = 120.0  # covers a cloud call with its retries (4 x 30 s by default)
@@ -100,8 +101,14 @@ def json_body(response: httpx.Response) -> Any:
         ) from None
 
 
-def token_problem(server: Server) -> str:
-    """Say what to do about a 401."""
+def token_problem(server: Server, envelope: Any = None) -> str:
+    """Say what to do about a 401: ours to the server, or the server's key to its cloud."""
+    if isinstance(envelope, dict) and envelope.get("source") == Source.CLOUD.value:
+        detail = envelope.get("detail") or "401"
+        return (
+            f"the cloud refused the EVERREACH_CLOUD_KEY of the server at {server.url} (your "
+            f"LOCAL_API_TOKEN was accepted): {detail}"
+        )
     if server.token:
         return f"{server.url} refused the token (LOCAL_API_TOKEN or --token)"
     return f"{server.url} needs a token: set LOCAL_API_TOKEN (environment or .env) or pass --token"

@@ -6,6 +6,11 @@ probes (the outcome of every real cloud call, reported with ``record_success`` /
 checker offline, one success turns it online again. ``OFFLINE_MODE=true`` pins it offline and
 makes no network call at all.
 
+A cloud that answers ``/health`` may still refuse our key, and every real call would then fail
+with 401. When ``auth_headers`` are given, a probe that reached the cloud also makes one cheap
+authenticated request (``GET /api/schedules``) and records ``auth``: ``ok``, ``refused`` (401 or
+403) or ``unknown``, shown in ``/health`` as the cloud's ``auth``.
+
 Start-up state: without an endpoint, offline; with one, *online until proven otherwise* — the
 first probe runs as soon as ``start()`` is called, and the first real call tries the cloud
 rather than being refused on a guess. A dead cloud is then detected by the first probe or by
@@ -32,6 +37,7 @@ log = logging.getLogger(__name__)
 TransitionCallback = Callable[[bool], Awaitable[None] | None]
 
 DEFAULT_PROBE_TIMEOUT_S = 5.0
+AUTH_PROBE_PATH = "/api/schedules"  # authenticated, read-only and cheap on every instance
 
 
 class ConnectivityChecker:
@@ -47,6 +53,7 @@ class ConnectivityChecker:
         probe_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S,
         forced_offline: bool = False,
         headers: Mapping[str, str] | None = None,
+        auth_headers: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -62,6 +69,8 @@ class ConnectivityChecker:
         self.forced_offline = forced_offline
         self._client = client
         self._headers = dict(headers or {})
+        self._auth_headers = dict(auth_headers or {})
+        self.auth = "unknown"
         self._clock = clock
         self._wall_clock = wall_clock
         self._sleep = sleep
@@ -79,6 +88,7 @@ class ConnectivityChecker:
     @classmethod
     def from_config(cls, config: HybridConfig, client: httpx.AsyncClient) -> ConnectivityChecker:
         """Build from CLOUD_ENDPOINT, CONNECTIVITY_INTERVAL_SEC, OFFLINE_AFTER_FAILURES, …"""
+        key = config.secret("everreach_cloud_key")
         return cls(
             endpoint=config.cloud_endpoint,
             client=client,
@@ -87,6 +97,7 @@ class ConnectivityChecker:
             # A probe must be short: never longer than a real cloud call may take.
             probe_timeout_s=min(DEFAULT_PROBE_TIMEOUT_S, config.cloud_timeout_sec),
             forced_offline=config.offline_mode,
+            auth_headers={"Authorization": f"Bearer {key}"} if key else None,
         )
 
     # -- state ------------------------------------------------------------------------------
@@ -186,10 +197,39 @@ class ConnectivityChecker:
         self._last_probe_ok = ok
         if ok:
             self.record_success()
+            if self._auth_headers:
+                await self._probe_auth()
         else:
             log.info("connectivity probe of %s failed: %s", self.endpoint, reason)
             self.record_failure()
         return ok
+
+    async def _probe_auth(self) -> None:
+        """Ask the cloud for a resource that needs our key; record whether it took the key."""
+        assert self.endpoint is not None
+        try:
+            response = await self._client.get(
+                f"{self.endpoint}{AUTH_PROBE_PATH}",
+                headers=self._auth_headers,
+                timeout=self.probe_timeout_s,
+            )
+        except httpx.HTTPError:
+            return  # reachability is the other probe's business
+        auth = (
+            "refused"
+            if response.status_code in (401, 403)
+            else "ok"
+            if response.is_success
+            else self.auth
+        )
+        if auth == "refused" and self.auth != "refused":
+            log.warning(
+                "cloud %s refuses our EVERREACH_CLOUD_KEY (HTTP %d): every cloud call will fail "
+                "until the key matches the cloud instance's",
+                self.endpoint,
+                response.status_code,
+            )
+        self.auth = auth
 
     async def start(self) -> None:
         """Start the background probe loop (first probe at once); a no-op when pinned offline."""

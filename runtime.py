@@ -315,8 +315,9 @@ class Runtime:
 
     async def health(self) -> dict[str, Any]:
         bus = await self.bus.stats()
+        auth = self.connectivity.auth if self.connectivity is not None else None
         return {
-            "status": "ok",
+            "status": "degraded" if auth == "refused" else "ok",
             "env": self.config.everreach_env.value,
             "online": self.is_cloud_reachable(),
             "offline_mode": self.config.offline_mode,
@@ -326,6 +327,7 @@ class Runtime:
                     "configured": self.cloud is not None,
                     "serving_cloud": self.config.is_serving_cloud,
                     "reachable": self.is_cloud_reachable(),
+                    "auth": auth,
                     "circuit": self.cloud.breaker.state.value if self.cloud else None,
                 },
                 "cost_ledger": {

@@ -314,3 +314,43 @@ async def test_from_config_reads_the_connectivity_settings() -> None:
         assert checker.probe_timeout_s == 2.0
         assert checker.online is False
         await checker.close()
+
+
+async def test_a_probe_records_that_the_cloud_refuses_our_key(make_checker: Any) -> None:
+    seen: list[tuple[str, str | None]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append((request.url.path, request.headers.get("Authorization")))
+        if request.url.path == "/health":
+            return httpx.Response(200, json={"status": "ok"})
+        return httpx.Response(401, json={"ok": False, "error": "unauthorized"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        checker = ConnectivityChecker(
+            endpoint=ENDPOINT, client=client, auth_headers={"Authorization": "Bearer wrong"}
+        )
+        assert checker.auth == "unknown"
+        assert await checker.probe() is True  # reachable: the cloud answers
+        assert checker.auth == "refused"
+    assert seen == [("/health", None), ("/api/schedules", "Bearer wrong")]
+
+
+async def test_a_probe_records_that_the_cloud_takes_our_key() -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"schedules": []})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        checker = ConnectivityChecker(
+            endpoint=ENDPOINT, client=client, auth_headers={"Authorization": "Bearer right"}
+        )
+        await checker.probe()
+        assert checker.auth == "ok"
+
+
+async def test_without_auth_headers_a_probe_only_asks_for_health(
+    make_checker: Any, cloud: FakeCloud
+) -> None:
+    checker = await make_checker()
+    await checker.probe()
+    assert [r.url.path for r in cloud.requests] == ["/health"]
+    assert checker.auth == "unknown"
