@@ -86,6 +86,9 @@ class HybridOrchestrator:
         self.cache = cache
         self.outbox = outbox
         self.counts: defaultdict[str, defaultdict[str, int]] = defaultdict(lambda: defaultdict(int))
+        # Read-only actions the cloud answered 404 unknown_action for and that ran here instead:
+        # a pair deployed with the handler on one side only, which would otherwise go unseen.
+        self.cloud_missing_handlers: defaultdict[str, int] = defaultdict(int)
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- routing decisions ----------------------------------------------------------------------
@@ -157,8 +160,11 @@ class HybridOrchestrator:
             len(self.counts) >= _MAX_COUNTED_ACTIONS or envelope.error is not None
         ):
             action = "other"
-        key = envelope.source.value if envelope.source else "error"
-        self.counts[action][key if envelope.ok or envelope.queued else f"{key}_error"] += 1
+        if envelope.ok or envelope.queued:
+            key = envelope.source.value if envelope.source else "other"
+        else:  # failures by what went wrong, whichever path they took
+            key = envelope.error.value if envelope.error else "failed"
+        self.counts[action][key] += 1
 
     # -- local ----------------------------------------------------------------------------------
 
@@ -306,13 +312,16 @@ class HybridOrchestrator:
                         action, local_exc, source=Source.LOCAL_FALLBACK, request_id=request_id
                     )
             else:
-                return Envelope.success(
+                envelope = Envelope.success(
                     action,
                     result,
                     source=Source.LOCAL_FALLBACK,
                     request_id=request_id,
                     attempts=exc.attempts + 1,
                 )
+                if isinstance(exc, UnknownAction):
+                    envelope.detail = self._cloud_lacks(action)
+                return envelope
         if not route.side_effect and self.cache is not None:
             entry = await self.cache.get(action, params)
             if entry is not None:
@@ -343,6 +352,19 @@ class HybridOrchestrator:
                 failed.cached = stale.response
                 failed.cached_at = stale.cached_at.isoformat()
         return failed
+
+    def _cloud_lacks(self, action: str) -> str:
+        """Count and log a cloud without a handler for ``action``; the envelope's detail."""
+        if action in self.cloud_missing_handlers or (
+            len(self.cloud_missing_handlers) < _MAX_COUNTED_ACTIONS
+        ):
+            self.cloud_missing_handlers[action] += 1
+        detail = (
+            f"the cloud has no handler for {action}: it ran here instead; register it on the "
+            f"cloud instance too (EVERREACH_SERVICES)"
+        )
+        log.warning(detail, extra={"action": action, "event": "cloud_missing_handler"})
+        return detail
 
     # -- outbox replay --------------------------------------------------------------------------
 

@@ -351,6 +351,9 @@ class Runtime:
             "offline_mode": self.config.offline_mode,
             "connectivity": self.connectivity.snapshot() if self.connectivity else None,
             "dispatch_counts": self.orchestrator.snapshot(),
+            "cloud_missing_handlers": dict(
+                sorted(self.orchestrator.cloud_missing_handlers.items())
+            ),
             "circuits": {
                 "local": self.local.circuits(),
                 "cloud": self.cloud.breaker.state.value if self.cloud else None,

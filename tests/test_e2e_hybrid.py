@@ -199,3 +199,19 @@ def test_same_key_while_the_first_call_runs_is_409_with_retry_after(server_facto
     assert busy.headers["Retry-After"] == "1"
     assert busy.json()["error"] == "conflict" and busy.json()["request_id"] == "busy-key-0001"
     assert len(executions(log)) == 1
+
+
+def test_status_counts_the_actions_the_cloud_has_no_handler_for(server_factory):
+    cloud = server_factory(
+        name="cloud",
+        EVERREACH_ENV="cloud",
+        EVERREACH_CLOUD_KEY=KEY,
+        EVERREACH_SERVICES="tests.e2e_terminal_services",  # no research.keyword
+    )
+    term = terminal(server_factory, cloud.url)
+    body = dispatch(term, "research.keyword", {"keyword": "ai"}).json()
+    assert (body["ok"], body["source"]) == (True, "local_fallback")
+    assert "cloud has no handler for research.keyword" in body["detail"]
+    status = httpx.get(f"{term.url}/status").json()
+    assert status["cloud_missing_handlers"] == {"research.keyword": 1}
+    assert "cloud has no handler for research.keyword" in term.log()

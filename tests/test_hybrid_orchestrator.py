@@ -8,6 +8,7 @@ under ``tmp_path``. Backoff sleeps are recorded, never waited for.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -905,3 +906,40 @@ async def test_a_cached_cloud_result_is_served_when_the_cloud_dies(build: Build)
     assert first.source is Source.CLOUD
     assert second.source is Source.CACHE
     assert second.result == {"rank": 9}
+
+
+async def test_a_cloud_without_the_handler_is_counted_logged_and_said_in_the_detail(
+    build: Build, caplog: pytest.LogCaptureFixture
+) -> None:
+    world = await build(local=("research.keyword",))
+    world.cloud.answer(status(404, "unknown_action"))
+    with caplog.at_level(logging.WARNING, logger="everreach.orchestrator"):
+        first = await world.route("research.keyword", {"keyword": "ai"})
+        await world.route("research.keyword", {"keyword": "ml"})
+    assert (first.ok, first.source) == (True, Source.LOCAL_FALLBACK)
+    assert first.detail is not None and "cloud has no handler for research.keyword" in first.detail
+    assert first.to_dict()["detail"] == first.detail
+    assert world.orchestrator.cloud_missing_handlers == {"research.keyword": 2}
+    assert "cloud has no handler for research.keyword" in caplog.text
+
+
+async def test_an_ordinary_local_fallback_says_nothing_about_missing_handlers(
+    build: Build,
+) -> None:
+    world = await build(local=("research.keyword",))
+    world.cloud.answer(status(503))
+    envelope = await world.route("research.keyword", {"keyword": "ai"})
+    assert envelope.source is Source.LOCAL_FALLBACK and envelope.detail is None
+    assert world.orchestrator.cloud_missing_handlers == {}
+
+
+async def test_failures_are_counted_by_error_code_whatever_their_source(build: Build) -> None:
+    world = await build(local=("widget.spin",))
+    await world.route("widget.spin", {})
+    await world.route("widget.spin", {}, force_env="nowhere")
+    world.cloud.answer(status(404, "unknown_action"))
+    await world.route("dm.send", {"to": "ana"})
+    counts = world.orchestrator.snapshot()
+    assert counts["widget.spin"] == {"local": 1, "invalid_params": 1}
+    assert counts["other"] == {"unknown_action": 1}
+    assert not any(key.endswith("_error") for row in counts.values() for key in row)
