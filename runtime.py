@@ -27,6 +27,7 @@ from cost_rates import CostRates
 from errors import ConfigError
 from hybrid_orchestrator import HybridOrchestrator
 from idempotency import IdempotencyStore, RedisIdempotencyStore
+from instance_lock import InstanceLock
 from local_cron import LocalCron
 from local_executor import LocalExecutor
 from metrics import Metrics
@@ -72,6 +73,8 @@ class Runtime:
         self.state_sync: StateSync | None = None
         self.cron: LocalCron | None = None
         self.gauges: dict[str, Any] = {}
+        self.instance_lock = InstanceLock(config.data_dir, host=config.host, port=config.port)
+        self.data_dir_shared_with: dict[str, Any] | None = None
         self.last_sync: dict[str, Any] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._closers: list[Callable[[], Awaitable[None]]] = []
@@ -98,6 +101,7 @@ class Runtime:
                 f"print(secrets.token_urlsafe(32))') or bind HOST=127.0.0.1"
             )
         config.data_dir.mkdir(parents=True, exist_ok=True)
+        self._check_data_dir()
         self.client = httpx.AsyncClient(
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
             timeout=httpx.Timeout(config.cloud_timeout_sec),
@@ -167,6 +171,26 @@ class Runtime:
                 "bus": self.bus.backend,
             },
         )
+
+    def _check_data_dir(self) -> None:
+        """Warn (and say in /health) when another live instance uses this DATA_DIR."""
+        self.data_dir_shared_with = self.instance_lock.acquire()
+        if self.instance_lock.held:
+
+            async def release() -> None:
+                self.instance_lock.release()
+
+            self._closers.append(release)
+        holder = self.data_dir_shared_with
+        if holder is not None:
+            log.warning(
+                "DATA_DIR %s is in use by another live instance (pid %s, port %s): both share "
+                "its cache, outbox and cost ledger; give each instance its own DATA_DIR",
+                self.config.data_dir,
+                holder.get("pid"),
+                holder.get("port"),
+                extra={"event": "data_dir_shared", "data_dir_holder": holder},
+            )
 
     def _open_cloud(self) -> None:
         config = self.config
@@ -339,6 +363,7 @@ class Runtime:
             },
             "uptime_sec": round(self.uptime_s, 3),
             "version": VERSION,
+            "data_dir_shared_with": self.data_dir_shared_with,
         }
 
     async def status(self) -> dict[str, Any]:
@@ -370,4 +395,5 @@ class Runtime:
             "bus": await self.bus.stats(),
             "routes": {"source": self.route_table.source, "entries": len(self.route_table.names())},
             "actions": self.registry.actions(),
+            "data_dir_shared_with": self.data_dir_shared_with,
         }
