@@ -5,7 +5,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 COMPOSE_FILE := docker/docker-compose.yml
 
-.PHONY: venv run test test-fast lint bench local-up local-down local-status local-build logs clean
+.PHONY: help venv run test test-fast lint bench local-up local-down local-status local-build logs clean
+.DEFAULT_GOAL := help
+
+## help: this list (the default goal: `make` alone prints it)
+help:
+	@echo "usage: make TARGET"
+	@awk '/^## [a-z-]+: / { line = substr($$0, 4); name = substr(line, 1, index(line, ":") - 1); \
+	  printf "  %-13s %s\n", name, substr(line, length(name) + 3) }' $(firstword $(MAKEFILE_LIST))
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +21,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+## venv: create .venv with the project and its development tools
 venv: $(STAMP)
 
 ## run: the service on its embedded defaults (local mode, SQLite under ./data, 127.0.0.1:8080)
@@ -24,11 +32,13 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+## lint: ruff check, ruff format --check and mypy
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy .
 
+## bench: the benchmarks (python -m bench)
 bench: $(STAMP)
 	$(PY) -m bench
 
@@ -50,11 +60,13 @@ define need_env_file
 	@test -f .env || { echo "make $@: no .env yet; create it with: cp .env.example .env  (then set LOCAL_API_TOKEN)"; exit 1; }
 endef
 
+## local-build: build the Docker image (needs .env)
 local-build:
 	$(need_docker)
 	$(need_env_file)
 	APP_UID=$(APP_UID) $(COMPOSE) build
 
+## local-up: start the Docker stack in the background (needs LOCAL_API_TOKEN in .env)
 local-up:
 	$(need_docker)
 	$(need_env_file)
@@ -63,21 +75,25 @@ local-up:
 	@if [ "$$(id -u)" = 0 ]; then chown $(APP_UID):$(APP_UID) data/sqlite; fi
 	APP_UID=$(APP_UID) $(COMPOSE) up -d
 
+## local-down: stop the Docker stack
 local-down:
 	$(need_docker)
 	$(need_env_file)
 	$(COMPOSE) down
 
+## local-status: the Docker stack's containers and /health
 local-status:
 	$(need_docker)
 	$(need_env_file)
 	$(COMPOSE) ps
 	@curl -fsS http://127.0.0.1:8080/health || echo "local-terminal is not answering on 127.0.0.1:8080"
 
+## logs: follow the Docker stack's logs
 logs:
 	$(need_docker)
 	$(need_env_file)
 	$(COMPOSE) logs -f --tail=200 --no-log-prefix local-terminal
 
+## clean: remove .venv and the caches
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -221,12 +221,20 @@ def cmd_batch(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
             "summary": summarize(results, (time.perf_counter() - started) * 1000),
         }
     io.json(output)
-    summary = output.get("summary") or summarize(output.get("results", []), 0.0)
+    results = output.get("results", [])
+    summary = output.get("summary") or summarize(results, 0.0)
+    for index, result in enumerate(results):
+        if isinstance(result, dict) and not result.get("ok") and not result.get("queued"):
+            detail = result.get("detail")
+            io.say(
+                f"item {index} ({result.get('action') or '?'}) failed: "
+                f"{result.get('error') or 'error'}" + (f": {detail}" if detail else "")
+            )
     sources = ", ".join(f"{k} {v}" for k, v in sorted(summary.get("by_source", {}).items()))
     io.say(
-        f"batch: {summary['total']} items, {summary['ok']} ok, {summary['failed']} failed, "
-        f"{summary['queued']} queued in {summary['duration_ms'] / 1000:.2f} s"
-        + (f" (by source: {sources})" if sources else "")
+        f"batch: {plural(summary['total'], 'item')}, {summary['ok']} ok, "
+        f"{summary['failed']} failed, {summary['queued']} queued in "
+        f"{summary['duration_ms'] / 1000:.2f} s" + (f" (by source: {sources})" if sources else "")
     )
     if summary["failed"]:
         return ExitCode.FAILED
@@ -264,7 +272,7 @@ def _server_side_batch(
 ) -> dict[str, Any]:
     progress = Progress(
         SpinnerColumn(),
-        TextColumn(f"batch of {len(items)} on the server"),
+        TextColumn(f"batch of {plural(len(items), 'item')} on the server"),
         TimeElapsedColumn(),
         console=io.err,
         disable=args.no_progress,
@@ -403,15 +411,97 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 item``, ``2 items``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 # -- the parser and main ---------------------------------------------------------------------------
+
+
+class _Version(argparse.Action):
+    """``--version``: the version is read only when asked for (it lives with the server)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        from runtime import VERSION
+
+        print(f"everreach {VERSION}", file=sys.stdout, flush=True)
+        parser.exit()
+
+
+# What each command does, and an example, shown by ``everreach COMMAND --help``.
+_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "serve": (
+        "run the server",
+        "Run this instance: /dispatch, /status, the status page at /, and the cloud role's "
+        "/api/services/*. Configuration comes from the environment and .env.",
+        "everreach serve --port 8081\n  EVERREACH_ENV=cloud PORT=9090 everreach serve",
+    ),
+    "dispatch": (
+        "run one action",
+        "Send one action to the server (POST /dispatch) and print its result envelope. "
+        "Exits 0 ok, 1 failed, 3 queued in the outbox.",
+        "everreach dispatch system.echo -p text=hello\n"
+        '  everreach dispatch research.keyword --params \'{"keyword": "ai"}\' --force-env local',
+    ),
+    "batch": (
+        "run a JSON list of actions",
+        "Send many actions, a few at a time, with a progress bar; print every envelope in "
+        "input order and list the failed items on stderr.",
+        'echo \'[{"action": "system.echo", "params": {"n": 1}}]\' | everreach batch -\n'
+        "  everreach batch items.json --max-concurrent 8",
+    ),
+    "status": (
+        "env, online, cost, counts, circuits, outbox, jobs",
+        "Show the server's state (GET /status) as tables.",
+        "everreach status\n  everreach status --json --url http://127.0.0.1:9090",
+    ),
+    "cost": (
+        "month-to-date spend against the caps, and the rates",
+        "Show this month's cloud spend against the soft and hard caps, and the $/call rates.",
+        "everreach cost\n  everreach cost --json",
+    ),
+    "outbox": (
+        "pending depth and dead letters",
+        "Show the outbox: items waiting for the cloud, and dead letters with their errors.",
+        "everreach outbox\n  everreach outbox --json",
+    ),
+    "routes": (
+        "the route table (no server)",
+        "Show where each known action runs (the route table and the classifier); needs no server.",
+        "everreach routes\n  ROUTE_TABLE_PATH=my_routes.json everreach routes --json",
+    ),
+}
+
+
+def _command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    parents: Sequence[argparse.ArgumentParser] = (),
+) -> argparse.ArgumentParser:
+    summary, description, example = _COMMANDS[name]
+    return sub.add_parser(
+        name,
+        parents=list(parents),
+        help=summary,
+        description=description,
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="everreach",
         description="EverReach hybrid orchestrator: serve, dispatch actions, read the status.",
-        epilog="exit codes: 0 ok, 1 failed or no server, 2 usage or configuration, 3 queued",
+        epilog="exit codes: 0 ok, 1 failed or no server, 2 usage or configuration, 3 queued\n"
+        "help on one command: everreach COMMAND --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument(
@@ -428,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print raw JSON")
 
-    serve = sub.add_parser("serve", help="run the server")
+    serve = _command(sub, "serve")
     serve.add_argument("--host", help="bind address (default: HOST, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: PORT, 8080)")
     serve.add_argument(
@@ -436,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(handler=cmd_serve)
 
-    dispatch = sub.add_parser("dispatch", parents=[client], help="run one action")
+    dispatch = _command(sub, "dispatch", [client])
     dispatch.add_argument("action", help="service.topic, e.g. research.keyword")
     dispatch.add_argument("--params", metavar="JSON", help="params as a JSON object")
     dispatch.add_argument(
@@ -454,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dispatch.set_defaults(handler=cmd_dispatch)
 
-    batch = sub.add_parser("batch", parents=[client], help="run a JSON list of actions")
+    batch = _command(sub, "batch", [client])
     batch.add_argument("file", metavar="FILE.json|-", help="[{action, params}, ...]; - is stdin")
     batch.add_argument(
         "--max-concurrent",
@@ -471,13 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--no-progress", action="store_true", help="no progress bar")
     batch.set_defaults(handler=cmd_batch)
 
-    for name, handler, text in (
-        ("status", cmd_status, "env, online, cost, counts, circuits, outbox, jobs"),
-        ("cost", cmd_cost, "month-to-date spend against the caps, and the rates"),
-        ("outbox", cmd_outbox, "pending depth and dead letters"),
-    ):
-        sub.add_parser(name, parents=[client, as_json], help=text).set_defaults(handler=handler)
-    routes = sub.add_parser("routes", parents=[as_json], help="the route table (no server)")
+    for name, handler in (("status", cmd_status), ("cost", cmd_cost), ("outbox", cmd_outbox)):
+        _command(sub, name, [client, as_json]).set_defaults(handler=handler)
+    routes = _command(sub, "routes", [as_json])
     routes.set_defaults(handler=cmd_routes)
     return parser
 

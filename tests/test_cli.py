@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -451,3 +453,56 @@ def test_health_says_the_cloud_refuses_the_key(server_factory):
         health = httpx.get(f"{term.url}/health").json()
     assert health["services"]["cloud"]["auth"] == "refused"
     assert health["status"] == "degraded"
+
+
+# -- the first hour: version, help, batch failures, make ------------------------------------------
+
+
+def test_version_prints_the_version_and_exits_0(capsys):
+    from runtime import VERSION
+
+    code, out, _ = run(capsys, "--version")
+    assert code == ExitCode.OK and out == f"everreach {VERSION}\n"
+
+
+def test_every_command_help_has_a_description_and_an_example(capsys):
+    from cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) >= {"serve", "dispatch", "batch", "status", "cost", "routes"}
+    for name in sub.choices:
+        code, out, _ = run(capsys, name, "--help")
+        rest = out.partition("\n\n")[2]
+        assert code == ExitCode.OK
+        assert rest.split("\n", 1)[0].strip()[:1].isupper(), f"{name}: no description\n{out}"
+        _, found, example = out.partition("\nexample:\n  ")
+        assert found and f"everreach {name}" in example, f"{name}: no example\n{out}"
+
+
+@e2e
+def test_batch_lists_failed_items_on_stderr_and_counts_one_item(server_factory, capsys, tmp_path):
+    server = server_factory()
+    items = [{"action": "system.echo", "params": {}}, {"action": "nope.missing", "params": {}}]
+    path = tmp_path / "items.json"
+    path.write_text(json.dumps(items))
+    code, _, err = run(capsys, "batch", str(path), "--url", server.url, "--no-progress")
+    assert code == ExitCode.FAILED
+    assert "everreach: item 1 (nope.missing) failed: unknown_action" in err
+    assert "item 0" not in err
+    path.write_text(json.dumps(items[:1]))
+    code, _, err = run(capsys, "batch", str(path), "--url", server.url, "--no-progress")
+    assert code == ExitCode.OK and "batch: 1 item, 1 ok" in err
+
+
+def test_make_without_a_target_lists_every_target_with_its_comment():
+    makefile = (ROOT / "Makefile").read_text()
+    targets = re.findall(r"^([a-z][a-z-]*):", makefile, flags=re.MULTILINE)
+    done = subprocess.run(
+        ["make", "--no-print-directory"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    listed = dict(
+        line.strip().split(None, 1) for line in done.stdout.splitlines()[1:] if line.strip()
+    )
+    assert set(listed) == set(targets)
+    assert all(comment.strip() for comment in listed.values())
