@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import logging
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -97,6 +99,9 @@ def cmd_serve(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
             f"is not set; set LOCAL_API_TOKEN (python3 -c 'import secrets; "
             f"print(secrets.token_urlsafe(32))') or serve on --host 127.0.0.1"
         )
+    problem = port_problem(config.host, config.port)
+    if problem is not None:  # before start-up: one line, not uvicorn's [Errno 98] after it
+        raise CliFailure(problem)
     import uvicorn
 
     from local_server import create_app
@@ -154,6 +159,9 @@ def cmd_serve(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
             raise
         if failures:
             raise failures[0] from None
+        problem = port_problem(config.host, config.port)  # taken since the check above
+        if problem is not None:
+            raise CliFailure(problem) from None
         raise CliFailure(
             f"the server did not start on {config.host}:{config.port} (the log "
             f"above says why; a port in use is the usual reason)"
@@ -161,6 +169,26 @@ def cmd_serve(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
     finally:
         uvicorn_logger.removeFilter(quiet)
     return ExitCode.OK
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be served on, in one line with the fix; ``None`` when it can."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return (
+                    f"port {port} is in use (another process listens on {host}:{port}): serve "
+                    f"on another one with PORT={port + 1 if port < 65535 else 8080} or --port, "
+                    f"or stop the other process (find it with: lsof -i :{port})"
+                )
+            if exc.errno == errno.EACCES:
+                return f"port {port} needs privileges on this machine: use a port above 1023"
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc} (check HOST and PORT)"
+    return None
 
 
 class _DropErrorsAfterFailure(logging.Filter):

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -506,3 +507,16 @@ def test_make_without_a_target_lists_every_target_with_its_comment():
     )
     assert set(listed) == set(targets)
     assert all(comment.strip() for comment in listed.values())
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = finished(cli_process(tmp_path, "serve", "--port", str(port)))
+    assert code == ExitCode.FAILED and out == ""
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"everreach: port {port} is in use")
+    assert "PORT=" in err and "stop the other process" in err
+    assert "Errno" not in err and "Traceback" not in err
