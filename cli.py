@@ -134,8 +134,8 @@ def cmd_serve(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
                     f"(status page {url}/); stop with Ctrl-C"
                 )
 
-    # log_config=None: no text handlers of uvicorn's; the lifespan switches every logger to the
-    # project's JSON lines, so the output is uniform (and a start-up failure is one line).
+    # log_config=None: no text handlers of uvicorn's; the lifespan sends every logger through
+    # the project's one handler (console or JSON lines), so the output is uniform.
     server = AnnouncingServer(
         uvicorn.Config(
             app,

@@ -174,7 +174,9 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings = config or HybridConfig.load()
-        configure_logging(secrets=config_secrets(settings))
+        configure_logging(
+            settings.log_level, fmt=settings.log_format, secrets=config_secrets(settings)
+        )
         async with Runtime.open(settings) as runtime:
             app.state.runtime = runtime
             yield

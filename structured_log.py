@@ -1,21 +1,30 @@
-"""JSON-lines logging: one object per line on stderr, secrets replaced by ``***``.
+"""Logging: human-readable lines on a terminal, JSON lines otherwise; secrets become ``***``.
 
-A line looks like::
+``LOG_FORMAT`` picks the format (``console`` or ``json``; unset: console when stderr is a
+terminal, else json, so log collectors get JSON and people get text). A console line reads::
+
+    06:00:00 WARNING  everreach.orchestrator  local fallback failed  action=dm.send error=timeout
+
+A JSON line looks like::
 
     {"ts": "2025-01-31T06:00:00.123Z", "level": "INFO", "logger": "everreach.dispatch",
      "msg": "dispatch research.keyword -> cloud ok", "event": "dispatch",
      "request_id": "…", "action": "research.keyword", "env": "cloud", "source": "cloud",
      "outcome": "ok", "duration_ms": 41.2, "attempts": 1, "error": null}
 
-Fields passed with ``extra={...}`` become top-level keys. ``configure_logging`` also routes
-uvicorn's own loggers through the same handler, so a server's stderr is JSON only. Dispatch lines
-never carry params or results: those are user data and may hold credentials.
+Fields passed with ``extra={...}`` become top-level keys (``key=value`` on the console).
+``configure_logging`` also routes uvicorn's own loggers through the same handler, so a server's
+stderr has one format. Third-party libraries (APScheduler, httpx, httpcore, uvicorn's access
+log) log at WARNING and up unless ``LOG_LEVEL=DEBUG``: their INFO lines (one per probe, per job
+run, per request) drown ours. Dispatch lines never carry params or results: those are user data
+and may hold credentials.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -34,6 +43,12 @@ _RECORD_ATTRS = frozenset(
 )
 _UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 _MAX_ACTION_CHARS = 200
+# Loggers of libraries that say too much at INFO; they log from WARNING up unless LOG_LEVEL=DEBUG.
+QUIET_LOGGERS = ("apscheduler", "httpx", "httpcore", "uvicorn.access")
+# httpx's HTTPStatusError text ends with a link to a generic page about status codes: noise in
+# our lines (e.g. "…for url '…/api/schedules'\nFor more information check: https://…/401").
+_HTTPX_HINT = re.compile(r"\s*For more information check: \S+")
+LOG_FORMATS = ("console", "json")
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
@@ -71,7 +86,8 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         self.secrets: tuple[str, ...] = tuple(s for s in secrets if s and s.strip())
 
-    def format(self, record: logging.LogRecord) -> str:
+    def payload(self, record: logging.LogRecord) -> dict[str, Any]:
+        """The record's fields: ts, level, logger, msg, the ``extra=`` keys, exc, stack."""
         payload: dict[str, Any] = {
             "ts": _iso_utc(record.created),
             "level": record.levelname,
@@ -87,9 +103,27 @@ class JsonFormatter(logging.Formatter):
             payload["exc"] = record.exc_text
         if record.stack_info:
             payload["stack"] = self.formatStack(record.stack_info)
-        if self.secrets:
-            payload = _redact_tree(payload, self.secrets)
-        return json.dumps(payload, ensure_ascii=False, default=str, separators=(", ", ": "))
+        tidy = _tidy_tree(payload)
+        return _redact_tree(tidy, self.secrets) if self.secrets else tidy
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            self.payload(record), ensure_ascii=False, default=str, separators=(", ", ": ")
+        )
+
+
+class ConsoleFormatter(JsonFormatter):
+    """Format each record as one line for a person: time, level, logger, message, key=value."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload = self.payload(record)
+        when = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        line = f"{when} {payload.pop('level'):<8} {payload.pop('logger')}  {payload.pop('msg')}"
+        payload.pop("ts")
+        exc, stack = payload.pop("exc", None), payload.pop("stack", None)
+        fields = " ".join(f"{key}={_console_value(value)}" for key, value in payload.items())
+        text = f"{line}  {fields}" if fields else line
+        return "\n".join(part for part in (text, exc, stack) if part)
 
 
 class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -97,24 +131,38 @@ class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def configure_logging(
-    level: str = "INFO", *, secrets: Iterable[str] = (), stream: IO[str] | None = None
+    level: str = "INFO",
+    *,
+    fmt: str | None = None,
+    secrets: Iterable[str] = (),
+    stream: IO[str] | None = None,
 ) -> None:
-    """Send every log record, uvicorn's included, as a JSON line to stderr (or ``stream``).
+    """Send every log record, uvicorn's included, to stderr (or ``stream``) as one line each.
 
+    ``fmt`` is ``console`` or ``json``; ``None`` picks console when the stream is a terminal.
     Idempotent: calling it again replaces the handler it installed before instead of adding a
     second one. Handlers installed by others (pytest's capture, for one) are left alone.
     """
     numeric = logging.getLevelName(level.upper()) if isinstance(level, str) else level
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}; use DEBUG, INFO, WARNING or ERROR")
+    if fmt is not None and fmt not in LOG_FORMATS:
+        raise ValueError(f"unknown log format {fmt!r}; use console or json")
+    target = stream if stream is not None else sys.stderr
+    if fmt is None:
+        fmt = "console" if _is_terminal(target) else "json"
     root = logging.getLogger()
     for handler in list(root.handlers):
         if isinstance(handler, _JsonHandler):
             root.removeHandler(handler)
-    handler = _JsonHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(JsonFormatter(secrets))
+    handler = _JsonHandler(target)
+    handler.setFormatter(ConsoleFormatter(secrets) if fmt == "console" else JsonFormatter(secrets))
     root.addHandler(handler)
     root.setLevel(numeric)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(
+            numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING)
+        )
     # uvicorn installs text handlers of its own and stops propagation; send its records to
     # the root handler instead, keeping the levels uvicorn was started with.
     for name in _UVICORN_LOGGERS:
@@ -169,6 +217,30 @@ def log_dispatch(
 
 def _enum_value(value: Any) -> Any:
     return getattr(value, "value", value)
+
+
+def _is_terminal(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def _console_value(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False) if (not value or " " in value) else value
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _tidy_tree(value: Any) -> Any:
+    """Drop httpx's "For more information check: …" hint from every string."""
+    if isinstance(value, str):
+        return _HTTPX_HINT.sub("", value) if "For more information" in value else value
+    if isinstance(value, Mapping):
+        return {key: _tidy_tree(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_tidy_tree(item) for item in value]
+    return value
 
 
 def _iso_utc(created: float) -> str:

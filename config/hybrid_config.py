@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator, Mapping
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from dotenv import dotenv_values
@@ -109,6 +109,8 @@ class HybridConfig(BaseSettings):
     everreach_tz: str = ""
     daily_routine_time: str = "06:00"
     schedules_path: Path = Path("schedules.json")
+    log_format: Literal["console", "json"] | None = None
+    log_level: str = "INFO"
 
     # -- field checks -------------------------------------------------------------------------
 
@@ -165,6 +167,23 @@ class HybridConfig(BaseSettings):
         if not _TIME_RE.match(value.strip()):
             raise ValueError("DAILY_ROUTINE_TIME must be HH:MM in 24-hour time, e.g. 06:00")
         return value.strip()
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _log_format(cls, value: Any) -> Any:
+        """Unset or blank: console on a terminal, else json (decided when logging starts)."""
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return value or None
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return level
 
     @field_validator("everreach_tz")
     @classmethod

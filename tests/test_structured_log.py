@@ -5,15 +5,19 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
+import os
+import select
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from config.hybrid_config import HybridConfig
 from errors import Env, ErrorCode, Source
 from structured_log import (
     DISPATCH_LOGGER,
+    QUIET_LOGGERS,
     REDACTED,
     JsonFormatter,
     config_secrets,
@@ -51,10 +55,13 @@ def stream() -> Iterator[io.StringIO]:
         n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate)
         for n in uvicorn_names
     }
+    saved_quiet = {n: logging.getLogger(n).level for n in QUIET_LOGGERS}
     out = io.StringIO()
     yield out
     root.handlers[:] = saved_root[0]
     root.setLevel(saved_root[1])
+    for name, level in saved_quiet.items():
+        logging.getLogger(name).setLevel(level)
     for name, (handlers, propagate) in saved_uv.items():
         logging.getLogger(name).handlers[:] = handlers
         logging.getLogger(name).propagate = propagate
@@ -221,3 +228,116 @@ def test_config_secrets_are_keys_tokens_and_url_passwords() -> None:
 
 def test_a_default_config_has_no_secrets() -> None:
     assert config_secrets(HybridConfig.from_mapping({})) == []
+
+
+# -- console or JSON, quiet libraries, no httpx hints ----------------------------------------------
+
+
+@pytest.fixture
+def terminal(stream: io.StringIO) -> Iterator[tuple[Any, Callable[[], str]]]:
+    """A real pseudo-terminal: (the stream to log to, a function reading what was written)."""
+    leader, follower = os.openpty()
+    tty = os.fdopen(follower, "w", encoding="utf-8", buffering=1)
+
+    def written() -> str:
+        tty.flush()
+        chunks = []
+        while select.select([leader], [], [], 0)[0]:
+            chunks.append(os.read(leader, 65536))
+        return b"".join(chunks).decode().replace("\r\n", "\n")
+
+    yield tty, written
+    tty.close()
+    os.close(leader)
+
+
+def test_a_terminal_gets_human_readable_lines(terminal: Any) -> None:
+    tty, written = terminal
+    configure_logging("INFO", stream=tty)
+    logging.getLogger("everreach.test").warning("cloud is offline", extra={"failures": 3})
+    text = written()
+    assert not text.lstrip().startswith("{")
+    assert "WARNING" in text and "everreach.test" in text and "cloud is offline" in text
+    assert "failures=3" in text
+
+
+def test_log_format_json_wins_on_a_terminal(terminal: Any) -> None:
+    tty, written = terminal
+    configure_logging("INFO", fmt="json", stream=tty)
+    logging.getLogger("everreach.test").warning("offline")
+    assert json.loads(written())["msg"] == "offline"
+
+
+def test_a_pipe_gets_json_lines(stream: io.StringIO) -> None:
+    configure_logging("INFO", stream=stream)
+    logging.getLogger("everreach.test").info("hello")
+    assert lines(stream)[0]["msg"] == "hello"
+
+
+def test_an_unknown_log_format_is_refused(stream: io.StringIO) -> None:
+    with pytest.raises(ValueError, match="log format"):
+        configure_logging("INFO", fmt="xml", stream=stream)
+
+
+@pytest.mark.parametrize("name", ["apscheduler.scheduler", "httpx", "httpcore.connection"])
+def test_chatty_libraries_log_warnings_only_unless_debug(stream: io.StringIO, name: str) -> None:
+    configure_logging("INFO", stream=stream)
+    logging.getLogger(name).info("Running job ...")
+    logging.getLogger(name).warning("job missed")
+    assert [line["msg"] for line in lines(stream)] == ["job missed"]
+    configure_logging("DEBUG", stream=stream)
+    logging.getLogger(name).info("now shown")
+    assert lines(stream)[-1]["msg"] == "now shown"
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_httpx_hint_links_are_dropped_from_our_lines(stream: io.StringIO, fmt: str) -> None:
+    request = httpx.Request("GET", "http://cloud.test/api/schedules")
+    try:
+        httpx.Response(401, request=request).raise_for_status()
+    except httpx.HTTPStatusError as exc:
+        error = exc
+    assert "For more information check" in str(error)  # what httpx says
+    configure_logging("INFO", fmt=fmt, stream=stream)
+    logging.getLogger("everreach.test").warning(
+        "mirror failed: %s", error, extra={"error": str(error)}
+    )
+    text = stream.getvalue()
+    assert "401 Unauthorized" in text and "/api/schedules" in text
+    assert "For more information" not in text and "developer.mozilla" not in text
+
+
+@pytest.mark.e2e
+def test_a_server_logs_console_lines_with_log_format_console_and_no_library_chatter(
+    server_factory,
+):
+    server = server_factory(LOG_FORMAT="console", EVERREACH_SERVICES="tests.e2e_services")
+    httpx.get(f"{server.url}/status")
+    log = server.log()
+    ours = [line for line in log.splitlines() if "everreach.runtime" in line]
+    assert ours and not ours[0].startswith("{") and "started" in ours[0]
+    assert "apscheduler" not in log and "HTTP Request:" not in log
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({}, (None, "INFO")),
+        ({"LOG_FORMAT": "", "LOG_LEVEL": "debug"}, (None, "DEBUG")),
+        ({"LOG_FORMAT": "JSON", "LOG_LEVEL": " warning "}, ("json", "WARNING")),
+        ({"LOG_FORMAT": "console"}, ("console", "INFO")),
+    ],
+)
+def test_log_format_and_level_come_from_the_config(
+    values: dict[str, str], expected: tuple[str | None, str]
+) -> None:
+    config = HybridConfig.from_mapping(values)
+    assert (config.log_format, config.log_level) == expected
+
+
+@pytest.mark.parametrize("values", [{"LOG_FORMAT": "xml"}, {"LOG_LEVEL": "CHATTY"}])
+def test_a_bad_log_setting_is_a_config_error(values: dict[str, str]) -> None:
+    from errors import ConfigError
+
+    with pytest.raises(ConfigError, match="LOG_"):
+        HybridConfig.from_mapping(values)
