@@ -51,6 +51,7 @@ def _duration(seconds: float) -> str:
 
 
 def _when(iso: Any, now: datetime | None = None) -> str:
+    """A past time as ``42 s ago``; a future one (a next run) as its time and ``(in 1 h)``."""
     if not iso:
         return "-"
     try:
@@ -60,8 +61,15 @@ def _when(iso: Any, now: datetime | None = None) -> str:
     if at.tzinfo is None:
         at = at.replace(tzinfo=UTC)
     delta = (at - (now or datetime.now(UTC))).total_seconds()
-    relative = f"in {_duration(delta)}" if delta >= 0 else f"{_duration(delta)} ago"
-    return f"{at.isoformat(timespec='seconds')} ({relative})"
+    if delta < 0:
+        return f"{_duration(delta)} ago"
+    return f"{at.isoformat(timespec='seconds')} (in {_duration(delta)})"
+
+
+def short_id(value: Any, keep: int = 8) -> str:
+    """The first characters of a long id (``3f2a9c1e…``): enough to tell rows apart."""
+    text = str(value)
+    return text if len(text) <= keep + 2 else text[:keep] + "…"
 
 
 def cost_bar(spent: float, soft: float, hard: float, *, width: int = 40, style: str = "") -> Text:
@@ -106,11 +114,21 @@ def _counts_table(counts: Mapping[str, Any]) -> RenderableType:
     if not counts:
         return Text("Dispatches: none yet.")
     seen = {key for row in counts.values() if isinstance(row, dict) for key in row}
-    columns = [k for k in SOURCES if k in seen] + sorted(seen - set(SOURCES))
-    table = Table(title="Dispatches by source", title_justify="left")
+    failures = sorted(seen - set(SOURCES))  # failures are counted by error code
+    columns = [k for k in SOURCES if k in seen] + failures
+    table = Table(
+        title="Dispatches by source" + (", failures (✗) by error code" if failures else ""),
+        title_justify="left",
+    )
     table.add_column("action")
-    for column in [*columns, "total"]:
-        table.add_column(column.replace("_", " "), justify="right")
+    for column in columns:
+        failed = column in failures
+        table.add_column(
+            ("✗ " if failed else "") + column.replace("_", " "),
+            justify="right",
+            style="red" if failed else "",
+        )
+    table.add_column("total", justify="right")
     for action in sorted(counts):
         row = counts[action] if isinstance(counts[action], dict) else {}
         table.add_row(
@@ -134,6 +152,7 @@ def status_view(status: Mapping[str, Any], now: datetime | None = None) -> list[
         + f" · v{status.get('version', '?')} · up {_duration(_num(status.get('uptime_sec')))}"
     )
     parts: list[RenderableType] = [Text(head, style="bold")]
+    parts.extend(_warnings(status))
     parts.append(_cost_table(status.get("cost") or {}))
     parts.append(_counts_table(status.get("dispatch_counts") or {}))
     circuits = status.get("circuits") or {}
@@ -145,7 +164,7 @@ def status_view(status: Mapping[str, Any], now: datetime | None = None) -> list[
     if not local:
         circuit_rows.append(("local", "every handler closed"))
     parts.append(_kv("Circuits", circuit_rows))
-    parts.extend(outbox_view(status))
+    parts.extend(outbox_view(status, now))
     parts.append(_jobs_table(status.get("scheduler"), now))
     bus = status.get("bus") or {}
     cache = status.get("cache") or {}
@@ -160,6 +179,30 @@ def status_view(status: Mapping[str, Any], now: datetime | None = None) -> list[
         )
     )
     return parts
+
+
+def _warnings(status: Mapping[str, Any]) -> list[RenderableType]:
+    """Lines about set-up mistakes: a shared DATA_DIR, actions the cloud has no handler for."""
+    lines: list[RenderableType] = []
+    holder = status.get("data_dir_shared_with")
+    if isinstance(holder, dict):
+        lines.append(
+            Text(
+                f"! DATA_DIR is also used by the live instance pid {holder.get('pid')} "
+                f"(port {holder.get('port')}): give each instance its own DATA_DIR",
+                style="yellow",
+            )
+        )
+    missing = status.get("cloud_missing_handlers") or {}
+    if isinstance(missing, dict) and missing:
+        names = ", ".join(f"{action} ({count} calls)" for action, count in sorted(missing.items()))
+        lines.append(
+            Text(
+                f"! the cloud has no handler for {names}; they ran here instead",
+                style="yellow",
+            )
+        )
+    return lines
 
 
 def _jobs_table(scheduler: Any, now: datetime | None) -> RenderableType:
@@ -180,7 +223,7 @@ def _jobs_table(scheduler: Any, now: datetime | None) -> RenderableType:
     return table
 
 
-def outbox_view(status: Mapping[str, Any]) -> list[RenderableType]:
+def outbox_view(status: Mapping[str, Any], now: datetime | None = None) -> list[RenderableType]:
     """The outbox: pending depth, dead letters and their errors."""
     outbox = status.get("outbox") or {}
     parts: list[RenderableType] = [
@@ -189,7 +232,7 @@ def outbox_view(status: Mapping[str, Any]) -> list[RenderableType]:
             [
                 ("pending", str(outbox.get("depth", 0))),
                 ("dead letters", str(outbox.get("dead_letters", 0))),
-                ("oldest pending", _when(outbox.get("oldest_pending_at"))),
+                ("oldest pending", _when(outbox.get("oldest_pending_at"), now)),
             ],
         )
     ]
@@ -197,10 +240,15 @@ def outbox_view(status: Mapping[str, Any]) -> list[RenderableType]:
     if dead:
         table = Table(title="Dead letters", title_justify="left")
         for column in ("id", "action", "attempts", "error"):
-            table.add_column(column, justify="right" if column == "attempts" else "left")
+            table.add_column(
+                column,
+                justify="right" if column == "attempts" else "left",
+                no_wrap=column != "error",
+                overflow="fold",
+            )
         for item in dead:
             table.add_row(
-                str(item.get("id")),
+                short_id(item.get("id")),
                 str(item.get("action")),
                 str(item.get("attempts")),
                 str(item.get("error")),

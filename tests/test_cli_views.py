@@ -98,3 +98,66 @@ def test_status_view_shows_open_circuits_caps_and_next_runs():
 )
 def test_cost_bar_fills_to_the_spend_and_marks_the_soft_cap(spent, soft, hard, bar):
     assert cost_bar(spent, soft, hard, width=20).plain == bar
+
+
+def test_failures_are_shown_by_error_code_never_as_error_error():
+    text = render(
+        status_view(
+            {
+                "env": "local",
+                "dispatch_counts": {
+                    "dm.send": {"local": 3, "unknown_action": 1, "timeout": 2},
+                    "system.echo": {"local": 1},
+                },
+            }
+        )
+    )
+    assert "error error" not in text
+    assert "✗ unknown action" in text and "✗ timeout" in text
+    row = next(line for line in text.splitlines() if "dm.send" in line)
+    cells = [cell.strip() for cell in row.strip("│ ").split("│")]
+    assert cells == ["dm.send", "3", "2", "1", "6"]  # local, ✗ timeout, ✗ unknown action, total
+
+
+def test_dead_letter_ids_are_shortened_and_their_errors_shown_whole():
+    long_id = "3f2a9c1e-7d44-4b8e-9a0f-1c2d3e4f5a6b"
+    error = "cloud_unavailable: the cloud answered 503 for the fifth time in a row"
+    text = render(
+        outbox_view(
+            {
+                "outbox": {"depth": 0, "dead_letters": 1},
+                "dead_letters": [
+                    {"id": long_id, "action": "dm.send", "attempts": 5, "error": error}
+                ],
+            }
+        )
+    )
+    row = next(line for line in text.splitlines() if "dm.send" in line)
+    assert "3f2a9c1e…" in row and long_id not in text
+    assert error in text
+
+
+def test_past_times_are_relative():
+    now = datetime(2026, 3, 1, 5, 0, 42, tzinfo=UTC)
+    text = render(
+        status_view(
+            {"env": "local", "outbox": {"depth": 1, "oldest_pending_at": "2026-03-01T05:00:00Z"}},
+            now=now,
+        )
+    )
+    line = next(line for line in text.splitlines() if "oldest pending" in line)
+    assert line.split("oldest pending", 1)[1].strip() == "42 s ago"
+
+
+def test_set_up_mistakes_are_pointed_out():
+    text = render(
+        status_view(
+            {
+                "env": "hybrid",
+                "data_dir_shared_with": {"pid": 4242, "port": 9090},
+                "cloud_missing_handlers": {"research.keyword": 3},
+            }
+        )
+    )
+    assert "pid 4242" in text and "own DATA_DIR" in text
+    assert "the cloud has no handler for research.keyword (3 calls)" in text
