@@ -195,7 +195,10 @@ def _warnings(status: Mapping[str, Any]) -> list[RenderableType]:
         )
     missing = status.get("cloud_missing_handlers") or {}
     if isinstance(missing, dict) and missing:
-        names = ", ".join(f"{action} ({count} calls)" for action, count in sorted(missing.items()))
+        names = ", ".join(
+            f"{action} ({count} call{'' if count == 1 else 's'})"
+            for action, count in sorted(missing.items())
+        )
         lines.append(
             Text(
                 f"! the cloud has no handler for {names}; they ran here instead",

@@ -4,7 +4,9 @@ Everything is inline (no CDN, fonts or images), so the page works on an air-gapp
 The script fetches ``status`` relative to the page (``/status`` when served at ``/``; a path
 prefix behind a proxy keeps working), re-renders every 5 s, and on a 401 asks for the
 LOCAL_API_TOKEN, which it keeps in ``sessionStorage`` (gone when the tab closes) and sends as
-``Authorization: Bearer``. Server text reaches the page only through ``textContent``/``append``;
+``Authorization: Bearer``. The dead-letter table's "retry" and "drop" buttons ask ``confirm()``
+first, then send ``POST outbox/{id}/retry`` or ``DELETE outbox/{id}`` with the same token.
+Server text reaches the page only through ``textContent``/``append``;
 the page never parses server strings as HTML. A Content-Security-Policy with the hashes of the
 one inline script and style forbids any other script, style, frame or outside connection.
 """
@@ -75,6 +77,13 @@ td.num, th.num { text-align: right; }
 .kv { display: grid; grid-template-columns: max-content 1fr; gap: 3px 14px; margin: 0; }
 .kv dt { color: var(--muted); } .kv dd { margin: 0; overflow-wrap: anywhere; }
 p.note { margin: 8px 0 0; font-size: 12px; }
+th.bad { color: var(--bad); }
+table.dead tr.head td { border-bottom: 0; padding-bottom: 0; }
+table.dead td.err { overflow-wrap: anywhere; color: var(--bad); }
+td.acts { white-space: nowrap; text-align: right; }
+td.acts button { padding: 1px 8px; font-size: 12px; margin: 0 0 0 4px; }
+button.drop { background: transparent; color: var(--bad); border-color: var(--bad); }
+code.id { font-size: 12px; }
 """
 
 _SCRIPT = """
@@ -82,6 +91,7 @@ _SCRIPT = """
 (function () {
   const REFRESH_MS = __REFRESH_MS__;
   const STATUS_URL = "status";
+  const OUTBOX_URL = "outbox/";
   const TOKEN_KEY = "everreach.local_api_token";
   const SOURCES = ["local", "cloud", "local_fallback", "cache", "outbox"];
   let timer = null;
@@ -127,13 +137,30 @@ _SCRIPT = """
     if (parts.length < 2 && (s || !parts.length)) parts.push(s + " s");
     return parts.slice(0, 2).join(" ");
   }
+  // "42 s ago" / "in 1 h"; the exact time is the tooltip.
   function when(iso) {
     if (!iso) return "-";
     const at = new Date(iso);
     if (Number.isNaN(at.getTime())) return String(iso);
     const delta = (at.getTime() - Date.now()) / 1000;
-    const rel = delta >= 0 ? "in " + duration(delta) : duration(delta) + " ago";
-    return at.toLocaleString() + " (" + rel + ")";
+    const span = el("span", null, delta >= 0 ? "in " + duration(delta) : duration(delta) + " ago");
+    span.title = at.toLocaleString();
+    return span;
+  }
+  function shortId(id) {
+    const text = String(id);
+    const node = el("code", "id", text.length > 10 ? text.slice(0, 8) + "…" : text);
+    node.title = text;
+    return node;
+  }
+  function plural(n, noun) { return n + " " + noun + (n === 1 ? "" : "s"); }
+  // A connectivity field for people: times relative, durations in units, yes/no.
+  function shown(key, value) {
+    if (value === null || value === undefined) return "-";
+    if (key.endsWith("_at")) return when(value);
+    if (key.endsWith("_s") && typeof value === "number") return duration(value);
+    if (typeof value === "boolean") return value ? "yes" : "no";
+    return typeof value === "object" ? JSON.stringify(value) : String(value);
   }
   function stateTone(state) {
     return state === "closed" ? "ok" : state === "open" ? "bad" : "warn";
@@ -154,6 +181,12 @@ _SCRIPT = """
     const outbox = obj(s.outbox);
     const dead = num(outbox.dead_letters);
     if (dead > 0) nodes.push(badge(dead + (dead === 1 ? " dead letter" : " dead letters"), "bad"));
+    const missing = Object.keys(obj(s.cloud_missing_handlers)).length;
+    if (missing) nodes.push(badge("cloud lacks " + plural(missing, "handler"), "warn"));
+    const holder = s.data_dir_shared_with;
+    if (holder && typeof holder === "object") {
+      nodes.push(badge("DATA_DIR shared with pid " + String(holder.pid ?? "?"), "warn"));
+    }
     put("badges", ...nodes);
     put("updated", "v" + (s.version || "?") + " · up " + duration(num(s.uptime_sec)) +
         " · updated " + new Date().toLocaleTimeString() + " · refreshes every " +
@@ -205,16 +238,28 @@ _SCRIPT = """
     if (!actions.length) { put("counts", el("p", "muted", "No dispatches yet.")); return; }
     const seen = new Set();
     for (const a of actions) for (const k of Object.keys(obj(counts[a]))) seen.add(k);
-    const columns = SOURCES.filter((k) => seen.has(k))
-      .concat([...seen].filter((k) => !SOURCES.includes(k)).sort());
+    // Successes by source; failures by error code, marked ✗.
+    const failures = [...seen].filter((k) => !SOURCES.includes(k)).sort();
+    const columns = SOURCES.filter((k) => seen.has(k)).concat(failures);
     const rows = actions.map((a) => {
       const row = obj(counts[a]);
       const cells = columns.map((k) => (row[k] ? String(row[k]) : ""));
       const total = columns.reduce((sum, k) => sum + num(row[k]), 0);
       return [a, ...cells, String(total)];
     });
-    put("counts", table(["action", ...columns.map((k) => k.replaceAll("_", " ")), "total"],
-                        rows, [false, ...columns.map(() => true), true]));
+    const heads = ["action", ...columns.map((k) =>
+      (failures.includes(k) ? "✗ " : "") + k.replaceAll("_", " ")), "total"];
+    const node = table(heads, rows, [false, ...columns.map(() => true), true]);
+    node.querySelectorAll("th").forEach((th, i) => {
+      if (!failures.includes(columns[i - 1])) return;
+      th.classList.add("bad");
+      th.title = "failed: " + columns[i - 1];
+    });
+    const parts = [node];
+    if (failures.length) {
+      parts.push(el("p", "note muted", "✗ columns count failures by error code."));
+    }
+    put("counts", ...parts);
   }
 
   function renderCircuits(s) {
@@ -230,8 +275,14 @@ _SCRIPT = """
     }
     const conn = s.connectivity;
     if (conn && typeof conn === "object") {
-      const shown = (v) => v === null ? "-" : typeof v === "object" ? JSON.stringify(v) : String(v);
-      nodes.push(kv(Object.entries(conn).map(([k, v]) => [k.replaceAll("_", " "), shown(v)])));
+      const label = (k) => k.replace(/_s$/, "").replace(/_at$/, "").replaceAll("_", " ");
+      nodes.push(kv(Object.entries(conn).map(([k, v]) => [label(k), shown(k, v)])));
+    }
+    const missing = Object.entries(obj(s.cloud_missing_handlers));
+    if (missing.length) {
+      nodes.push(el("p", "error", "The cloud has no handler for " +
+        missing.map(([a, n]) => a + " (" + plural(num(n), "call") + ")").join(", ") +
+        "; they ran here instead. Register them on the cloud instance too."));
     }
     put("circuits", ...nodes);
   }
@@ -244,15 +295,71 @@ _SCRIPT = """
       ["dead letters", num(o.dead_letters) ? badge(String(o.dead_letters), "bad") : "0"],
       ["oldest pending", o.oldest_pending_at ? when(o.oldest_pending_at) : "-"],
     ])];
-    if (dead.length) {
-      nodes.push(table(["id", "action", "attempts", "error"],
-        dead.map((d) => [String(obj(d).id ?? ""), String(obj(d).action ?? ""),
-                         String(obj(d).attempts ?? ""), String(obj(d).error ?? "")]),
-        [false, false, true, false]));
-    }
+    if (dead.length) nodes.push(deadLetters(dead));
     const sync = obj(s.sync);
     if (sync.error) nodes.push(el("p", "error", "last sync: " + sync.error));
     put("outbox", ...nodes);
+  }
+
+  // No scroll box: each dead letter is two rows, its id, action, attempts and buttons, then
+  // its error across the whole card, wrapped.
+  function deadLetters(dead) {
+    const head = el("tr", null, el("th", null, "id"), el("th", null, "action"),
+                    el("th", "num", "attempts"), el("th", null, ""));
+    const rows = dead.flatMap((d) => {
+      d = obj(d);
+      const id = String(d.id ?? "");
+      const retry = el("button", "retry", "retry");
+      retry.type = "button";
+      retry.title = "send it to the cloud again";
+      retry.addEventListener("click", () => outboxAction("retry", id, String(d.action ?? "")));
+      const drop = el("button", "drop", "drop");
+      drop.type = "button";
+      drop.title = "delete it: it will never run";
+      drop.addEventListener("click", () => outboxAction("drop", id, String(d.action ?? "")));
+      const error = el("td", "err", String(d.error ?? ""));
+      error.colSpan = 4;
+      return [el("tr", "head", el("td", null, shortId(id)), el("td", null, String(d.action ?? "")),
+                 el("td", "num", String(d.attempts ?? "")), el("td", "acts", retry, drop)),
+              el("tr", null, error)];
+    });
+    return el("table", "dead", el("thead", null, head), el("tbody", null, ...rows));
+  }
+
+  async function outboxAction(verb, id, action) {
+    const question = verb === "retry"
+      ? "Retry dead letter " + id + " (" + action + ") now?"
+      : "Drop dead letter " + id + " (" + action + ")? It will never run.";
+    if (!window.confirm(question)) return;
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    const headers = { "Accept": "application/json" };
+    if (token) headers["Authorization"] = "Bearer " + token;
+    const url = OUTBOX_URL + encodeURIComponent(id) + (verb === "retry" ? "/retry" : "");
+    try {
+      const response = await fetch(url, { method: verb === "retry" ? "POST" : "DELETE", headers,
+                                           cache: "no-store", credentials: "omit" });
+      if (response.status === 401) {
+        if (token) sessionStorage.removeItem(TOKEN_KEY);
+        askForToken("The server wants its LOCAL_API_TOKEN to " + verb + " a dead letter.");
+        return;
+      }
+      if (!response.ok) {
+        let detail = "";
+        try {
+          detail = String(obj(await response.json()).detail || "");
+        } catch (err) {
+          detail = "";
+        }
+        banner(verb + " " + id + " failed: HTTP " + response.status +
+               (detail ? ": " + detail : ""));
+        return;
+      }
+      banner("");
+    } catch (err) {
+      banner(verb + " " + id + " failed: " + (err && err.message ? err.message : err));
+      return;
+    }
+    refresh();
   }
 
   function renderJobs(s) {

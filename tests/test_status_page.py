@@ -385,3 +385,143 @@ def test_page_shows_server_text_as_text_never_as_html(hostile_server, browser, t
     assert float(width.rstrip("%")) == pytest.approx(97.875)
     assert "open" in browser.text("#circuits") and "half_open" in browser.text("#circuits")
     browser.screenshot(tmp_path / "status-page-busy.png")
+
+
+# -- readable numbers and the dead-letter buttons -------------------------------------------------
+
+DEAD_ID = "3f2a9c1e-7d44-4b8e-9a0f-1c2d3e4f5a6b"
+DEAD_ERROR = "cloud_unavailable: the cloud answered 503 five times in a row; gave up after 5 tries"
+
+
+def busy_status() -> dict[str, Any]:
+    from datetime import UTC, datetime, timedelta
+
+    ago = (datetime.now(UTC) - timedelta(seconds=42)).isoformat()
+    status = hostile_status() | {"version": "1", "offline_mode": False}
+    status["connectivity"] = {
+        "online": True,
+        "offline_mode": False,
+        "consecutive_failures": 0,
+        "offline_after": 3,
+        "last_probe_at": ago,
+        "last_probe_ok": True,
+        "last_change_at": ago,
+        "since_change_s": 51.171272968999915,
+        "endpoint": "http://127.0.0.1:9090",
+    }
+    status["dispatch_counts"] = {"dm.send": {"cloud": 4, "unknown_action": 1, "timeout": 2}}
+    status["dead_letters"] = [
+        {"id": DEAD_ID, "action": "dm.send", "attempts": 5, "error": DEAD_ERROR}
+    ]
+    status["cloud_missing_handlers"] = {"research.keyword": 3}
+    status["bus"]["last_error"] = None
+    status["cost"]["by_action"] = {"dm.send": "300.00"}
+    status["scheduler"]["jobs"][0]["trigger"] = "cron 0 6 * * *"
+    return status
+
+
+@pytest.fixture
+def busy_server() -> Iterator[tuple[str, list[tuple[str, str, str | None]]]]:
+    """A stand-in server: the page, a busy /status, and a record of outbox requests."""
+    page = render_status_page().encode()
+    status = json.dumps(busy_status()).encode()
+    seen: list[tuple[str, str, str | None]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def answer(self, body: bytes, kind: str = "application/json") -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            self.answer(*((page, "text/html") if self.path == "/" else (status,)))
+
+        def do_POST(self) -> None:
+            seen.append(("POST", self.path, self.headers.get("Authorization")))
+            self.answer(b'{"ok": true}')
+
+        def do_DELETE(self) -> None:
+            seen.append(("DELETE", self.path, self.headers.get("Authorization")))
+            self.answer(b'{"ok": true}')
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", seen
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+def test_page_shows_failures_by_error_code_and_readable_times(busy_server, browser, tmp_path):
+    url, _ = busy_server
+    browser.open(f"{url}/")
+    browser.wait_for("!document.getElementById('main').hidden", what="the status to render")
+    assert counts_row(browser, "dm.send") == {
+        "action": "dm.send",
+        "cloud": "4",
+        "✗ timeout": "2",
+        "✗ unknown action": "1",
+        "total": "7",
+    }
+    body = browser.text("body")
+    assert "error error" not in body and "error_error" not in body
+    circuits = browser.text("#circuits")
+    pairs = dict(
+        browser.eval(
+            "[...document.querySelectorAll('#circuits dt')]"
+            ".map((dt) => [dt.textContent, dt.nextElementSibling.textContent])"
+        )
+    )
+    assert "51.17" not in circuits and pairs["since change"] == "51 s"
+    assert re.fullmatch(r"4\d s ago", pairs["last probe"]) and pairs["last probe ok"] == "yes"
+    assert not re.search(r"\d{4}-\d\d-\d\dT\d\d:", body)  # no raw ISO times
+    assert "cloud has no handler for research.keyword (3 calls)" in circuits
+    assert "cloud lacks 1 handler" in browser.text("#badges")
+    browser.screenshot(tmp_path / "status-page-readable.png")
+
+
+def test_dead_letters_show_a_short_id_the_action_and_the_whole_error(busy_server, browser):
+    url, _ = busy_server
+    browser.open(f"{url}/")
+    browser.wait_for("!document.getElementById('main').hidden", what="the status to render")
+    row = browser.eval(
+        "[...document.querySelectorAll('#outbox table.dead tbody td')].map((td) => td.innerText)"
+    )
+    assert row[:3] == ["3f2a9c1e…", "dm.send", "5"] and row[4] == DEAD_ERROR
+    assert browser.eval("document.querySelector('#outbox code.id').title") == DEAD_ID
+    # nothing hides behind a scrollbar: the table fits its card
+    assert browser.eval("document.querySelector('#outbox .scroll table.dead') === null") is True
+    assert browser.eval(
+        "(() => { const t = document.querySelector('#outbox table.dead');"
+        " return t.scrollWidth <= document.querySelector('#outbox').clientWidth; })()"
+    )
+    assert browser.eval("document.querySelectorAll('#outbox button').length") == 2
+
+
+def test_dead_letter_buttons_ask_first_then_call_the_outbox_endpoints(busy_server, browser):
+    url, seen = busy_server
+    browser.open(f"{url}/")
+    browser.wait_for("!document.getElementById('main').hidden", what="the status to render")
+    browser.eval(f"sessionStorage.setItem('everreach.local_api_token', {json.dumps(TOKEN)})")
+    click = "document.querySelector('#outbox button.{0}').click(); true"
+    browser.eval("window.confirm = () => false; true")
+    browser.eval(click.format("drop"))
+    browser.eval(click.format("retry"))
+    browser.eval("window.confirm = (q) => { window.__asked = q; return true; }; true")
+    browser.eval(click.format("retry"))
+    browser.wait_for("window.__asked", what="the question")
+    assert DEAD_ID in browser.eval("window.__asked")
+    browser.eval(click.format("drop"))
+    deadline = time.monotonic() + 20  # only stops a hung test
+    while len(seen) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert seen == [
+        ("POST", f"/outbox/{DEAD_ID}/retry", f"Bearer {TOKEN}"),
+        ("DELETE", f"/outbox/{DEAD_ID}", f"Bearer {TOKEN}"),
+    ]
