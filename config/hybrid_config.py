@@ -1,7 +1,8 @@
 """HybridConfig: the one place environment variables and ``.env`` are read.
 
-Every variable of DESIGN.md §9 is a field here (lower-cased name), with its default. A wrong
-value stops start-up with a ``ConfigError`` that names the variable and says what is allowed.
+Every configuration variable (``.env.example`` lists them) is a field here (lower-cased name),
+with its default. A wrong value stops start-up with a ``ConfigError`` that names the variable
+and says what is allowed.
 ``HybridConfig.load()`` reads ``.env`` overlaid by the environment; tests build configs from
 dicts with ``HybridConfig.from_mapping({...})``, which reads neither ``os.environ`` nor ``.env``
 (pydantic-settings' own sources are switched off: they would make every construction read both).

@@ -415,18 +415,23 @@ def test_serve_runs_the_configured_server_until_interrupted(tmp_path):
     assert f"everreach: EVERREACH_ENV=local serving at http://127.0.0.1:{port}" in err
 
 
-@e2e
-def test_dispatch_blames_the_cloud_key_not_the_token_when_the_cloud_refuses_it(
-    server_factory, capsys
-):
+def pair_with_a_wrong_cloud_key(server_factory: Any, **terminal: str) -> Any:
+    """A cloud instance and a hybrid terminal whose EVERREACH_CLOUD_KEY the cloud refuses."""
     cloud = server_factory(name="cloud", EVERREACH_ENV="cloud", EVERREACH_CLOUD_KEY="right-key-1")
-    term = server_factory(
+    return server_factory(
         name="terminal",
         EVERREACH_ENV="hybrid",
         CLOUD_ENDPOINT=cloud.url,
         EVERREACH_CLOUD_KEY="wrong-key-2",
-        LOCAL_API_TOKEN=TOKEN,
+        **terminal,
     )
+
+
+@e2e
+def test_dispatch_blames_the_cloud_key_not_the_token_when_the_cloud_refuses_it(
+    server_factory, capsys
+):
+    term = pair_with_a_wrong_cloud_key(server_factory, LOCAL_API_TOKEN=TOKEN)
     with_token = HybridConfig.from_mapping({"local_api_token": TOKEN})
     code, out, err = run(
         capsys, "dispatch", "research.keyword", "--url", term.url, config=with_token
@@ -439,14 +444,7 @@ def test_dispatch_blames_the_cloud_key_not_the_token_when_the_cloud_refuses_it(
 
 @e2e
 def test_health_says_the_cloud_refuses_the_key(server_factory):
-    cloud = server_factory(name="cloud", EVERREACH_ENV="cloud", EVERREACH_CLOUD_KEY="right-key-1")
-    term = server_factory(
-        name="terminal",
-        EVERREACH_ENV="hybrid",
-        CLOUD_ENDPOINT=cloud.url,
-        EVERREACH_CLOUD_KEY="wrong-key-2",
-        CONNECTIVITY_INTERVAL_SEC="0.2",
-    )
+    term = pair_with_a_wrong_cloud_key(server_factory, CONNECTIVITY_INTERVAL_SEC="0.2")
     deadline = time.monotonic() + 15
     health = httpx.get(f"{term.url}/health").json()
     while health["services"]["cloud"]["auth"] != "refused" and time.monotonic() < deadline:

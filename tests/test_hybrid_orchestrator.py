@@ -1,4 +1,4 @@
-"""HybridOrchestrator in-process: DESIGN.md §5 rules 1-6 on real parts.
+"""HybridOrchestrator in-process: the routing rules 1-6 on real parts.
 
 Each world is built from a real ServiceRegistry (handlers defined here, counting their calls),
 the bundled route table, a CloudExecutor whose network is ``httpx.MockTransport`` (counting the
