@@ -1,5 +1,4 @@
-"""Envelope and the error tree: the HTTP status of every outcome (DESIGN.md §4) and the JSON
-body's fields."""
+"""Envelope and the error tree: the HTTP status of every outcome and the JSON body's fields."""
 
 from __future__ import annotations
 
@@ -27,14 +26,15 @@ from errors import (
     RegistryError,
     RouteTableError,
     Source,
+    StorageUnavailable,
     Unauthorized,
     UnknownAction,
 )
 
 pytestmark = pytest.mark.prd200
 
-# DESIGN.md §4: 401 token, 404 unknown action, 422 bad params, 429 cost cap, 502 cloud error,
-# 503 circuit open / offline, 504 timeout; a handler that raised is a server-side 500.
+# The contract: 401 token, 404 unknown action, 422 bad params, 429 cost cap, 502 cloud error,
+# 503 circuit open / offline / storage, 504 timeout; a handler that raised is a 500.
 DESIGN_STATUS = {
     ErrorCode.UNKNOWN_ACTION: 404,
     ErrorCode.INVALID_PARAMS: 422,
@@ -45,6 +45,9 @@ DESIGN_STATUS = {
     ErrorCode.COST_CAP_REACHED: 429,
     ErrorCode.CIRCUIT_OPEN: 503,
     ErrorCode.UNAUTHORIZED: 401,
+    # The serving side prices the call above the caller's Cost-Limit: not retried as is.
+    ErrorCode.COST_LIMIT_EXCEEDED: 402,
+    ErrorCode.STORAGE_UNAVAILABLE: 503,
 }
 EXCEPTIONS: list[type[ActionError]] = [
     UnknownAction,
@@ -56,6 +59,7 @@ EXCEPTIONS: list[type[ActionError]] = [
     Offline,
     CloudUnavailable,
     CloudTimeout,
+    StorageUnavailable,
 ]
 
 
