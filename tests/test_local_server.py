@@ -187,3 +187,22 @@ def test_a_full_disk_answers_storage_unavailable_and_recovers(tmpfs) -> None:
         (data_dir / "filler").unlink()
         again = client.post("/dispatch", json={"action": "dm.send", "params": {"n": 99}})
         assert again.status_code == 202, again.json()
+
+
+def test_the_guard_asks_this_cloud_and_reports_overruns_to_metrics(tmp_path) -> None:
+    config = HybridConfig.from_mapping(
+        {
+            "EVERREACH_ENV": "hybrid",
+            "CLOUD_ENDPOINT": "http://127.0.0.1:9",
+            "EVERREACH_CLOUD_KEY": "key-12345678",
+            "DATA_DIR": str(tmp_path / "data"),
+        }
+    )
+    app = create_app(config)
+    with TestClient(app) as client:
+        runtime = app.state.runtime
+        guard = runtime.cost_guard
+        assert guard.request_state == runtime.cloud.request_state
+        assert guard.on_overrun is not None
+        guard.on_overrun()
+        assert "everreach_cost_overruns_total 1.0" in client.get("/metrics").text
