@@ -64,7 +64,7 @@ _NOT_OPENED = "not opened yet"
 # The store's own expiry (which releases) is only a backstop past any month's end: within the
 # month an unsettled reservation is resolved by the guard's sweep, which asks the cloud first.
 STORE_EXPIRY_S = 40 * 86400.0
-SWEEP_BATCH = 20  # each may wait on the cloud: a few per pass
+SWEEP_BATCH = 20  # asked of the cloud together, once per refresh pass
 NEVER_RAN_STATE = "unknown"
 
 RequestState = Callable[[str], Awaitable[str | None]]
@@ -281,8 +281,10 @@ class CostGuard:
         Released only if the cloud confirms the request never ran; otherwise counted as spent.
         """
         before = self._clock() - timedelta(seconds=self._ttl_s)
-        for call in await self._store.overdue(before, SWEEP_BATCH):
-            state = await self._ask_request_state(call.request_id)
+        overdue = await self._store.overdue(before, SWEEP_BATCH)
+        # Asked together: a cloud that hangs costs one timeout per pass, not one per call.
+        states = await asyncio.gather(*(self._ask_request_state(c.request_id) for c in overdue))
+        for call, state in zip(overdue, states, strict=True):
             never_ran = state == NEVER_RAN_STATE
             log.warning(
                 "reservation %s of %s (request %s) was not settled within %.0f s; the cloud "

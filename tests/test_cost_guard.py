@@ -662,6 +662,20 @@ async def test_reprice_swaps_the_reservation_for_the_quoted_price(ledger_path: P
     assert (totals.committed_usd, totals.reserved_usd) == (CAP, 0)
 
 
+async def overrun_seen_by_another(one: CostGuard, other: CostGuard) -> None:
+    """``one`` commits $0.05 on a $0.01 reservation; ``other`` (same ledger) must close too."""
+    seen: list[int] = []
+    one.on_overrun = lambda: seen.append(1)
+    async with one.spend("claude.complete", CENT, "r1") as call:
+        call.ran(Decimal("0.05"))
+    assert one.budget_closed() and seen == [1]
+    await other.refresh()
+    assert other.budget_closed() and other.is_hard_cap_reached()
+    with pytest.raises(CostCapReached, match="closed"):
+        await other.reserve("dm.send", CENT, "r2")
+    assert (await other.snapshot())["overruns"][0]["cost_usd"] == "0.05"
+
+
 async def test_a_budget_closed_by_an_overrun_is_seen_by_other_instances(
     ledger_path: Path,
 ) -> None:
@@ -669,17 +683,8 @@ async def test_a_budget_closed_by_an_overrun_is_seen_by_other_instances(
         opened(SqliteLedgerStore(ledger_path)) as one,
         opened(SqliteLedgerStore(ledger_path)) as other,
     ):
-        seen: list[int] = []
-        one.on_overrun = lambda: seen.append(1)
-        async with one.spend("claude.complete", CENT, "r1") as call:
-            call.ran(Decimal("0.05"))
-        assert one.budget_closed() and seen == [1]
         assert not other.budget_closed()
-        await other.refresh()
-        assert other.budget_closed() and other.is_hard_cap_reached()
-        with pytest.raises(CostCapReached, match="closed"):
-            await other.reserve("dm.send", CENT, "r2")
-        assert (await other.snapshot())["overruns"][0]["cost_usd"] == "0.05"
+        await overrun_seen_by_another(one, other)
 
 
 # -- unsettled reservations: spent unless the cloud says the request never ran ---------------------

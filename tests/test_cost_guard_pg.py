@@ -20,6 +20,7 @@ import httpx
 import psycopg
 import pytest
 
+from cost_ledger import MonthTotals
 from cost_ledger_pg import (
     MIGRATION_NAME,
     PostgresLedgerStore,
@@ -38,6 +39,7 @@ from tests.test_cost_guard import (
     kill_between_reserve_and_commit,
     never_ran_sweep,
     opened,
+    overrun_seen_by_another,
     run_two_process_burst,
     spend,
     start_worker,
@@ -286,3 +288,26 @@ async def test_postgres_late_commit_is_recorded_and_release_is_idempotent(
     sums = ledger_rows(postgres_dsn)
     assert sums["committed"] == sums["month_committed"] == Decimal("4.5")
     assert sums["released"] == Decimal("7") and sums["month_reserved"] == 0
+
+
+async def test_an_overrun_closes_the_budget_for_every_instance_on_postgres(
+    postgres_dsn: str,
+) -> None:
+    async with (
+        opened(PostgresLedgerStore(postgres_dsn)) as one,
+        opened(PostgresLedgerStore(postgres_dsn)) as other,
+    ):
+        await overrun_seen_by_another(one, other)
+    sums = ledger_rows(postgres_dsn)
+    assert sums["committed"] == sums["month_committed"] == Decimal("0.05")
+
+
+async def test_an_unsettled_reservation_is_spent_on_postgres_without_a_cloud_answer(
+    postgres_dsn: str,
+) -> None:
+    clock = FakeClock()
+    async with opened(PostgresLedgerStore(postgres_dsn), clock=clock, reservation_ttl_s=60) as g:
+        await g.reserve("dm.send", Decimal("5"), "crashed")
+        clock.advance(61)
+        await g.refresh()
+        assert g.current_totals() == MonthTotals(g.month(), Decimal("5"), Decimal(0))
