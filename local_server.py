@@ -375,7 +375,8 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
             params = {}
         if not isinstance(params, dict):
             raise InvalidParams(f"'params' must be a JSON object; got {type(params).__name__}")
-        _check_cost_limit(action, runtime.rates.rate(action), request.headers.get("cost-limit"))
+        if runtime.local.has(action):  # an unknown action is a 404 below, whatever its price
+            _check_cost_limit(action, runtime.rates.rate(action), request.headers.get("cost-limit"))
         key = request.headers.get("idempotency-key")
         if key is None:
             return _envelope_response(await _serve(runtime, action, params, new_request_id()))

@@ -206,3 +206,12 @@ def test_the_guard_asks_this_cloud_and_reports_overruns_to_metrics(tmp_path) -> 
         assert guard.on_overrun is not None
         guard.on_overrun()
         assert "everreach_cost_overruns_total 1.0" in client.get("/metrics").text
+
+
+def test_an_unknown_action_is_404_whatever_the_cost_limit(cloud_client):
+    answer = cloud_client.post(
+        "/api/services/claude/nothing_here",
+        json={"params": {}},
+        headers={"Authorization": f"Bearer {CLOUD_KEY}", "Cost-Limit": "0"},
+    )
+    assert answer.status_code == 404 and answer.json()["error"] == "unknown_action"
