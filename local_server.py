@@ -161,7 +161,7 @@ async def _once(
     if claim.state is ClaimState.MISMATCH:
         raise InvalidParams(f"{what} was already used for another action or other params")
     if claim.state is ClaimState.RUNNING:
-        # The envelope's shape, with the one code §4 does not list: the first call is running.
+        # The envelope's shape, with a code of its own: the first call is still running.
         busy = Envelope(ok=False, action=action, source=None, request_id=key).to_dict()
         busy.update(error="conflict", detail=f"a request with this {what} is still running")
         return JSONResponse(busy, status_code=409, headers={"Retry-After": "1"})

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.prd200
 
 # The contract: 401 token, 404 unknown action, 422 bad params, 429 cost cap, 502 cloud error,
 # 503 circuit open / offline / storage, 504 timeout; a handler that raised is a 500.
-DESIGN_STATUS = {
+CONTRACT_STATUS = {
     ErrorCode.UNKNOWN_ACTION: 404,
     ErrorCode.INVALID_PARAMS: 422,
     ErrorCode.HANDLER_ERROR: 500,
@@ -70,12 +70,12 @@ def _envelope(**fields: Any) -> Envelope:
 
 def test_every_error_code_has_a_status() -> None:
     assert set(HTTP_STATUS_BY_CODE) == set(ErrorCode)
-    assert HTTP_STATUS_BY_CODE == DESIGN_STATUS
+    assert HTTP_STATUS_BY_CODE == CONTRACT_STATUS
 
 
 @pytest.mark.parametrize("code", list(ErrorCode), ids=lambda c: c.value)
 def test_a_failed_envelope_has_the_status_of_its_code(code: ErrorCode) -> None:
-    assert _envelope(ok=False, error=code).http_status == DESIGN_STATUS[code]
+    assert _envelope(ok=False, error=code).http_status == CONTRACT_STATUS[code]
 
 
 @pytest.mark.parametrize("exc_type", EXCEPTIONS, ids=lambda t: t.__name__)
@@ -83,7 +83,7 @@ def test_every_exception_maps_to_its_code_and_status(exc_type: type[ActionError]
     exc = exc_type("what happened", attempts=2)
     envelope = Envelope.failure("dm.send", exc, source=Source.CLOUD, request_id="r1")
     assert envelope.error is exc_type.code
-    assert envelope.http_status == exc_type.http_status == DESIGN_STATUS[exc_type.code]
+    assert envelope.http_status == exc_type.http_status == CONTRACT_STATUS[exc_type.code]
     body = envelope.to_dict()
     assert (body["ok"], body["error"], body["detail"]) == (False, exc_type.code.value, exc.detail)
     assert (body["attempts"], body["request_id"]) == (2, "r1")
