@@ -33,6 +33,7 @@ import httpx
 
 from circuit_breaker import BreakerState, CircuitBreaker
 from cloud_routes import CloudRoutes
+from cost_rates import MAX_RATE_USD
 from envelope import Envelope, new_request_id
 from errors import (
     ActionError,
@@ -360,13 +361,14 @@ def _detail(body: Any, response: httpx.Response) -> str:
 
 
 def _cost(value: Any) -> Decimal | None:
+    """A cost or price from the cloud's answer; None for junk (negative, non-finite, absurd)."""
     if value is None or isinstance(value, bool):
         return None
     try:
         cost = Decimal(str(value))
     except InvalidOperation:
         return None
-    return cost if cost.is_finite() and cost >= 0 else None
+    return cost if cost.is_finite() and 0 <= cost <= MAX_RATE_USD else None
 
 
 def _retry_after_s(response: httpx.Response) -> float | None:

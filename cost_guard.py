@@ -64,6 +64,8 @@ _NOT_OPENED = "not opened yet"
 # The store's own expiry (which releases) is only a backstop past any month's end: within the
 # month an unsettled reservation is resolved by the guard's sweep, which asks the cloud first.
 STORE_EXPIRY_S = 40 * 86400.0
+# The largest amount the ledger holds exactly (numeric(18, 6) in PostgreSQL).
+MAX_LEDGER_USD = Decimal("999999999999.999999")
 SWEEP_BATCH = 20  # asked of the cloud together, once per refresh pass
 NEVER_RAN_STATE = "unknown"
 
@@ -582,7 +584,7 @@ class CostGuard:
             f"{worst.request_id}) cost ${usd(worst.cost_usd)} but reserved only "
             f"${usd(worst.reserved_usd)}, so the reservations no longer bound the spend; check "
             f"COST_RATES_FILE against the cloud's prices, then wait for "
-            f"{_next_month(totals.month)}-01 or restart after fixing the ledger",
+            f"{_next_month(totals.month)}-01 (the ledger keeps the month closed across restarts)",
             month=totals.month,
             spent_usd=usd(totals.committed_usd),
             reserved_usd=usd(totals.reserved_usd),
@@ -655,8 +657,10 @@ def _money(amount: Decimal | int | float | str, name: str) -> Decimal:
     if isinstance(amount, bool):
         raise TypeError(f"{name} must be an amount of US dollars, got {amount!r}")
     value = Decimal(repr(amount)) if isinstance(amount, float) else Decimal(amount)
-    if not value.is_finite() or value < 0:
-        raise ValueError(f"{name} must be a finite, non-negative amount, got {amount!r}")
+    if not value.is_finite() or not 0 <= value <= MAX_LEDGER_USD:
+        raise ValueError(
+            f"{name} must be a finite amount from 0 to {MAX_LEDGER_USD}, got {amount!r}"
+        )
     return from_micro(to_micro(value))
 
 

@@ -209,6 +209,8 @@ async def test_execute_returns_a_cloud_envelope_with_result_attempts_and_cost(
         (True, None),
         ("lots", None),
         ("NaN", None),
+        ("1e999", None),  # no call costs that: junk, not a number to record
+        (1000000, Decimal("1000000")),
     ],
 )
 async def test_cost_usd_is_parsed_exactly_from_the_answer(

@@ -755,3 +755,12 @@ async def test_without_a_cloud_to_ask_an_unsettled_reservation_is_spent(ledger_p
         await guard.refresh()
         totals = guard.current_totals()
     assert (totals.committed_usd, totals.reserved_usd) == (Decimal(5), 0)
+
+
+@pytest.mark.parametrize("amount", ["1e999", "-0.01", "NaN", "1e12"])
+async def test_an_amount_the_ledger_cannot_hold_exactly_is_refused(
+    ledger_path: Path, amount: str
+) -> None:
+    async with opened(SqliteLedgerStore(ledger_path)) as guard:
+        with pytest.raises(ValueError):
+            await guard.reserve("dm.send", Decimal(amount), "r1")
