@@ -86,6 +86,14 @@ class _Retry(Exception):
         self.retry_after_s = retry_after_s
 
 
+class _Unsendable(Exception):
+    """This process could not build or write the request; carries the ``InvalidParams``."""
+
+    def __init__(self, error: InvalidParams) -> None:
+        super().__init__(error.detail)
+        self.error = error
+
+
 class CloudExecutor:
     """Calls the cloud through one shared ``httpx.AsyncClient``."""
 
@@ -182,11 +190,21 @@ class CloudExecutor:
                     response = await self._client.post(
                         url, content=content, headers=headers, timeout=self._timeout
                     )
+                except httpx.LocalProtocolError as exc:
+                    # h11 refused to write our request (e.g. a header it cannot carry): nothing
+                    # left this process, and sending it again would fail the same way.
+                    raise _Unsendable(_unsendable(action, exc)) from None
                 # RequestError, not just TransportError: a body that does not decode
                 # (DecodingError) must not escape route(); the cloud answered, so it may have run.
                 except httpx.RequestError as exc:
                     raise _Retry(_map_transport_error(exc, self.timeout_s)) from exc
+                except (TypeError, ValueError) as exc:  # building the request: it never left
+                    raise _Unsendable(_unsendable(action, exc)) from None
                 result = self._parse(action, response)
+            except _Unsendable as unsendable:
+                # Not an answer of the cloud: neither its breaker nor connectivity hears of it.
+                error = self._final(unsendable.error, attempt, ambiguous)
+                raise error from None
             except _Retry as retry:
                 ambiguous = ambiguous or not retry.error.never_ran
                 self._record(False)
@@ -325,10 +343,16 @@ def _encode_request(action: str, params: dict[str, Any], headers: dict[str, str]
             {"params": params}, ensure_ascii=False, allow_nan=False, separators=(",", ":")
         ).encode("utf-8")
     except (TypeError, ValueError, RecursionError) as exc:  # UnicodeError is a ValueError
-        raise InvalidParams(
-            f"the params of {action} cannot be sent to the cloud: {type(exc).__name__}: "
-            f"{str(exc)[:200]}"
-        ) from None
+        raise _unsendable(action, exc) from None
+
+
+def _unsendable(action: str, exc: Exception) -> InvalidParams:
+    """The request for ``action`` could not be built or written: it never left (422)."""
+    return InvalidParams(
+        f"the params of {action} cannot be sent to the cloud: {type(exc).__name__}: "
+        f"{str(exc)[:200]}",
+        never_ran=True,
+    )
 
 
 def _map_transport_error(exc: httpx.RequestError, timeout_s: float) -> ActionError:

@@ -697,3 +697,20 @@ async def test_a_key_with_a_line_break_never_leaves(make_executor: MakeExecutor)
     with pytest.raises(InvalidParams):
         await make_executor(cloud).call("dm.send", {}, request_id="key\r\nX-Evil: 1")
     assert cloud.requests == []
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [httpx.LocalProtocolError("bad header"), UnicodeEncodeError("ascii", "é", 0, 1, "no")],
+    ids=["h11-refused", "encoding"],
+)
+async def test_a_request_that_cannot_be_written_is_invalid_params_not_retried(
+    make_executor: MakeExecutor, fault: Exception
+) -> None:
+    cloud = FakeCloud(fault)
+    outcomes: list[bool] = []
+    executor = make_executor(cloud, on_outcome=outcomes.append)
+    with pytest.raises(InvalidParams) as info:
+        await executor.call("dm.send", {}, request_id="r1")
+    assert info.value.never_ran and len(cloud.requests) == 1
+    assert outcomes == []  # the cloud said nothing: neither up nor down
