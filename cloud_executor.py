@@ -13,16 +13,20 @@ retried: other 4xx, and a 5xx whose body says the handler itself raised — that
 answer, not a transient fault.
 
 Every failure says whether it *proves* the request never ran (``never_ran``): connection
-refused, connect or pool timeout, circuit open, 429. Read timeouts and 5xx are ambiguous — the
-orchestrator never runs a side-effect action elsewhere after one of those.
+refused, connect or pool timeout, circuit open, 429, a params that cannot be sent at all (NaN,
+a lone surrogate: ``InvalidParams``), and the cloud refusing a price over the ``Cost-Limit``
+header (402 ``CostLimitExceeded``). Read timeouts and 5xx are ambiguous — the orchestrator never
+runs a side-effect action elsewhere after one of those.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import random
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -32,12 +36,14 @@ import httpx
 
 from circuit_breaker import BreakerState, CircuitBreaker
 from cloud_routes import CloudRoutes
+from cost_rates import MAX_RATE_USD
 from envelope import Envelope, new_request_id
 from errors import (
     ActionError,
     CircuitOpen,
     CloudTimeout,
     CloudUnavailable,
+    CostLimitExceeded,
     ErrorCode,
     HandlerError,
     InvalidParams,
@@ -85,6 +91,14 @@ class _Retry(Exception):
         self.error = error
         self.retry_after_s = retry_after_s
         self.refused = refused
+
+
+class _Unsendable(Exception):
+    """This process could not build or write the request; carries the ``InvalidParams``."""
+
+    def __init__(self, error: InvalidParams) -> None:
+        super().__init__(error.detail)
+        self.error = error
 
 
 class CloudExecutor:
@@ -147,11 +161,25 @@ class CloudExecutor:
             cost_usd=done.cost_usd or Decimal(0),
         )
 
-    async def call(self, action: str, params: dict[str, Any], *, request_id: str) -> CloudResult:
-        """POST the action (retrying transient failures); raise an ``ActionError`` on failure."""
+    async def call(
+        self,
+        action: str,
+        params: dict[str, Any],
+        *,
+        request_id: str,
+        cost_limit_usd: Decimal | None = None,
+    ) -> CloudResult:
+        """POST the action (retrying transient failures); raise an ``ActionError`` on failure.
+
+        ``cost_limit_usd`` (the caller's reservation) goes out as ``Cost-Limit``; a cloud that
+        prices the call higher refuses it with ``CostLimitExceeded`` before running anything.
+        """
         url = self.routes.url(action)
         headers = {**self._auth, "Idempotency-Key": request_id}
-        body = {"params": params}
+        if cost_limit_usd is not None:
+            headers["Cost-Limit"] = decimal_text(cost_limit_usd)
+        content = _encode_request(action, params, headers)
+        headers["Content-Type"] = "application/json"
         started = time.perf_counter()
         ambiguous = False
         attempt = 0
@@ -168,8 +196,12 @@ class CloudExecutor:
             try:
                 try:
                     response = await self._client.post(
-                        url, json=body, headers=headers, timeout=self._timeout
+                        url, content=content, headers=headers, timeout=self._timeout
                     )
+                except httpx.LocalProtocolError as exc:
+                    # h11 refused to write our request (e.g. a header it cannot carry): nothing
+                    # left this process, and sending it again would fail the same way.
+                    raise _Unsendable(_unsendable(action, exc)) from None
                 # RequestError, not just TransportError: a body that does not decode
                 # (DecodingError) must not escape route(); the cloud answered, so it may have run.
                 except httpx.RequestError as exc:
@@ -177,7 +209,13 @@ class CloudExecutor:
                         _map_transport_error(exc, self.timeout_s),
                         refused=isinstance(exc, httpx.ConnectError),
                     ) from exc
+                except (TypeError, ValueError) as exc:  # building the request: it never left
+                    raise _Unsendable(_unsendable(action, exc)) from None
                 result = self._parse(action, response)
+            except _Unsendable as unsendable:
+                # Not an answer of the cloud: neither its breaker nor connectivity hears of it.
+                error = self._final(unsendable.error, attempt, ambiguous)
+                raise error from None
             except _Retry as retry:
                 ambiguous = ambiguous or not retry.error.never_ran
                 refusals += retry.refused
@@ -262,6 +300,10 @@ class CloudExecutor:
                 CloudUnavailable(f"the cloud answered {status}: {detail}", never_ran=never_ran),
                 _retry_after_s(response),
             )
+        if status == 402 and isinstance(body, dict):
+            price = _cost(body.get("price_usd"))
+            if body.get("error") == ErrorCode.COST_LIMIT_EXCEEDED.value and price is not None:
+                raise CostLimitExceeded(f"the cloud refused the call: {detail}", price_usd=price)
         if status in (401, 403):
             raise Unauthorized(
                 f"the cloud refused the key ({status}): check EVERREACH_CLOUD_KEY matches the "
@@ -282,6 +324,55 @@ class CloudExecutor:
         )
         response.raise_for_status()
         return response.json()
+
+    async def request_state(self, request_id: str, *, timeout_s: float = 5.0) -> str | None:
+        """What the cloud knows of idempotency key ``request_id``, or None if it cannot say.
+
+        'unknown' means the cloud never ran it; 'running', 'done' and 'indeterminate' mean it
+        may have. Any failure (no such endpoint, offline, junk) is None: the caller must assume
+        the request ran.
+        """
+        path = f"/api/idempotency/{urllib.parse.quote(request_id, safe='')}"
+        try:
+            body = await self.get_json(path, timeout_s=timeout_s)
+        except (httpx.HTTPError, ValueError):
+            return None
+        state = body.get("state") if isinstance(body, dict) else None
+        if not isinstance(state, str) or body.get("key") not in (None, request_id):
+            return None
+        return state
+
+
+def decimal_text(amount: Decimal) -> str:
+    """An exact decimal without exponent or trailing zeros: 0.010000 -> '0.01', 10 -> '10'."""
+    return format(amount.normalize(), "f")
+
+
+def _encode_request(action: str, params: dict[str, Any], headers: dict[str, str]) -> bytes:
+    """The JSON body of a cloud call; ``InvalidParams`` (never ran) if it cannot be built.
+
+    Strict JSON (RFC 8259): NaN and Infinity are refused rather than sent as tokens the cloud
+    would reject; a lone surrogate cannot be encoded as UTF-8; a header value must be ASCII.
+    """
+    try:
+        for name, value in headers.items():
+            value.encode("ascii")
+            if any(ch in value for ch in "\r\n\0"):
+                raise ValueError(f"the {name} header may not contain control characters")
+        return json.dumps(
+            {"params": params}, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+        ).encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:  # UnicodeError is a ValueError
+        raise _unsendable(action, exc) from None
+
+
+def _unsendable(action: str, exc: Exception) -> InvalidParams:
+    """The request for ``action`` could not be built or written: it never left (422)."""
+    return InvalidParams(
+        f"the params of {action} cannot be sent to the cloud: {type(exc).__name__}: "
+        f"{str(exc)[:200]}",
+        never_ran=True,
+    )
 
 
 def _map_transport_error(exc: httpx.RequestError, timeout_s: float) -> ActionError:
@@ -314,13 +405,14 @@ def _detail(body: Any, response: httpx.Response) -> str:
 
 
 def _cost(value: Any) -> Decimal | None:
+    """A cost or price from the cloud's answer; None for junk (negative, non-finite, absurd)."""
     if value is None or isinstance(value, bool):
         return None
     try:
         cost = Decimal(str(value))
     except InvalidOperation:
         return None
-    return cost if cost.is_finite() and cost >= 0 else None
+    return cost if cost.is_finite() and 0 <= cost <= MAX_RATE_USD else None
 
 
 def _retry_after_s(response: httpx.Response) -> float | None:

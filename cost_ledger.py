@@ -127,6 +127,18 @@ class SettleResult:
 
 
 @dataclass(frozen=True, slots=True)
+class LoggedCall:
+    """One row of the ledger's log, as the guard's sweeps and reports see it."""
+
+    id: str
+    month: str
+    action: str
+    request_id: str
+    reserved_usd: Decimal
+    cost_usd: Decimal
+
+
+@dataclass(frozen=True, slots=True)
 class ActionSpend:
     committed_usd: Decimal
     reserved_usd: Decimal
@@ -147,6 +159,8 @@ class LedgerStore(Protocol):
     ) -> SettleResult: ...
     async def totals(self, month: str, now: datetime) -> MonthTotals: ...
     async def by_action(self, month: str) -> dict[str, ActionSpend]: ...
+    async def overdue(self, created_before: datetime, limit: int) -> list[LoggedCall]: ...
+    async def overruns(self, month: str) -> list[LoggedCall]: ...
 
 
 def _iso(moment: datetime) -> str:
@@ -367,5 +381,34 @@ class SqliteLedgerStore:
                 str(action): ActionSpend(from_micro(int(c)), from_micro(int(r)))
                 for action, c, r in rows
             }
+
+        return await self._run(work)
+
+    async def overdue(self, created_before: datetime, limit: int) -> list[LoggedCall]:
+        """Reservations still open that were made before ``created_before``, oldest first."""
+        return await self._logged(
+            "status = 'reserved' AND created_at <= ? ORDER BY created_at LIMIT ?",
+            (_iso(created_before), limit),
+        )
+
+    async def overruns(self, month: str) -> list[LoggedCall]:
+        """Committed calls of ``month`` that cost more than was reserved for them."""
+        return await self._logged(
+            "month = ? AND status = 'committed' AND cost_micro_usd > reserved_micro_usd "
+            "ORDER BY created_at",
+            (month,),
+        )
+
+    async def _logged(self, where: str, args: tuple[Any, ...]) -> list[LoggedCall]:
+        sql = (
+            "SELECT id, month, action, request_id, reserved_micro_usd, cost_micro_usd "
+            f"FROM actp_cost_log WHERE {where}"
+        )
+
+        def work(conn: sqlite3.Connection) -> list[LoggedCall]:
+            return [
+                LoggedCall(str(i), str(m), str(a), str(r), from_micro(int(res)), from_micro(int(c)))
+                for i, m, a, r, res, c in conn.execute(sql, args).fetchall()
+            ]
 
         return await self._run(work)

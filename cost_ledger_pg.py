@@ -21,6 +21,7 @@ from cost_ledger import (
     LedgerAccessDenied,
     LedgerSchemaMissing,
     LedgerUnavailable,
+    LoggedCall,
     MonthTotals,
     ReserveRequest,
     ReserveResult,
@@ -34,7 +35,7 @@ from errors import ConfigError
 if TYPE_CHECKING:
     import httpx
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: actp_cost_overdue, actp_cost_overruns
 MIGRATION_FILE = "20260501000000_actp_cost_ledger.sql"
 MIGRATION_NAME = f"supabase/migrations/{MIGRATION_FILE}"
 
@@ -77,6 +78,14 @@ class _FunctionLedger:
         data = await self._call("actp_cost_totals", {"p_month": month, "p_now": now})
         return MonthTotals.from_json(data)
 
+    async def overdue(self, created_before: datetime, limit: int) -> list[LoggedCall]:
+        data = await self._call("actp_cost_overdue", {"p_before": created_before, "p_limit": limit})
+        return [_logged_call(row) for row in data or []]
+
+    async def overruns(self, month: str) -> list[LoggedCall]:
+        data = await self._call("actp_cost_overruns", {"p_month": month})
+        return [_logged_call(row) for row in data or []]
+
     async def by_action(self, month: str) -> dict[str, ActionSpend]:
         data = await self._call("actp_cost_by_action", {"p_month": month})
         return {
@@ -85,6 +94,17 @@ class _FunctionLedger:
             )
             for action, spend in (data or {}).items()
         }
+
+
+def _logged_call(row: dict[str, Any]) -> LoggedCall:
+    return LoggedCall(
+        str(row["id"]),
+        str(row["month"]),
+        str(row["action"]),
+        str(row["request_id"]),
+        Decimal(row["reserved_usd"]),
+        Decimal(row["cost_usd"]),
+    )
 
 
 def read_migration() -> str:

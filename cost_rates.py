@@ -23,6 +23,9 @@ from errors import ConfigError
 
 DEFAULT_KEY = "*"
 MICRO_USD = Decimal("0.000001")
+# No single call is priced anywhere near this; the bound keeps every rate exact in the ledger
+# (numeric(18, 6) in PostgreSQL) and catches typos such as 1e999 before start-up completes.
+MAX_RATE_USD = Decimal("1000000")
 
 # The PRD's prices (feature 035). The default is the dearest listed price: an action nobody
 # priced is assumed expensive rather than free, so the cap errs on the safe side.
@@ -54,6 +57,10 @@ def parse_rate(value: Any, *, where: str) -> Decimal:
         raise ConfigError(f"{where}: the rate must be a finite number, got {value!r}")
     if rate < 0:
         raise ConfigError(f"{where}: the rate must not be negative, got {value!r}")
+    if rate > MAX_RATE_USD:
+        raise ConfigError(
+            f"{where}: the rate must be at most {MAX_RATE_USD} US dollars per call, got {value!r}"
+        )
     if rate != rate.quantize(MICRO_USD):
         raise ConfigError(
             f"{where}: the rate has more than 6 decimal places (the ledger counts whole "

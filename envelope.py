@@ -1,4 +1,4 @@
-"""The result envelope every path returns (DESIGN.md §4), built in this one place."""
+"""The result envelope every path returns, built in this one place."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from errors import HTTP_STATUS_BY_CODE, ActionError, Env, ErrorCode, Source
+from errors import HTTP_STATUS_BY_CODE, ActionError, CostLimitExceeded, Env, ErrorCode, Source
 
 _MISSING: Any = object()
 
@@ -36,6 +36,8 @@ class Envelope:
     cached: Any = _MISSING
     queued: bool = False
     outbox_id: str | None = None
+    # The serving instance's price when it refused a call over the caller's Cost-Limit.
+    price_usd: Decimal | None = None
     # Where the router sent the call; for logs and metrics, not part of the JSON body.
     env: Env | None = None
 
@@ -89,11 +91,12 @@ class Envelope:
             duration_ms=duration_ms,
             request_id=request_id,
             attempts=exc.attempts,
+            price_usd=exc.price_usd if isinstance(exc, CostLimitExceeded) else None,
         )
 
     @property
     def http_status(self) -> int:
-        """HTTP status of this outcome for ``/dispatch`` (DESIGN.md §4)."""
+        """HTTP status of this outcome for ``/dispatch``."""
         if self.queued:  # first: a queued envelope is 202 whether or not it is marked ok
             return 202
         if self.ok:
@@ -118,6 +121,8 @@ class Envelope:
             body["cached_at"] = self.cached_at
         if self.cached is not _MISSING:
             body["cached"] = self.cached
+        if self.price_usd is not None:
+            body["price_usd"] = format(self.price_usd.normalize(), "f")  # exact decimal text
         if self.queued:
             body["queued"] = True
             body["outbox_id"] = self.outbox_id

@@ -10,6 +10,8 @@
         ├── HandlerError                 500  handler_error (the handler raised or returned junk)
         ├── Unauthorized                 401  unauthorized
         ├── CostCapReached               429  cost_cap_reached
+        ├── CostLimitExceeded            402  cost_limit_exceeded (the call's price > Cost-Limit)
+        ├── StorageUnavailable           503  storage_unavailable (disk full, read-only DATA_DIR)
         ├── CircuitOpen                  503  circuit_open
         ├── Offline                      503  offline
         ├── CloudUnavailable             502  cloud_unavailable (5xx, refused, bad answer)
@@ -21,6 +23,7 @@ result envelope; these exceptions are faults, turned into envelopes and HTTP sta
 
 from __future__ import annotations
 
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any, ClassVar
 
@@ -44,7 +47,7 @@ class Source(StrEnum):
 
 
 class ErrorCode(StrEnum):
-    """Machine-readable error codes of the envelope (DESIGN.md §4)."""
+    """Machine-readable error codes of the result envelope."""
 
     UNKNOWN_ACTION = "unknown_action"
     INVALID_PARAMS = "invalid_params"
@@ -55,6 +58,8 @@ class ErrorCode(StrEnum):
     COST_CAP_REACHED = "cost_cap_reached"
     CIRCUIT_OPEN = "circuit_open"
     UNAUTHORIZED = "unauthorized"
+    COST_LIMIT_EXCEEDED = "cost_limit_exceeded"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
 
 
 class EverReachError(Exception):
@@ -120,6 +125,57 @@ class CostCapReached(ActionError):
     NEVER_RAN = True
 
 
+class CostLimitExceeded(ActionError):
+    """The serving instance prices the call above the caller's ``Cost-Limit``; it did not run.
+
+    ``price_usd`` is that instance's price, so the caller can reserve it and ask again. 402, not
+    429: a retry with the same limit would be refused the same way, and it must not be retried.
+    """
+
+    code = ErrorCode.COST_LIMIT_EXCEEDED
+    http_status = 402
+    NEVER_RAN = True
+
+    def __init__(self, detail: str, *, price_usd: Decimal, **kwargs: Any) -> None:
+        super().__init__(detail, **kwargs)
+        self.price_usd = price_usd
+
+
+class StorageUnavailable(ActionError):
+    """Local storage refused a write (disk full, read-only or vanished DATA_DIR); no handler ran."""
+
+    code = ErrorCode.STORAGE_UNAVAILABLE
+    http_status = 503
+
+
+def storage_fault(exc: BaseException) -> StorageUnavailable | None:
+    """Return the ``StorageUnavailable`` that ``exc`` stands for, or None if it is not one.
+
+    SQLite says "database or disk is full" (SQLITE_FULL), "attempt to write a readonly
+    database", "unable to open database file" or "disk I/O error"; the OS says ENOSPC, EDQUOT,
+    EROFS or EACCES.
+    """
+    import errno
+    import sqlite3
+
+    if isinstance(exc, sqlite3.OperationalError | sqlite3.DatabaseError):
+        text = str(exc).lower()
+        if not any(
+            marker in text
+            for marker in ("disk is full", "readonly", "unable to open", "disk i/o", "no space")
+        ):
+            return None
+    elif not (
+        isinstance(exc, OSError)
+        and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+    ):
+        return None
+    return StorageUnavailable(
+        f"local storage is unavailable ({type(exc).__name__}: {exc}); free disk space under "
+        f"DATA_DIR or make it writable, then retry"[:400]
+    )
+
+
 class CircuitOpen(ActionError):
     code = ErrorCode.CIRCUIT_OPEN
     http_status = 503
@@ -157,6 +213,8 @@ HTTP_STATUS_BY_CODE: dict[ErrorCode, int] = {
         HandlerError,
         Unauthorized,
         CostCapReached,
+        CostLimitExceeded,
+        StorageUnavailable,
         CircuitOpen,
         Offline,
         CloudUnavailable,

@@ -29,6 +29,7 @@ from errors import (
     ActionError,
     CloudUnavailable,
     CostCapReached,
+    CostLimitExceeded,
     Env,
     HandlerError,
     InvalidParams,
@@ -36,16 +37,17 @@ from errors import (
     Source,
     Unauthorized,
     UnknownAction,
+    storage_fault,
 )
 from local_executor import LocalExecutor
 from route_table import Fallback, Preferred, Route, RouteTable
 from service_registry import check_action_name
 
 if TYPE_CHECKING:
-    from cloud_executor import CloudExecutor
+    from cloud_executor import CloudExecutor, CloudResult
     from config.hybrid_config import HybridConfig
     from connectivity_check import ConnectivityChecker
-    from cost_guard import CostGuard, Reservation
+    from cost_guard import CostGuard
     from cost_rates import CostRates
     from offline_cache import OfflineCache
     from outbox import Outbox
@@ -151,6 +153,12 @@ class HybridOrchestrator:
             envelope.env = env
         except ActionError as exc:
             envelope = Envelope.failure(action, exc, source=None, request_id=request_id)
+        except Exception as exc:
+            fault = storage_fault(exc)  # e.g. the disk filled while queueing: no handler ran
+            if fault is None:
+                raise
+            log.error("storage unavailable", extra={"action": action, "error": str(exc)})
+            envelope = Envelope.failure(action, fault, source=None, request_id=request_id)
         envelope.duration_ms = (time.perf_counter() - started) * 1000
         self._count(action, envelope)
         return envelope
@@ -224,24 +232,17 @@ class HybridOrchestrator:
                 action, params, request_id, route, Offline(f"{why}; {action} needs the cloud")
             )
 
-        reservation = None
-        if self.cost_guard is not None:
-            try:
-                reservation = await self.cost_guard.reserve(action, self._rate(action), request_id)
-            except CostCapReached as exc:
-                if force_env is None and self.env is Env.HYBRID and self.local.has(action):
-                    envelope = await self._run_local(action, params, request_id, route, "local")
-                    envelope.cost_guard_triggered = True
-                    return envelope
-                failed = Envelope.failure(action, exc, source=None, request_id=request_id)
-                failed.cost_guard_triggered = True
-                return failed
-
         try:
-            done = await self.cloud.call(action, params, request_id=request_id)
+            done, cost = await self._call_cloud(action, params, request_id)
+        except CostCapReached as exc:
+            if force_env is None and self.env is Env.HYBRID and self.local.has(action):
+                envelope = await self._run_local(action, params, request_id, route, "local")
+                envelope.cost_guard_triggered = True
+                return envelope
+            failed = Envelope.failure(action, exc, source=None, request_id=request_id)
+            failed.cost_guard_triggered = True
+            return failed
         except ActionError as exc:
-            if reservation is not None:
-                await self._settle(reservation, None if exc.never_ran else reservation.amount_usd)
             if self.env is Env.HYBRID:
                 # force_env 'local' here means _run_local already failed and sent us to the
                 # cloud: running the local handler again would count one call's failure twice.
@@ -250,11 +251,6 @@ class HybridOrchestrator:
                 )
             return Envelope.failure(action, exc, source=Source.CLOUD, request_id=request_id)
 
-        cost = done.cost_usd if done.cost_usd is not None else self._rate(action)
-        if reservation is not None:
-            # The reservation already holds the money against the cap; turning it into the
-            # actual cost need not delay the answer (an fsync'd write: ~0.4 ms, bench/).
-            self._spawn(self._settle(reservation, cost))
         if self.cache is not None and not route.side_effect:
             self._spawn(self.cache.put(action, params, done.result))
         return Envelope.success(
@@ -269,12 +265,35 @@ class HybridOrchestrator:
     def _rate(self, action: str) -> Decimal:
         return self.rates.rate(action) if self.rates is not None else Decimal(0)
 
-    async def _settle(self, reservation: Reservation, cost_usd: Decimal | None) -> None:
-        assert self.cost_guard is not None
-        if cost_usd is None:
-            await self.cost_guard.release(reservation)
-        else:
-            await self.cost_guard.commit(reservation, cost_usd)
+    async def _call_cloud(
+        self, action: str, params: dict[str, Any], request_id: str
+    ) -> tuple[CloudResult, Decimal]:
+        """One cloud call inside the cost cap: (its result, what it cost).
+
+        Raises ``CostCapReached`` when the cap does not allow it (at our estimate, or at the
+        cloud's own higher price), else the call's ``ActionError``. Whatever happens, the
+        reservation is settled on the way out (``CostGuard.spend``).
+        """
+        assert self.cloud is not None
+        estimate = self._rate(action)
+        if self.cost_guard is None:
+            done = await self.cloud.call(action, params, request_id=request_id)
+            return done, done.cost_usd if done.cost_usd is not None else estimate
+        async with self.cost_guard.spend(action, estimate, request_id) as spend:
+            try:
+                done = await self.cloud.call(
+                    action, params, request_id=request_id, cost_limit_usd=spend.limit_usd
+                )
+            except CostLimitExceeded as exc:
+                # The cloud prices it higher and ran nothing: reserve its price (if the cap
+                # allows; else CostCapReached) and ask once more, within that new limit.
+                await spend.reprice(exc.price_usd)
+                done = await self.cloud.call(
+                    action, params, request_id=request_id, cost_limit_usd=spend.limit_usd
+                )
+            cost = done.cost_usd if done.cost_usd is not None else spend.limit_usd
+            spend.ran(cost)
+        return done, cost
 
     # -- when the cloud cannot be used ----------------------------------------------------------
 
@@ -289,8 +308,9 @@ class HybridOrchestrator:
         local_tried: bool = False,
     ) -> Envelope:
         """Rules 5 and 6: local handler, fresh cache, outbox, or the error with stale data."""
-        if isinstance(exc, Unauthorized):
-            # A wrong key is a configuration error to see now, not to paper over locally.
+        if isinstance(exc, Unauthorized | InvalidParams):
+            # A wrong key is a configuration error to see now, not to paper over locally; params
+            # the cloud refused (or that could not even be sent) would be as wrong here.
             return Envelope.failure(action, exc, source=Source.CLOUD, request_id=request_id)
         if (
             not local_tried
@@ -372,19 +392,7 @@ class HybridOrchestrator:
         """Send one outbox item to the cloud with its original key, inside the cost cap."""
         if self.cloud is None:
             raise CloudUnavailable("no cloud is configured", never_ran=True)
-        reservation = None
-        if self.cost_guard is not None:
-            reservation = await self.cost_guard.reserve(action, self._rate(action), key)
-        try:
-            done = await self.cloud.call(action, params, request_id=key)
-        except ActionError as exc:
-            if reservation is not None:
-                await self._settle(reservation, None if exc.never_ran else reservation.amount_usd)
-            raise
-        if reservation is not None:
-            await self._settle(
-                reservation, done.cost_usd if done.cost_usd is not None else self._rate(action)
-            )
+        done, _ = await self._call_cloud(action, params, key)
         return done.result
 
     # -- background work ------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,7 +24,15 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from config.hybrid_config import HybridConfig
 from envelope import Envelope, new_request_id
-from errors import ActionError, HandlerError, InvalidParams, Source, Unauthorized
+from errors import (
+    ActionError,
+    CostLimitExceeded,
+    HandlerError,
+    InvalidParams,
+    Source,
+    Unauthorized,
+    storage_fault,
+)
 from idempotency import ClaimState, IdempotencyStore, RedisIdempotencyStore
 from local_batch import batch_execute
 from offline_cache import params_hash
@@ -152,7 +161,7 @@ async def _once(
     if claim.state is ClaimState.MISMATCH:
         raise InvalidParams(f"{what} was already used for another action or other params")
     if claim.state is ClaimState.RUNNING:
-        # The envelope's shape, with the one code §4 does not list: the first call is running.
+        # The envelope's shape, with a code of its own: the first call is still running.
         busy = Envelope(ok=False, action=action, source=None, request_id=key).to_dict()
         busy.update(error="conflict", detail=f"a request with this {what} is still running")
         return JSONResponse(busy, status_code=409, headers={"Retry-After": "1"})
@@ -166,6 +175,30 @@ async def _once(
     else:
         await store.release(key)
     return _envelope_response(envelope)
+
+
+def _check_cost_limit(action: str, price_usd: Decimal, header: str | None) -> None:
+    """Refuse, before anything runs, a call whose price here is above the caller's Cost-Limit.
+
+    The caller reserved ``Cost-Limit`` against its monthly cap; running a dearer call would pass
+    it. The refusal carries our price so the caller can reserve that and ask again.
+    """
+    if header is None:
+        return
+    try:
+        limit = Decimal(header.strip())
+    except InvalidOperation:
+        limit = Decimal("NaN")
+    if not limit.is_finite() or limit < 0:
+        raise InvalidParams(
+            f"Cost-Limit must be a non-negative decimal of US dollars; got {header[:40]!r}"
+        )
+    if price_usd > limit:
+        raise CostLimitExceeded(
+            f"{action} costs ${format(price_usd, 'f')} here, above the Cost-Limit of "
+            f"${format(limit, 'f')} the caller reserved; nothing ran",
+            price_usd=price_usd,
+        )
 
 
 def create_app(config: HybridConfig | None = None) -> FastAPI:
@@ -217,7 +250,9 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         # A fault of ours (disk full, a store gone): an envelope, never an HTML page, and never
         # a 202 — nothing was queued.
         _fault_log.exception("unexpected error", extra={"path": request.url.path})
-        fault = HandlerError(f"internal error: {type(exc).__name__}: {exc}"[:300])
+        fault = storage_fault(exc) or HandlerError(
+            f"internal error: {type(exc).__name__}: {exc}"[:300]
+        )
         return _error_response(str(getattr(request.state, "action", "") or ""), fault)
 
     @app.post("/dispatch")
@@ -342,6 +377,8 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
             params = {}
         if not isinstance(params, dict):
             raise InvalidParams(f"'params' must be a JSON object; got {type(params).__name__}")
+        if runtime.local.has(action):  # an unknown action is a 404 below, whatever its price
+            _check_cost_limit(action, runtime.rates.rate(action), request.headers.get("cost-limit"))
         key = request.headers.get("idempotency-key")
         if key is None:
             return _envelope_response(await _serve(runtime, action, params, new_request_id()))

@@ -99,6 +99,11 @@ class Metrics:
             ("action",),
             registry=self.registry,
         )
+        self._cost_overruns = Counter(
+            "everreach_cost_overruns",
+            "Cloud calls that cost more than they reserved; each closes the month's budget.",
+            registry=self.registry,
+        )
         self._status_errors = Counter(
             "everreach_status_provider_errors",
             "Scrapes where the status provider raised; its gauges were left out of that scrape.",
@@ -153,6 +158,10 @@ class Metrics:
     def inc_cloud_retry(self, action: str) -> None:
         """Count one retried cloud attempt."""
         self._cloud_retries.labels(self.action_label(action)).inc()
+
+    def inc_cost_overrun(self) -> None:
+        """Count one cloud call that cost more than its reservation."""
+        self._cost_overruns.inc()
 
     def set_status_provider(self, fn: StatusProvider) -> None:
         """Install the function read at scrape time for the point-in-time gauges."""
@@ -237,6 +246,11 @@ def _status_families(
     flags = (
         ("online", "everreach_online", "1 while the cloud is reachable, 0 while offline."),
         ("offline_mode", "everreach_offline_mode", "1 when OFFLINE_MODE forces offline."),
+        (
+            "cost_budget_closed",
+            "everreach_cost_budget_closed",
+            "1 while a call that cost more than it reserved keeps this month's budget closed.",
+        ),
     )
     for key, name, help_text in flags:
         if describing or isinstance(status.get(key), bool):

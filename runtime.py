@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -35,6 +36,7 @@ from offline_cache import OfflineCache
 from outbox import Outbox
 from route_table import RouteTable
 from service_registry import ServiceRegistry
+from sqlite_file import check_data_dir, data_dir_error
 from state_store import StateStore
 from state_sync import StateSync
 from sync_bus import SyncBus
@@ -100,7 +102,7 @@ class Runtime:
                 f"is not set; set LOCAL_API_TOKEN (e.g. python -c 'import secrets; "
                 f"print(secrets.token_urlsafe(32))') or bind HOST=127.0.0.1"
             )
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        check_data_dir(config.data_dir)
         self._check_data_dir()
         self.client = httpx.AsyncClient(
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
@@ -109,15 +111,22 @@ class Runtime:
         self._closers.append(self.client.aclose)
 
         for store in (self.cache, self.outbox, self.state_store, self.idempotency):
-            await store.open()
+            try:
+                await store.open()
+            except (sqlite3.Error, OSError) as exc:  # e.g. a read-only file in DATA_DIR
+                raise data_dir_error(config.data_dir, exc) from exc
             self._closers.append(store.close)
-
-        self.cost_guard = CostGuard.from_config(config, http_client=self.client)
-        await self.cost_guard.open()
-        self._closers.append(self.cost_guard.close)
 
         if config.cloud_endpoint:
             self._open_cloud()
+
+        self.cost_guard = CostGuard.from_config(config, http_client=self.client)
+        if self.cloud is not None:
+            # Unsettled reservations of a crashed process: ask the cloud whether they ran.
+            self.cost_guard.request_state = self.cloud.request_state
+        self.cost_guard.on_overrun = self.metrics.inc_cost_overrun
+        await self.cost_guard.open()
+        self._closers.append(self.cost_guard.close)
 
         self.orchestrator = HybridOrchestrator(
             config,
@@ -269,6 +278,7 @@ class Runtime:
             "cost_month_usd": float(totals.total_usd) if totals else 0.0,
             "cost_soft_cap_usd": float(self.config.cost_soft_cap),
             "cost_hard_cap_usd": float(self.config.monthly_cost_cap),
+            "cost_budget_closed": bool(self.cost_guard and self.cost_guard.budget_closed()),
             "bus_backend": self.bus.backend,
             "bus_backlog": int(bus.get("backlog", 0) or 0),
             "cache_entries": await self.cache.size(),

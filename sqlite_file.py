@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
+
+from errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -136,3 +139,32 @@ def parse_timestamp(value: Any) -> datetime:
 def canonical_json(value: Any) -> str:
     """Serialise ``value`` with sorted keys and no spaces: equal data, equal text."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def check_data_dir(path: Path) -> None:
+    """Create DATA_DIR if needed and prove it takes a durable write, else ``ConfigError``.
+
+    A read-only mount, a missing permission or a path under a regular file would otherwise
+    surface later as a bare ``sqlite3.OperationalError`` that names neither DATA_DIR nor a fix.
+    """
+    probe = path / f".write-check-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with probe.open("wb") as handle:
+            handle.write(b"ok")
+            handle.flush()
+            os.fsync(handle.fileno())
+        probe.unlink()
+    except OSError as exc:
+        raise data_dir_error(path, exc) from None
+
+
+def data_dir_error(path: Path, exc: BaseException) -> ConfigError:
+    """The start-up error for a DATA_DIR (or a file in it) this process cannot write."""
+    reason = getattr(exc, "strerror", None) or str(exc)
+    return ConfigError(
+        f"DATA_DIR {path} is not writable ({reason}): the outbox, the idempotency keys and the "
+        f"cost ledger must be stored there. Point DATA_DIR at a writable directory, or make "
+        f"this one writable by user id {os.getuid()} (chown/chmod, or remount it read-write), "
+        f"and free disk space if it is full"
+    )

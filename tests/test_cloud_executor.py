@@ -21,6 +21,7 @@ from errors import (
     CircuitOpen,
     CloudTimeout,
     CloudUnavailable,
+    CostLimitExceeded,
     ErrorCode,
     HandlerError,
     InvalidParams,
@@ -208,6 +209,8 @@ async def test_execute_returns_a_cloud_envelope_with_result_attempts_and_cost(
         (True, None),
         ("lots", None),
         ("NaN", None),
+        ("1e999", None),  # no call costs that: junk, not a number to record
+        (1000000, Decimal("1000000")),
     ],
 )
 async def test_cost_usd_is_parsed_exactly_from_the_answer(
@@ -688,3 +691,67 @@ async def test_a_definite_4xx_counts_as_the_cloud_being_up(make_executor: MakeEx
         await executor.call("dm.send", {}, request_id="k")
     assert outcomes == [True]
     assert executor.breaker.failures == 0
+
+
+# -- Cost-Limit and what cannot be sent -----------------------------------------------------------
+
+
+async def test_the_cost_limit_goes_out_as_an_exact_decimal_header(
+    make_executor: MakeExecutor,
+) -> None:
+    cloud = FakeCloud(ok({"sent": True}))
+    await make_executor(cloud).call(
+        "dm.send", {}, request_id="r1", cost_limit_usd=Decimal("0.010000")
+    )
+    assert cloud.requests[0].headers["Cost-Limit"] == "0.01"
+
+
+async def test_a_price_refusal_is_cost_limit_exceeded_and_not_retried(
+    make_executor: MakeExecutor,
+) -> None:
+    refusal = {"ok": False, "error": "cost_limit_exceeded", "detail": "dear", "price_usd": "0.05"}
+    cloud = FakeCloud(httpx.Response(402, json=refusal))
+    with pytest.raises(CostLimitExceeded) as info:
+        await make_executor(cloud).call(
+            "dm.send", {}, request_id="r1", cost_limit_usd=Decimal("0.01")
+        )
+    assert info.value.price_usd == Decimal("0.05") and info.value.never_ran
+    assert len(cloud.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"x": float("nan")}, {"x": float("-inf")}, {"x": "\ud800"}, {"x": object()}],
+    ids=["nan", "infinity", "lone-surrogate", "not-json"],
+)
+async def test_params_that_cannot_be_encoded_never_leave(
+    make_executor: MakeExecutor, params: dict[str, Any]
+) -> None:
+    cloud = FakeCloud(ok({"sent": True}))
+    with pytest.raises(InvalidParams) as info:
+        await make_executor(cloud).call("dm.send", params, request_id="r1")
+    assert info.value.never_ran and cloud.requests == []
+
+
+async def test_a_key_with_a_line_break_never_leaves(make_executor: MakeExecutor) -> None:
+    cloud = FakeCloud(ok({"sent": True}))
+    with pytest.raises(InvalidParams):
+        await make_executor(cloud).call("dm.send", {}, request_id="key\r\nX-Evil: 1")
+    assert cloud.requests == []
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [httpx.LocalProtocolError("bad header"), UnicodeEncodeError("ascii", "é", 0, 1, "no")],
+    ids=["h11-refused", "encoding"],
+)
+async def test_a_request_that_cannot_be_written_is_invalid_params_not_retried(
+    make_executor: MakeExecutor, fault: Exception
+) -> None:
+    cloud = FakeCloud(fault)
+    outcomes: list[bool] = []
+    executor = make_executor(cloud, on_outcome=outcomes.append)
+    with pytest.raises(InvalidParams) as info:
+        await executor.call("dm.send", {}, request_id="r1")
+    assert info.value.never_ran and len(cloud.requests) == 1
+    assert outcomes == []  # the cloud said nothing: neither up nor down

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -23,6 +23,7 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
+from cloud_executor import CloudExecutor
 from config.hybrid_config import HybridConfig
 from cost_guard import CostGuard, Reservation, month_of, usd
 from cost_ledger import (
@@ -35,7 +36,7 @@ from cost_ledger import (
     SqliteLedgerStore,
 )
 from cost_ledger_pg import PostgresLedgerStore, SupabaseLedgerStore
-from errors import ConfigError, CostCapReached
+from errors import CloudUnavailable, ConfigError, CostCapReached, InvalidParams
 
 pytestmark = pytest.mark.prd200
 
@@ -114,8 +115,26 @@ class WatchedStore:
         self._check()
         return await self.inner.by_action(month)
 
+    async def overdue(self, created_before: datetime, limit: int) -> Any:
+        self._check()
+        return await self.inner.overdue(created_before, limit)
+
+    async def overruns(self, month: str) -> Any:
+        self._check()
+        return await self.inner.overruns(month)
+
 
 GuardFactory = Callable[..., Awaitable[CostGuard]]
+
+
+async def cloud_never_saw_it(request_id: str) -> str:
+    """The cloud's answer for a key it never received (so the call never ran)."""
+    return "unknown"
+
+
+def never_ran_sweep(store: LedgerStore, clock: FakeClock) -> AbstractAsyncContextManager[CostGuard]:
+    """A guard with a 60 s TTL whose sweep hears from the cloud that nothing ran."""
+    return opened(store, clock=clock, reservation_ttl_s=60, request_state=cloud_never_saw_it)
 
 
 @asynccontextmanager
@@ -353,7 +372,7 @@ async def test_killed_process_leaves_no_phantom_spend_after_the_ttl(
     kill_between_reserve_and_commit(start_worker, config, amount="300")
     clock = FakeClock()
     store = SqliteLedgerStore(tmp_path / "data" / "cost_ledger.sqlite3")
-    async with opened(store, clock=clock) as guard:
+    async with opened(store, clock=clock, request_state=cloud_never_saw_it) as guard:
         assert guard.current_totals().reserved_usd == Decimal("300")  # still held: may be running
         with pytest.raises(CostCapReached):
             await guard.reserve("dm.send", Decimal("200"), "r")
@@ -365,19 +384,21 @@ async def test_killed_process_leaves_no_phantom_spend_after_the_ttl(
 
 async def test_reservation_expires_after_the_ttl(ledger_path: Path) -> None:
     clock = FakeClock()
-    async with opened(SqliteLedgerStore(ledger_path), clock=clock, reservation_ttl_s=60) as guard:
+    async with never_ran_sweep(SqliteLedgerStore(ledger_path), clock) as guard:
         await guard.reserve("dm.send", Decimal("390"), "never-settled")
         clock.advance(59)
+        await guard.refresh()
         with pytest.raises(CostCapReached):
             await guard.reserve("dm.send", Decimal("20"), "r2")
         clock.advance(2)
-        await guard.reserve("dm.send", Decimal("20"), "r3")  # expiry happens inside reserve
+        await guard.refresh()  # the sweep (off the request path) asks the cloud, then releases
+        await guard.reserve("dm.send", Decimal("20"), "r3")
         assert guard.current_totals().reserved_usd == Decimal("20")
 
 
 async def test_late_commit_after_expiry_is_still_recorded(ledger_path: Path) -> None:
     clock = FakeClock()
-    async with opened(SqliteLedgerStore(ledger_path), clock=clock, reservation_ttl_s=60) as guard:
+    async with never_ran_sweep(SqliteLedgerStore(ledger_path), clock) as guard:
         slow = await guard.reserve("dm.send", Decimal("5"), "slow")
         clock.advance(120)
         await guard.refresh()
@@ -592,3 +613,154 @@ async def test_supabase_unreachable_fails_closed() -> None:
             assert not guard.healthy and guard.is_soft_cap_reached()
             with pytest.raises(CostCapReached, match="unreachable"):
                 await guard.reserve("dm.send", CENT, "r")
+
+
+# -- the spend bracket: every way out settles the reservation -------------------------------------
+
+
+async def test_a_call_that_ran_commits_what_it_cost(ledger_path: Path) -> None:
+    async with opened(SqliteLedgerStore(ledger_path)) as guard:
+        async with guard.spend("dm.send", CENT, "r1") as spend:
+            assert spend.limit_usd == CENT
+            spend.ran(Decimal("0.004"))
+        totals = guard.current_totals()
+    assert (totals.committed_usd, totals.reserved_usd) == (Decimal("0.004"), 0)
+
+
+@pytest.mark.parametrize(
+    ("error", "committed"),
+    [
+        pytest.param(InvalidParams("NaN in params"), Decimal(0), id="never-ran-is-released"),
+        pytest.param(
+            CloudUnavailable("read timeout", never_ran=False), CENT, id="ambiguous-is-spent"
+        ),
+        pytest.param(ValueError("a bug"), CENT, id="any-other-error-is-spent"),
+        pytest.param(asyncio.CancelledError(), CENT, id="cancelled-is-spent"),
+    ],
+)
+async def test_leaving_the_bracket_by_an_exception_settles_it(
+    ledger_path: Path, error: BaseException, committed: Decimal
+) -> None:
+    async with opened(SqliteLedgerStore(ledger_path)) as guard:
+        with pytest.raises(type(error)):
+            async with guard.spend("dm.send", CENT, "r1"):
+                raise error
+        totals = guard.current_totals()
+    assert (totals.committed_usd, totals.reserved_usd) == (committed, 0)
+
+
+async def test_reprice_swaps_the_reservation_for_the_quoted_price(ledger_path: Path) -> None:
+    async with opened(SqliteLedgerStore(ledger_path)) as guard:
+        await spend(guard, Decimal("399.90"))
+        async with guard.spend("dm.send", CENT, "r1") as held:
+            await held.reprice(Decimal("0.10"))  # fits only because 0.01 is given back first
+            assert held.limit_usd == Decimal("0.10")
+        with pytest.raises(CostCapReached):
+            async with guard.spend("dm.send", CENT, "r2") as refused:
+                await refused.reprice(Decimal("0.02"))
+        totals = guard.current_totals()
+    assert (totals.committed_usd, totals.reserved_usd) == (CAP, 0)
+
+
+async def overrun_seen_by_another(one: CostGuard, other: CostGuard) -> None:
+    """``one`` commits $0.05 on a $0.01 reservation; ``other`` (same ledger) must close too."""
+    seen: list[int] = []
+    one.on_overrun = lambda: seen.append(1)
+    async with one.spend("claude.complete", CENT, "r1") as call:
+        call.ran(Decimal("0.05"))
+    assert one.budget_closed() and seen == [1]
+    await other.refresh()
+    assert other.budget_closed() and other.is_hard_cap_reached()
+    with pytest.raises(CostCapReached, match="closed"):
+        await other.reserve("dm.send", CENT, "r2")
+    assert (await other.snapshot())["overruns"][0]["cost_usd"] == "0.05"
+
+
+async def test_a_budget_closed_by_an_overrun_is_seen_by_other_instances(
+    ledger_path: Path,
+) -> None:
+    async with (
+        opened(SqliteLedgerStore(ledger_path)) as one,
+        opened(SqliteLedgerStore(ledger_path)) as other,
+    ):
+        assert not other.budget_closed()
+        await overrun_seen_by_another(one, other)
+
+
+# -- unsettled reservations: spent unless the cloud says the request never ran ---------------------
+
+
+@dataclass
+class IdempotencyCloud:
+    """The cloud's ``GET /api/idempotency/{key}`` as an ``httpx.MockTransport`` handler."""
+
+    answer: httpx.Response | Exception
+    asked: list[httpx.Request] = field(default_factory=list)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.asked.append(request)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def state(value: str, key: str = "crashed-call") -> httpx.Response:
+    return httpx.Response(200, json={"key": key, "state": value})
+
+
+@pytest.mark.parametrize(
+    ("answer", "spent"),
+    [
+        pytest.param(state("unknown"), Decimal(0), id="unknown-is-released"),
+        pytest.param(state("done"), Decimal(5), id="done-is-spent"),
+        pytest.param(state("running"), Decimal(5), id="running-is-spent"),
+        pytest.param(state("indeterminate"), Decimal(5), id="indeterminate-is-spent"),
+        pytest.param(state("unknown", key="another-key"), Decimal(5), id="other-key-is-spent"),
+        pytest.param(httpx.Response(404), Decimal(5), id="no-endpoint-is-spent"),
+        pytest.param(httpx.Response(200, text="<html>"), Decimal(5), id="junk-is-spent"),
+        pytest.param(httpx.ConnectError("refused"), Decimal(5), id="no-answer-is-spent"),
+    ],
+)
+async def test_an_unsettled_reservation_is_spent_unless_the_cloud_never_saw_it(
+    ledger_path: Path, answer: httpx.Response | Exception, spent: Decimal
+) -> None:
+    cloud = IdempotencyCloud(answer)
+    clock = FakeClock()
+    async with (
+        httpx.AsyncClient(transport=httpx.MockTransport(cloud)) as client,
+        opened(SqliteLedgerStore(ledger_path), clock=clock, reservation_ttl_s=60) as guard,
+    ):
+        executor = CloudExecutor(endpoint="http://cloud.test", api_key="k-123", client=client)
+        guard.request_state = executor.request_state
+        await guard.reserve("dm.send", Decimal(5), "crashed-call")  # never settled
+        clock.advance(59)
+        await guard.refresh()
+        assert cloud.asked == []  # not overdue yet
+        clock.advance(2)
+        await guard.reserve("dm.send", CENT, "r2")
+        assert cloud.asked == []  # reserving never waits on the cloud: the sweep is background
+        await guard.refresh()
+        await guard.refresh()  # settled once: not asked again
+        totals = guard.current_totals()
+    assert [r.url.path for r in cloud.asked] == ["/api/idempotency/crashed-call"]
+    assert cloud.asked[0].headers["Authorization"] == "Bearer k-123"
+    assert (totals.committed_usd, totals.reserved_usd) == (spent, CENT)
+
+
+async def test_without_a_cloud_to_ask_an_unsettled_reservation_is_spent(ledger_path: Path) -> None:
+    clock = FakeClock()
+    async with opened(SqliteLedgerStore(ledger_path), clock=clock, reservation_ttl_s=60) as guard:
+        await guard.reserve("dm.send", Decimal(5), "crashed-call")
+        clock.advance(61)
+        await guard.refresh()
+        totals = guard.current_totals()
+    assert (totals.committed_usd, totals.reserved_usd) == (Decimal(5), 0)
+
+
+@pytest.mark.parametrize("amount", ["1e999", "-0.01", "NaN", "1e12"])
+async def test_an_amount_the_ledger_cannot_hold_exactly_is_refused(
+    ledger_path: Path, amount: str
+) -> None:
+    async with opened(SqliteLedgerStore(ledger_path)) as guard:
+        with pytest.raises(ValueError):
+            await guard.reserve("dm.send", Decimal(amount), "r1")

@@ -81,6 +81,13 @@ def test_table_lists_every_entry_as_exact_strings() -> None:
         ('{"dm.send": "NaN"}', "'dm.send'"),
         ('{"dm.send": "Infinity"}', "'dm.send'"),
         ('{"dm.send": 0.0000001}', "'dm.send'"),
+        ('{"dm.send": 1e999}', "'dm.send'"),
+        ('{"dm.send": 1e-999}', "'dm.send'"),
+        ('{"dm.send": "1e999"}', "'dm.send'"),
+        ('{"dm.send": 1000000000000000000000000000000}', "'dm.send'"),
+        ('{"dm.send": NaN}', "'dm.send'"),
+        ('{"dm.send": -Infinity}', "'dm.send'"),
+        ('{"dm.send": "0x10"}', "'dm.send'"),
         ('{"not an action": 1}', "'not an action'"),
         ('{"dm.": 1}', "'dm.'"),
         ("[1, 2]", "JSON object"),
@@ -107,3 +114,13 @@ def test_the_builtin_system_actions_cost_nothing() -> None:
     rates = CostRates.load(None)
     assert rates.rate("system.heartbeat") == Decimal("0")
     assert rates.rate("system.self_test") == Decimal("0")
+
+
+def test_an_absurd_rate_names_the_file_the_entry_and_the_reason(tmp_path: Path) -> None:
+    path = _rates_file(tmp_path, '{"research.keyword": 1e999}')
+    with pytest.raises(ConfigError) as info:
+        CostRates.load(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert "'research.keyword'" in message
+    assert "at most 1000000" in message

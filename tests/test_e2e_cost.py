@@ -101,3 +101,62 @@ async def test_at_the_soft_cap_the_next_auto_action_runs_locally(server_factory,
     assert body["result"]["pid"] == term.proc.pid
     assert status["cost"]["soft_cap_reached"] is True
     assert Decimal(status["cost"]["spent_usd"]) == Decimal("380")
+
+
+async def test_a_cloud_dearer_than_the_estimate_never_passes_the_cap(server_factory, tmp_path):
+    # The terminal estimates $0.01 a call; the cloud charges $0.05. Twenty concurrent calls under
+    # a $0.10 cap: each is first sent with Cost-Limit 0.01, refused with the cloud's price, and
+    # re-reserved at $0.05 only while the cap allows, so exactly two run.
+    (tmp_path / "cloud-rates.json").write_text('{"claude.*": "0.05"}')
+    (tmp_path / "term-rates.json").write_text('{"claude.*": "0.01"}')
+    cloud = server_factory(
+        name="cloud",
+        EVERREACH_ENV="cloud",
+        EVERREACH_CLOUD_KEY=KEY,
+        COST_RATES_FILE=str(tmp_path / "cloud-rates.json"),
+    )
+    data_dir = tmp_path / "term-data"
+    term = server_factory(
+        name="term",
+        **terminal_env(
+            cloud.url,
+            DATA_DIR=str(data_dir),
+            COST_RATES_FILE=str(tmp_path / "term-rates.json"),
+            MONTHLY_COST_CAP="0.10",
+            COST_SOFT_CAP="0.10",
+        ),
+    )
+    log = tmp_path / "claude.log"
+    held: list[Decimal] = []
+    burst_done = asyncio.Event()
+
+    async def watch(client: httpx.AsyncClient) -> None:
+        # What the terminal's ledger holds (spent + reserved) while the burst runs.
+        while not burst_done.is_set():
+            cost = (await client.get(f"{term.url}/status")).json()["cost"]
+            held.append(Decimal(cost["spent_usd"]) + Decimal(cost["reserved_usd"]))
+
+    async def call(client: httpx.AsyncClient, n: int) -> httpx.Response:
+        return await client.post(
+            f"{term.url}/dispatch",
+            json={"action": "claude.complete", "params": {"id": n, "log": str(log)}},
+        )
+
+    async def burst(client: httpx.AsyncClient) -> list[httpx.Response]:
+        try:
+            return await asyncio.gather(*(call(client, n) for n in range(20)))
+        finally:
+            burst_done.set()
+
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=32)) as client:
+        answers, _ = await asyncio.gather(burst(client), watch(client))
+        cost = (await client.get(f"{term.url}/status")).json()["cost"]
+
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [200] * 2 + [429] * 18, statuses
+    assert all(a.json()["error"] == "cost_cap_reached" for a in answers if a.status_code == 429)
+    assert [a.json()["cost_usd"] for a in answers if a.status_code == 200] == [0.05, 0.05]
+    assert count_runs(log) == 2
+    assert held and max(held) <= Decimal("0.10")
+    assert (cost["spent_usd"], cost["reserved_usd"]) == ("0.10", "0.00")
+    assert cost["budget_closed"] is False

@@ -1,5 +1,4 @@
-"""Envelope and the error tree: the HTTP status of every outcome (DESIGN.md §4) and the JSON
-body's fields."""
+"""Envelope and the error tree: the HTTP status of every outcome and the JSON body's fields."""
 
 from __future__ import annotations
 
@@ -27,15 +26,16 @@ from errors import (
     RegistryError,
     RouteTableError,
     Source,
+    StorageUnavailable,
     Unauthorized,
     UnknownAction,
 )
 
 pytestmark = pytest.mark.prd200
 
-# DESIGN.md §4: 401 token, 404 unknown action, 422 bad params, 429 cost cap, 502 cloud error,
-# 503 circuit open / offline, 504 timeout; a handler that raised is a server-side 500.
-DESIGN_STATUS = {
+# The contract: 401 token, 404 unknown action, 422 bad params, 429 cost cap, 502 cloud error,
+# 503 circuit open / offline / storage, 504 timeout; a handler that raised is a 500.
+CONTRACT_STATUS = {
     ErrorCode.UNKNOWN_ACTION: 404,
     ErrorCode.INVALID_PARAMS: 422,
     ErrorCode.HANDLER_ERROR: 500,
@@ -45,6 +45,9 @@ DESIGN_STATUS = {
     ErrorCode.COST_CAP_REACHED: 429,
     ErrorCode.CIRCUIT_OPEN: 503,
     ErrorCode.UNAUTHORIZED: 401,
+    # The serving side prices the call above the caller's Cost-Limit: not retried as is.
+    ErrorCode.COST_LIMIT_EXCEEDED: 402,
+    ErrorCode.STORAGE_UNAVAILABLE: 503,
 }
 EXCEPTIONS: list[type[ActionError]] = [
     UnknownAction,
@@ -56,6 +59,7 @@ EXCEPTIONS: list[type[ActionError]] = [
     Offline,
     CloudUnavailable,
     CloudTimeout,
+    StorageUnavailable,
 ]
 
 
@@ -66,12 +70,12 @@ def _envelope(**fields: Any) -> Envelope:
 
 def test_every_error_code_has_a_status() -> None:
     assert set(HTTP_STATUS_BY_CODE) == set(ErrorCode)
-    assert HTTP_STATUS_BY_CODE == DESIGN_STATUS
+    assert HTTP_STATUS_BY_CODE == CONTRACT_STATUS
 
 
 @pytest.mark.parametrize("code", list(ErrorCode), ids=lambda c: c.value)
 def test_a_failed_envelope_has_the_status_of_its_code(code: ErrorCode) -> None:
-    assert _envelope(ok=False, error=code).http_status == DESIGN_STATUS[code]
+    assert _envelope(ok=False, error=code).http_status == CONTRACT_STATUS[code]
 
 
 @pytest.mark.parametrize("exc_type", EXCEPTIONS, ids=lambda t: t.__name__)
@@ -79,7 +83,7 @@ def test_every_exception_maps_to_its_code_and_status(exc_type: type[ActionError]
     exc = exc_type("what happened", attempts=2)
     envelope = Envelope.failure("dm.send", exc, source=Source.CLOUD, request_id="r1")
     assert envelope.error is exc_type.code
-    assert envelope.http_status == exc_type.http_status == DESIGN_STATUS[exc_type.code]
+    assert envelope.http_status == exc_type.http_status == CONTRACT_STATUS[exc_type.code]
     body = envelope.to_dict()
     assert (body["ok"], body["error"], body["detail"]) == (False, exc_type.code.value, exc.detail)
     assert (body["attempts"], body["request_id"]) == (2, "r1")

@@ -24,7 +24,7 @@ from cloud_executor import CloudExecutor, RetryPolicy
 from config.hybrid_config import HybridConfig
 from connectivity_check import ConnectivityChecker
 from cost_guard import CostGuard
-from cost_rates import CostRates
+from cost_rates import BUILTIN_RATES, CostRates
 from envelope import Envelope
 from errors import CloudUnavailable, Env, ErrorCode, InvalidParams, Source
 from hybrid_orchestrator import HybridOrchestrator
@@ -125,6 +125,7 @@ async def build(tmp_path: Path) -> AsyncIterator[Build]:
         with_cloud: bool | None = None,
         with_connectivity: bool = False,
         breaker: CircuitBreaker | None = None,
+        rates: dict[str, str] | None = None,
         **variables: Any,
     ) -> World:
         data_dir = tmp_path / f"world{len(closers)}"
@@ -195,7 +196,7 @@ async def build(tmp_path: Path) -> AsyncIterator[Build]:
             cloud=executor,
             route_table=RouteTable.load(),
             cost_guard=guard,
-            rates=CostRates.load(None),
+            rates=CostRates({**BUILTIN_RATES, **{k: Decimal(v) for k, v in (rates or {}).items()}}),
             connectivity=connectivity,
             cache=cache,
             outbox=outbox,
@@ -521,7 +522,7 @@ async def test_ten_cent_calls_add_up_exactly(build: Build) -> None:
     world = await build()
     world.cloud.answer(ok("r", cost_usd=0.01))
     for _ in range(10):
-        await world.route("research.platform", {})
+        await world.route("claude.generate", {})  # rate $0.01: no cost above its reservation
     assert (await world.spent())["spent_usd"] == "0.10"
 
 
@@ -943,3 +944,110 @@ async def test_failures_are_counted_by_error_code_whatever_their_source(build: B
     assert counts["widget.spin"] == {"local": 1, "invalid_params": 1}
     assert counts["other"] == {"unknown_action": 1}
     assert not any(key.endswith("_error") for row in counts.values() for key in row)
+
+
+# -- the reservation bounds what a cloud call may cost -----------------------------------------
+
+
+def refused_at(price_usd: str) -> httpx.Response:
+    """The cloud's answer to a Cost-Limit below its price: nothing ran."""
+    body = {"ok": False, "error": "cost_limit_exceeded", "detail": "dearer", "price_usd": price_usd}
+    return httpx.Response(402, json=body)
+
+
+def cost_limits(cloud: FakeCloud) -> list[str | None]:
+    return [r.headers.get("Cost-Limit") for r in cloud.requests]
+
+
+async def test_every_cloud_call_carries_its_reservation_as_cost_limit(build: Build) -> None:
+    world = await build()
+    await world.route("claude.generate", {})
+    await world.route("dm.send", {"to": "ann"})
+    assert cost_limits(world.cloud) == ["0.01", "0.001"]
+
+
+async def test_a_dearer_cloud_is_reserved_at_its_price_and_asked_once_more(build: Build) -> None:
+    world = await build()
+    world.cloud.answer(refused_at("0.05"), ok("r", cost_usd=0.05))
+    envelope = await world.route("claude.generate", {})
+    assert envelope.ok and envelope.cost_usd == Decimal("0.05")
+    assert cost_limits(world.cloud) == ["0.01", "0.05"]
+    assert len(set(world.cloud.keys)) == 1  # the same request, asked again
+    spent = await world.spent()
+    assert (spent["spent_usd"], spent["reserved_usd"], spent["budget_closed"]) == (
+        "0.05",
+        "0.00",
+        False,
+    )
+
+
+async def test_a_price_the_cap_cannot_take_is_cost_cap_reached(build: Build) -> None:
+    world = await build(MONTHLY_COST_CAP="0.03", COST_SOFT_CAP="0.03")
+    world.cloud.answer(refused_at("0.05"))
+    envelope = await world.route("claude.generate", {})
+    assert (envelope.error, envelope.http_status) == (ErrorCode.COST_CAP_REACHED, 429)
+    assert envelope.cost_guard_triggered
+    assert len(world.cloud.requests) == 1
+    spent = await world.spent()
+    assert (spent["spent_usd"], spent["reserved_usd"]) == ("0.00", "0.00")
+
+
+async def test_a_cost_above_the_reservation_is_recorded_and_closes_the_budget(
+    build: Build, caplog: pytest.LogCaptureFixture
+) -> None:
+    world = await build()
+    world.cloud.answer(ok("r", cost_usd=0.05))  # a cloud that ignores Cost-Limit
+    first = await world.route("claude.generate", {})
+    assert first.ok and first.cost_usd == Decimal("0.05")
+    spent = await world.spent()
+    assert spent["spent_usd"] == "0.05" and spent["budget_closed"] is True
+    assert spent["overruns"] == [
+        {
+            "action": "claude.generate",
+            "request_id": first.request_id,
+            "reserved_usd": "0.01",
+            "cost_usd": "0.05",
+        }
+    ]
+    assert "closed" in caplog.text and first.request_id in caplog.text
+    second = await world.route("claude.generate", {})
+    assert second.error is ErrorCode.COST_CAP_REACHED and "closed" in (second.detail or "")
+    assert len(world.cloud.requests) == 1
+
+
+# -- every way out of a reserved call settles it --------------------------------------------------
+
+
+JUNK_PARAMS = [
+    pytest.param({"x": float("nan")}, id="nan"),
+    pytest.param({"x": float("inf")}, id="infinity"),
+    pytest.param({"x": "\ud800"}, id="lone-surrogate"),
+]
+
+
+@pytest.mark.parametrize("junk", JUNK_PARAMS)
+async def test_params_that_cannot_be_sent_are_invalid_params_and_hold_nothing(
+    build: Build, junk: dict[str, Any]
+) -> None:
+    world = await build()
+    envelope = await world.route("claude.generate", junk)
+    assert (envelope.error, envelope.http_status) == (ErrorCode.INVALID_PARAMS, 422)
+    assert world.cloud.requests == []
+    spent = await world.spent()
+    assert (spent["spent_usd"], spent["reserved_usd"]) == ("0.00", "0.00")
+
+
+async def test_three_junk_requests_leave_the_budget_for_a_real_call(build: Build) -> None:
+    world = await build(rates={"claude.*": "0.02"}, MONTHLY_COST_CAP="0.05", COST_SOFT_CAP="0.05")
+    for junk in ({"x": float("nan")}, {"x": float("-inf")}, {"x": "\udfff"}):
+        assert (await world.route("claude.generate", junk)).error is ErrorCode.INVALID_PARAMS
+    envelope = await world.route("claude.generate", {"x": 1})
+    assert envelope.ok and envelope.source is Source.CLOUD
+
+
+async def test_an_outbox_replay_of_junk_holds_nothing(build: Build) -> None:
+    world = await build()
+    with pytest.raises(InvalidParams):
+        await world.orchestrator.send_queued("dm.send", {"x": float("nan")}, "key-0001")
+    spent = await world.spent()
+    assert (spent["spent_usd"], spent["reserved_usd"]) == ("0.00", "0.00")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from config.hybrid_config import HybridConfig
+from errors import ConfigError
 from local_server import create_app
 
 pytestmark = pytest.mark.prd200
@@ -34,16 +38,28 @@ def test_lifespan_opens_and_closes_every_resource(tmp_path):
 
 
 def test_an_unexpected_fault_is_an_envelope_not_a_page_and_never_a_202(client, monkeypatch):
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a store went away")
+
+    monkeypatch.setattr(client.app.state.runtime.orchestrator, "route", broken)
+    answer = client.post("/dispatch", json={"action": "dm.send", "params": {}})
+    assert answer.status_code == 500
+    body = answer.json()
+    assert body["ok"] is False and body["error"] == "handler_error"
+    assert "a store went away" in body["detail"]
+    assert client.post("/dispatch", json={"action": "system.echo"}).status_code == 500
+
+
+def test_a_full_disk_is_storage_unavailable_not_a_handler_error(client, monkeypatch):
     async def disk_full(*args: Any, **kwargs: Any) -> Any:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(client.app.state.runtime.orchestrator, "route", disk_full)
     answer = client.post("/dispatch", json={"action": "dm.send", "params": {}})
-    assert answer.status_code == 500
+    assert answer.status_code == 503
     body = answer.json()
-    assert body["ok"] is False and body["error"] == "handler_error"
-    assert "No space left on device" in body["detail"]
-    assert client.post("/dispatch", json={"action": "system.echo"}).status_code == 500
+    assert body["ok"] is False and body["error"] == "storage_unavailable"
+    assert "No space left on device" in body["detail"] and "DATA_DIR" in body["detail"]
 
 
 def test_a_chunked_body_over_the_limit_is_refused(client):
@@ -58,3 +74,144 @@ def test_a_chunked_body_over_the_limit_is_refused(client):
 def test_the_status_page_is_html(client):
     answer = client.get("/")
     assert answer.status_code == 200 and "text/html" in answer.headers["content-type"]
+
+
+# -- the serving side refuses a call dearer than the caller's Cost-Limit --------------------------
+
+CLOUD_KEY = "serving-key-123"
+
+
+@pytest.fixture
+def cloud_client(tmp_path):
+    rates = tmp_path / "rates.json"
+    rates.write_text('{"claude.*": "0.05"}')
+    config = HybridConfig.from_mapping(
+        {
+            "EVERREACH_ENV": "cloud",
+            "EVERREACH_CLOUD_KEY": CLOUD_KEY,
+            "EVERREACH_SERVICES": "tests.e2e_services",
+            "COST_RATES_FILE": str(rates),
+            "DATA_DIR": str(tmp_path / "data"),
+        }
+    )
+    with TestClient(create_app(config), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def serve(client: TestClient, log: Path, key: str, **headers: str) -> Any:
+    return client.post(
+        "/api/services/claude/complete",
+        json={"params": {"log": str(log)}},
+        headers={"Authorization": f"Bearer {CLOUD_KEY}", "Idempotency-Key": key, **headers},
+    )
+
+
+def test_a_call_dearer_than_its_cost_limit_is_refused_with_the_price(cloud_client, tmp_path):
+    log = tmp_path / "runs.log"
+    refused = serve(cloud_client, log, "key-00001", **{"Cost-Limit": "0.01"})
+    assert refused.status_code == 402
+    body = refused.json()
+    assert (body["ok"], body["error"], body["price_usd"]) == (False, "cost_limit_exceeded", "0.05")
+    assert not log.exists()  # nothing ran
+    ran = serve(cloud_client, log, "key-00001", **{"Cost-Limit": "0.05"})
+    assert ran.status_code == 200 and ran.json()["cost_usd"] == 0.05
+    assert len(log.read_text().splitlines()) == 1
+
+
+def test_a_call_without_cost_limit_runs_as_before(cloud_client, tmp_path):
+    assert serve(cloud_client, tmp_path / "runs.log", "key-00002").status_code == 200
+
+
+@pytest.mark.parametrize("limit", ["cheap", "NaN", "-1", "Infinity", ""])
+def test_a_malformed_cost_limit_is_invalid_params(cloud_client, tmp_path, limit):
+    log = tmp_path / "runs.log"
+    answer = serve(cloud_client, log, "key-00003", **{"Cost-Limit": limit})
+    assert answer.status_code == 422 and answer.json()["error"] == "invalid_params"
+    assert not log.exists()
+
+
+# -- storage: a read-only DATA_DIR stops start-up clearly; a full disk is storage_unavailable ------
+
+
+def test_a_read_only_data_dir_is_a_config_error_at_start_up(tmpfs) -> None:
+    config = HybridConfig.from_mapping({"DATA_DIR": str(tmpfs(read_only=True))})
+    with pytest.raises(ConfigError) as info, TestClient(create_app(config)):
+        pass
+    assert "DATA_DIR" in str(info.value) and "Read-only file system" in str(info.value)
+
+
+def test_a_database_file_that_cannot_be_opened_is_a_config_error_at_start_up(tmp_path) -> None:
+    data_dir = tmp_path / "data"
+    (data_dir / "hybrid.sqlite3").mkdir(parents=True)  # in the way, for root too
+    config = HybridConfig.from_mapping({"DATA_DIR": str(data_dir)})
+    with pytest.raises(ConfigError) as info, TestClient(create_app(config)):
+        pass
+    assert f"DATA_DIR {data_dir}" in str(info.value)
+
+
+def fill(path: Path) -> None:
+    """Write ``path`` until the file system is full (unbuffered: nothing left to flush)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"x" * 4096)
+    finally:
+        os.close(fd)
+
+
+def test_a_full_disk_answers_storage_unavailable_and_recovers(tmpfs) -> None:
+    data_dir = tmpfs(size="2m") / "data"
+    config = HybridConfig.from_mapping(
+        {
+            "EVERREACH_ENV": "hybrid",
+            "CLOUD_ENDPOINT": "http://127.0.0.1:9",
+            "EVERREACH_CLOUD_KEY": "key-12345678",
+            "OFFLINE_MODE": "true",  # dm.send has no local handler: it must go to the outbox
+            "DATA_DIR": str(data_dir),
+        }
+    )
+    with TestClient(create_app(config), raise_server_exceptions=False) as client:
+        fill(data_dir / "filler")
+        answers = [
+            client.post(
+                "/dispatch", json={"action": "dm.send", "params": {"n": n, "pad": "y" * 65536}}
+            )
+            for n in range(8)
+        ]
+        codes = {(a.status_code, a.json()["error"]) for a in answers}
+        assert (503, "storage_unavailable") in codes, codes
+        assert codes <= {(503, "storage_unavailable"), (202, None)}, codes
+        failed = next(a.json() for a in answers if a.status_code == 503)
+        assert "DATA_DIR" in failed["detail"]
+        (data_dir / "filler").unlink()
+        again = client.post("/dispatch", json={"action": "dm.send", "params": {"n": 99}})
+        assert again.status_code == 202, again.json()
+
+
+def test_the_guard_asks_this_cloud_and_reports_overruns_to_metrics(tmp_path) -> None:
+    config = HybridConfig.from_mapping(
+        {
+            "EVERREACH_ENV": "hybrid",
+            "CLOUD_ENDPOINT": "http://127.0.0.1:9",
+            "EVERREACH_CLOUD_KEY": "key-12345678",
+            "DATA_DIR": str(tmp_path / "data"),
+        }
+    )
+    app = create_app(config)
+    with TestClient(app) as client:
+        runtime = app.state.runtime
+        guard = runtime.cost_guard
+        assert guard.request_state == runtime.cloud.request_state
+        assert guard.on_overrun is not None
+        guard.on_overrun()
+        assert "everreach_cost_overruns_total 1.0" in client.get("/metrics").text
+
+
+def test_an_unknown_action_is_404_whatever_the_cost_limit(cloud_client):
+    answer = cloud_client.post(
+        "/api/services/claude/nothing_here",
+        json={"params": {}},
+        headers={"Authorization": f"Bearer {CLOUD_KEY}", "Cost-Limit": "0"},
+    )
+    assert answer.status_code == 404 and answer.json()["error"] == "unknown_action"

@@ -291,3 +291,13 @@ def test_promtool_check_metrics_is_clean_on_a_populated_scrape() -> None:
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr).decode()
     assert proc.stdout.strip() == b"" and proc.stderr.strip() == b"", proc.stderr.decode()
+
+
+def test_cost_overruns_are_counted_and_a_closed_budget_is_a_gauge() -> None:
+    metrics = Metrics(KNOWN)
+    metrics.set_status_provider(lambda: {"cost_budget_closed": True})
+    assert value(scrape(metrics), "everreach_cost_overruns_total") == 0
+    metrics.inc_cost_overrun()
+    samples = scrape(metrics)
+    assert value(samples, "everreach_cost_overruns_total") == 1
+    assert value(samples, "everreach_cost_budget_closed") == 1

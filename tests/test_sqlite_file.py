@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
-from sqlite_file import SqliteFile, Synchronous, parse_timestamp, transaction, utc_iso
+from errors import ConfigError
+from sqlite_file import (
+    SqliteFile,
+    Synchronous,
+    check_data_dir,
+    parse_timestamp,
+    transaction,
+    utc_iso,
+)
 
 pytestmark = pytest.mark.prd200
 
@@ -83,3 +92,18 @@ def test_parse_timestamp_returns_aware_utc(text: str | datetime, expected: datet
 def test_utc_iso_round_trips() -> None:
     assert utc_iso(0.0) == "1970-01-01T00:00:00+00:00"
     assert parse_timestamp(utc_iso(1_700_000_000.5)).timestamp() == 1_700_000_000.5
+
+
+def test_a_data_dir_under_a_regular_file_names_data_dir_and_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ConfigError) as info:
+        check_data_dir(tmp_path / "file" / "data")
+    message = str(info.value)
+    assert "DATA_DIR" in message and str(tmp_path / "file" / "data") in message
+    assert "Point DATA_DIR at a writable directory" in message
+
+
+def test_a_read_only_data_dir_names_data_dir_and_the_fix(tmpfs: Callable[..., Path]) -> None:
+    read_only = tmpfs(read_only=True)
+    with pytest.raises(ConfigError, match=r"DATA_DIR .* is not writable \(Read-only file system\)"):
+        check_data_dir(read_only)

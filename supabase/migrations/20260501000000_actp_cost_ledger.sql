@@ -1,4 +1,4 @@
--- EverReach cost ledger (DESIGN.md §7): the tables and functions behind cost_guard.py.
+-- EverReach cost ledger: the tables and functions behind cost_guard.py.
 --
 -- Apply it to a Supabase project with `supabase db push` or by pasting it into the SQL editor.
 -- With DATABASE_URL / SUPABASE_DB_URL the orchestrator runs this same file itself at start-up.
@@ -42,7 +42,7 @@ ALTER TABLE actp_cost_log ENABLE ROW LEVEL SECURITY;
 ALTER TABLE actp_cost_month ENABLE ROW LEVEL SECURITY;
 
 CREATE OR REPLACE FUNCTION actp_cost_schema_version() RETURNS integer
-LANGUAGE sql IMMUTABLE AS $$ SELECT 1 $$;
+LANGUAGE sql IMMUTABLE AS $$ SELECT 2 $$;
 
 CREATE OR REPLACE FUNCTION actp_cost_totals_json(p_month text, p_committed numeric,
                                                  p_reserved numeric) RETURNS jsonb
@@ -194,6 +194,31 @@ LANGUAGE sql STABLE AS $$
              GROUP BY action) AS per_action
 $$;
 
+-- A log row as the guard's sweep and reports read it; money as text, like the totals.
+CREATE OR REPLACE FUNCTION actp_cost_row_json(r actp_cost_log) RETURNS jsonb
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT jsonb_build_object('id', r.id, 'month', r.month, 'action', r.action,
+                              'request_id', r.request_id, 'reserved_usd', r.reserved_usd::text,
+                              'cost_usd', r.cost_usd::text)
+$$;
+
+-- Reservations still open that were made before p_before, oldest first. Their process died
+-- between the call and its commit: the guard asks the cloud whether each ran, then settles it.
+CREATE OR REPLACE FUNCTION actp_cost_overdue(p_before timestamptz, p_limit integer)
+RETURNS jsonb LANGUAGE sql STABLE AS $$
+    SELECT coalesce(jsonb_agg(actp_cost_row_json(l) ORDER BY l.created_at), '[]'::jsonb)
+      FROM (SELECT * FROM actp_cost_log WHERE status = 'reserved' AND created_at <= p_before
+             ORDER BY created_at LIMIT p_limit) AS l
+$$;
+
+-- Calls of p_month that cost more than they reserved: each closes the month's budget.
+CREATE OR REPLACE FUNCTION actp_cost_overruns(p_month text) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(jsonb_agg(actp_cost_row_json(l) ORDER BY l.created_at), '[]'::jsonb)
+      FROM actp_cost_log AS l
+     WHERE l.month = p_month AND l.status = 'committed' AND l.cost_usd > l.reserved_usd
+$$;
+
 -- Only the owner and Supabase's service role may call these over REST.
 REVOKE ALL ON FUNCTION actp_cost_reserve(text, text, text, numeric, text, numeric, timestamptz,
                                          double precision) FROM PUBLIC;
@@ -201,6 +226,8 @@ REVOKE ALL ON FUNCTION actp_cost_settle(text, numeric, timestamptz) FROM PUBLIC;
 REVOKE ALL ON FUNCTION actp_cost_totals(text, timestamptz) FROM PUBLIC;
 REVOKE ALL ON FUNCTION actp_cost_expire_month(text, timestamptz) FROM PUBLIC;
 REVOKE ALL ON FUNCTION actp_cost_by_action(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION actp_cost_overdue(timestamptz, integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION actp_cost_overruns(text) FROM PUBLIC;
 
 DO $$
 DECLARE
@@ -214,7 +241,9 @@ BEGIN
                            'actp_cost_settle(text, numeric, timestamptz), '
                            'actp_cost_totals(text, timestamptz), '
                            'actp_cost_expire_month(text, timestamptz), '
-                           'actp_cost_by_action(text) FROM %I', v_role);
+                           'actp_cost_by_action(text), '
+                           'actp_cost_overdue(timestamptz, integer), '
+                           'actp_cost_overruns(text) FROM %I', v_role);
         END IF;
     END LOOP;
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role') THEN
@@ -224,7 +253,9 @@ BEGIN
                                   actp_cost_settle(text, numeric, timestamptz),
                                   actp_cost_totals(text, timestamptz),
                                   actp_cost_expire_month(text, timestamptz),
-                                  actp_cost_by_action(text) TO service_role;
+                                  actp_cost_by_action(text),
+                                  actp_cost_overdue(timestamptz, integer),
+                                  actp_cost_overruns(text) TO service_role;
     END IF;
 END
 $$;
