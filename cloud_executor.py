@@ -5,9 +5,11 @@ and an ``Idempotency-Key`` that stays the same across retries (and later outbox 
 the cloud runs the action at most once whatever happens on the wire.
 
 What is retried (up to ``retries`` times, backoff ``backoff_s`` * 3^n with ±10 % jitter,
-``Retry-After`` honoured): connection errors, timeouts, 5xx, 429 and 409 (the same key still
-running). Never retried: other 4xx, and a 5xx whose body says the handler itself raised — that
-is a definite answer, not a transient fault.
+``Retry-After`` honoured): connection errors, timeouts, 5xx, 429 and 409 ``conflict`` (the same
+key still running; not with ``retry_busy=False``, and never counted against the cloud's
+breaker: a busy key says nothing about the cloud's health). Never retried: other 4xx, 409
+``indeterminate`` (the key's holder died mid-handler: ``Indeterminate``), and a 5xx whose body
+says the handler itself raised — definite answers, not transient faults.
 
 Every failure says whether it *proves* the request never ran (``never_ran``): connection
 refused, connect or pool timeout, circuit open, 429. Read timeouts and 5xx are ambiguous — the
@@ -37,7 +39,9 @@ from errors import (
     CloudUnavailable,
     ErrorCode,
     HandlerError,
+    Indeterminate,
     InvalidParams,
+    KeyBusy,
     Source,
     Unauthorized,
     UnknownAction,
@@ -74,10 +78,13 @@ class CloudResult:
 class _Retry(Exception):
     """One attempt failed transiently; carries the error to raise if it was the last."""
 
-    def __init__(self, error: ActionError, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self, error: ActionError, retry_after_s: float | None = None, *, cloud_failed: bool = True
+    ) -> None:
         super().__init__(error.detail)
         self.error = error
         self.retry_after_s = retry_after_s
+        self.cloud_failed = cloud_failed  # False: the cloud answered (a busy key), it is up
 
 
 class CloudExecutor:
@@ -140,8 +147,14 @@ class CloudExecutor:
             cost_usd=done.cost_usd or Decimal(0),
         )
 
-    async def call(self, action: str, params: dict[str, Any], *, request_id: str) -> CloudResult:
-        """POST the action (retrying transient failures); raise an ``ActionError`` on failure."""
+    async def call(
+        self, action: str, params: dict[str, Any], *, request_id: str, retry_busy: bool = True
+    ) -> CloudResult:
+        """POST the action (retrying transient failures); raise an ``ActionError`` on failure.
+
+        ``retry_busy=False``: a key the cloud still runs raises ``KeyBusy`` at once (the outbox
+        replay moves on to other items instead of waiting).
+        """
         url = self.routes.url(action)
         headers = {**self._auth, "Idempotency-Key": request_id}
         body = {"params": params}
@@ -169,8 +182,13 @@ class CloudExecutor:
                 result = self._parse(action, response)
             except _Retry as retry:
                 ambiguous = ambiguous or not retry.error.never_ran
-                self._record(False)
-                if attempt > self.policy.retries or self.breaker.state is BreakerState.OPEN:
+                self._record(not retry.cloud_failed)
+                busy_final = isinstance(retry.error, KeyBusy) and not retry_busy
+                if (
+                    busy_final
+                    or attempt > self.policy.retries
+                    or self.breaker.state is BreakerState.OPEN
+                ):
                     raise self._final(retry.error, attempt, ambiguous) from None
                 delay = self.policy.delay_s(attempt - 1, self._rng)
                 if retry.retry_after_s is not None:
@@ -227,11 +245,14 @@ class CloudExecutor:
                 _retry_after_s(response),
             )
         if status == 409:
+            if isinstance(body, dict) and body.get("error") == ErrorCode.INDETERMINATE.value:
+                raise Indeterminate(f"the cloud says this request may have run (409): {detail}")
             raise _Retry(
-                CloudUnavailable(
+                KeyBusy(
                     f"the cloud is still running this request (409): {detail}", never_ran=False
                 ),
                 _retry_after_s(response),
+                cloud_failed=False,
             )
         if status >= 500:
             code = body.get("error") if isinstance(body, dict) else None

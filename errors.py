@@ -12,8 +12,12 @@
         ├── CostCapReached               429  cost_cap_reached
         ├── CircuitOpen                  503  circuit_open
         ├── Offline                      503  offline
-        ├── CloudUnavailable             502  cloud_unavailable (5xx, refused, bad answer)
-        └── CloudTimeout                 504  timeout
+        ├── NotFound                     404  not_found (no such outbox item)
+        ├── Indeterminate                409  indeterminate (a dead process may have run the key)
+        ├── StorageUnavailable           503  storage_unavailable (a durable store did not answer)
+        └── CloudUnavailable             502  cloud_unavailable (5xx, refused, bad answer)
+            ├── CloudTimeout             504  timeout
+            └── KeyBusy                  409  conflict (another call still runs this key)
 
 Expected outcomes (served from cache, queued in the outbox, local fallback) are values in the
 result envelope; these exceptions are faults, turned into envelopes and HTTP statuses at the edge.
@@ -44,7 +48,7 @@ class Source(StrEnum):
 
 
 class ErrorCode(StrEnum):
-    """Machine-readable error codes of the envelope (DESIGN.md §4)."""
+    """Machine-readable error codes of the result envelope."""
 
     UNKNOWN_ACTION = "unknown_action"
     INVALID_PARAMS = "invalid_params"
@@ -55,6 +59,10 @@ class ErrorCode(StrEnum):
     COST_CAP_REACHED = "cost_cap_reached"
     CIRCUIT_OPEN = "circuit_open"
     UNAUTHORIZED = "unauthorized"
+    CONFLICT = "conflict"
+    INDETERMINATE = "indeterminate"
+    NOT_FOUND = "not_found"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
 
 
 class EverReachError(Exception):
@@ -132,6 +140,32 @@ class Offline(ActionError):
     NEVER_RAN = True
 
 
+class NotFound(ActionError):
+    """No such item (an outbox id that is not, or no longer, there)."""
+
+    code = ErrorCode.NOT_FOUND
+    http_status = 404
+    NEVER_RAN = True
+
+
+class Indeterminate(ActionError):
+    """A process that held this idempotency key died mid-handler: the action may have run.
+
+    Never re-run silently: a person retries it (with a fresh key) or drops it.
+    """
+
+    code = ErrorCode.INDETERMINATE
+    http_status = 409
+
+
+class StorageUnavailable(ActionError):
+    """A durable store (idempotency records) did not answer: nothing was run."""
+
+    code = ErrorCode.STORAGE_UNAVAILABLE
+    http_status = 503
+    NEVER_RAN = True
+
+
 class CloudUnavailable(ActionError):
     """The cloud failed: 5xx after retries, connection refused, or an unusable answer.
 
@@ -149,6 +183,13 @@ class CloudTimeout(CloudUnavailable):
     http_status = 504
 
 
+class KeyBusy(CloudUnavailable):
+    """Another call still runs this idempotency key: ask again later (``Retry-After``)."""
+
+    code = ErrorCode.CONFLICT
+    http_status = 409
+
+
 HTTP_STATUS_BY_CODE: dict[ErrorCode, int] = {
     cls.code: cls.http_status
     for cls in (
@@ -161,5 +202,9 @@ HTTP_STATUS_BY_CODE: dict[ErrorCode, int] = {
         Offline,
         CloudUnavailable,
         CloudTimeout,
+        KeyBusy,
+        Indeterminate,
+        NotFound,
+        StorageUnavailable,
     )
 }

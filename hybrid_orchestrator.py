@@ -31,6 +31,7 @@ from errors import (
     CostCapReached,
     Env,
     HandlerError,
+    Indeterminate,
     InvalidParams,
     Offline,
     Source,
@@ -39,7 +40,7 @@ from errors import (
 )
 from local_executor import LocalExecutor
 from route_table import Fallback, Preferred, Route, RouteTable
-from service_registry import check_action_name
+from service_registry import check_action_name, idempotency_key_scope
 
 if TYPE_CHECKING:
     from cloud_executor import CloudExecutor
@@ -135,17 +136,20 @@ class HybridOrchestrator:
         request_id = request_id or new_request_id()
         params = {} if params is None else params
         try:
-            check_action_name(action)
-            if not isinstance(params, dict):
-                raise InvalidParams(f"params must be a JSON object; got {type(params).__name__}")
-            route = self.route_table.get(action)
-            env, triggered = self._plan(action, force_env, route)
-            if env is Env.LOCAL:
-                envelope = await self._run_local(action, params, request_id, route, force_env)
-            else:
-                envelope = await self._run_cloud(action, params, request_id, route, force_env)
-            envelope.cost_guard_triggered = envelope.cost_guard_triggered or triggered
-            envelope.env = env
+            with idempotency_key_scope(request_id):  # handlers read current_idempotency_key()
+                check_action_name(action)
+                if not isinstance(params, dict):
+                    raise InvalidParams(
+                        f"params must be a JSON object; got {type(params).__name__}"
+                    )
+                route = self.route_table.get(action)
+                env, triggered = self._plan(action, force_env, route)
+                if env is Env.LOCAL:
+                    envelope = await self._run_local(action, params, request_id, route, force_env)
+                else:
+                    envelope = await self._run_cloud(action, params, request_id, route, force_env)
+                envelope.cost_guard_triggered = envelope.cost_guard_triggered or triggered
+                envelope.env = env
         except ActionError as exc:
             envelope = Envelope.failure(action, exc, source=None, request_id=request_id)
         envelope.duration_ms = (time.perf_counter() - started) * 1000
@@ -326,6 +330,11 @@ class HybridOrchestrator:
                 )
         if route.side_effect and self.outbox is not None and not isinstance(exc, _DEFINITE):
             item = await self.outbox.enqueue(action, params, request_id)
+            then = "queued and sent to the cloud once it answers"
+            if isinstance(exc, Indeterminate):
+                # Kept for a person to retry or drop: replaying the key would never run it.
+                await self.outbox.park(item.id, f"{exc.code.value}: {exc.detail}")
+                then = "parked in the outbox as 'may have run' for a person to retry or drop"
             return Envelope(
                 ok=False,
                 action=action,
@@ -334,7 +343,7 @@ class HybridOrchestrator:
                 attempts=exc.attempts,
                 queued=True,
                 outbox_id=item.id,
-                detail=f"{exc.detail}; queued and sent to the cloud once it answers",
+                detail=f"{exc.detail}; {then}",
             )
         failed = Envelope.failure(action, exc, source=Source.CLOUD, request_id=request_id)
         if not route.side_effect and self.cache is not None:
@@ -354,7 +363,7 @@ class HybridOrchestrator:
         if self.cost_guard is not None:
             reservation = await self.cost_guard.reserve(action, self._rate(action), key)
         try:
-            done = await self.cloud.call(action, params, request_id=key)
+            done = await self.cloud.call(action, params, request_id=key, retry_busy=False)
         except ActionError as exc:
             if reservation is not None:
                 await self._settle(reservation, None if exc.never_ran else reservation.amount_usd)

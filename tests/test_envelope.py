@@ -45,6 +45,10 @@ DESIGN_STATUS = {
     ErrorCode.COST_CAP_REACHED: 429,
     ErrorCode.CIRCUIT_OPEN: 503,
     ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.CONFLICT: 409,  # the key is still running
+    ErrorCode.INDETERMINATE: 409,  # the key's holder died mid-handler: it may have run
+    ErrorCode.NOT_FOUND: 404,  # no such outbox item
+    ErrorCode.STORAGE_UNAVAILABLE: 503,
 }
 EXCEPTIONS: list[type[ActionError]] = [
     UnknownAction,
