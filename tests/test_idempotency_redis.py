@@ -148,7 +148,7 @@ class ThrowawayRedis:
             self.proc.kill()
             self.proc.wait()
 
-    def keys(self) -> list[bytes]:
+    def keys(self) -> list[Any]:
         client = redis.Redis(port=self.port)
         try:
             return list(client.keys("everreach:idem:*"))
