@@ -273,6 +273,10 @@ class Runtime:
         """Replay the outbox and push local state; optionally pull the cloud's state."""
         assert self.state_sync is not None
         result: dict[str, Any] = {"at": time.time()}
+        if self.cloud is not None and self.is_cloud_reachable():
+            # The cloud answers its health probe (a restart, say): the replay's first call is
+            # the breaker's trial, instead of an outbox waiting out the whole cool-down.
+            self.cloud.breaker.try_now()
         try:
             result["push"] = await self.state_sync.push_pending_sync()
             if pull:
