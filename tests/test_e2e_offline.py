@@ -230,12 +230,13 @@ def test_a_cloud_killed_mid_burst_leaves_every_dm_delivered_or_parked_and_none_t
         async with httpx.AsyncClient(timeout=120) as client:
 
             async def send(n: int) -> None:
-                params = {"to": "x", "id": f"m{n:03d}", "log": str(log), "sleep_s": 0.1}
+                dm = f"m{n:03d}"
+                params = {"to": "x", "id": dm, "log": str(log), "sleep_s": 0.1}
                 async with limit:
                     answer = await client.post(
                         f"{term.url}/dispatch", json={"action": "dm.send", "params": params}
                     )
-                answers[params["id"]] = answer.status_code
+                answers[dm] = answer.status_code
 
             async def kill_and_restart() -> None:
                 await until(lambda: sum(executions(log).values()) >= 30, what="30 DMs sent")
