@@ -1,7 +1,7 @@
 """HybridOrchestrator: decide per call where an action runs, and what happens when it can't.
 
 It composes the parts (route table, classifier, executors, cost guard, connectivity, cache,
-outbox) and owns none of their state. Routing rules are DESIGN.md §5:
+outbox) and owns none of their state. The routing rules:
 
 1. ``force_env`` ('local' | 'cloud') wins; anything else is ``invalid_params``.
 2. ``EVERREACH_ENV`` local or cloud: that env, always.

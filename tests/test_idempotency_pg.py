@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 
@@ -130,3 +132,39 @@ async def test_an_unreachable_database_is_storage_unavailable_not_a_crash() -> N
             await store.claim("k-down-01", "dm.send", HASH)
     finally:
         await store.close()
+
+
+@pytest.mark.e2e
+def test_two_cloud_replicas_sharing_postgresql_run_a_key_once(
+    server_factory: Any, postgres_dsn: str, tmp_path: Path
+) -> None:
+    key = "e2e-cloud-key-123"
+    replicas = [
+        server_factory(
+            name=f"cloud{i}",
+            EVERREACH_ENV="cloud",
+            EVERREACH_CLOUD_KEY=key,
+            DATABASE_URL=postgres_dsn,
+        )
+        for i in range(2)
+    ]
+    log = tmp_path / "dm.log"
+    body = {"params": {"to": "x", "id": "shared", "log": str(log), "sleep_s": 0.3}}
+    headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "pg-shared-key-01"}
+
+    async def race() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(f"{r.url}/api/services/dm/send", json=body, headers=headers)
+                    for r in replicas * 3
+                )
+            )
+
+    answers = asyncio.run(race())
+    assert {a.status_code for a in answers} <= {200, 409}
+    later = httpx.post(
+        f"{replicas[1].url}/api/services/dm/send", json=body, headers=headers, timeout=30
+    )
+    assert later.status_code == 200
+    assert len(log.read_text().splitlines()) == 1
