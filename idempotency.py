@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from sqlite_file import HYBRID_DB_FILENAME, SqliteFile, Synchronous, transaction
 
@@ -209,30 +209,47 @@ def judge(
     return Claim(ClaimState.INDETERMINATE)
 
 
-class ClaimFn(Protocol):
-    def __call__(
-        self, key: str, action: str, params_hash: str, rerun_if_dead: bool = ...
-    ) -> Awaitable[Claim]: ...
+class ClaimStore:
+    """What every store shares: ``wait()`` on top of its own ``claim()``, and the verdict."""
 
+    holder: Holder
+    _lease_s: float
 
-async def claim_waiting(
-    claim: ClaimFn,
-    key: str,
-    action: str,
-    params_hash: str,
-    *,
-    timeout_s: float,
-    rerun_if_dead: bool = False,
-) -> Claim:
-    """Claim, polling with backoff while a live holder runs the key, up to ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    delay_s = 0.02
-    while True:
-        result = await claim(key, action, params_hash, rerun_if_dead)
-        if result.state is not ClaimState.RUNNING or time.monotonic() >= deadline:
-            return result
-        await asyncio.sleep(min(delay_s, max(0.0, deadline - time.monotonic())))
-        delay_s = min(delay_s * 2, 0.5)
+    def judge(
+        self, record: StoredKey, action: str, params_hash: str, rerun_if_dead: bool
+    ) -> Claim | Verdict:
+        return judge(
+            record,
+            action,
+            params_hash,
+            me=self.holder,
+            lease_s=self._lease_s,
+            rerun_if_dead=rerun_if_dead,
+        )
+
+    async def claim(
+        self, key: str, action: str, params_hash: str, rerun_if_dead: bool = False
+    ) -> Claim:
+        raise NotImplementedError
+
+    async def wait(
+        self,
+        key: str,
+        action: str,
+        params_hash: str,
+        *,
+        timeout_s: float,
+        rerun_if_dead: bool = False,
+    ) -> Claim:
+        """Claim, polling with backoff while a live holder runs the key, up to ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        delay_s = 0.02
+        while True:
+            result = await self.claim(key, action, params_hash, rerun_if_dead)
+            if result.state is not ClaimState.RUNNING or time.monotonic() >= deadline:
+                return result
+            await asyncio.sleep(min(delay_s, max(0.0, deadline - time.monotonic())))
+            delay_s = min(delay_s * 2, 0.5)
 
 
 class Heartbeat:
@@ -269,7 +286,7 @@ class Heartbeat:
 # -- SQLite: one instance's durable record -------------------------------------------------------
 
 
-class IdempotencyStore:
+class IdempotencyStore(ClaimStore):
     """Claims, answers and releases of idempotency keys in this instance's SQLite file."""
 
     def __init__(
@@ -331,14 +348,7 @@ class IdempotencyStore:
                 return Claim(ClaimState.NEW)
             beat = row[6] if row[6] is not None else row[7]
             record = StoredKey(row[0], row[1], row[2], row[3], row[4], row[5], now - beat)
-            verdict = judge(
-                record,
-                action,
-                params_hash,
-                me=self.holder,
-                lease_s=self._lease_s,
-                rerun_if_dead=rerun_if_dead,
-            )
+            verdict = self.judge(record, action, params_hash, rerun_if_dead)
             if verdict is Verdict.TAKE:
                 conn.execute(
                     "UPDATE hybrid_idempotency SET action = ?, params_hash = ?, "
@@ -363,20 +373,6 @@ class IdempotencyStore:
             self._last_prune = now
             await self._prune(now)
         return claim
-
-    async def wait(
-        self,
-        key: str,
-        action: str,
-        params_hash: str,
-        *,
-        timeout_s: float,
-        rerun_if_dead: bool = False,
-    ) -> Claim:
-        """Claim, waiting up to ``timeout_s`` while a live holder runs the key."""
-        return await claim_waiting(
-            self.claim, key, action, params_hash, timeout_s=timeout_s, rerun_if_dead=rerun_if_dead
-        )
 
     async def complete(self, key: str, status_code: int, body: Any) -> None:
         """Store the answer of a successful call under ``key``."""
@@ -467,7 +463,7 @@ return 1
 """
 
 
-class RedisIdempotencyStore:
+class RedisIdempotencyStore(ClaimStore):
     """This instance's SQLite record first; Redis shares claims with the other replicas.
 
     Every claim consults the durable SQLite record, so a Redis that restarts empty (or a key
@@ -489,6 +485,7 @@ class RedisIdempotencyStore:
     ) -> None:
         self._url = redis_url
         self._durable = durable
+        self.holder = durable.holder
         self._lease_s = lease_s
         self._keep_s = int(keep_s)
         self._prefix = prefix
@@ -497,10 +494,6 @@ class RedisIdempotencyStore:
         self._redis: Any = None
         self._held: dict[str, dict[str, Any]] = {}  # running records this process wrote
         self._heartbeat = Heartbeat(self.renew, lease_s)
-
-    @property
-    def holder(self) -> Holder:
-        return self._durable.holder
 
     async def open(self) -> None:
         import redis.asyncio as aioredis
@@ -551,14 +544,7 @@ class RedisIdempotencyStore:
             if raw is None:
                 continue
             stored = _redis_record(raw, self._clock())
-            verdict = judge(
-                stored,
-                action,
-                params_hash,
-                me=self.holder,
-                lease_s=self._lease_s,
-                rerun_if_dead=rerun_if_dead,
-            )
+            verdict = self.judge(stored, action, params_hash, rerun_if_dead)
             if isinstance(verdict, Claim):
                 return verdict
             if verdict is Verdict.TAKE:
@@ -604,20 +590,6 @@ class RedisIdempotencyStore:
             await self._swap(key, self.holder.token, record)
         except (redis.RedisError, OSError):
             log.warning("idempotency key %s: Redis did not take its outcome", key)
-
-    async def wait(
-        self,
-        key: str,
-        action: str,
-        params_hash: str,
-        *,
-        timeout_s: float,
-        rerun_if_dead: bool = False,
-    ) -> Claim:
-        """Claim, waiting up to ``timeout_s`` while a live holder runs the key."""
-        return await claim_waiting(
-            self.claim, key, action, params_hash, timeout_s=timeout_s, rerun_if_dead=rerun_if_dead
-        )
 
     async def complete(self, key: str, status_code: int, body: Any) -> None:
         await self._durable.complete(key, status_code, body)

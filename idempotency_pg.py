@@ -18,14 +18,13 @@ from idempotency import (
     LEASE_S,
     Claim,
     ClaimState,
+    ClaimStore,
     Heartbeat,
     Holder,
     KeyState,
     StoredKey,
     Verdict,
-    claim_waiting,
     current_holder,
-    judge,
 )
 
 TABLE = "everreach_idempotency"
@@ -51,7 +50,7 @@ _COLUMNS = (
 )
 
 
-class PostgresIdempotencyStore:
+class PostgresIdempotencyStore(ClaimStore):
     """Claims of idempotency keys in one PostgreSQL table shared by every replica."""
 
     def __init__(
@@ -146,14 +145,7 @@ class PostgresIdempotencyStore:
             if row is None:
                 continue  # released between the two statements: try again
             record = StoredKey(*row)
-            verdict = judge(
-                record,
-                action,
-                params_hash,
-                me=self.holder,
-                lease_s=self._lease_s,
-                rerun_if_dead=rerun_if_dead,
-            )
+            verdict = self.judge(record, action, params_hash, rerun_if_dead)
             if isinstance(verdict, Claim):
                 await self._maybe_prune()
                 return verdict
@@ -181,20 +173,6 @@ class PostgresIdempotencyStore:
     def _took(self) -> Claim:
         self._heartbeat.held += 1
         return Claim(ClaimState.NEW)
-
-    async def wait(
-        self,
-        key: str,
-        action: str,
-        params_hash: str,
-        *,
-        timeout_s: float,
-        rerun_if_dead: bool = False,
-    ) -> Claim:
-        """Claim, waiting up to ``timeout_s`` while a live holder runs the key."""
-        return await claim_waiting(
-            self.claim, key, action, params_hash, timeout_s=timeout_s, rerun_if_dead=rerun_if_dead
-        )
 
     async def complete(self, key: str, status_code: int, body: Any) -> None:
         self._heartbeat.held -= 1
