@@ -381,8 +381,9 @@ class IdempotencyStore(ClaimStore):
         await self._db.run(
             lambda conn: conn.execute(
                 "UPDATE hybrid_idempotency SET state = 'done', status_code = ?, "
-                "response_json = ?, completed_at = ? WHERE key = ? AND state = 'running'",
-                (status_code, text, self._clock(), key),
+                "response_json = ?, completed_at = ? "
+                "WHERE key = ? AND state = 'running' AND holder = ?",
+                (status_code, text, self._clock(), key, self.holder.token),
             )
         )
 
@@ -396,12 +397,14 @@ class IdempotencyStore(ClaimStore):
         if ran:
             sql = (
                 "UPDATE hybrid_idempotency SET state = 'failed', holder = NULL, "
-                "completed_at = ? WHERE key = ? AND state = 'running'"
+                "completed_at = ? WHERE key = ? AND state = 'running' AND holder = ?"
             )
-            args: tuple[Any, ...] = (self._clock(), key)
+            args: tuple[Any, ...] = (self._clock(), key, self.holder.token)
         else:
-            sql = "DELETE FROM hybrid_idempotency WHERE key = ? AND state = 'running'"
-            args = (key,)
+            sql = (
+                "DELETE FROM hybrid_idempotency WHERE key = ? AND state = 'running' AND holder = ?"
+            )
+            args = (key, self.holder.token)
         await self._db.run(lambda conn: conn.execute(sql, args))
 
     async def lookup(self, key: str) -> KeyState:

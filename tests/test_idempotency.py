@@ -312,3 +312,19 @@ async def test_for_data_dir_uses_the_shared_hybrid_file(tmp_path: Path) -> None:
     finally:
         await store.close()
     assert (tmp_path / "hybrid.sqlite3").is_file()
+
+
+async def test_a_holder_that_lost_its_claim_cannot_overwrite_the_new_holders(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    stalled = await open_store(holder=_other_machine("a"))
+    survivor = await open_store(holder=_other_machine("b"))
+    await stalled.claim("k1", "system.echo", HASH_A)
+    clock.now += LEASE_S
+    assert (await survivor.claim("k1", "system.echo", HASH_A, True)).state is ClaimState.NEW
+    await stalled.complete("k1", 200, {"ok": True, "result": "late"})
+    await stalled.release("k1")
+    assert await survivor.lookup("k1") is KeyState.RUNNING
+    await survivor.complete("k1", 200, {"ok": True, "result": "mine"})
+    claim = await stalled.claim("k1", "system.echo", HASH_A)
+    assert claim.body == {"ok": True, "result": "mine"}
