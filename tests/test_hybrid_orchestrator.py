@@ -29,7 +29,7 @@ from errors import CloudUnavailable, Env, ErrorCode, InvalidParams, Source
 from hybrid_orchestrator import HybridOrchestrator
 from local_executor import LocalExecutor
 from offline_cache import OfflineCache
-from outbox import Outbox
+from outbox import Outbox, OutboxStatus
 from route_table import RouteTable
 from service_registry import ServiceRegistry
 
@@ -905,3 +905,18 @@ async def test_a_cached_cloud_result_is_served_when_the_cloud_dies(build: Build)
     assert first.source is Source.CLOUD
     assert second.source is Source.CACHE
     assert second.result == {"rank": 9}
+
+
+async def test_a_side_effect_the_cloud_says_may_have_run_is_parked_not_replayed(
+    build: Build,
+) -> None:
+    world = await build(local=("dm.send",))
+    world.cloud.answer(status(409, "indeterminate"))
+    envelope = await world.route("dm.send", {"to": "ann"})
+    assert envelope.queued is True and envelope.http_status == 202
+    assert "may have run" in (envelope.detail or "")
+    assert world.calls["dm.send"] == 0  # never run locally: it may have run in the cloud
+    assert await world.outbox.depth() == 0
+    (parked,) = await world.outbox.dead_letters()
+    assert parked.id == envelope.outbox_id and parked.status is OutboxStatus.INDETERMINATE
+    assert len(world.cloud.requests) == 1  # a definite answer: not retried
