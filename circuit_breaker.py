@@ -76,6 +76,13 @@ class CircuitBreaker:
             return 0.0
         return max(0.0, self.reset_after_s - (self._clock() - self._opened_at))
 
+    def try_now(self) -> None:
+        """Half-open an open circuit at once: the dependency answered a health probe, so let
+        the next call through as the trial instead of waiting out the cool-down."""
+        if self._opened_at is not None and self.state is BreakerState.OPEN:
+            self._opened_at = self._clock() - self.reset_after_s
+            self._trial_at = None
+
     def record_success(self) -> None:
         self._failures = 0
         self._opened_at = None

@@ -4,6 +4,8 @@
     everreach dispatch ACTION [-p key=value ...]   POST /dispatch, print the envelope
     everreach batch FILE.json|-                    many actions, bounded concurrency, progress bar
     everreach status | cost | outbox [--json]      GET /status as tables (or raw JSON)
+    everreach outbox retry ID|--all [--yes]        queue dead letters again (POST /outbox/ID/retry)
+    everreach outbox drop ID [--yes]               drop a dead letter or cancel a queued item
     everreach routes [--json]                      the route table; needs no server
 
 Exit codes (``ExitCode``): 0 ok; 1 the action failed or no server answered; 2 bad usage or bad
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from rich.console import Console, RenderableType
 from rich.progress import (
     BarColumn,
@@ -84,6 +87,12 @@ class Io:
 
     def say(self, message: str) -> None:
         print(f"everreach: {message}", file=self.err.file, flush=True)
+
+    def confirm(self, question: str) -> bool:
+        """Ask on stderr, read a yes from stdin; anything else (or no input) is no."""
+        print(f"everreach: {question} [y/N] ", end="", file=self.err.file, flush=True)
+        answer = sys.stdin.readline()
+        return answer.strip().lower() in ("y", "yes")
 
 
 # -- commands --------------------------------------------------------------------------------------
@@ -383,11 +392,70 @@ def cmd_cost(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
 
 
 def cmd_outbox(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
+    if args.outbox_command == "retry":
+        return _outbox_retry(args, config, io)
+    if args.outbox_command == "drop":
+        return _outbox_drop(args, config, io)
     status = fetch_status(_server(args, config, VIEW_TIMEOUT_S))
     if args.json:
         io.json({"outbox": status.get("outbox"), "dead_letters": status.get("dead_letters")})
     else:
         io.show(outbox_view(status))
+    return ExitCode.OK
+
+
+def _outbox_call(server: Server, method: str, path: str, body: Any = None) -> httpx.Response:
+    response = request(server, method, path, body)
+    if response.status_code == 401:
+        raise CliFailure(token_problem(server))
+    if response.status_code == 404:
+        raise CliFailure(str(json_body(response).get("detail") or f"{path}: not found"))
+    return response
+
+
+def _retry_one(server: Server, item_id: str, io: Io, *, yes: bool) -> None:
+    path = f"/outbox/{item_id}/retry"
+    response = _outbox_call(server, "POST", path, {})
+    body = json_body(response)
+    if response.status_code == 409 and body.get("error") == "indeterminate":
+        question = f"outbox item {item_id} may have run already; run it again?"
+        if not (yes or io.confirm(question)):
+            raise CliFailure(f"outbox item {item_id} left as it is", ExitCode.FAILED)
+        response = _outbox_call(server, "POST", path, {"rerun": True})
+        body = json_body(response)
+    if response.status_code != 200:
+        raise CliFailure(f"POST {path} answered HTTP {response.status_code}: {body}")
+    io.say(f"outbox item {item_id} ({body.get('action')}) is queued again")
+
+
+def _outbox_retry(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
+    server = _server(args, config, VIEW_TIMEOUT_S)
+    if args.all == bool(args.item_id):
+        raise CliFailure("give one outbox item ID, or --all", ExitCode.USAGE)
+    if args.item_id:
+        _retry_one(server, args.item_id, io, yes=args.yes)
+        return ExitCode.OK
+    dead = fetch_status(server).get("dead_letters") or []
+    may_have_run = [item["id"] for item in dead if item.get("indeterminate")]
+    for item in dead:
+        if not item.get("indeterminate"):
+            _retry_one(server, str(item["id"]), io, yes=False)
+    if may_have_run:
+        # Each of these may run twice: a person confirms them one by one.
+        io.say(
+            f"{len(may_have_run)} item(s) may have run already and were left as they are; "
+            f"retry each with: everreach outbox retry ID ({', '.join(may_have_run)})"
+        )
+    return ExitCode.OK
+
+
+def _outbox_drop(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
+    server = _server(args, config, VIEW_TIMEOUT_S)
+    question = f"drop outbox item {args.item_id}? it will never be sent"
+    if not (args.yes or io.confirm(question)):
+        raise CliFailure(f"outbox item {args.item_id} left as it is", ExitCode.FAILED)
+    body = json_body(_outbox_call(server, "DELETE", f"/outbox/{args.item_id}"))
+    io.say(f"outbox item {args.item_id} ({body.get('action')}) dropped")
     return ExitCode.OK
 
 
@@ -493,9 +561,11 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
         "everreach cost\n  everreach cost --json",
     ),
     "outbox": (
-        "pending depth and dead letters",
-        "Show the outbox: items waiting for the cloud, and dead letters with their errors.",
-        "everreach outbox\n  everreach outbox --json",
+        "pending depth and dead letters; retry, drop",
+        "Show the outbox: items waiting for the cloud, and dead letters with their errors; "
+        "retry or drop a dead letter, or cancel a queued item.",
+        "everreach outbox\n  everreach outbox retry 3f2a9c1e --yes\n"
+        "  everreach outbox drop 3f2a9c1e",
     ),
     "routes": (
         "the route table (no server)",
@@ -589,8 +659,26 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--no-progress", action="store_true", help="no progress bar")
     batch.set_defaults(handler=cmd_batch)
 
-    for name, handler in (("status", cmd_status), ("cost", cmd_cost), ("outbox", cmd_outbox)):
+    for name, handler in (("status", cmd_status), ("cost", cmd_cost)):
         _command(sub, name, [client, as_json]).set_defaults(handler=handler)
+    outbox = _command(sub, "outbox", [client, as_json])
+    outbox.set_defaults(handler=cmd_outbox, outbox_command=None)
+    outbox_sub = outbox.add_subparsers(dest="outbox_command", metavar="retry|drop")
+    yes = argparse.ArgumentParser(add_help=False)
+    yes.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    retry = outbox_sub.add_parser(
+        "retry",
+        parents=[client, yes],
+        help="queue a dead letter again (one that may have run asks first)",
+    )
+    retry.add_argument("item_id", nargs="?", metavar="ID", help="the outbox item's id")
+    retry.add_argument(
+        "--all", action="store_true", help="every dead letter but those that may have run"
+    )
+    drop = outbox_sub.add_parser(
+        "drop", parents=[client, yes], help="drop a dead letter, or cancel a queued item"
+    )
+    drop.add_argument("item_id", metavar="ID", help="the outbox item's id")
     routes = _command(sub, "routes", [as_json])
     routes.set_defaults(handler=cmd_routes)
     return parser

@@ -254,7 +254,8 @@ def outbox_view(status: Mapping[str, Any], now: datetime | None = None) -> list[
                 short_id(item.get("id")),
                 str(item.get("action")),
                 str(item.get("attempts")),
-                str(item.get("error")),
+                ("may have run: retry re-runs it, or drop; " if item.get("indeterminate") else "")
+                + str(item.get("error")),
             )
         parts.append(table)
     return parts

@@ -5,12 +5,14 @@ and an ``Idempotency-Key`` that stays the same across retries (and later outbox 
 the cloud runs the action at most once whatever happens on the wire.
 
 What is retried (up to ``retries`` times, backoff ``backoff_s`` * 3^n with ±10 % jitter,
-``Retry-After`` honoured): timeouts, 5xx, 429 and 409 (the same key still running). A refused
-connection gets one quick retry (``refused_retry_s``, ~0.2 s) and no more: it proves the request
-never ran, so the caller may fall back at once (local handler, outbox) instead of waiting 1+3+9 s
-for a cloud that is down; the connectivity checker and the breaker take it from there. Never
-retried: other 4xx, and a 5xx whose body says the handler itself raised — that is a definite
-answer, not a transient fault.
+``Retry-After`` honoured): timeouts, 5xx, 429 and 409 ``conflict`` (the same key still
+running; not with ``retry_busy=False``, and never counted against the cloud's breaker: a busy key
+says nothing about the cloud's health). A refused connection gets one quick retry
+(``refused_retry_s``, ~0.2 s) and no more: it proves the request never ran, so the caller may fall
+back at once (local handler, outbox) instead of waiting 1+3+9 s for a cloud that is down; the
+connectivity checker and the breaker take it from there. Never retried: other 4xx, 409
+``indeterminate`` (the key's holder died mid-handler: ``Indeterminate``), and a 5xx whose body
+says the handler itself raised — definite answers, not transient faults.
 
 Every failure says whether it *proves* the request never ran (``never_ran``): connection
 refused, connect or pool timeout, circuit open, 429, a params that cannot be sent at all (NaN,
@@ -46,7 +48,9 @@ from errors import (
     CostLimitExceeded,
     ErrorCode,
     HandlerError,
+    Indeterminate,
     InvalidParams,
+    KeyBusy,
     Source,
     Unauthorized,
     UnknownAction,
@@ -85,12 +89,18 @@ class _Retry(Exception):
     """One attempt failed transiently; carries the error to raise if it was the last."""
 
     def __init__(
-        self, error: ActionError, retry_after_s: float | None = None, *, refused: bool = False
+        self,
+        error: ActionError,
+        retry_after_s: float | None = None,
+        *,
+        refused: bool = False,
+        cloud_failed: bool = True,
     ) -> None:
         super().__init__(error.detail)
         self.error = error
         self.retry_after_s = retry_after_s
         self.refused = refused
+        self.cloud_failed = cloud_failed  # False: the cloud answered (a busy key), it is up
 
 
 class _Unsendable(Exception):
@@ -168,11 +178,14 @@ class CloudExecutor:
         *,
         request_id: str,
         cost_limit_usd: Decimal | None = None,
+        retry_busy: bool = True,
     ) -> CloudResult:
         """POST the action (retrying transient failures); raise an ``ActionError`` on failure.
 
         ``cost_limit_usd`` (the caller's reservation) goes out as ``Cost-Limit``; a cloud that
         prices the call higher refuses it with ``CostLimitExceeded`` before running anything.
+        ``retry_busy=False``: a key the cloud still runs raises ``KeyBusy`` at once (the outbox
+        replay moves on to other items instead of waiting).
         """
         url = self.routes.url(action)
         headers = {**self._auth, "Idempotency-Key": request_id}
@@ -219,9 +232,11 @@ class CloudExecutor:
             except _Retry as retry:
                 ambiguous = ambiguous or not retry.error.never_ran
                 refusals += retry.refused
-                self._record(False)
+                self._record(not retry.cloud_failed)
+                busy_final = isinstance(retry.error, KeyBusy) and not retry_busy
                 if (
-                    attempt > self.policy.retries
+                    busy_final
+                    or attempt > self.policy.retries
                     or refusals > 1
                     or self.breaker.state is BreakerState.OPEN
                 ):
@@ -285,11 +300,14 @@ class CloudExecutor:
                 _retry_after_s(response),
             )
         if status == 409:
+            if isinstance(body, dict) and body.get("error") == ErrorCode.INDETERMINATE.value:
+                raise Indeterminate(f"the cloud says this request may have run (409): {detail}")
             raise _Retry(
-                CloudUnavailable(
+                KeyBusy(
                     f"the cloud is still running this request (409): {detail}", never_ran=False
                 ),
                 _retry_after_s(response),
+                cloud_failed=False,
             )
         if status >= 500:
             code = body.get("error") if isinstance(body, dict) else None

@@ -11,11 +11,14 @@
         ├── Unauthorized                 401  unauthorized
         ├── CostCapReached               429  cost_cap_reached
         ├── CostLimitExceeded            402  cost_limit_exceeded (the call's price > Cost-Limit)
-        ├── StorageUnavailable           503  storage_unavailable (disk full, read-only DATA_DIR)
+        ├── StorageUnavailable           503  storage_unavailable (disk full, a store not answering)
         ├── CircuitOpen                  503  circuit_open
         ├── Offline                      503  offline
-        ├── CloudUnavailable             502  cloud_unavailable (5xx, refused, bad answer)
-        └── CloudTimeout                 504  timeout
+        ├── NotFound                     404  not_found (no such outbox item)
+        ├── Indeterminate                409  indeterminate (a dead process may have run the key)
+        └── CloudUnavailable             502  cloud_unavailable (5xx, refused, bad answer)
+            ├── CloudTimeout             504  timeout
+            └── KeyBusy                  409  conflict (another call still runs this key)
 
 Expected outcomes (served from cache, queued in the outbox, local fallback) are values in the
 result envelope; these exceptions are faults, turned into envelopes and HTTP statuses at the edge.
@@ -59,6 +62,9 @@ class ErrorCode(StrEnum):
     CIRCUIT_OPEN = "circuit_open"
     UNAUTHORIZED = "unauthorized"
     COST_LIMIT_EXCEEDED = "cost_limit_exceeded"
+    CONFLICT = "conflict"
+    INDETERMINATE = "indeterminate"
+    NOT_FOUND = "not_found"
     STORAGE_UNAVAILABLE = "storage_unavailable"
 
 
@@ -142,10 +148,12 @@ class CostLimitExceeded(ActionError):
 
 
 class StorageUnavailable(ActionError):
-    """Local storage refused a write (disk full, read-only or vanished DATA_DIR); no handler ran."""
+    """A durable store refused a write or did not answer (disk full, read-only DATA_DIR, the
+    idempotency database down); no handler ran."""
 
     code = ErrorCode.STORAGE_UNAVAILABLE
     http_status = 503
+    NEVER_RAN = True
 
 
 def storage_fault(exc: BaseException) -> StorageUnavailable | None:
@@ -188,6 +196,24 @@ class Offline(ActionError):
     NEVER_RAN = True
 
 
+class NotFound(ActionError):
+    """No such item (an outbox id that is not, or no longer, there)."""
+
+    code = ErrorCode.NOT_FOUND
+    http_status = 404
+    NEVER_RAN = True
+
+
+class Indeterminate(ActionError):
+    """A process that held this idempotency key died mid-handler: the action may have run.
+
+    Never re-run silently: a person retries it (with a fresh key) or drops it.
+    """
+
+    code = ErrorCode.INDETERMINATE
+    http_status = 409
+
+
 class CloudUnavailable(ActionError):
     """The cloud failed: 5xx after retries, connection refused, or an unusable answer.
 
@@ -205,6 +231,13 @@ class CloudTimeout(CloudUnavailable):
     http_status = 504
 
 
+class KeyBusy(CloudUnavailable):
+    """Another call still runs this idempotency key: ask again later (``Retry-After``)."""
+
+    code = ErrorCode.CONFLICT
+    http_status = 409
+
+
 HTTP_STATUS_BY_CODE: dict[ErrorCode, int] = {
     cls.code: cls.http_status
     for cls in (
@@ -219,5 +252,9 @@ HTTP_STATUS_BY_CODE: dict[ErrorCode, int] = {
         Offline,
         CloudUnavailable,
         CloudTimeout,
+        KeyBusy,
+        Indeterminate,
+        NotFound,
+        StorageUnavailable,
     )
 }

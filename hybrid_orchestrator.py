@@ -32,7 +32,9 @@ from errors import (
     CostLimitExceeded,
     Env,
     HandlerError,
+    Indeterminate,
     InvalidParams,
+    KeyBusy,
     Offline,
     Source,
     Unauthorized,
@@ -41,13 +43,13 @@ from errors import (
 )
 from local_executor import LocalExecutor
 from route_table import Fallback, Preferred, Route, RouteTable
-from service_registry import check_action_name
+from service_registry import check_action_name, idempotency_key_scope
 
 if TYPE_CHECKING:
     from cloud_executor import CloudExecutor, CloudResult
     from config.hybrid_config import HybridConfig
     from connectivity_check import ConnectivityChecker
-    from cost_guard import CostGuard
+    from cost_guard import CostGuard, Spend
     from cost_rates import CostRates
     from offline_cache import OfflineCache
     from outbox import Outbox
@@ -140,17 +142,20 @@ class HybridOrchestrator:
         request_id = request_id or new_request_id()
         params = {} if params is None else params
         try:
-            check_action_name(action)
-            if not isinstance(params, dict):
-                raise InvalidParams(f"params must be a JSON object; got {type(params).__name__}")
-            route = self.route_table.get(action)
-            env, triggered = self._plan(action, force_env, route)
-            if env is Env.LOCAL:
-                envelope = await self._run_local(action, params, request_id, route, force_env)
-            else:
-                envelope = await self._run_cloud(action, params, request_id, route, force_env)
-            envelope.cost_guard_triggered = envelope.cost_guard_triggered or triggered
-            envelope.env = env
+            with idempotency_key_scope(request_id):  # handlers read current_idempotency_key()
+                check_action_name(action)
+                if not isinstance(params, dict):
+                    raise InvalidParams(
+                        f"params must be a JSON object; got {type(params).__name__}"
+                    )
+                route = self.route_table.get(action)
+                env, triggered = self._plan(action, force_env, route)
+                if env is Env.LOCAL:
+                    envelope = await self._run_local(action, params, request_id, route, force_env)
+                else:
+                    envelope = await self._run_cloud(action, params, request_id, route, force_env)
+                envelope.cost_guard_triggered = envelope.cost_guard_triggered or triggered
+                envelope.env = env
         except ActionError as exc:
             envelope = Envelope.failure(action, exc, source=None, request_id=request_id)
         except Exception as exc:
@@ -266,7 +271,7 @@ class HybridOrchestrator:
         return self.rates.rate(action) if self.rates is not None else Decimal(0)
 
     async def _call_cloud(
-        self, action: str, params: dict[str, Any], request_id: str
+        self, action: str, params: dict[str, Any], request_id: str, *, retry_busy: bool = True
     ) -> tuple[CloudResult, Decimal]:
         """One cloud call inside the cost cap: (its result, what it cost).
 
@@ -277,23 +282,43 @@ class HybridOrchestrator:
         assert self.cloud is not None
         estimate = self._rate(action)
         if self.cost_guard is None:
-            done = await self.cloud.call(action, params, request_id=request_id)
+            done = await self.cloud.call(
+                action, params, request_id=request_id, retry_busy=retry_busy
+            )
             return done, done.cost_usd if done.cost_usd is not None else estimate
         async with self.cost_guard.spend(action, estimate, request_id) as spend:
             try:
-                done = await self.cloud.call(
-                    action, params, request_id=request_id, cost_limit_usd=spend.limit_usd
-                )
+                done = await self._cloud_call(action, params, request_id, spend, retry_busy)
             except CostLimitExceeded as exc:
                 # The cloud prices it higher and ran nothing: reserve its price (if the cap
                 # allows; else CostCapReached) and ask once more, within that new limit.
                 await spend.reprice(exc.price_usd)
-                done = await self.cloud.call(
-                    action, params, request_id=request_id, cost_limit_usd=spend.limit_usd
-                )
+                done = await self._cloud_call(action, params, request_id, spend, retry_busy)
             cost = done.cost_usd if done.cost_usd is not None else spend.limit_usd
             spend.ran(cost)
         return done, cost
+
+    async def _cloud_call(
+        self,
+        action: str,
+        params: dict[str, Any],
+        request_id: str,
+        spend: Spend,
+        retry_busy: bool,
+    ) -> CloudResult:
+        assert self.cloud is not None
+        try:
+            return await self.cloud.call(
+                action,
+                params,
+                request_id=request_id,
+                cost_limit_usd=spend.limit_usd,
+                retry_busy=retry_busy,
+            )
+        except (KeyBusy, Indeterminate):
+            # The key's first call holds (or held) its own reservation; this ask ran nothing.
+            await spend.settle(never_ran=True)
+            raise
 
     # -- when the cloud cannot be used ----------------------------------------------------------
 
@@ -355,6 +380,11 @@ class HybridOrchestrator:
                 )
         if route.side_effect and self.outbox is not None and not isinstance(exc, _DEFINITE):
             item = await self.outbox.enqueue(action, params, request_id)
+            then = "queued and sent to the cloud once it answers"
+            if isinstance(exc, Indeterminate):
+                # Kept for a person to retry or drop: replaying the key would never run it.
+                await self.outbox.park(item.id, f"{exc.code.value}: {exc.detail}")
+                then = "parked in the outbox as 'may have run' for a person to retry or drop"
             return Envelope(
                 ok=False,
                 action=action,
@@ -363,7 +393,7 @@ class HybridOrchestrator:
                 attempts=exc.attempts,
                 queued=True,
                 outbox_id=item.id,
-                detail=f"{exc.detail}; queued and sent to the cloud once it answers",
+                detail=f"{exc.detail}; {then}",
             )
         failed = Envelope.failure(action, exc, source=Source.CLOUD, request_id=request_id)
         if not route.side_effect and self.cache is not None:
@@ -392,7 +422,7 @@ class HybridOrchestrator:
         """Send one outbox item to the cloud with its original key, inside the cost cap."""
         if self.cloud is None:
             raise CloudUnavailable("no cloud is configured", never_ran=True)
-        done, _ = await self._call_cloud(action, params, key)
+        done, _ = await self._call_cloud(action, params, key, retry_busy=False)
         return done.result
 
     # -- background work ------------------------------------------------------------------------

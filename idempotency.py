@@ -4,27 +4,48 @@ A key is *claimed* before the handler runs and *completed* with the answer after
 
 - the same key again returns the stored answer without running the handler a second time;
 - the same key with another action or other params is refused (422): it is a client bug;
-- the same key while the first call still runs waits for it, then answers 409 if it is slow.
+- the same key while the first call still runs waits for it briefly, then answers 409.
+
+A claim belongs to its holder: this process, named by where its process id is meaningful (the
+kernel's boot id and pid namespace), its pid and its start time. A claim whose holder is gone
+— a restarted process sees at once that its previous life is dead; another machine sees the
+holder's heartbeat stop for ``lease_s`` — is *indeterminate*: the handler may or may not have
+acted. It is never re-run silently: ``claim(..., rerun_if_dead=True)`` takes it over (for
+actions the route table marks idempotent); otherwise the claim answers ``INDETERMINATE``.
 
 A handler that fails releases its claim, so the caller's retry may run it again (a failure
-changed nothing the caller can rely on). A claim left ``running`` by a crashed process is taken
-over after ``lease_s``. Completed keys are kept ``keep_s`` (7 days), longer than any outbox
-replay waits.
+changed nothing the caller can rely on). Completed keys are kept ``keep_s`` (7 days), longer
+than any outbox replay waits.
+
+Stores: ``IdempotencyStore`` (SQLite, one instance), ``RedisIdempotencyStore`` (the SQLite
+record first, Redis only to share claims with other replicas while it keeps its data) and
+``PostgresIdempotencyStore`` in ``idempotency_pg`` (shared by every replica).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+import os
 import sqlite3
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from sqlite_file import HYBRID_DB_FILENAME, SqliteFile, Synchronous, transaction
+
+log = logging.getLogger(__name__)
+
+# A holder renews its claims every LEASE_S / 3; a claim not renewed for LEASE_S is dead.
+LEASE_S = 15.0
+KEEP_S = 7 * 86400.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS hybrid_idempotency (
@@ -39,13 +60,34 @@ CREATE TABLE IF NOT EXISTS hybrid_idempotency (
 );
 CREATE INDEX IF NOT EXISTS hybrid_idempotency_completed ON hybrid_idempotency (completed_at);
 """
+# Columns added after the first release: added to an existing file by open().
+_ADDED_COLUMNS = {"holder": "TEXT", "heartbeat_at": "REAL"}
 
 
 class ClaimState(StrEnum):
     NEW = "new"  # the caller owns the key now: run the handler, then complete() or release()
     DONE = "done"  # a stored answer: return it
-    RUNNING = "running"  # another call holds the key
+    RUNNING = "running"  # a live holder runs the key
     MISMATCH = "mismatch"  # the key was used for another action or other params
+    INDETERMINATE = "indeterminate"  # a dead holder may have run it: a person decides
+
+
+class KeyState(StrEnum):
+    """What ``lookup()`` knows of a key (the answer of ``GET /api/idempotency/{key}``)."""
+
+    UNKNOWN = "unknown"  # no handler ever ran this key here
+    RUNNING = "running"  # a live holder runs it now
+    DONE = "done"  # a handler ran it to its end (answer stored, or it failed and was released)
+    INDETERMINATE = "indeterminate"  # its holder died mid-handler: it may have run
+
+
+class _Row(StrEnum):
+    """The ``state`` column."""
+
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"  # the handler failed: free for a retry, but it did run
+    INDETERMINATE = "indeterminate"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,39 +97,213 @@ class Claim:
     body: Any = None
 
 
-async def _claim_waiting(
-    claim: Callable[[str, str, str], Awaitable[Claim]],
-    key: str,
+# -- who holds a claim ---------------------------------------------------------------------------
+
+
+def _proc_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (clock ticks since boot), or None if it is not there."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the command name (which may hold spaces) start at field 3; starttime is 22.
+    fields = stat.rpartition(")")[2].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """The process that holds a claim: where its pid means something, its pid, its start."""
+
+    node: str
+    pid: int
+    start: str
+
+    @property
+    def token(self) -> str:
+        return f"{self.node}/{self.pid}/{self.start}"
+
+    @classmethod
+    def parse(cls, token: str | None) -> Holder | None:
+        node, _, rest = (token or "").partition("/")
+        pid, _, start = rest.partition("/")
+        return cls(node, int(pid), start) if node and pid.isdigit() and start else None
+
+    def outlived_by(self, me: Holder) -> bool:
+        """Is this holder known dead? Only provable for a process whose pid ``me`` can see."""
+        if self.node != me.node or self == me:
+            return False
+        return _proc_start(self.pid) != self.start
+
+
+@cache
+def current_holder() -> Holder:
+    """This process as a claim holder."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        node = f"{boot}:{os.readlink('/proc/self/ns/pid')}"
+        start = _proc_start(os.getpid())
+    except OSError:
+        node, start = "", None
+    if not node or start is None:
+        # No /proc: a node nobody else has, so only the heartbeat tells this holder's death.
+        return Holder(f"n{uuid.uuid4().hex}", os.getpid(), str(time.time_ns()))
+    return Holder(node, os.getpid(), start)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredKey:
+    """One stored key, as every store reads it."""
+
+    action: str
+    params_hash: str
+    state: str
+    status_code: int | None
+    response_json: str | None
+    holder: str | None
+    heartbeat_age_s: float
+
+    def alive(self, me: Holder, lease_s: float) -> bool:
+        if self.holder == me.token:
+            return True
+        holder = Holder.parse(self.holder)
+        dead = holder is None or holder.outlived_by(me) or self.heartbeat_age_s >= lease_s
+        return not dead
+
+    def key_state(self, me: Holder, lease_s: float) -> KeyState:
+        if self.state in (_Row.DONE, _Row.FAILED):
+            return KeyState.DONE
+        if self.state == _Row.RUNNING and self.alive(me, lease_s):
+            return KeyState.RUNNING
+        return KeyState.INDETERMINATE
+
+
+class Verdict(StrEnum):
+    TAKE = "take"  # take the key over (conditionally on its holder): NEW
+    PARK = "park"  # mark it indeterminate (conditionally on its holder): INDETERMINATE
+
+
+def judge(
+    record: StoredKey,
     action: str,
     params_hash: str,
-    timeout_s: float,
-) -> Claim:
-    """Claim, polling with backoff while another call holds the key, up to ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    delay_s = 0.02
-    while True:
-        result = await claim(key, action, params_hash)
-        if result.state is not ClaimState.RUNNING or time.monotonic() >= deadline:
-            return result
-        await asyncio.sleep(delay_s)
-        delay_s = min(delay_s * 2, 0.5)
+    *,
+    me: Holder,
+    lease_s: float,
+    rerun_if_dead: bool,
+) -> Claim | Verdict:
+    """What a claim of an existing key gets: an answer, or a conditional write to make."""
+    if record.state == _Row.FAILED:
+        return Verdict.TAKE
+    if record.action != action or record.params_hash != params_hash:
+        return Claim(ClaimState.MISMATCH)
+    if record.state == _Row.DONE:
+        body = json.loads(record.response_json) if record.response_json else None
+        return Claim(ClaimState.DONE, record.status_code, body)
+    if record.state == _Row.RUNNING and record.alive(me, lease_s):
+        return Claim(ClaimState.RUNNING)
+    if rerun_if_dead:
+        return Verdict.TAKE
+    if record.state == _Row.RUNNING:
+        return Verdict.PARK
+    return Claim(ClaimState.INDETERMINATE)
 
 
-class IdempotencyStore:
-    """Claims, answers and releases of idempotency keys."""
+class ClaimStore:
+    """What every store shares: ``wait()`` on top of its own ``claim()``, and the verdict."""
+
+    holder: Holder
+    _lease_s: float
+
+    def judge(
+        self, record: StoredKey, action: str, params_hash: str, rerun_if_dead: bool
+    ) -> Claim | Verdict:
+        return judge(
+            record,
+            action,
+            params_hash,
+            me=self.holder,
+            lease_s=self._lease_s,
+            rerun_if_dead=rerun_if_dead,
+        )
+
+    async def claim(
+        self, key: str, action: str, params_hash: str, rerun_if_dead: bool = False
+    ) -> Claim:
+        raise NotImplementedError
+
+    async def wait(
+        self,
+        key: str,
+        action: str,
+        params_hash: str,
+        *,
+        timeout_s: float,
+        rerun_if_dead: bool = False,
+    ) -> Claim:
+        """Claim, polling with backoff while a live holder runs the key, up to ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        delay_s = 0.02
+        while True:
+            result = await self.claim(key, action, params_hash, rerun_if_dead)
+            if result.state is not ClaimState.RUNNING or time.monotonic() >= deadline:
+                return result
+            await asyncio.sleep(min(delay_s, max(0.0, deadline - time.monotonic())))
+            delay_s = min(delay_s * 2, 0.5)
+
+
+class Heartbeat:
+    """Renew this holder's running claims every ``lease_s / 3`` while any is held."""
+
+    def __init__(self, beat: Callable[[], Awaitable[None]], lease_s: float) -> None:
+        self._beat = beat
+        self._interval_s = lease_s / 3
+        self.held = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._loop())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            if self.held <= 0:
+                continue
+            try:
+                await self._beat()
+            except Exception:
+                log.exception("renewing idempotency claims failed")
+
+
+# -- SQLite: one instance's durable record -------------------------------------------------------
+
+
+class IdempotencyStore(ClaimStore):
+    """Claims, answers and releases of idempotency keys in this instance's SQLite file."""
 
     def __init__(
         self,
         path: Path,
         *,
-        lease_s: float = 600.0,
-        keep_s: float = 7 * 86400.0,
+        lease_s: float = LEASE_S,
+        keep_s: float = KEEP_S,
         clock: Callable[[], float] = time.time,
+        holder: Holder | None = None,
     ) -> None:
         self._db = SqliteFile(path, synchronous=Synchronous.FULL, name="idempotency")
         self._lease_s = lease_s
         self._keep_s = keep_s
         self._clock = clock
+        self.holder = holder or current_holder()
+        self._heartbeat = Heartbeat(self.renew, lease_s)
         self._last_prune = 0.0
 
     @classmethod
@@ -97,63 +313,121 @@ class IdempotencyStore:
     async def open(self) -> None:
         await self._db.open(_SCHEMA)
 
+        def add_columns(conn: sqlite3.Connection) -> None:
+            have = {row[1] for row in conn.execute("PRAGMA table_info(hybrid_idempotency)")}
+            for name, kind in _ADDED_COLUMNS.items():
+                if name not in have:
+                    conn.execute(f"ALTER TABLE hybrid_idempotency ADD COLUMN {name} {kind}")
+
+        await self._db.run(lambda conn: transaction(conn, add_columns))
+        self._heartbeat.start()
+
     async def close(self) -> None:
+        await self._heartbeat.stop()
         await self._db.close()
 
-    async def claim(self, key: str, action: str, params_hash: str) -> Claim:
+    async def claim(
+        self, key: str, action: str, params_hash: str, rerun_if_dead: bool = False
+    ) -> Claim:
         """Claim ``key`` for this call, or say why not."""
         now = self._clock()
+        me = self.holder.token
 
         def work(conn: sqlite3.Connection) -> Claim:
             row = conn.execute(
-                "SELECT action, params_hash, state, status_code, response_json, claimed_at "
-                "FROM hybrid_idempotency WHERE key = ?",
+                "SELECT action, params_hash, state, status_code, response_json, holder, "
+                "heartbeat_at, claimed_at FROM hybrid_idempotency WHERE key = ?",
                 (key,),
             ).fetchone()
             if row is None:
                 conn.execute(
-                    "INSERT INTO hybrid_idempotency (key, action, params_hash, state, claimed_at) "
-                    "VALUES (?, ?, ?, 'running', ?)",
-                    (key, action, params_hash, now),
+                    "INSERT INTO hybrid_idempotency (key, action, params_hash, state, holder, "
+                    "claimed_at, heartbeat_at) VALUES (?, ?, ?, 'running', ?, ?, ?)",
+                    (key, action, params_hash, me, now, now),
                 )
                 return Claim(ClaimState.NEW)
-            if row[0] != action or row[1] != params_hash:
-                return Claim(ClaimState.MISMATCH)
-            if row[2] == "done":
-                return Claim(ClaimState.DONE, row[3], json.loads(row[4]))
-            if now - row[5] >= self._lease_s:
+            beat = row[6] if row[6] is not None else row[7]
+            record = StoredKey(row[0], row[1], row[2], row[3], row[4], row[5], now - beat)
+            verdict = self.judge(record, action, params_hash, rerun_if_dead)
+            if verdict is Verdict.TAKE:
                 conn.execute(
-                    "UPDATE hybrid_idempotency SET claimed_at = ? WHERE key = ?", (now, key)
+                    "UPDATE hybrid_idempotency SET action = ?, params_hash = ?, "
+                    "state = 'running', holder = ?, claimed_at = ?, heartbeat_at = ?, "
+                    "status_code = NULL, response_json = NULL, completed_at = NULL WHERE key = ?",
+                    (action, params_hash, me, now, now, key),
                 )
                 return Claim(ClaimState.NEW)
-            return Claim(ClaimState.RUNNING)
+            if verdict is Verdict.PARK:
+                conn.execute(
+                    "UPDATE hybrid_idempotency SET state = 'indeterminate', completed_at = ? "
+                    "WHERE key = ?",
+                    (now, key),
+                )
+                return Claim(ClaimState.INDETERMINATE)
+            return verdict
 
         claim = await self._db.run(lambda conn: transaction(conn, work))
+        if claim.state is ClaimState.NEW:
+            self._heartbeat.held += 1
         if now - self._last_prune > 3600:
             self._last_prune = now
             await self._prune(now)
         return claim
 
-    async def wait(self, key: str, action: str, params_hash: str, *, timeout_s: float) -> Claim:
-        """Claim, waiting up to ``timeout_s`` while another call holds the key."""
-        return await _claim_waiting(self.claim, key, action, params_hash, timeout_s)
-
     async def complete(self, key: str, status_code: int, body: Any) -> None:
         """Store the answer of a successful call under ``key``."""
         text = json.dumps(body)
+        self._heartbeat.held -= 1
         await self._db.run(
             lambda conn: conn.execute(
                 "UPDATE hybrid_idempotency SET state = 'done', status_code = ?, "
-                "response_json = ?, completed_at = ? WHERE key = ?",
-                (status_code, text, self._clock(), key),
+                "response_json = ?, completed_at = ? "
+                "WHERE key = ? AND state = 'running' AND holder = ?",
+                (status_code, text, self._clock(), key, self.holder.token),
             )
         )
 
-    async def release(self, key: str) -> None:
-        """Forget a claim whose call failed, so a retry may run it again."""
+    async def release(self, key: str, *, ran: bool = True) -> None:
+        """Free a claim whose call failed, so a retry may run it again.
+
+        ``ran=False`` (the handler was never reached) forgets the key; otherwise the key stays
+        known as having run (``lookup()`` says ``done``) but free to claim.
+        """
+        self._heartbeat.held -= 1
+        if ran:
+            sql = (
+                "UPDATE hybrid_idempotency SET state = 'failed', holder = NULL, "
+                "completed_at = ? WHERE key = ? AND state = 'running' AND holder = ?"
+            )
+            args: tuple[Any, ...] = (self._clock(), key, self.holder.token)
+        else:
+            sql = (
+                "DELETE FROM hybrid_idempotency WHERE key = ? AND state = 'running' AND holder = ?"
+            )
+            args = (key, self.holder.token)
+        await self._db.run(lambda conn: conn.execute(sql, args))
+
+    async def lookup(self, key: str) -> KeyState:
+        """Whether a handler here ever ran ``key``, runs it now, or may have run it."""
+        now = self._clock()
+        row = await self._db.run(
+            lambda conn: conn.execute(
+                "SELECT action, params_hash, state, status_code, NULL, holder, "
+                "coalesce(heartbeat_at, claimed_at) FROM hybrid_idempotency WHERE key = ?",
+                (key,),
+            ).fetchone()
+        )
+        if row is None:
+            return KeyState.UNKNOWN
+        record = StoredKey(row[0], row[1], row[2], row[3], row[4], row[5], now - row[6])
+        return record.key_state(self.holder, self._lease_s)
+
+    async def renew(self) -> None:
         await self._db.run(
             lambda conn: conn.execute(
-                "DELETE FROM hybrid_idempotency WHERE key = ? AND state = 'running'", (key,)
+                "UPDATE hybrid_idempotency SET heartbeat_at = ? "
+                "WHERE holder = ? AND state = 'running'",
+                (self._clock(), self.holder.token),
             )
         )
 
@@ -167,123 +441,201 @@ class IdempotencyStore:
         cutoff = now - self._keep_s
         await self._db.run(
             lambda conn: conn.execute(
-                "DELETE FROM hybrid_idempotency WHERE state = 'done' AND completed_at < ?",
+                "DELETE FROM hybrid_idempotency WHERE state != 'running' AND completed_at < ?",
                 (cutoff,),
             )
         )
 
 
-_RELEASE_IF_RUNNING = """
-local value = redis.call('GET', KEYS[1])
-if value and cjson.decode(value)['state'] == 'running' then
-  return redis.call('DEL', KEYS[1])
+# -- Redis: share claims between replicas, on top of the durable record --------------------------
+
+# Replace the record at KEYS[1] if it is absent or held by ARGV[1]; ARGV[2] is the new record
+# ('' deletes), ARGV[3] its time to live in seconds.
+_SWAP_IF_HOLDER = """
+local raw = redis.call('GET', KEYS[1])
+if raw then
+  local ok, rec = pcall(cjson.decode, raw)
+  if ok and rec['holder'] ~= ARGV[1] then return 0 end
 end
-return 0
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+end
+return 1
 """
 
 
-class RedisIdempotencyStore:
-    """The same claims in Redis, shared by every replica (DESIGN.md §10).
+class RedisIdempotencyStore(ClaimStore):
+    """This instance's SQLite record first; Redis shares claims with the other replicas.
 
-    A claim is ``SET key NX PX lease``: the expiry is the lease, so a crashed holder's claim
-    lapses by itself. When Redis does not answer, calls fall back to this instance's SQLite
-    store (``fallback``): one instance never runs a key twice; replicas may, during the outage.
+    Every claim consults the durable SQLite record, so a Redis that restarts empty (or a key
+    claimed while Redis was down) never makes this instance run a key twice. Redis adds the
+    other replicas' claims while it keeps its data: when it loses them, replicas no longer see
+    each other's keys — several replicas that must never run a key twice need PostgreSQL.
     """
 
     def __init__(
         self,
         redis_url: str,
-        fallback: IdempotencyStore,
+        durable: IdempotencyStore,
         *,
-        lease_s: float = 600.0,
-        keep_s: float = 7 * 86400.0,
+        lease_s: float = LEASE_S,
+        keep_s: float = KEEP_S,
         prefix: str = "everreach:idem:",
         socket_timeout_s: float = 2.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._url = redis_url
-        self._fallback = fallback
-        self._lease_ms = int(lease_s * 1000)
+        self._durable = durable
+        self.holder = durable.holder
+        self._lease_s = lease_s
         self._keep_s = int(keep_s)
         self._prefix = prefix
         self._timeout_s = socket_timeout_s
+        self._clock = clock
         self._redis: Any = None
-        self._local_keys: set[str] = set()  # claims taken in the fallback while Redis was down
+        self._held: dict[str, dict[str, Any]] = {}  # running records this process wrote
+        self._heartbeat = Heartbeat(self.renew, lease_s)
 
     async def open(self) -> None:
         import redis.asyncio as aioredis
 
-        await self._fallback.open()
+        await self._durable.open()
         self._redis = aioredis.Redis.from_url(
             self._url,
             socket_timeout=self._timeout_s,
             socket_connect_timeout=self._timeout_s,
             decode_responses=True,
         )
+        self._heartbeat.start()
 
     async def close(self) -> None:
+        await self._heartbeat.stop()
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
-        await self._fallback.close()
+        await self._durable.close()
 
-    async def claim(self, key: str, action: str, params_hash: str) -> Claim:
+    async def claim(
+        self, key: str, action: str, params_hash: str, rerun_if_dead: bool = False
+    ) -> Claim:
         import redis
 
-        record = json.dumps({"state": "running", "action": action, "params_hash": params_hash})
+        claim = await self._durable.claim(key, action, params_hash, rerun_if_dead)
+        if claim.state is not ClaimState.NEW:
+            return claim
         try:
-            if await self._redis.set(self._prefix + key, record, nx=True, px=self._lease_ms):
+            shared = await self._shared_claim(key, action, params_hash, rerun_if_dead)
+        except (redis.RedisError, OSError):
+            return claim  # Redis down: this instance's durable record is the guarantee
+        if shared.state is not ClaimState.NEW:
+            await self._durable.release(key, ran=False)  # another replica has the key
+        return shared
+
+    async def _shared_claim(
+        self, key: str, action: str, params_hash: str, rerun_if_dead: bool
+    ) -> Claim:
+        record = self._record("running", action, params_hash, self.holder.token)
+        for _ in range(3):
+            if await self._redis.set(
+                self._prefix + key, json.dumps(record), nx=True, ex=self._keep_s
+            ):
+                self._hold(key, record)
                 return Claim(ClaimState.NEW)
             raw = await self._redis.get(self._prefix + key)
-        except (redis.RedisError, OSError):
-            self._local_keys.add(key)
-            return await self._fallback.claim(key, action, params_hash)
-        if raw is None:  # expired between SET and GET: try once more
-            return await self.claim(key, action, params_hash)
-        stored = json.loads(raw)
-        if stored.get("action") != action or stored.get("params_hash") != params_hash:
-            return Claim(ClaimState.MISMATCH)
-        if stored.get("state") == "done":
-            return Claim(ClaimState.DONE, stored.get("status_code"), stored.get("body"))
+            if raw is None:
+                continue
+            stored = _redis_record(raw, self._clock())
+            verdict = self.judge(stored, action, params_hash, rerun_if_dead)
+            if isinstance(verdict, Claim):
+                return verdict
+            if verdict is Verdict.TAKE:
+                if await self._swap(key, stored.holder or "", record):
+                    self._hold(key, record)
+                    return Claim(ClaimState.NEW)
+                continue
+            parked = self._record("indeterminate", action, params_hash, stored.holder or "")
+            await self._swap(key, stored.holder or "", parked)
+            return Claim(ClaimState.INDETERMINATE)
         return Claim(ClaimState.RUNNING)
 
-    async def wait(self, key: str, action: str, params_hash: str, *, timeout_s: float) -> Claim:
-        """Claim, waiting up to ``timeout_s`` while another call holds the key."""
-        return await _claim_waiting(self.claim, key, action, params_hash, timeout_s)
+    def _record(self, state: str, action: str | None, params_hash: str | None, holder: str):
+        return {
+            "state": state,
+            "action": action,
+            "params_hash": params_hash,
+            "holder": holder,
+            "beat": self._clock(),
+        }
+
+    def _hold(self, key: str, record: dict[str, Any]) -> None:
+        self._held[key] = record
+        self._heartbeat.held = len(self._held)
+
+    async def _swap(self, key: str, holder: str, record: dict[str, Any] | None) -> bool:
+        new = json.dumps(record) if record is not None else ""
+        done = await self._redis.eval(
+            _SWAP_IF_HOLDER, 1, self._prefix + key, holder, new, self._keep_s
+        )
+        return bool(done)
+
+    async def _finish(self, key: str, record: dict[str, Any] | None) -> None:
+        import redis
+
+        held = self._held.pop(key, None)
+        self._heartbeat.held = len(self._held)
+        if held is None:
+            return
+        if record is not None:
+            record.update(action=held["action"], params_hash=held["params_hash"])
+        try:
+            await self._swap(key, self.holder.token, record)
+        except (redis.RedisError, OSError):
+            log.warning("idempotency key %s: Redis did not take its outcome", key)
 
     async def complete(self, key: str, status_code: int, body: Any) -> None:
+        await self._durable.complete(key, status_code, body)
+        done = self._record("done", None, None, "")
+        done.update(status_code=status_code, body=body)
+        await self._finish(key, done)
+
+    async def release(self, key: str, *, ran: bool = True) -> None:
+        await self._durable.release(key, ran=ran)
+        await self._finish(key, self._record("failed", None, None, "") if ran else None)
+
+    async def lookup(self, key: str) -> KeyState:
         import redis
 
-        if key in self._local_keys:
-            self._local_keys.discard(key)
-            await self._fallback.complete(key, status_code, body)
-            return
+        state = await self._durable.lookup(key)
+        if state is not KeyState.UNKNOWN:
+            return state
         try:
             raw = await self._redis.get(self._prefix + key)
-            stored = json.loads(raw) if raw else {}
-            record = json.dumps(
-                {
-                    "state": "done",
-                    "action": stored.get("action"),
-                    "params_hash": stored.get("params_hash"),
-                    "status_code": status_code,
-                    "body": body,
-                }
-            )
-            await self._redis.set(self._prefix + key, record, ex=self._keep_s)
         except (redis.RedisError, OSError):
-            await self._fallback.complete(key, status_code, body)
+            return state
+        if raw is None:
+            return state
+        return _redis_record(raw, self._clock()).key_state(self.holder, self._lease_s)
 
-    async def release(self, key: str) -> None:
-        import redis
-
-        if key in self._local_keys:
-            self._local_keys.discard(key)
-            await self._fallback.release(key)
-            return
-        try:
-            await self._redis.eval(_RELEASE_IF_RUNNING, 1, self._prefix + key)
-        except (redis.RedisError, OSError):
-            await self._fallback.release(key)
+    async def renew(self) -> None:
+        for key, record in list(self._held.items()):
+            record["beat"] = self._clock()
+            await self._swap(key, self.holder.token, record)
 
     async def size(self) -> int:
-        return await self._fallback.size()
+        return await self._durable.size()
+
+
+def _redis_record(raw: str, now: float) -> StoredKey:
+    stored = json.loads(raw)
+    body = stored.get("body")
+    return StoredKey(
+        action=stored.get("action") or "",
+        params_hash=stored.get("params_hash") or "",
+        state=stored.get("state") or _Row.RUNNING,
+        status_code=stored.get("status_code"),
+        response_json=None if body is None else json.dumps(body),
+        holder=stored.get("holder"),
+        heartbeat_age_s=now - float(stored.get("beat") or 0.0),
+    )

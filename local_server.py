@@ -27,19 +27,31 @@ from envelope import Envelope, new_request_id
 from errors import (
     ActionError,
     CostLimitExceeded,
+    ErrorCode,
     HandlerError,
+    Indeterminate,
     InvalidParams,
+    NotFound,
     Source,
     Unauthorized,
     storage_fault,
 )
-from idempotency import ClaimState, IdempotencyStore, RedisIdempotencyStore
+from idempotency import ClaimState
 from local_batch import batch_execute
 from offline_cache import params_hash
-from runtime import VERSION, Runtime
+from runtime import VERSION, IdempotencyStores, Runtime
+from service_registry import idempotency_key_scope
 from structured_log import DISPATCH_LOGGER, config_secrets, configure_logging, log_dispatch
 
 MAX_BODY_BYTES = 1024 * 1024
+# How long a repeat of a running key waits for it before answering 409: well inside the
+# client's timeout, so the client hears "busy" instead of timing out (which would count
+# against the cloud). At most this, and at most a quarter of CLOUD_TIMEOUT_SEC.
+BUSY_WAIT_S = 2.0
+# Failures that prove the handler was never reached: the key is forgotten, not kept as "ran".
+_NEVER_REACHED = frozenset(
+    {ErrorCode.UNKNOWN_ACTION, ErrorCode.CIRCUIT_OPEN, ErrorCode.OFFLINE, ErrorCode.UNAUTHORIZED}
+)
 _dispatch_log = logging.getLogger(DISPATCH_LOGGER)
 _fault_log = logging.getLogger("everreach.server")
 
@@ -135,12 +147,13 @@ async def _json_object(request: Request) -> dict[str, Any]:
 
 
 async def _once(
-    store: IdempotencyStore | RedisIdempotencyStore,
+    store: IdempotencyStores,
     key: str,
     action: str,
     digest: str,
     *,
     timeout_s: float,
+    rerun_if_dead: bool,
     run: Callable[[], Awaitable[Envelope]],
     keep: Callable[[Envelope], bool],
     what: str,
@@ -148,10 +161,12 @@ async def _once(
     """Run ``run()`` at most once per ``key``; a repeat gets the stored answer.
 
     The same key with another action or other params is 422; while the first call still runs,
-    a repeat waits up to ``timeout_s`` and then gets 409 with ``Retry-After``. Only answers for
+    a repeat waits up to ``timeout_s`` and then gets 409 ``conflict`` with ``Retry-After``. A
+    key whose holder died mid-call is re-run only if ``rerun_if_dead`` (an idempotent action),
+    else it is 409 ``indeterminate``: it may have run, a person decides. Only answers for
     which ``keep(envelope)`` holds are stored; a failure releases the key so a retry may run.
     """
-    claim = await store.wait(key, action, digest, timeout_s=timeout_s)
+    claim = await store.wait(key, action, digest, timeout_s=timeout_s, rerun_if_dead=rerun_if_dead)
     if claim.state is ClaimState.DONE:
         return JSONResponse(
             claim.body,
@@ -165,15 +180,22 @@ async def _once(
         busy = Envelope(ok=False, action=action, source=None, request_id=key).to_dict()
         busy.update(error="conflict", detail=f"a request with this {what} is still running")
         return JSONResponse(busy, status_code=409, headers={"Retry-After": "1"})
+    if claim.state is ClaimState.INDETERMINATE:
+        exc = Indeterminate(
+            f"the process that ran this {what} died mid-handler: {action} may have run; it is "
+            f"not run again under this key (retry with a new key to run it again)"
+        )
+        return _envelope_response(Envelope.failure(action, exc, source=None, request_id=key))
     try:
-        envelope = await run()
+        with idempotency_key_scope(key):
+            envelope = await run()
     except BaseException:
         await store.release(key)
         raise
     if keep(envelope):
         await store.complete(key, envelope.http_status, envelope.to_dict())
     else:
-        await store.release(key)
+        await store.release(key, ran=envelope.error not in _NEVER_REACHED)
     return _envelope_response(envelope)
 
 
@@ -319,6 +341,7 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
             action,
             params_hash({"force_env": force_env, "params": params}),
             timeout_s=runtime.config.cloud_timeout_sec,
+            rerun_if_dead=runtime.route_table.get(action).idempotent,
             run=lambda: _route(runtime, action, params, force_env, key),
             keep=lambda envelope: envelope.ok or envelope.queued,
             what="idempotency_key",
@@ -389,7 +412,8 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
             key,
             action,
             params_hash(params),
-            timeout_s=min(runtime.config.cloud_timeout_sec, 10.0),
+            timeout_s=min(BUSY_WAIT_S, runtime.config.cloud_timeout_sec / 4),
+            rerun_if_dead=runtime.route_table.get(action).idempotent,
             run=lambda: _serve(runtime, action, params, key),
             keep=lambda envelope: envelope.ok,
             what="Idempotency-Key",
@@ -399,7 +423,8 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         runtime: Runtime, action: str, params: dict[str, Any], request_id: str
     ) -> Envelope:
         started = time.perf_counter()
-        envelope = await runtime.local.execute(action, params, request_id=request_id)
+        with idempotency_key_scope(request_id):
+            envelope = await runtime.local.execute(action, params, request_id=request_id)
         envelope.source = Source.CLOUD
         if envelope.ok:
             envelope.cost_usd = runtime.rates.rate(action)
@@ -428,6 +453,49 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
 
         runtime = rt(request)
         return {"schedules": [s.to_dict() for s in load_schedules(runtime.config.schedules_path)]}
+
+    @app.get("/api/idempotency/{key}")
+    async def idempotency_state(key: str, request: Request) -> dict[str, Any]:
+        """Did a handler here ever run ``key``? unknown | running | done | indeterminate."""
+        check_cloud_key(request)
+        return {"key": key, "state": (await rt(request).idempotency.lookup(key)).value}
+
+    # -- the outbox, for a person: retry or drop dead letters, cancel queued items ---------------
+
+    @app.post("/outbox/{item_id}/retry")
+    async def retry_outbox_item(item_id: str, request: Request) -> dict[str, Any]:
+        """Queue a dead letter again; an indeterminate one needs ``{"rerun": true}``."""
+        check_local_token(request)
+        raw = await request.body()
+        body = await _json_object(request) if raw.strip() else {}
+        rerun = body.get("rerun", False)
+        if not isinstance(rerun, bool):
+            raise InvalidParams("'rerun' must be true or false")
+        runtime = rt(request)
+        try:
+            item = await runtime.outbox.retry_dead(item_id, rerun=rerun)
+        except KeyError:
+            raise NotFound(f"no dead letter with id {item_id!r} in the outbox") from None
+        await runtime.refresh_gauges()
+        return {
+            "ok": True,
+            "id": item.id,
+            "action": item.action,
+            "status": item.status.value,
+            "idempotency_key": item.idempotency_key,
+        }
+
+    @app.delete("/outbox/{item_id}")
+    async def drop_outbox_item(item_id: str, request: Request) -> dict[str, Any]:
+        """Drop a dead letter, or cancel a queued item before it is sent."""
+        check_local_token(request)
+        runtime = rt(request)
+        try:
+            item = await runtime.outbox.drop(item_id)
+        except KeyError:
+            raise NotFound(f"no item with id {item_id!r} in the outbox") from None
+        await runtime.refresh_gauges()
+        return {"ok": True, "id": item.id, "action": item.action, "dropped": item.status.value}
 
     return app
 

@@ -5,12 +5,19 @@ committed here with ``PRAGMA synchronous=FULL`` before ``enqueue()`` returns: a 
 is on disk and survives SIGKILL. ``StateSync.push_pending_sync()`` replays items in enqueue order
 with their original idempotency key; an item leaves only when the cloud acknowledged it
 (``ack()`` deletes the row). A 4xx, or ``max_attempts`` ambiguous failures, makes it a dead
-letter: kept, visible, retried only on request (``retry_dead()``). A row that does not decode
-(hand-edited params JSON) is logged and moved to the dead letters with the reason.
+letter: kept, visible, retried only on request (``retry_dead()``) or dropped (``drop()``). A row
+that does not decode (hand-edited params JSON) is logged and moved to the dead letters with the
+reason.
+
+An *indeterminate* dead letter is an item the cloud may have run: the process that ran it died
+mid-handler. Replaying its key would never run it again, and running it again might do it twice,
+so a person decides: ``retry_dead(id, rerun=True)`` sends it again under a fresh key derived from
+the old one (``rerun_key``), or ``drop(id)`` forgets it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sqlite3
@@ -23,7 +30,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from errors import InvalidParams
+from errors import Indeterminate, InvalidParams
 from sqlite_file import (
     HYBRID_DB_FILENAME,
     SqliteFile,
@@ -40,11 +47,30 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 1000
+MAX_KEY_CHARS = 200
 
 
 class OutboxStatus(StrEnum):
     PENDING = "pending"
     DEAD = "dead"
+    INDETERMINATE = "indeterminate"  # a dead letter that may have run: a person decides
+
+
+_DEAD_STATES = (OutboxStatus.DEAD.value, OutboxStatus.INDETERMINATE.value)
+
+
+def rerun_key(key: str) -> str:
+    """A fresh idempotency key for running ``key``'s action again: ``<key>~r1``, ``~r2`` …
+
+    Derived, not random, so that the re-run itself is replayed under one key.
+    """
+    base, sep, count = key.rpartition("~r")
+    if not (sep and count.isdigit()):
+        base, count = key, "0"
+    fresh = f"{base}~r{int(count) + 1}"
+    if len(fresh) > MAX_KEY_CHARS:
+        fresh = f"{hashlib.sha256(base.encode()).hexdigest()}~r{int(count) + 1}"
+    return fresh
 
 
 _OUTBOX_SCHEMA = """
@@ -281,10 +307,12 @@ class Outbox:
         return int(rows)
 
     async def dead_letters(self) -> list[OutboxItem]:
-        """Every dead letter, oldest first (unreadable rows shown with empty params)."""
+        """Every dead letter, indeterminate ones included, oldest first (unreadable rows shown
+        with empty params)."""
         rows = await self._db.run(
             lambda conn: conn.execute(
-                f"SELECT {_OUTBOX_COLUMNS} FROM hybrid_outbox WHERE status = 'dead' ORDER BY seq"
+                f"SELECT {_OUTBOX_COLUMNS} FROM hybrid_outbox WHERE status IN (?, ?) ORDER BY seq",
+                _DEAD_STATES,
             ).fetchall()
         )
         items = []
@@ -295,18 +323,71 @@ class Outbox:
                 items.append(_lenient_item(row, f"corrupt row: {exc}"))
         return items
 
-    async def retry_dead(self, item_id: str) -> None:
-        """Put a dead letter back in the queue at its original place, attempts reset."""
-        now = utc_iso(self._clock())
-        cursor = await self._db.run(
+    async def park(self, item_id: str, error: str) -> None:
+        """Make an item an indeterminate dead letter: it may have run, a person decides."""
+        await self._db.run(
             lambda conn: conn.execute(
-                "UPDATE hybrid_outbox SET status = 'pending', attempts = 0, updated_at = ? "
-                "WHERE id = ? AND status = 'dead'",
-                (now, item_id),
+                "UPDATE hybrid_outbox SET status = 'indeterminate', last_error = ?, "
+                "updated_at = ? WHERE id = ?",
+                (error[:MAX_ERROR_CHARS], utc_iso(self._clock()), item_id),
             )
         )
-        if cursor.rowcount == 0:
-            raise KeyError(f"no dead letter with id {item_id!r}")
+
+    async def retry_dead(self, item_id: str, *, rerun: bool = False) -> OutboxItem:
+        """Put a dead letter back in the queue at its original place, attempts reset.
+
+        An indeterminate one may have run: it is retried only with ``rerun=True`` (a person's
+        explicit confirmation), under a fresh key so the cloud really runs it again; without
+        it, ``Indeterminate``. An id that is no dead letter is ``KeyError``.
+        """
+        now = utc_iso(self._clock())
+
+        def write(conn: sqlite3.Connection) -> tuple[Any, ...]:
+            row = conn.execute(
+                f"SELECT {_OUTBOX_COLUMNS} FROM hybrid_outbox WHERE id = ? AND status IN (?, ?)",
+                (item_id, *_DEAD_STATES),
+            ).fetchone()
+            if row is None:
+                raise KeyError(f"no dead letter with id {item_id!r}")
+            key = row[4]
+            if row[7] == OutboxStatus.INDETERMINATE:
+                if not rerun:
+                    raise Indeterminate(
+                        f"outbox item {item_id} ({row[2]}) may have run already; retrying runs "
+                        f"it again: confirm the re-run to do that"
+                    )
+                key = rerun_key(key)
+            conn.execute(
+                "UPDATE hybrid_outbox SET status = 'pending', attempts = 0, idempotency_key = ?, "
+                "updated_at = ? WHERE id = ?",
+                (key, now, item_id),
+            )
+            return tuple(
+                conn.execute(
+                    f"SELECT {_OUTBOX_COLUMNS} FROM hybrid_outbox WHERE id = ?", (item_id,)
+                ).fetchone()
+            )
+
+        return _decode_item(await self._db.run(lambda conn: transaction(conn, write)))
+
+    async def drop(self, item_id: str) -> OutboxItem:
+        """Delete a dead letter, or cancel a queued item before it is sent; ``KeyError`` if
+        there is no such item."""
+
+        def write(conn: sqlite3.Connection) -> tuple[Any, ...]:
+            row = conn.execute(
+                f"SELECT {_OUTBOX_COLUMNS} FROM hybrid_outbox WHERE id = ?", (item_id,)
+            ).fetchone()
+            if row is None:
+                raise KeyError(f"no outbox item with id {item_id!r}")
+            conn.execute("DELETE FROM hybrid_outbox WHERE id = ?", (item_id,))
+            return tuple(row)
+
+        row = await self._db.run(lambda conn: transaction(conn, write))
+        try:
+            return _decode_item(row)
+        except ValueError as exc:
+            return _lenient_item(row, f"corrupt row: {exc}")
 
     async def snapshot(self) -> dict[str, Any]:
         """Counts for ``/status``: pending depth, dead letters, oldest pending enqueue time."""
@@ -320,7 +401,7 @@ class Outbox:
             ).fetchone()
             return {
                 "depth": int(counts.get("pending", 0)),
-                "dead_letters": int(counts.get("dead", 0)),
+                "dead_letters": sum(int(counts.get(state, 0)) for state in _DEAD_STATES),
                 "oldest_pending_at": oldest,
             }
 

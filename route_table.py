@@ -8,9 +8,12 @@ Format::
         "dm.send": {"preferred_env": "cloud", "fallback_env": "local", "side_effect": true},
         "linkedin.*": {...}}}
 
-Every entry needs all three fields (``note`` is optional). An exact entry wins over a
-``service.*`` family entry; an action in neither gets ``unknown``. A malformed table raises
-``RouteTableError`` naming the file, the entry and the reason.
+Every entry needs all three fields; ``note`` and ``idempotent`` are optional. ``idempotent``
+(default false) says running the action twice does no harm: a call whose process died
+mid-handler may then be re-run instead of being parked for a person as "may have run".
+
+An exact entry wins over a ``service.*`` family entry; an action in neither gets ``unknown``.
+A malformed table raises ``RouteTableError`` naming the file, the entry and the reason.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,9 @@ class Route:
     fallback_env: Fallback
     side_effect: bool
     known: bool = True
+    # Not part of a route's identity (where it runs, how it falls back): only whether a call
+    # whose process died mid-handler may be run again.
+    idempotent: bool = field(default=False, compare=False)
 
 
 class RouteTable:
@@ -89,7 +95,13 @@ class RouteTable:
             routes[name] = _parse_entry(source, name, entry)
         default = {"preferred_env": "auto", "fallback_env": "local", "side_effect": True}
         parsed = _parse_entry(source, "unknown", raw.get("unknown", default))
-        unknown = Route(parsed.preferred_env, parsed.fallback_env, parsed.side_effect, known=False)
+        unknown = Route(
+            parsed.preferred_env,
+            parsed.fallback_env,
+            parsed.side_effect,
+            known=False,
+            idempotent=parsed.idempotent,
+        )
         return cls(routes, unknown, source=source)
 
     def get(self, action: str) -> Route:
@@ -131,11 +143,12 @@ class RouteTable:
 def _parse_entry(source: str, name: str, entry: Any) -> Route:
     if not isinstance(entry, dict):
         raise RouteTableError(f"{source}: entry {name!r}: must be an object")
-    unknown_keys = set(entry) - {"preferred_env", "fallback_env", "side_effect", "note"}
+    allowed = {"preferred_env", "fallback_env", "side_effect", "idempotent", "note"}
+    unknown_keys = set(entry) - allowed
     if unknown_keys:
         raise RouteTableError(
             f"{source}: entry {name!r}: unknown field(s) {sorted(unknown_keys)}; allowed: "
-            f"preferred_env, fallback_env, side_effect, note"
+            f"preferred_env, fallback_env, side_effect, idempotent, note"
         )
     # Every field is required: a silent default (side_effect false above all) could let a post
     # or DM run twice.
@@ -161,7 +174,12 @@ def _parse_entry(source: str, name: str, entry: Any) -> Route:
         raise RouteTableError(
             f"{source}: entry {name!r}: side_effect must be true or false; got {side_effect!r}"
         )
-    return Route(preferred, fallback, side_effect)
+    idempotent = entry.get("idempotent", False)
+    if not isinstance(idempotent, bool):
+        raise RouteTableError(
+            f"{source}: entry {name!r}: idempotent must be true or false; got {idempotent!r}"
+        )
+    return Route(preferred, fallback, side_effect, idempotent=idempotent)
 
 
 def markdown(table: RouteTable, kind_of: Callable[[str], str] | None = None) -> str:

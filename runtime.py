@@ -28,12 +28,13 @@ from cost_rates import CostRates
 from errors import ConfigError
 from hybrid_orchestrator import HybridOrchestrator
 from idempotency import IdempotencyStore, RedisIdempotencyStore
+from idempotency_pg import PostgresIdempotencyStore
 from instance_lock import InstanceLock
 from local_cron import LocalCron
 from local_executor import LocalExecutor
 from metrics import Metrics
 from offline_cache import OfflineCache
-from outbox import Outbox
+from outbox import Outbox, OutboxStatus
 from route_table import RouteTable
 from service_registry import ServiceRegistry
 from sqlite_file import check_data_dir, data_dir_error
@@ -44,6 +45,20 @@ from sync_bus import SyncBus
 log = logging.getLogger("everreach.runtime")
 VERSION = "0.1.0"
 GAUGE_REFRESH_S = 5.0
+
+
+IdempotencyStores = IdempotencyStore | RedisIdempotencyStore | PostgresIdempotencyStore
+
+
+def _idempotency_store(config: HybridConfig) -> IdempotencyStores:
+    """PostgreSQL when configured (shared by every replica), else this instance's SQLite file
+    (with Redis, if set, sharing claims between replicas while it keeps its data)."""
+    if config.postgres_dsn:
+        return PostgresIdempotencyStore(config.postgres_dsn)
+    local_keys = IdempotencyStore.for_data_dir(config.data_dir)
+    if config.redis_url:
+        return RedisIdempotencyStore(config.redis_url, local_keys)
+    return local_keys
 
 
 class Runtime:
@@ -65,10 +80,7 @@ class Runtime:
         self.cache = OfflineCache.from_config(config)
         self.outbox = Outbox.from_config(config)
         self.state_store = StateStore.from_config(config)
-        local_keys = IdempotencyStore.for_data_dir(config.data_dir)
-        self.idempotency: IdempotencyStore | RedisIdempotencyStore = (
-            RedisIdempotencyStore(config.redis_url, local_keys) if config.redis_url else local_keys
-        )
+        self.idempotency = _idempotency_store(config)
         consumer = f"{socket.gethostname()}:{config.port}"
         self.bus = SyncBus.from_config(config, consumer_name=consumer)
         self.orchestrator: HybridOrchestrator | None = None
@@ -295,6 +307,10 @@ class Runtime:
         """Replay the outbox and push local state; optionally pull the cloud's state."""
         assert self.state_sync is not None
         result: dict[str, Any] = {"at": time.time()}
+        if self.cloud is not None and self.is_cloud_reachable():
+            # The cloud answers its health probe (a restart, say): the replay's first call is
+            # the breaker's trial, instead of an outbox waiting out the whole cool-down.
+            self.cloud.breaker.try_now()
         try:
             result["push"] = await self.state_sync.push_pending_sync()
             if pull:
@@ -396,7 +412,14 @@ class Runtime:
             "cost": await self.cost_guard.snapshot(),
             "outbox": await self.outbox.snapshot(),
             "dead_letters": [
-                {"id": i.id, "action": i.action, "attempts": i.attempts, "error": i.last_error}
+                {
+                    "id": i.id,
+                    "action": i.action,
+                    "attempts": i.attempts,
+                    "error": i.last_error,
+                    # may have run: retrying re-runs it (after a person confirms), or drop it
+                    "indeterminate": i.status is OutboxStatus.INDETERMINATE,
+                }
                 for i in await self.outbox.dead_letters()
             ],
             "cache": {"entries": await self.cache.size(), "ttl_sec": self.config.cache_ttl_sec},

@@ -8,6 +8,11 @@ Users plug their services in with the ``register`` decorator in a module named i
     @register("content.analyze_video")
     async def analyze_video(params: dict) -> dict: ...
 
+A handler that acts on another platform (a DM, a post) can ask for the idempotency key of the
+call it serves with ``current_idempotency_key()``: the same key comes back when the call is
+replayed, so the handler can ask its platform whether it already acted (or pass the key on to
+a platform that dedupes by it) before acting again.
+
 Decorating only declares the handler. ``ServiceRegistry.from_modules()`` imports the named
 modules at start-up and builds the registry one server uses; a module that fails to import or
 an action declared twice stops start-up with a ``RegistryError``.
@@ -16,6 +21,8 @@ an action declared twice stops start-up with a ``RegistryError``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import difflib
 import importlib
 import inspect
@@ -23,7 +30,7 @@ import json
 import platform
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from errors import HandlerError, InvalidParams, RegistryError, UnknownAction
@@ -37,6 +44,29 @@ SELF_TEST_CHECK_TIMEOUT_S = 5.0
 
 # Filled by @register while services modules are imported; read by from_modules().
 _DECLARED: dict[str, Handler] = {}
+
+_IDEMPOTENCY_KEY: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "everreach_idempotency_key", default=None
+)
+
+
+def current_idempotency_key() -> str | None:
+    """The idempotency key of the call the running handler serves (None outside a call).
+
+    It stays the same across retries and outbox replays of one request, so a handler can use
+    it to ask its platform whether it already acted.
+    """
+    return _IDEMPOTENCY_KEY.get()
+
+
+@contextlib.contextmanager
+def idempotency_key_scope(key: str) -> Iterator[None]:
+    """Make ``key`` the ``current_idempotency_key()`` of handlers run inside this block."""
+    token = _IDEMPOTENCY_KEY.set(key)
+    try:
+        yield
+    finally:
+        _IDEMPOTENCY_KEY.reset(token)
 
 
 def check_action_name(action: object) -> str:

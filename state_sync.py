@@ -28,7 +28,9 @@ from errors import (
     CloudTimeout,
     CloudUnavailable,
     CostCapReached,
+    Indeterminate,
     InvalidParams,
+    KeyBusy,
     Offline,
     Unauthorized,
 )
@@ -66,9 +68,15 @@ class _Failure(StrEnum):
     PERMANENT = "permanent"  # the cloud refused the item (4xx): dead letter
     ATTEMPT = "attempt"  # the item may have run (timeout, 5xx): spend an attempt, stop the pass
     BLOCKED = "blocked"  # the request never reached the cloud: stop the pass, item untouched
+    BUSY = "busy"  # the cloud still runs this key (409): try it next pass, go on with the rest
+    MAY_HAVE_RUN = "may_have_run"  # its holder died mid-handler: park it for a person
 
 
 def _classify(exc: Exception) -> _Failure:
+    if isinstance(exc, KeyBusy):
+        return _Failure.BUSY
+    if isinstance(exc, Indeterminate):
+        return _Failure.MAY_HAVE_RUN
     if isinstance(exc, Unauthorized | CostCapReached | CircuitOpen | Offline):
         return _Failure.BLOCKED  # about this instance (key, budget, circuit), not the item
     if isinstance(exc, CloudUnavailable) and exc.never_ran:
@@ -152,8 +160,10 @@ class StateSync:
         """Replay the outbox in order, then push local state changes; return the counts.
 
         Each item is sent with its original idempotency key and leaves the outbox only when
-        ``send`` returns. A 4xx makes it a dead letter and the pass goes on; any other failure
-        ends the pass so that later items never overtake it.
+        ``send`` returns. A 4xx makes it a dead letter and the pass goes on; a key the cloud
+        still runs (409) is skipped until the next pass, and one whose holder died mid-handler
+        is parked as an indeterminate dead letter — neither spends an attempt, and the pass goes
+        on. Any other failure ends the pass so that later items never overtake it.
         """
         async with self._push_lock:
             counts = {"sent": 0, "dead": 0, "failed": 0, "remaining": 0, "state_pushed": 0}
@@ -163,8 +173,10 @@ class StateSync:
             return counts
 
     async def _replay_outbox(self, counts: dict[str, int]) -> None:
+        skipped: set[str] = set()  # busy keys: tried once this pass
         while True:
-            batch = await self.outbox.pending(limit=OUTBOX_PASS_BATCH)
+            batch = await self.outbox.pending(limit=OUTBOX_PASS_BATCH + len(skipped))
+            batch = [item for item in batch if item.id not in skipped]
             if not batch:
                 return
             for item in batch:
@@ -173,31 +185,54 @@ class StateSync:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    error = _describe(exc)
-                    kind = _classify(exc)
-                    status = await self.outbox.fail(
-                        item.id,
-                        error,
-                        permanent=kind is _Failure.PERMANENT,
-                        count_attempt=kind is not _Failure.BLOCKED,
-                    )
-                    if status is OutboxStatus.DEAD:
-                        counts["dead"] += 1
-                        log.error(
-                            "outbox item %s (%s, key %s) is a dead letter: %s",
-                            item.id,
-                            item.action,
-                            item.idempotency_key,
-                            error,
-                        )
-                    else:
-                        counts["failed"] += 1
-                    if kind is _Failure.PERMANENT:
+                    if _classify(exc) is _Failure.BUSY:
+                        skipped.add(item.id)
+                    if await self._failed(item, exc, counts):
                         continue
-                    log.warning("outbox replay stopped at %s (%s): %s", item.id, item.action, error)
                     return
                 await self.outbox.ack(item.id, result)
                 counts["sent"] += 1
+
+    async def _failed(self, item: OutboxItem, exc: Exception, counts: dict[str, int]) -> bool:
+        """Record a failed replay of ``item``; return whether the pass goes on."""
+        error = _describe(exc)
+        kind = _classify(exc)
+        if kind is _Failure.BUSY:
+            # Not a failure of the item: its first run is still going. Spend no attempt and
+            # let nothing else wait behind it.
+            counts["failed"] += 1
+            return True
+        if kind is _Failure.MAY_HAVE_RUN:
+            await self.outbox.park(item.id, error)
+            counts["dead"] += 1
+            log.error(
+                "outbox item %s (%s, key %s) may have run: parked for a person to retry or drop",
+                item.id,
+                item.action,
+                item.idempotency_key,
+            )
+            return True
+        status = await self.outbox.fail(
+            item.id,
+            error,
+            permanent=kind is _Failure.PERMANENT,
+            count_attempt=kind is not _Failure.BLOCKED,
+        )
+        if status is OutboxStatus.DEAD:
+            counts["dead"] += 1
+            log.error(
+                "outbox item %s (%s, key %s) is a dead letter: %s",
+                item.id,
+                item.action,
+                item.idempotency_key,
+                error,
+            )
+        else:
+            counts["failed"] += 1
+        if kind is _Failure.PERMANENT:
+            return True
+        log.warning("outbox replay stopped at %s (%s): %s", item.id, item.action, error)
+        return False
 
     async def _push_state(self) -> int:
         if self.endpoint is None or self._client is None:

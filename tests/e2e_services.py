@@ -82,3 +82,11 @@ async def tick(params: dict[str, Any]) -> dict[str, Any]:
         with Path(log).open("a", encoding="utf-8") as fh:
             fh.write(json.dumps({"second": int(time.time()), "pid": os.getpid()}) + "\n")
     return {"pid": os.getpid()}
+
+
+@register("test.whoami")
+async def whoami(params: dict[str, Any]) -> dict[str, Any]:
+    """Answer the idempotency key the handler was given."""
+    from service_registry import current_idempotency_key
+
+    return {"key": current_idempotency_key(), "pid": os.getpid()}

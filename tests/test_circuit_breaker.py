@@ -142,3 +142,21 @@ def test_the_threshold_is_configurable(clock: FakeClock, threshold: int) -> None
 
 def test_states_are_strings() -> None:
     assert [s.value for s in BreakerState] == ["closed", "open", "half_open"]
+
+
+def test_try_now_half_opens_an_open_circuit_for_one_trial() -> None:
+    clock = [0.0]
+    breaker = CircuitBreaker(failure_threshold=1, reset_after_s=30.0, clock=lambda: clock[0])
+    breaker.record_failure()
+    assert breaker.state is BreakerState.OPEN and not breaker.allow()
+    breaker.try_now()
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert breaker.allow() and not breaker.allow()  # one trial at a time
+    breaker.record_failure()
+    assert breaker.state is BreakerState.OPEN  # a failed trial: a new cool-down
+
+
+def test_try_now_leaves_a_closed_circuit_closed() -> None:
+    breaker = CircuitBreaker(failure_threshold=3)
+    breaker.try_now()
+    assert breaker.state is BreakerState.CLOSED and breaker.allow()

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -518,3 +519,53 @@ def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path):
     assert err.startswith(f"everreach: port {port} is in use")
     assert "PORT=" in err and "stop the other process" in err
     assert "Errno" not in err and "Traceback" not in err
+
+
+def _outbox_rows(server: Any) -> list[tuple[str, str, str]]:
+    """(id, status, idempotency_key) of the terminal's outbox, in queue order."""
+    path = Path(server.env["DATA_DIR"]) / "hybrid.sqlite3"
+    with sqlite3.connect(path) as conn:
+        return conn.execute(
+            "SELECT id, status, idempotency_key FROM hybrid_outbox ORDER BY seq"
+        ).fetchall()
+
+
+def _set_status(server: Any, item_id: str, status: str) -> None:
+    path = Path(server.env["DATA_DIR"]) / "hybrid.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE hybrid_outbox SET status = ? WHERE id = ?", (status, item_id))
+
+
+@e2e
+def test_outbox_retry_and_drop_dead_letters_with_confirmation(
+    server_factory: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = terminal_offline(server_factory)
+    for _ in range(3):
+        assert run(capsys, "dispatch", "dm.send", "--url", server.url)[0] == ExitCode.QUEUED
+    (parked, _, parked_key), (dead, _, dead_key), (queued, _, _) = _outbox_rows(server)
+    _set_status(server, parked, "indeterminate")
+    _set_status(server, dead, "dead")
+
+    code, out, _ = run(capsys, "outbox", "--url", server.url)
+    assert "may have run" in out
+
+    code, _, err = run(capsys, "outbox", "retry", "--all", "--url", server.url)
+    assert code == ExitCode.OK
+    assert f"retry each with: everreach outbox retry ID ({parked})" in err
+    assert _outbox_rows(server)[1] == (dead, "pending", dead_key)  # same key: safe to replay
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("n\n"))
+    code, _, err = run(capsys, "outbox", "retry", parked, "--url", server.url)
+    assert code == ExitCode.FAILED and "may have run already; run it again? [y/N]" in err
+    assert _outbox_rows(server)[0] == (parked, "indeterminate", parked_key)
+    code, _, _ = run(capsys, "outbox", "retry", parked, "--yes", "--url", server.url)
+    assert code == ExitCode.OK
+    assert _outbox_rows(server)[0] == (parked, "pending", f"{parked_key}~r1")
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))
+    code, _, err = run(capsys, "outbox", "drop", queued, "--url", server.url)
+    assert code == ExitCode.OK and "dropped" in err
+    assert [row[0] for row in _outbox_rows(server)] == [parked, dead]
+    code, _, err = run(capsys, "outbox", "drop", queued, "--yes", "--url", server.url)
+    assert code == ExitCode.FAILED and "no item with id" in err

@@ -24,7 +24,9 @@ from errors import (
     CostLimitExceeded,
     ErrorCode,
     HandlerError,
+    Indeterminate,
     InvalidParams,
+    KeyBusy,
     Source,
     Unauthorized,
     UnknownAction,
@@ -755,3 +757,45 @@ async def test_a_request_that_cannot_be_written_is_invalid_params_not_retried(
         await executor.call("dm.send", {}, request_id="r1")
     assert info.value.never_ran and len(cloud.requests) == 1
     assert outcomes == []  # the cloud said nothing: neither up nor down
+
+
+# -- 409: a busy key is no cloud failure; a key that may have run is a definite answer --------
+
+
+def busy() -> httpx.Response:
+    body = {"ok": False, "error": "conflict", "detail": "still running"}
+    return status(409, body, {"Retry-After": "1"})
+
+
+async def test_a_busy_key_never_counts_against_the_breaker(make_executor: MakeExecutor) -> None:
+    cloud = FakeCloud(busy())
+    breaker = CircuitBreaker(failure_threshold=2, reset_after_s=3600)
+    outcomes: list[bool] = []
+    executor = make_executor(cloud, breaker=breaker, on_outcome=outcomes.append)
+    for _ in range(3):
+        with pytest.raises(KeyBusy) as caught:
+            await executor.call("dm.send", {}, request_id="busy-key-1")
+        assert caught.value.never_ran is False
+    assert breaker.state is BreakerState.CLOSED
+    assert False not in outcomes  # the connectivity checker hears "up", never "failed"
+
+
+async def test_without_busy_retries_a_busy_key_raises_at_once(make_executor: MakeExecutor) -> None:
+    cloud = FakeCloud(busy())
+    sleeps = Sleeps()
+    executor = make_executor(cloud, sleep=sleeps)
+    with pytest.raises(KeyBusy):
+        await executor.call("dm.send", {}, request_id="busy-key-1", retry_busy=False)
+    assert len(cloud.requests) == 1 and sleeps.delays == []
+
+
+async def test_a_key_that_may_have_run_is_not_retried(make_executor: MakeExecutor) -> None:
+    body = {"ok": False, "error": "indeterminate", "detail": "dm.send may have run"}
+    cloud = FakeCloud(status(409, body))
+    breaker = CircuitBreaker(failure_threshold=1, reset_after_s=3600)
+    executor = make_executor(cloud, breaker=breaker)
+    with pytest.raises(Indeterminate) as caught:
+        await executor.call("dm.send", {}, request_id="dead-key-1")
+    assert caught.value.code is ErrorCode.INDETERMINATE
+    assert len(cloud.requests) == 1
+    assert breaker.state is BreakerState.CLOSED

@@ -6,6 +6,7 @@ per execution to a log file, and the tests count them per message id.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import sqlite3
@@ -16,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, until
 from tests.fault_proxy import FaultProxy
 
 pytestmark = [pytest.mark.prd200, pytest.mark.e2e]
@@ -203,3 +204,78 @@ def test_terminal_pulls_cloud_state_at_start_up(server_factory):
     assert pulled()["crm.stats"]["value"] == {"leads": 42}
     assert pulled()["feedback.strategy"]["value"] == {"tone": "warm"}
     assert httpx.get(f"{term.url}/api/sync/state", timeout=10).status_code == 401
+
+
+def _outbox_items(term) -> list[tuple[str, str]]:
+    """(DM id, status) of every item left in the terminal's outbox."""
+    path = Path(term.env["DATA_DIR"]) / "hybrid.sqlite3"
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT params_json, status FROM hybrid_outbox").fetchall()
+    return [(json.loads(params)["id"], status) for params, status in rows]
+
+
+def test_a_cloud_killed_mid_burst_leaves_every_dm_delivered_or_parked_and_none_twice(
+    server_factory, tmp_path
+):
+    port = free_port()
+    cloud = start_cloud(server_factory, port)
+    term = start_terminal(server_factory, cloud.url)
+    log = tmp_path / "dm.log"
+    total = 200
+    answers: dict[str, int] = {}
+    restarted_at: list[float] = []
+
+    async def burst() -> None:
+        limit = asyncio.Semaphore(20)
+        async with httpx.AsyncClient(timeout=120) as client:
+
+            async def send(n: int) -> None:
+                dm = f"m{n:03d}"
+                params = {"to": "x", "id": dm, "log": str(log), "sleep_s": 0.1}
+                async with limit:
+                    answer = await client.post(
+                        f"{term.url}/dispatch", json={"action": "dm.send", "params": params}
+                    )
+                answers[dm] = answer.status_code
+
+            async def kill_and_restart() -> None:
+                await until(lambda: sum(executions(log).values()) >= 30, what="30 DMs sent")
+                await asyncio.to_thread(cloud.kill, signal.SIGKILL)  # mid-handler, mid-burst
+                await asyncio.sleep(0.5)
+                await asyncio.to_thread(start_cloud, server_factory, port)
+                restarted_at.append(time.monotonic())
+
+            await asyncio.gather(kill_and_restart(), *(send(n) for n in range(total)))
+
+    asyncio.run(burst())
+    acknowledged = {dm for dm, code in answers.items() if code in (200, 202)}
+    assert len(acknowledged) == total, Counter(answers.values())
+
+    def settled() -> bool:
+        left = _outbox_items(term)
+        parked = {dm for dm, status in left if status == "indeterminate"}
+        delivered = set(executions(log))
+        return not [s for _, s in left if s == "pending"] and acknowledged <= delivered | parked
+
+    try:
+        wait_for(settled, what="every acknowledged DM delivered or parked", timeout_s=60)
+    except AssertionError:
+        status = httpx.get(f"{term.url}/status", timeout=10).json()
+        raise AssertionError(
+            f"{Counter(s for _, s in _outbox_items(term))} delivered={len(executions(log))} "
+            f"sync={status['sync']} circuits={status['circuits']} online={status['online']}\n"
+            f"{term.log()[-3000:]}"
+        ) from None
+    drain_s = time.monotonic() - restarted_at[0]
+    left = _outbox_items(term)
+    parked = {dm for dm, status in left if status == "indeterminate"}
+    ran = executions(log)
+    assert max(ran.values()) == 1, [dm for dm, n in ran.items() if n > 1]  # none twice
+    assert {status for _, status in left} <= {"indeterminate"}  # no attempt burned to death
+    delivered = set(ran) - parked
+    print(
+        f"\nSIGKILL burst: acknowledged {len(acknowledged)}, delivered {len(delivered)}, "
+        f"parked as indeterminate {len(parked)}, drained {drain_s:.1f} s after the restart"
+    )
+    status = httpx.get(f"{term.url}/status", timeout=10).json()
+    assert sum(1 for d in status["dead_letters"] if d["indeterminate"]) == len(parked)

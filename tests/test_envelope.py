@@ -47,6 +47,9 @@ CONTRACT_STATUS = {
     ErrorCode.UNAUTHORIZED: 401,
     # The serving side prices the call above the caller's Cost-Limit: not retried as is.
     ErrorCode.COST_LIMIT_EXCEEDED: 402,
+    ErrorCode.CONFLICT: 409,  # the key is still running
+    ErrorCode.INDETERMINATE: 409,  # the key's holder died mid-handler: it may have run
+    ErrorCode.NOT_FOUND: 404,  # no such outbox item
     ErrorCode.STORAGE_UNAVAILABLE: 503,
 }
 EXCEPTIONS: list[type[ActionError]] = [

@@ -30,7 +30,7 @@ from errors import CloudUnavailable, Env, ErrorCode, InvalidParams, Source
 from hybrid_orchestrator import HybridOrchestrator
 from local_executor import LocalExecutor
 from offline_cache import OfflineCache
-from outbox import Outbox
+from outbox import Outbox, OutboxStatus
 from route_table import RouteTable
 from service_registry import ServiceRegistry
 
@@ -1051,3 +1051,18 @@ async def test_an_outbox_replay_of_junk_holds_nothing(build: Build) -> None:
         await world.orchestrator.send_queued("dm.send", {"x": float("nan")}, "key-0001")
     spent = await world.spent()
     assert (spent["spent_usd"], spent["reserved_usd"]) == ("0.00", "0.00")
+
+
+async def test_a_side_effect_the_cloud_says_may_have_run_is_parked_not_replayed(
+    build: Build,
+) -> None:
+    world = await build(local=("dm.send",))
+    world.cloud.answer(status(409, "indeterminate"))
+    envelope = await world.route("dm.send", {"to": "ann"})
+    assert envelope.queued is True and envelope.http_status == 202
+    assert "may have run" in (envelope.detail or "")
+    assert world.calls["dm.send"] == 0  # never run locally: it may have run in the cloud
+    assert await world.outbox.depth() == 0
+    (parked,) = await world.outbox.dead_letters()
+    assert parked.id == envelope.outbox_id and parked.status is OutboxStatus.INDETERMINATE
+    assert len(world.cloud.requests) == 1  # a definite answer: not retried

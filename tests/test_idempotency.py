@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from idempotency import Claim, ClaimState, IdempotencyStore
+from idempotency import (
+    Claim,
+    ClaimState,
+    Holder,
+    IdempotencyStore,
+    KeyState,
+    _proc_start,
+    current_holder,
+)
 from offline_cache import params_hash
 from tests.conftest import until
 
@@ -33,9 +43,11 @@ class CountingStore(IdempotencyStore):
 
     claims = 0
 
-    async def claim(self, key: str, action: str, params_hash: str) -> Claim:
+    async def claim(
+        self, key: str, action: str, params_hash: str, rerun_if_dead: bool = False
+    ) -> Claim:
         self.claims += 1
-        return await super().claim(key, action, params_hash)
+        return await super().claim(key, action, params_hash, rerun_if_dead)
 
 
 OpenStore = Callable[..., Awaitable[CountingStore]]
@@ -117,17 +129,106 @@ async def test_release_never_forgets_a_completed_answer(open_store: OpenStore) -
     assert (await store.claim("k1", "dm.send", HASH_A)).state is ClaimState.DONE
 
 
-async def test_a_claim_left_running_is_taken_over_after_the_lease(
+def _other_machine(name: str) -> Holder:
+    """A holder whose process this test cannot see: only its heartbeat tells it is alive."""
+    return Holder(f"node-{name}", 4242, "1")
+
+
+async def test_a_claim_whose_heartbeat_stopped_is_indeterminate_not_taken_over(
     open_store: OpenStore, clock: Clock
 ) -> None:
-    crashed, survivor = await open_store(), await open_store()
+    # Changed behaviour: a dead holder's claim used to be taken over (and run again) after the
+    # lease; it may have run, so it is now indeterminate unless the caller may re-run it.
+    crashed = await open_store(holder=_other_machine("a"))
+    survivor = await open_store(holder=_other_machine("b"))
     await crashed.claim("k1", "dm.send", HASH_A)
     clock.now += LEASE_S - 1
     assert (await survivor.claim("k1", "dm.send", HASH_A)).state is ClaimState.RUNNING
     clock.now += 1
-    assert (await survivor.claim("k1", "dm.send", HASH_A)).state is ClaimState.NEW
-    # the takeover renews the lease: a third caller sees it running again
-    assert (await crashed.claim("k1", "dm.send", HASH_A)).state is ClaimState.RUNNING
+    assert (await survivor.claim("k1", "dm.send", HASH_A)).state is ClaimState.INDETERMINATE
+    assert await survivor.lookup("k1") is KeyState.INDETERMINATE
+    assert (await crashed.claim("k1", "dm.send", HASH_A)).state is ClaimState.INDETERMINATE
+
+
+async def test_an_idempotent_action_takes_a_dead_claim_over(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    crashed = await open_store(holder=_other_machine("a"))
+    survivor = await open_store(holder=_other_machine("b"))
+    await crashed.claim("k1", "system.echo", HASH_A)
+    clock.now += LEASE_S
+    claim = await survivor.claim("k1", "system.echo", HASH_A, rerun_if_dead=True)
+    assert claim.state is ClaimState.NEW
+    # the takeover renews the claim: the survivor holds it now
+    assert (await crashed.claim("k1", "system.echo", HASH_A)).state is ClaimState.RUNNING
+
+
+async def test_a_heartbeat_keeps_a_long_call_alive_past_the_lease(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    holder = await open_store(holder=_other_machine("a"))
+    other = await open_store(holder=_other_machine("b"))
+    await holder.claim("k1", "dm.send", HASH_A)
+    for _ in range(3):
+        clock.now += LEASE_S - 1
+        await holder.renew()
+        assert (await other.claim("k1", "dm.send", HASH_A)).state is ClaimState.RUNNING
+
+
+def _dead_process() -> Holder:
+    """A holder on this machine whose process has exited (as a killed server's would be)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    me = current_holder()
+    start = _proc_start(proc.pid)
+    proc.wait()
+    return Holder(me.node, proc.pid, start or "1")
+
+
+async def test_a_restarted_process_knows_the_claims_of_its_previous_life_are_dead_at_once(
+    open_store: OpenStore,
+) -> None:
+    previous = await open_store(holder=_dead_process())
+    restarted = await open_store()  # this process, same machine; no time passes
+    await previous.claim("k1", "dm.send", HASH_A)
+    assert (await restarted.claim("k1", "dm.send", HASH_A)).state is ClaimState.INDETERMINATE
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    """Another live process on this machine (killed at the end)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+async def test_a_process_on_this_machine_that_exits_leaves_an_indeterminate_claim_at_once(
+    open_store: OpenStore, clock: Clock, sleeper: subprocess.Popen[bytes]
+) -> None:
+    await until(lambda: _proc_start(sleeper.pid) is not None, what="the process started")
+    live = Holder(current_holder().node, sleeper.pid, _proc_start(sleeper.pid) or "")
+    owner, other = await open_store(holder=live), await open_store()
+    await owner.claim("k1", "dm.send", HASH_A)
+    assert (await other.claim("k1", "dm.send", HASH_A)).state is ClaimState.RUNNING
+    sleeper.kill()
+    await until(lambda: sleeper.poll() is not None, what="the process exited")
+    # no time passed: its heartbeat is fresh, yet its process is gone
+    assert (await other.claim("k1", "dm.send", HASH_A)).state is ClaimState.INDETERMINATE
+
+
+async def test_lookup_says_whether_a_handler_ever_ran_a_key(open_store: OpenStore) -> None:
+    store = await open_store()
+    assert await store.lookup("never") is KeyState.UNKNOWN
+    await store.claim("k1", "dm.send", HASH_A)
+    assert await store.lookup("k1") is KeyState.RUNNING
+    await store.complete("k1", 200, {"ok": True})
+    assert await store.lookup("k1") is KeyState.DONE
+    await store.claim("failed", "dm.send", HASH_A)
+    await store.release("failed")  # the handler ran and failed
+    assert await store.lookup("failed") is KeyState.DONE
+    await store.claim("refused", "dm.send", HASH_A)
+    await store.release("refused", ran=False)  # refused before any handler
+    assert await store.lookup("refused") is KeyState.UNKNOWN
 
 
 async def test_a_completed_answer_is_never_taken_over(open_store: OpenStore, clock: Clock) -> None:
@@ -211,3 +312,19 @@ async def test_for_data_dir_uses_the_shared_hybrid_file(tmp_path: Path) -> None:
     finally:
         await store.close()
     assert (tmp_path / "hybrid.sqlite3").is_file()
+
+
+async def test_a_holder_that_lost_its_claim_cannot_overwrite_the_new_holders(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    stalled = await open_store(holder=_other_machine("a"))
+    survivor = await open_store(holder=_other_machine("b"))
+    await stalled.claim("k1", "system.echo", HASH_A)
+    clock.now += LEASE_S
+    assert (await survivor.claim("k1", "system.echo", HASH_A, True)).state is ClaimState.NEW
+    await stalled.complete("k1", 200, {"ok": True, "result": "late"})
+    await stalled.release("k1")
+    assert await survivor.lookup("k1") is KeyState.RUNNING
+    await survivor.complete("k1", 200, {"ok": True, "result": "mine"})
+    claim = await stalled.claim("k1", "system.echo", HASH_A)
+    assert claim.body == {"ok": True, "result": "mine"}

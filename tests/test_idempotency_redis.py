@@ -1,15 +1,23 @@
-"""Idempotency records in Redis: replicas behind one balancer never run a key twice."""
+"""Idempotency with Redis: replicas share claims through it, and the durable SQLite record
+answers when Redis restarts empty or was down."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from idempotency import ClaimState, IdempotencyStore, RedisIdempotencyStore
+from tests.conftest import free_port
 
 pytestmark = [pytest.mark.prd200, pytest.mark.redis]
 
@@ -98,3 +106,115 @@ async def test_two_cloud_replicas_sharing_redis_run_a_key_once(server_factory, r
     pids = {a.json()["result"]["pid"] for a in [*answers, later] if a.status_code == 200}
     assert len(pids) == 1
     assert json.loads(Path(log).read_text())["id"] == "shared"
+
+
+# -- Redis restarts empty: the durable record still answers ----------------------------------
+
+
+class ThrowawayRedis:
+    """A redis-server without persistence on a free port, to stop and restart empty."""
+
+    def __init__(self, port: int, workdir: Path) -> None:
+        self.port = port
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> ThrowawayRedis:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--save", "", "--appendonly", "no"],
+            cwd=self.workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 15  # a hang limit, not a timed assertion
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.RedisError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        client.close()
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def keys(self) -> list[Any]:
+        client = redis.Redis(port=self.port)
+        try:
+            return list(client.keys("everreach:idem:*"))
+        finally:
+            client.close()
+
+
+@pytest.fixture
+def throwaway_redis(tmp_path: Path) -> Iterator[ThrowawayRedis]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = ThrowawayRedis(free_port(), tmp_path).start()
+    yield server
+    server.stop()
+
+
+def _send(cloud: Any, key: str, log: Path) -> httpx.Response:
+    return httpx.post(
+        f"{cloud.url}/api/services/dm/send",
+        json={"params": {"to": "ann", "id": key, "log": str(log)}},
+        headers={"Authorization": f"Bearer {KEY}", "Idempotency-Key": key},
+        timeout=30,
+    )
+
+
+def _runs(log: Path) -> int:
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+@pytest.mark.e2e
+def test_a_key_run_before_redis_restarted_empty_is_not_run_again(
+    server_factory: Any, throwaway_redis: ThrowawayRedis, tmp_path: Path
+) -> None:
+    cloud = server_factory(
+        name="cloud", EVERREACH_ENV="cloud", EVERREACH_CLOUD_KEY=KEY, REDIS_URL=throwaway_redis.url
+    )
+    log = tmp_path / "dm.log"
+    first = _send(cloud, "redis-restart-key-1", log)
+    assert first.status_code == 200 and _runs(log) == 1
+    assert throwaway_redis.keys()  # Redis did hold the claim
+
+    throwaway_redis.stop()
+    throwaway_redis.start()  # empty: no persistence
+    assert throwaway_redis.keys() == []
+
+    replay = _send(cloud, "redis-restart-key-1", log)
+    assert replay.status_code == 200
+    assert replay.headers.get("Idempotent-Replayed") == "true"
+    assert replay.json()["result"] == first.json()["result"]
+    assert _runs(log) == 1
+
+
+@pytest.mark.e2e
+def test_a_key_run_while_redis_was_down_is_not_run_again_once_it_is_back(
+    server_factory: Any, throwaway_redis: ThrowawayRedis, tmp_path: Path
+) -> None:
+    cloud = server_factory(
+        name="cloud", EVERREACH_ENV="cloud", EVERREACH_CLOUD_KEY=KEY, REDIS_URL=throwaway_redis.url
+    )
+    log = tmp_path / "dm.log"
+    throwaway_redis.stop()
+    first = _send(cloud, "redis-down-key-1", log)
+    assert first.status_code == 200 and _runs(log) == 1
+
+    throwaway_redis.start()
+    replay = _send(cloud, "redis-down-key-1", log)
+    assert replay.status_code == 200
+    assert replay.json()["result"] == first.json()["result"]
+    assert _runs(log) == 1

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from config.hybrid_config import HybridConfig
-from errors import InvalidParams
-from outbox import Outbox, OutboxStatus
+from errors import Indeterminate, InvalidParams
+from outbox import Outbox, OutboxStatus, rerun_key
 
 pytestmark = pytest.mark.prd200
 
@@ -265,3 +265,71 @@ async def test_snapshot_counts_pending_and_dead(open_outbox: Any) -> None:
 def test_from_config_uses_the_shared_file_under_data_dir(tmp_path: Path) -> None:
     config = HybridConfig.from_mapping({"DATA_DIR": str(tmp_path)})
     assert Outbox.from_config(config).path == tmp_path / "hybrid.sqlite3"
+
+
+# -- indeterminate dead letters: a person retries (re-runs) or drops them ----------------------
+
+
+async def test_a_parked_item_is_an_indeterminate_dead_letter(open_outbox: Any) -> None:
+    outbox = await open_outbox()
+    ids = await _fill(outbox, 2)
+    await outbox.park(ids[0], "indeterminate: may have run")
+    (dead,) = await outbox.dead_letters()
+    assert (dead.id, dead.status) == (ids[0], OutboxStatus.INDETERMINATE)
+    assert [item.id for item in await outbox.pending()] == [ids[1]]
+    assert (await outbox.snapshot())["dead_letters"] == 1
+
+
+async def test_retrying_an_indeterminate_item_needs_a_confirmed_rerun_and_a_fresh_key(
+    open_outbox: Any,
+) -> None:
+    outbox = await open_outbox()
+    (item_id,) = await _fill(outbox, 1)
+    (queued,) = await outbox.pending()
+    await outbox.park(item_id, "indeterminate: may have run")
+    with pytest.raises(Indeterminate):
+        await outbox.retry_dead(item_id)
+    retried = await outbox.retry_dead(item_id, rerun=True)
+    assert retried.status is OutboxStatus.PENDING
+    assert retried.idempotency_key == rerun_key(queued.idempotency_key)
+    assert retried.idempotency_key != queued.idempotency_key
+
+
+async def test_retrying_a_plain_dead_letter_keeps_its_key(open_outbox: Any) -> None:
+    outbox = await open_outbox()
+    (item_id,) = await _fill(outbox, 1)
+    (queued,) = await outbox.pending()
+    await outbox.fail(item_id, "invalid_params", permanent=True)
+    retried = await outbox.retry_dead(item_id)
+    assert retried.idempotency_key == queued.idempotency_key
+
+
+@pytest.mark.parametrize(
+    ("key", "fresh"),
+    [
+        ("abc12345", "abc12345~r1"),
+        ("abc12345~r1", "abc12345~r2"),
+        ("abc12345~r9", "abc12345~r10"),
+        ("a~rb12345", "a~rb12345~r1"),
+    ],
+)
+def test_rerun_key(key: str, fresh: str) -> None:
+    assert rerun_key(key) == fresh
+
+
+def test_rerun_key_stays_within_200_characters() -> None:
+    fresh = rerun_key("k" * 200)
+    assert len(fresh) <= 200 and fresh.endswith("~r1")
+    assert rerun_key(fresh).endswith("~r2")
+
+
+async def test_drop_deletes_a_dead_letter_or_cancels_a_queued_item(open_outbox: Any) -> None:
+    outbox = await open_outbox()
+    ids = await _fill(outbox, 3)
+    await outbox.fail(ids[0], "invalid_params", permanent=True)
+    await outbox.drop(ids[0])
+    await outbox.drop(ids[1])  # still queued: cancelled before it is sent
+    assert [item.id for item in await outbox.pending()] == [ids[2]]
+    assert await outbox.dead_letters() == []
+    with pytest.raises(KeyError):
+        await outbox.drop(ids[0])

@@ -17,7 +17,9 @@ from errors import (
     CircuitOpen,
     CloudTimeout,
     CloudUnavailable,
+    Indeterminate,
     InvalidParams,
+    KeyBusy,
     Unauthorized,
     UnknownAction,
 )
@@ -501,3 +503,34 @@ def test_from_config_sends_the_cloud_key(tmp_path: Path) -> None:
     assert sync.endpoint == CLOUD
     assert sync.timeout_s == 4.0
     assert sync._headers == {"Authorization": "Bearer s3cret"}
+
+
+# -- keys the cloud still runs, and keys that may have run ------------------------------------
+
+
+async def test_a_busy_key_neither_stops_the_pass_nor_spends_an_attempt(parts: Parts) -> None:
+    keys = await _queue(parts.outbox, 4)
+    parts.send.failures[keys[1]] = [KeyBusy("the cloud still runs this request (409)")] * 5
+    counts = await parts.sync().push_pending_sync()
+    assert parts.send.keys == keys  # tried once this pass, the others went on
+    assert counts["sent"] == 3 and counts["remaining"] == 1 and counts["dead"] == 0
+    (left,) = await parts.outbox.pending()
+    assert left.idempotency_key == keys[1] and left.attempts == 0
+    for _ in range(5):  # never a dead letter, however long the first run takes
+        await parts.sync().push_pending_sync()
+    assert await parts.outbox.dead_letters() == []
+    await parts.sync().push_pending_sync()
+    assert await parts.outbox.depth() == 0
+
+
+async def test_a_key_that_may_have_run_is_parked_and_the_pass_goes_on(parts: Parts) -> None:
+    keys = await _queue(parts.outbox, 3)
+    parts.send.failures[keys[0]] = [Indeterminate("the cloud says it may have run (409)")]
+    counts = await parts.sync().push_pending_sync()
+    assert parts.send.keys == keys
+    assert counts["sent"] == 2 and counts["dead"] == 1 and counts["remaining"] == 0
+    (parked,) = await parts.outbox.dead_letters()
+    assert parked.status is OutboxStatus.INDETERMINATE and parked.attempts == 0
+    assert "may have run" in (parked.last_error or "")
+    await parts.sync().push_pending_sync()  # parked items are not replayed
+    assert parts.send.keys == keys
