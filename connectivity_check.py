@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from config.hybrid_config import redact_url
+
 if TYPE_CHECKING:
     from config.hybrid_config import HybridConfig
 
@@ -133,7 +135,7 @@ class ConnectivityChecker:
             return  # the visible state (offline) did not change
         log.warning(
             "cloud %s is now %s (after %d consecutive failures)",
-            self.endpoint,
+            redact_url(self.endpoint),
             "online" if online else "offline",
             self._consecutive_failures,
         )
@@ -187,7 +189,7 @@ class ConnectivityChecker:
         if ok:
             self.record_success()
         else:
-            log.info("connectivity probe of %s failed: %s", self.endpoint, reason)
+            log.info("connectivity probe of %s failed: %s", redact_url(self.endpoint), reason)
             self.record_failure()
         return ok
 
@@ -233,7 +235,7 @@ class ConnectivityChecker:
             "last_probe_ok": self._last_probe_ok,
             "last_change_at": _iso(self._last_change_at),
             "since_change_s": since_change_s,
-            "endpoint": self.endpoint,
+            "endpoint": redact_url(self.endpoint),
         }
 
 
