@@ -1,20 +1,33 @@
-"""The result envelope every path returns (DESIGN.md §4), built in this one place."""
+"""The result envelope every path returns, built in this one place."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from errors import HTTP_STATUS_BY_CODE, ActionError, Env, ErrorCode, Source
+from errors import HTTP_STATUS_BY_CODE, ActionError, Env, ErrorCode, InvalidParams, Source
 
 _MISSING: Any = object()
+
+# Visible ASCII only, 8 to 200 characters (as the IETF Idempotency-Key draft and Stripe allow):
+# a key travels in an HTTP header, where CR, LF or NUL would split or break the request.
+IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]{8,200}")
+IDEMPOTENCY_KEY_RULE = "8 to 200 visible ASCII characters (0x21-0x7E: no spaces, CR, LF or NUL)"
 
 
 def new_request_id() -> str:
     """Return a fresh request id (also used as the Idempotency-Key of cloud calls)."""
     return uuid.uuid4().hex
+
+
+def check_idempotency_key(key: object, *, what: str = "idempotency_key") -> str:
+    """Return ``key`` if it may travel in an ``Idempotency-Key`` header, else raise."""
+    if not isinstance(key, str) or not IDEMPOTENCY_KEY_RE.fullmatch(key):
+        raise InvalidParams(f"{what} must be {IDEMPOTENCY_KEY_RULE}")
+    return key
 
 
 @dataclass(slots=True)
@@ -93,7 +106,7 @@ class Envelope:
 
     @property
     def http_status(self) -> int:
-        """HTTP status of this outcome for ``/dispatch`` (DESIGN.md §4)."""
+        """HTTP status of this outcome for ``/dispatch``."""
         if self.queued:  # first: a queued envelope is 202 whether or not it is marked ok
             return 202
         if self.ok:

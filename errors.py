@@ -7,8 +7,12 @@
     └── ActionError                      one action failed; carries .code, .detail, .http_status
         ├── UnknownAction                404  unknown_action
         ├── InvalidParams                422  invalid_params
+        │   ├── BadRequest               400  invalid_params (a Host header not allowed here)
+        │   └── UnsupportedMediaType     415  invalid_params (a body that is not JSON)
         ├── HandlerError                 500  handler_error (the handler raised or returned junk)
         ├── Unauthorized                 401  unauthorized
+        │   └── Forbidden                403  unauthorized (cross-site, or public without a token)
+        ├── PayloadTooLarge              413  payload_too_large
         ├── CostCapReached               429  cost_cap_reached
         ├── CircuitOpen                  503  circuit_open
         ├── Offline                      503  offline
@@ -44,7 +48,7 @@ class Source(StrEnum):
 
 
 class ErrorCode(StrEnum):
-    """Machine-readable error codes of the envelope (DESIGN.md §4)."""
+    """Machine-readable error codes of the result envelope."""
 
     UNKNOWN_ACTION = "unknown_action"
     INVALID_PARAMS = "invalid_params"
@@ -55,6 +59,7 @@ class ErrorCode(StrEnum):
     COST_CAP_REACHED = "cost_cap_reached"
     CIRCUIT_OPEN = "circuit_open"
     UNAUTHORIZED = "unauthorized"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
 
 
 class EverReachError(Exception):
@@ -103,6 +108,18 @@ class InvalidParams(ActionError):
     NEVER_RAN = True
 
 
+class BadRequest(InvalidParams):
+    """The request itself is refused before its body is read (e.g. a Host not served here)."""
+
+    http_status = 400
+
+
+class UnsupportedMediaType(InvalidParams):
+    """The body's Content-Type is not one this server parses as JSON."""
+
+    http_status = 415
+
+
 class HandlerError(ActionError):
     code = ErrorCode.HANDLER_ERROR
     http_status = 500
@@ -111,6 +128,18 @@ class HandlerError(ActionError):
 class Unauthorized(ActionError):
     code = ErrorCode.UNAUTHORIZED
     http_status = 401
+    NEVER_RAN = True
+
+
+class Forbidden(Unauthorized):
+    """A token would not help: the request is cross-site, or the server is public without one."""
+
+    http_status = 403
+
+
+class PayloadTooLarge(ActionError):
+    code = ErrorCode.PAYLOAD_TOO_LARGE
+    http_status = 413
     NEVER_RAN = True
 
 
@@ -156,6 +185,7 @@ HTTP_STATUS_BY_CODE: dict[ErrorCode, int] = {
         InvalidParams,
         HandlerError,
         Unauthorized,
+        PayloadTooLarge,
         CostCapReached,
         CircuitOpen,
         Offline,

@@ -1,5 +1,4 @@
-"""Envelope and the error tree: the HTTP status of every outcome (DESIGN.md §4) and the JSON
-body's fields."""
+"""Envelope and the error tree: the HTTP status of every outcome and the JSON body's fields."""
 
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ from errors import (
     HandlerError,
     InvalidParams,
     Offline,
+    PayloadTooLarge,
     RegistryError,
     RouteTableError,
     Source,
@@ -33,8 +33,8 @@ from errors import (
 
 pytestmark = pytest.mark.prd200
 
-# DESIGN.md §4: 401 token, 404 unknown action, 422 bad params, 429 cost cap, 502 cloud error,
-# 503 circuit open / offline, 504 timeout; a handler that raised is a server-side 500.
+# The contract: 401 token, 404 unknown action, 413 body too large, 422 bad params, 429 cost cap,
+# 502 cloud error, 503 circuit open / offline, 504 timeout; a handler that raised is a 500.
 DESIGN_STATUS = {
     ErrorCode.UNKNOWN_ACTION: 404,
     ErrorCode.INVALID_PARAMS: 422,
@@ -45,6 +45,7 @@ DESIGN_STATUS = {
     ErrorCode.COST_CAP_REACHED: 429,
     ErrorCode.CIRCUIT_OPEN: 503,
     ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.PAYLOAD_TOO_LARGE: 413,
 }
 EXCEPTIONS: list[type[ActionError]] = [
     UnknownAction,
@@ -56,6 +57,7 @@ EXCEPTIONS: list[type[ActionError]] = [
     Offline,
     CloudUnavailable,
     CloudTimeout,
+    PayloadTooLarge,
 ]
 
 

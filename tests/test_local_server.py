@@ -13,16 +13,20 @@ from local_server import create_app
 pytestmark = pytest.mark.prd200
 
 
+# The test client sends "Host: testserver", a name the server must be told it answers to.
+IN_PROCESS = {"ALLOWED_HOSTS": "testserver"}
+
+
 @pytest.fixture
 def client(tmp_path):
-    config = HybridConfig.from_mapping({"DATA_DIR": str(tmp_path / "data")})
+    config = HybridConfig.from_mapping({"DATA_DIR": str(tmp_path / "data"), **IN_PROCESS})
     # The server answers faults itself; don't let the test client re-raise them.
     with TestClient(create_app(config), raise_server_exceptions=False) as test_client:
         yield test_client
 
 
 def test_lifespan_opens_and_closes_every_resource(tmp_path):
-    config = HybridConfig.from_mapping({"DATA_DIR": str(tmp_path / "data")})
+    config = HybridConfig.from_mapping({"DATA_DIR": str(tmp_path / "data"), **IN_PROCESS})
     app = create_app(config)
     with TestClient(app) as client:
         assert client.get("/health").json()["env"] == "local"
