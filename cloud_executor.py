@@ -29,7 +29,7 @@ import httpx
 
 from circuit_breaker import BreakerState, CircuitBreaker
 from cloud_routes import CloudRoutes
-from envelope import Envelope, new_request_id
+from envelope import Envelope, check_header_safe, new_request_id
 from errors import (
     ActionError,
     CircuitOpen,
@@ -143,7 +143,7 @@ class CloudExecutor:
     async def call(self, action: str, params: dict[str, Any], *, request_id: str) -> CloudResult:
         """POST the action (retrying transient failures); raise an ``ActionError`` on failure."""
         url = self.routes.url(action)
-        headers = {**self._auth, "Idempotency-Key": request_id}
+        headers = {**self._auth, "Idempotency-Key": check_header_safe(request_id)}
         body = {"params": params}
         started = time.perf_counter()
         ambiguous = False
