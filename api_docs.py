@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from request_body import REQUEST_MODELS, BatchBody, DispatchBody, ServeBody
+from request_body import REQUEST_MODELS, BatchBody, BatchItem, DispatchBody, ServeBody
 
 LOCAL_TOKEN = "localApiToken"
 CLOUD_KEY = "cloudKey"
@@ -47,6 +47,10 @@ def _components() -> dict[str, Any]:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
+    # The batch runner checks items itself (naming the one at fault); the docs show their shape.
+    schemas["BatchBody"]["properties"]["items"]["items"] = {
+        "$ref": f"#/components/schemas/{BatchItem.__name__}"
+    }
     return schemas
 
 
