@@ -144,6 +144,7 @@ HOSTILE: list[tuple[str, str, bytes]] = [
     ("/dispatch", "params-list", _echo('"params": [1]')),
     ("/dispatch", "typo", _echo('"parms": {"a": 1}')),
     ("/dispatch", "force-env", _echo('"force_env": "mars"')),
+    ("/dispatch", "force-cloud-without-a-cloud", _echo('"force_env": "cloud"')),
     ("/dispatch", "key-crlf", _echo('"idempotency_key": "key-0001\\r\\nX-Evil: 1"')),
     ("/dispatch", "key-nul", _echo('"idempotency_key": "key-0001\\u0000"')),
     ("/dispatch", "key-non-ascii", _echo('"idempotency_key": "cl\\u00e9-00000001"')),
