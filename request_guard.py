@@ -115,7 +115,8 @@ class RequestGuardMiddleware:
 
     def __init__(self, app: Any) -> None:
         self.app = app
-        self._public_listen: str | None = None  # the first public address found, once known
+        self._public_listen: str | None = None  # the first public address listened on
+        self._listen_known = False
         self._allowed: tuple[Any, frozenset[str]] | None = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -162,8 +163,11 @@ class RequestGuardMiddleware:
         server = scope.get("server")
         if server and is_public_ip(str(server[0])):
             return str(server[0])
-        if self._public_listen is None:
-            for address in listening_addresses() or ():
+        if not self._listen_known:
+            addresses = listening_addresses()
+            # The sockets are all bound before the first request; an in-process test has none.
+            self._listen_known = bool(addresses)
+            for address in addresses or ():
                 if is_public_ip(address):
                     self._public_listen = address
                     log.error(
