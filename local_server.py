@@ -36,7 +36,13 @@ from request_body import BatchBody, Body, DispatchBody, ServeBody, parse_json, r
 from request_guard import RequestGuardMiddleware
 from runtime import VERSION, Runtime
 from service_registry import check_action_name
-from structured_log import DISPATCH_LOGGER, config_secrets, configure_logging, log_dispatch
+from structured_log import (
+    DISPATCH_LOGGER,
+    config_secrets,
+    configure_logging,
+    log_dispatch,
+    redact,
+)
 
 _dispatch_log = logging.getLogger(DISPATCH_LOGGER)
 _fault_log = logging.getLogger("everreach.server")
@@ -123,7 +129,8 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings = config or HybridConfig.load()
-        configure_logging(secrets=config_secrets(settings))
+        app.state.secrets = config_secrets(settings)
+        configure_logging(secrets=app.state.secrets)
         async with Runtime.open(settings) as runtime:
             app.state.runtime = runtime
             yield
@@ -171,7 +178,9 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         # A fault of ours (disk full, a store gone): an envelope, never an HTML page, and never
         # a 202 — nothing was queued.
         _fault_log.exception("unexpected error", extra={"path": request.url.path})
-        fault = HandlerError(f"internal error: {type(exc).__name__}: {exc}"[:300])
+        # The text of an arbitrary exception may quote a DSN or URL: no secret leaves in it.
+        text = redact(f"{type(exc).__name__}: {exc}", getattr(request.app.state, "secrets", ()))
+        fault = HandlerError(f"internal error: {text}"[:300])
         return _error_response(str(getattr(request.state, "action", "") or ""), fault)
 
     @app.post("/dispatch")

@@ -62,3 +62,23 @@ def test_a_chunked_body_over_the_limit_is_refused(client):
 def test_the_status_page_is_html(client):
     answer = client.get("/")
     assert answer.status_code == 200 and "text/html" in answer.headers["content-type"]
+
+
+def test_an_unexpected_fault_quoting_a_secret_does_not_answer_it(tmp_path, monkeypatch):
+    secret = "pg-pass-0001"
+    config = HybridConfig.from_mapping(
+        {
+            "DATA_DIR": str(tmp_path / "data"),
+            "REDIS_URL": f"redis://:{secret}@127.0.0.1:1/0",
+            **IN_PROCESS,
+        }
+    )
+    with TestClient(create_app(config), raise_server_exceptions=False) as client:
+
+        async def leaky(*args: Any, **kwargs: Any) -> Any:
+            raise ConnectionError(f"could not reach redis://:{secret}@127.0.0.1:1/0")
+
+        monkeypatch.setattr(client.app.state.runtime.orchestrator, "route", leaky)
+        answer = client.post("/dispatch", json={"action": "system.echo"})
+    assert answer.status_code == 500 and "could not reach" in answer.json()["detail"]
+    assert secret not in answer.text
