@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -189,3 +190,32 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def app_client(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Start in-process apps: ``app_client(EVERREACH_CLOUD_KEY='k', ...)`` -> a ``TestClient``.
+
+    Each gets DATA_DIR under tmp_path and allows the "testserver" Host the test client sends
+    (pass ALLOWED_HOSTS to test the default). Faults come back as answers, not exceptions.
+    """
+    from fastapi.testclient import TestClient
+
+    from config.hybrid_config import HybridConfig
+    from local_server import create_app
+
+    with contextlib.ExitStack() as stack:
+        started = iter(range(1_000))
+
+        def start(**variables: str) -> TestClient:
+            config = HybridConfig.from_mapping(
+                {
+                    "DATA_DIR": str(tmp_path / f"app{next(started)}" / "data"),
+                    "ALLOWED_HOSTS": "testserver",
+                    **variables,
+                }
+            )
+            client = TestClient(create_app(config), raise_server_exceptions=False)
+            return stack.enter_context(client)
+
+        yield start

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from fastapi.testclient import TestClient
 
 from body_limit import MAX_BODY_BYTES
-from config.hybrid_config import HybridConfig
-from local_server import create_app
 
 
 @pytest.fixture
-def client(tmp_path) -> Iterator[TestClient]:
-    config = HybridConfig.from_mapping(
-        # The test client sends "Host: testserver"; the server is told it answers to that name.
-        {"DATA_DIR": str(tmp_path / "data"), "ALLOWED_HOSTS": "testserver"}
-    )
-    with TestClient(create_app(config), raise_server_exceptions=False) as test_client:
-        yield test_client
+def client(app_client: Callable[..., TestClient]) -> TestClient:
+    return app_client()
 
 
 def _assert_payload_too_large(answer) -> None:

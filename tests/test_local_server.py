@@ -73,12 +73,13 @@ def test_an_unexpected_fault_quoting_a_secret_does_not_answer_it(tmp_path, monke
             **IN_PROCESS,
         }
     )
-    with TestClient(create_app(config), raise_server_exceptions=False) as client:
+    app = create_app(config)
+    with TestClient(app, raise_server_exceptions=False) as client:
 
         async def leaky(*args: Any, **kwargs: Any) -> Any:
             raise ConnectionError(f"could not reach redis://:{secret}@127.0.0.1:1/0")
 
-        monkeypatch.setattr(client.app.state.runtime.orchestrator, "route", leaky)
+        monkeypatch.setattr(app.state.runtime.orchestrator, "route", leaky)
         answer = client.post("/dispatch", json={"action": "system.echo"})
     assert answer.status_code == 500 and "could not reach" in answer.json()["detail"]
     assert secret not in answer.text

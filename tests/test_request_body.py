@@ -5,15 +5,13 @@ Every hostile body gets a 4xx envelope (never a 5xx), and bad input never opens 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from config.hybrid_config import HybridConfig
 from errors import InvalidParams, UnsupportedMediaType
-from local_server import create_app
 from request_body import DispatchBody, check_content_type, parse_json, read_body
 
 KEY = "cloud-key-for-tests"
@@ -106,17 +104,8 @@ def test_the_action_name_is_checked_before_the_other_fields() -> None:
 
 
 @pytest.fixture
-def client(tmp_path) -> Iterator[TestClient]:
-    config = HybridConfig.from_mapping(
-        # The test client sends "Host: testserver"; the server is told it answers to that name.
-        {
-            "DATA_DIR": str(tmp_path / "data"),
-            "ALLOWED_HOSTS": "testserver",
-            "EVERREACH_CLOUD_KEY": KEY,
-        }
-    )
-    with TestClient(create_app(config), raise_server_exceptions=False) as test_client:
-        yield test_client
+def client(app_client: Callable[..., TestClient]) -> TestClient:
+    return app_client(EVERREACH_CLOUD_KEY=KEY)
 
 
 def _echo(extra: str) -> bytes:

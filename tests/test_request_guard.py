@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from config.hybrid_config import HybridConfig
-from local_server import create_app
 from request_guard import allowed_hosts, host_allowed, is_public_ip, listening_addresses
 from tests.conftest import ROOT, ServerProcess, free_port
 
@@ -83,25 +81,20 @@ def test_listening_addresses_sees_this_process_sockets() -> None:
 # -- in-process -----------------------------------------------------------------------------------
 
 
-def _client(tmp_path: Path, **variables: str) -> TestClient:
-    config = HybridConfig.from_mapping({"DATA_DIR": str(tmp_path / "data"), **variables})
-    return TestClient(create_app(config), raise_server_exceptions=False)
-
-
 @pytest.fixture
-def client(tmp_path: Path) -> Iterator[TestClient]:
-    # The test client sends "Host: testserver"; the server is told it answers to that name.
-    with _client(tmp_path, ALLOWED_HOSTS="testserver") as test_client:
-        yield test_client
+def client(app_client: Callable[..., TestClient]) -> TestClient:
+    return app_client()
 
 
-def test_by_default_only_loopback_host_names_are_served(tmp_path: Path) -> None:
-    with _client(tmp_path) as test_client:
-        refused = test_client.get("/health")
-        assert refused.status_code == 400
-        assert refused.json()["error"] == "invalid_params"
-        assert "ALLOWED_HOSTS" in refused.json()["detail"]
-        assert test_client.get("/health", headers={"Host": "localhost:8080"}).status_code == 200
+def test_by_default_only_loopback_host_names_are_served(
+    app_client: Callable[..., TestClient],
+) -> None:
+    test_client = app_client(ALLOWED_HOSTS="")
+    refused = test_client.get("/health")
+    assert refused.status_code == 400
+    assert refused.json()["error"] == "invalid_params"
+    assert "ALLOWED_HOSTS" in refused.json()["detail"]
+    assert test_client.get("/health", headers={"Host": "localhost:8080"}).status_code == 200
 
 
 @pytest.mark.parametrize(
