@@ -6,9 +6,8 @@ processes on this machine (``--host 0.0.0.0`` with HOST unset, as a user might s
 
 from __future__ import annotations
 
-import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -16,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from request_guard import allowed_hosts, host_allowed, is_public_ip, listening_addresses
-from tests.conftest import ROOT, ServerProcess, free_port
+from tests.conftest import ServerProcess
 
 ECHO = {"action": "system.echo", "params": {"hi": 1}}
 
@@ -141,29 +140,6 @@ def test_reads_from_another_origin_are_left_to_the_browsers_same_origin_policy(
 # -- real processes --------------------------------------------------------------------------------
 
 
-def _raw_server(tmp_path: Path, name: str, *args: str, **variables: str) -> ServerProcess:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("EVERREACH_", "CLOUD_", "LOCAL_", "COST_", "CACHE_", "SUPABASE_"))
-        and key not in ("DATABASE_URL", "REDIS_URL", "OFFLINE_MODE", "DATA_DIR", "HOST", "PORT")
-        and key != "ALLOWED_HOSTS"
-    }
-    env.update(PYTHONPATH=str(ROOT), DATA_DIR=str(tmp_path / name / "data"), **variables)
-    server = ServerProcess(
-        env=env, port=free_port(), log_path=tmp_path / f"{name}.log", extra_args=list(args)
-    )
-    return server.start()
-
-
-@pytest.fixture
-def raw_servers(tmp_path: Path) -> Iterator[list[ServerProcess]]:
-    servers: list[ServerProcess] = []
-    yield servers
-    for server in servers:
-        server.stop()
-
-
 def _non_loopback_ip() -> str | None:
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -176,11 +152,10 @@ def _non_loopback_ip() -> str | None:
 
 @pytest.mark.e2e
 def test_a_server_listening_on_all_addresses_without_a_token_serves_nothing_but_health(
-    tmp_path: Path, raw_servers: list[ServerProcess]
+    server_factory: Callable[..., ServerProcess],
 ) -> None:
     # HOST is unset: the old check read HOST (127.0.0.1) and served /dispatch to the network.
-    server = _raw_server(tmp_path, "public", "--host", "0.0.0.0")
-    raw_servers.append(server)
+    server = server_factory(name="public", args=["--host", "0.0.0.0"])
     urls = [server.url]
     public_ip = _non_loopback_ip()
     if public_ip is not None:
@@ -196,10 +171,11 @@ def test_a_server_listening_on_all_addresses_without_a_token_serves_nothing_but_
 
 @pytest.mark.e2e
 def test_a_server_listening_on_all_addresses_with_a_token_serves_with_it(
-    tmp_path: Path, raw_servers: list[ServerProcess]
+    server_factory: Callable[..., ServerProcess],
 ) -> None:
-    server = _raw_server(tmp_path, "token", "--host", "0.0.0.0", LOCAL_API_TOKEN="t0ken-for-tests")
-    raw_servers.append(server)
+    server = server_factory(
+        name="token", args=["--host", "0.0.0.0"], LOCAL_API_TOKEN="t0ken-for-tests"
+    )
     auth = {"Authorization": "Bearer t0ken-for-tests"}
     answer = httpx.post(f"{server.url}/dispatch", json=ECHO, headers=auth, timeout=10)
     assert answer.status_code == 200 and answer.json()["result"] == {"hi": 1}
@@ -207,10 +183,9 @@ def test_a_server_listening_on_all_addresses_with_a_token_serves_with_it(
 
 @pytest.mark.e2e
 def test_a_real_server_refuses_a_rebound_host_and_a_cross_site_post_but_serves_curl(
-    tmp_path: Path, raw_servers: list[ServerProcess]
+    server_factory: Callable[..., ServerProcess],
 ) -> None:
-    server = _raw_server(tmp_path, "loopback")
-    raw_servers.append(server)
+    server = server_factory(name="loopback")
     rebound = httpx.post(
         f"{server.url}/dispatch", json=ECHO, headers={"Host": "evil.example"}, timeout=10
     )
