@@ -152,7 +152,7 @@ class RequestGuardMiddleware:
                     f"is not set; set LOCAL_API_TOKEN or listen on 127.0.0.1 only"
                 )
         if scope["method"] not in _SAFE_METHODS:
-            _check_same_origin(headers, scope.get("scheme", "http"), host)
+            _check_same_origin(headers, host)
 
     def _allowed_for(self, config: Any) -> frozenset[str]:
         if self._allowed is None or self._allowed[0] is not config:
@@ -178,7 +178,7 @@ class RequestGuardMiddleware:
         return self._public_listen
 
 
-def _check_same_origin(headers: dict[str, str], scheme: str, host: str) -> None:
+def _check_same_origin(headers: dict[str, str], host: str) -> None:
     site = headers.get("sec-fetch-site", "").strip().lower()
     if site in ("cross-site", "same-site"):
         raise Forbidden(
@@ -186,7 +186,11 @@ def _check_same_origin(headers: dict[str, str], scheme: str, host: str) -> None:
             f"its own pages or from a program"
         )
     origin = headers.get("origin")
-    if origin is not None and origin.strip().lower().rstrip("/") != f"{scheme}://{host}".lower():
+    # Host part only: behind a TLS proxy the page is https:// while this server sees http://.
+    if (
+        origin is not None
+        and origin.strip().lower().partition("://")[2].rstrip("/") != host.lower()
+    ):
         raise Forbidden(
             f"refused a request from another origin ({origin[:100]!r}); call this server from "
             f"its own pages or from a program"

@@ -101,6 +101,7 @@ def test_by_default_only_loopback_host_names_are_served(
     [
         {"Origin": "https://evil.example"},
         {"Origin": "http://localhost:3000"},
+        {"Origin": "http://testserver.evil.example"},
         {"Origin": "null"},
         {"Sec-Fetch-Site": "cross-site"},
         {"Sec-Fetch-Site": "same-site"},
