@@ -5,7 +5,8 @@ sees it. JSON is read as RFC 8259 defines it, not as Python's ``json`` module al
 
 * NaN, Infinity, -Infinity and numbers that overflow a float (``1e999``) are refused;
 * integers past Python's 4300-digit conversion limit are refused (not a ``ValueError`` 500);
-* nesting deeper than ``MAX_DEPTH`` is refused before parsing (no ``RecursionError``);
+* nesting deeper than ``MAX_DEPTH`` is refused (no ``RecursionError`` later, in a handler or
+  an encoder);
 * strings must be valid Unicode: a lone UTF-16 surrogate (``"\\ud800"``) cannot be written to
   UTF-8 (logs, SQLite, the answer) and is refused.
 
@@ -85,8 +86,6 @@ def parse_json(raw: bytes) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidParams(f"the body is not UTF-8: {exc}") from None
-    if _depth(text) > MAX_DEPTH:
-        raise InvalidParams(f"the body is nested deeper than {MAX_DEPTH} levels")
     try:
         value = json.loads(
             text,
@@ -96,8 +95,11 @@ def parse_json(raw: bytes) -> Any:
         )
     except json.JSONDecodeError as exc:
         raise InvalidParams(f"the body is not valid JSON: {exc}") from None
-    except RecursionError:  # a depth the pre-scan missed must still not be a 500
+    except RecursionError:
         raise InvalidParams(f"the body is nested deeper than {MAX_DEPTH} levels") from None
+    # Only now, on valid JSON, is the string-skipping scan linear (every string is closed).
+    if _depth(text) > MAX_DEPTH:
+        raise InvalidParams(f"the body is nested deeper than {MAX_DEPTH} levels")
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:

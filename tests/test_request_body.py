@@ -42,6 +42,8 @@ def _nested(depth: int) -> list[Any]:
         (b'{"\\udfff": 1}', "lone UTF-16 surrogate"),
         (b"\xff\xfe{}", "not UTF-8"),
         (b"{broken", "not valid JSON"),
+        # An unclosed string of escaped quotes: refused by the parser before any scan of it.
+        (b'{"a": "' + b'\\"' * 400_000, "Unterminated string"),
     ],
 )
 def test_parse_json_refuses_what_rfc_8259_or_utf_8_does_not_allow(raw: bytes, why: str) -> None:
