@@ -39,7 +39,7 @@ import httpx
 from circuit_breaker import BreakerState, CircuitBreaker
 from cloud_routes import CloudRoutes
 from cost_rates import MAX_RATE_USD
-from envelope import Envelope, new_request_id
+from envelope import Envelope, check_header_safe, new_request_id
 from errors import (
     ActionError,
     CircuitOpen,
@@ -188,7 +188,7 @@ class CloudExecutor:
         replay moves on to other items instead of waiting).
         """
         url = self.routes.url(action)
-        headers = {**self._auth, "Idempotency-Key": request_id}
+        headers = {**self._auth, "Idempotency-Key": check_header_safe(request_id)}
         if cost_limit_usd is not None:
             headers["Cost-Limit"] = decimal_text(cost_limit_usd)
         content = _encode_request(action, params, headers)

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from config.hybrid_config import redact_url
+
 if TYPE_CHECKING:
     from config.hybrid_config import HybridConfig
 
@@ -144,7 +146,7 @@ class ConnectivityChecker:
             return  # the visible state (offline) did not change
         log.warning(
             "cloud %s is now %s (after %d consecutive failures)",
-            self.endpoint,
+            redact_url(self.endpoint),
             "online" if online else "offline",
             self._consecutive_failures,
         )
@@ -200,7 +202,7 @@ class ConnectivityChecker:
             if self._auth_headers:
                 await self._probe_auth()
         else:
-            log.info("connectivity probe of %s failed: %s", self.endpoint, reason)
+            log.info("connectivity probe of %s failed: %s", redact_url(self.endpoint), reason)
             self.record_failure()
         return ok
 
@@ -273,7 +275,7 @@ class ConnectivityChecker:
             "last_probe_ok": self._last_probe_ok,
             "last_change_at": _iso(self._last_change_at),
             "since_change_s": since_change_s,
-            "endpoint": self.endpoint,
+            "endpoint": redact_url(self.endpoint),
         }
 
 

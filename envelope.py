@@ -2,19 +2,52 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from errors import HTTP_STATUS_BY_CODE, ActionError, CostLimitExceeded, Env, ErrorCode, Source
+from errors import (
+    HTTP_STATUS_BY_CODE,
+    ActionError,
+    CostLimitExceeded,
+    Env,
+    ErrorCode,
+    InvalidParams,
+    Source,
+)
 
 _MISSING: Any = object()
+
+# Visible ASCII only, 8 to 200 characters (as the IETF Idempotency-Key draft and Stripe allow):
+# a key travels in an HTTP header, where CR, LF or NUL would split or break the request.
+IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]{8,200}")
+IDEMPOTENCY_KEY_RULE = "8 to 200 visible ASCII characters (0x21-0x7E: no spaces, CR, LF or NUL)"
+_HEADER_SAFE_RE = re.compile(r"[\x21-\x7e]+")
 
 
 def new_request_id() -> str:
     """Return a fresh request id (also used as the Idempotency-Key of cloud calls)."""
     return uuid.uuid4().hex
+
+
+def check_idempotency_key(key: object, *, what: str = "idempotency_key") -> str:
+    """Return ``key`` if it may travel in an ``Idempotency-Key`` header, else raise."""
+    if not isinstance(key, str) or not IDEMPOTENCY_KEY_RE.fullmatch(key):
+        raise InvalidParams(f"{what} must be {IDEMPOTENCY_KEY_RULE}")
+    return key
+
+
+def check_header_safe(key: str) -> str:
+    """Return ``key`` if it can be sent as a header value as it is (visible ASCII), else raise.
+
+    The last guard before a request id leaves in ``Idempotency-Key``: keys are checked in full
+    where they enter (``check_idempotency_key``); this one holds for ids made in code too.
+    """
+    if not _HEADER_SAFE_RE.fullmatch(key):
+        raise InvalidParams(f"an idempotency key must be {IDEMPOTENCY_KEY_RULE}")
+    return key
 
 
 @dataclass(slots=True)

@@ -7,8 +7,12 @@
     └── ActionError                      one action failed; carries .code, .detail, .http_status
         ├── UnknownAction                404  unknown_action
         ├── InvalidParams                422  invalid_params
+        │   ├── BadRequest               400  invalid_params (a Host header not allowed here)
+        │   └── UnsupportedMediaType     415  invalid_params (a body that is not JSON)
         ├── HandlerError                 500  handler_error (the handler raised or returned junk)
         ├── Unauthorized                 401  unauthorized
+        │   └── Forbidden                403  unauthorized (cross-site, or public without a token)
+        ├── PayloadTooLarge              413  payload_too_large
         ├── CostCapReached               429  cost_cap_reached
         ├── CostLimitExceeded            402  cost_limit_exceeded (the call's price > Cost-Limit)
         ├── StorageUnavailable           503  storage_unavailable (disk full, a store not answering)
@@ -66,6 +70,7 @@ class ErrorCode(StrEnum):
     INDETERMINATE = "indeterminate"
     NOT_FOUND = "not_found"
     STORAGE_UNAVAILABLE = "storage_unavailable"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
 
 
 class EverReachError(Exception):
@@ -114,6 +119,18 @@ class InvalidParams(ActionError):
     NEVER_RAN = True
 
 
+class BadRequest(InvalidParams):
+    """The request itself is refused before its body is read (e.g. a Host not served here)."""
+
+    http_status = 400
+
+
+class UnsupportedMediaType(InvalidParams):
+    """The body's Content-Type is not one this server parses as JSON."""
+
+    http_status = 415
+
+
 class HandlerError(ActionError):
     code = ErrorCode.HANDLER_ERROR
     http_status = 500
@@ -122,6 +139,18 @@ class HandlerError(ActionError):
 class Unauthorized(ActionError):
     code = ErrorCode.UNAUTHORIZED
     http_status = 401
+    NEVER_RAN = True
+
+
+class Forbidden(Unauthorized):
+    """A token would not help: the request is cross-site, or the server is public without one."""
+
+    http_status = 403
+
+
+class PayloadTooLarge(ActionError):
+    code = ErrorCode.PAYLOAD_TOO_LARGE
+    http_status = 413
     NEVER_RAN = True
 
 
@@ -245,6 +274,7 @@ HTTP_STATUS_BY_CODE: dict[ErrorCode, int] = {
         InvalidParams,
         HandlerError,
         Unauthorized,
+        PayloadTooLarge,
         CostCapReached,
         CostLimitExceeded,
         StorageUnavailable,

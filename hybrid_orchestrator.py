@@ -226,10 +226,10 @@ class HybridOrchestrator:
                 envelope = await self._run_local(action, params, request_id, route, "cloud")
                 envelope.source = Source.CLOUD
                 return envelope
-            raise CloudUnavailable(
+            # Only force_env='cloud' gets here: the caller asked for what this instance lacks.
+            raise InvalidParams(
                 "no cloud is configured: set CLOUD_ENDPOINT and EVERREACH_CLOUD_KEY, or run "
-                "the action with force_env='local'",
-                never_ran=True,
+                "the action with force_env='local'"
             )
         if self.is_offline():
             why = "OFFLINE_MODE=true" if self.config.offline_mode else "the cloud is unreachable"

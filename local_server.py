@@ -5,13 +5,15 @@
 closed in the lifespan (``Runtime.open``); importing this module does nothing but build objects.
 
 Errors become responses in one place (``_envelope_response`` and the exception handlers): the
-body is always the result envelope, or FastAPI's validation error for a 422 on the body shape.
+body is always the result envelope, encoded so that no input can make the answer itself fail.
+Bodies are read by ``request_body`` (strict JSON, pydantic models that forbid unknown fields);
+``request_guard`` and ``body_limit`` refuse requests before any route runs; ``api_docs`` serves
+the OpenAPI document and Swagger UI at ``/docs`` from local files.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,10 +22,13 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, Response
+from fastapi_offline import FastAPIOffline
 
+from api_docs import install_openapi
+from body_limit import BodyLimitMiddleware, envelope_bytes
 from config.hybrid_config import HybridConfig
-from envelope import Envelope, new_request_id
+from envelope import Envelope, check_idempotency_key, new_request_id
 from errors import (
     ActionError,
     CostLimitExceeded,
@@ -39,11 +44,26 @@ from errors import (
 from idempotency import ClaimState
 from local_batch import batch_execute
 from offline_cache import params_hash
+from request_body import (
+    BatchBody,
+    Body,
+    DispatchBody,
+    RetryBody,
+    ServeBody,
+    parse_json,
+    read_body,
+)
+from request_guard import RequestGuardMiddleware
 from runtime import VERSION, IdempotencyStores, Runtime
-from service_registry import idempotency_key_scope
-from structured_log import DISPATCH_LOGGER, config_secrets, configure_logging, log_dispatch
+from service_registry import check_action_name, idempotency_key_scope
+from structured_log import (
+    DISPATCH_LOGGER,
+    config_secrets,
+    configure_logging,
+    log_dispatch,
+    redact,
+)
 
-MAX_BODY_BYTES = 1024 * 1024
 # How long a repeat of a running key waits for it before answering 409: well inside the
 # client's timeout, so the client hears "busy" instead of timing out (which would count
 # against the cloud). At most this, and at most a quarter of CLOUD_TIMEOUT_SEC.
@@ -54,64 +74,6 @@ _NEVER_REACHED = frozenset(
 )
 _dispatch_log = logging.getLogger(DISPATCH_LOGGER)
 _fault_log = logging.getLogger("everreach.server")
-
-
-class BodyTooLarge(Exception):
-    """The request body passed MAX_BODY_BYTES."""
-
-
-class BodyLimitMiddleware:
-    """Refuse bodies over ``max_bytes`` with 413, by Content-Length or while streaming."""
-
-    def __init__(self, app: Any, max_bytes: int = MAX_BODY_BYTES) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await self._refuse(send)
-                return
-        seen = 0
-
-        async def limited() -> Any:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise BodyTooLarge
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except BodyTooLarge:
-            await self._refuse(send)
-
-    async def _refuse(self, send: Any) -> None:
-        body = json.dumps(
-            {
-                "ok": False,
-                "error": "invalid_params",
-                "source": None,
-                "detail": f"request body is larger than {self.max_bytes} bytes (1 MiB); "
-                f"split the batch or send less data",
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
 
 
 def _bearer_matches(request: Request, expected: str) -> bool:
@@ -125,25 +87,29 @@ def _bearer_matches(request: Request, expected: str) -> bool:
     )
 
 
-def _envelope_response(envelope: Envelope) -> JSONResponse:
-    return JSONResponse(envelope.to_dict(), status_code=envelope.http_status)
-
-
-def _error_response(action: str, exc: ActionError, request_id: str | None = None) -> JSONResponse:
-    return _envelope_response(
-        Envelope.failure(action, exc, source=None, request_id=request_id or new_request_id())
+def _json(
+    body: dict[str, Any], status_code: int, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(
+        envelope_bytes(body),
+        status_code=status_code,
+        headers=headers,
+        media_type="application/json",
     )
 
 
-async def _json_object(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = json.loads(raw) if raw else None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidParams(f"the body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidParams('the body must be a JSON object, e.g. {"action": "system.echo"}')
-    return body
+def _envelope_response(envelope: Envelope) -> Response:
+    return _json(envelope.to_dict(), envelope.http_status)
+
+
+def _error_response(action: str, exc: ActionError, request_id: str | None = None) -> Response:
+    # The exception's own status: several statuses share a code (403 and 401 are unauthorized).
+    envelope = Envelope.failure(action, exc, source=None, request_id=request_id or new_request_id())
+    return _json(envelope.to_dict(), exc.http_status)
+
+
+async def _read(request: Request, model: type[Body]) -> Body:
+    return read_body(await request.body(), request.headers.get("content-type"), model)
 
 
 async def _once(
@@ -168,18 +134,14 @@ async def _once(
     """
     claim = await store.wait(key, action, digest, timeout_s=timeout_s, rerun_if_dead=rerun_if_dead)
     if claim.state is ClaimState.DONE:
-        return JSONResponse(
-            claim.body,
-            status_code=claim.status_code or 200,
-            headers={"Idempotent-Replayed": "true"},
-        )
+        return _json(claim.body, claim.status_code or 200, {"Idempotent-Replayed": "true"})
     if claim.state is ClaimState.MISMATCH:
         raise InvalidParams(f"{what} was already used for another action or other params")
     if claim.state is ClaimState.RUNNING:
         # The envelope's shape, with a code of its own: the first call is still running.
         busy = Envelope(ok=False, action=action, source=None, request_id=key).to_dict()
         busy.update(error="conflict", detail=f"a request with this {what} is still running")
-        return JSONResponse(busy, status_code=409, headers={"Retry-After": "1"})
+        return _json(busy, 409, {"Retry-After": "1"})
     if claim.state is ClaimState.INDETERMINATE:
         exc = Indeterminate(
             f"the process that ran this {what} died mid-handler: {action} may have run; it is "
@@ -229,16 +191,22 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings = config or HybridConfig.load()
-        configure_logging(
-            settings.log_level, fmt=settings.log_format, secrets=config_secrets(settings)
-        )
+        app.state.secrets = config_secrets(settings)
+        configure_logging(settings.log_level, fmt=settings.log_format, secrets=app.state.secrets)
         async with Runtime.open(settings) as runtime:
             app.state.runtime = runtime
             yield
         app.state.runtime = None
 
-    app = FastAPI(title="EverReach hybrid orchestrator", version=VERSION, lifespan=lifespan)
+    app = FastAPIOffline(
+        title="EverReach hybrid orchestrator",
+        version=VERSION,
+        lifespan=lifespan,
+        static_url="/docs-assets",
+    )
+    install_openapi(app)
     app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(RequestGuardMiddleware)  # added last: runs first
 
     def rt(request: Request) -> Runtime:
         runtime: Runtime = request.app.state.runtime
@@ -264,37 +232,29 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
             )
 
     @app.exception_handler(ActionError)
-    async def on_action_error(request: Request, exc: ActionError) -> JSONResponse:
+    async def on_action_error(request: Request, exc: ActionError) -> Response:
         return _error_response(str(getattr(request.state, "action", "") or ""), exc)
 
     @app.exception_handler(Exception)
-    async def on_fault(request: Request, exc: Exception) -> JSONResponse:
+    async def on_fault(request: Request, exc: Exception) -> Response:
         # A fault of ours (disk full, a store gone): an envelope, never an HTML page, and never
         # a 202 — nothing was queued.
         _fault_log.exception("unexpected error", extra={"path": request.url.path})
-        fault = storage_fault(exc) or HandlerError(
-            f"internal error: {type(exc).__name__}: {exc}"[:300]
-        )
+        # The text of an arbitrary exception may quote a DSN or URL: no secret leaves in it.
+        text = redact(f"{type(exc).__name__}: {exc}", getattr(request.app.state, "secrets", ()))
+        fault = storage_fault(exc) or HandlerError(f"internal error: {text}"[:300])
         return _error_response(str(getattr(request.state, "action", "") or ""), fault)
 
     @app.post("/dispatch")
     async def dispatch(request: Request) -> Response:
         runtime = rt(request)
         check_local_token(request)
-        body = await _json_object(request)
-        action = body.get("action")
-        request.state.action = action if isinstance(action, str) else ""
-        if not isinstance(action, str):
-            raise InvalidParams("'action' is required: a 'service.topic' string")
-        params = body.get("params", {})
-        if params is None:
-            params = {}
-        if not isinstance(params, dict):
-            raise InvalidParams(f"'params' must be a JSON object; got {type(params).__name__}")
-        force_env = body.get("force_env")
-        key = body.get("idempotency_key")
-        if key is not None and (not isinstance(key, str) or not 8 <= len(key) <= 200):
-            raise InvalidParams("'idempotency_key' must be a string of 8 to 200 characters")
+        body = await _read(request, DispatchBody)
+        action = body.action
+        request.state.action = action
+        params = body.params or {}
+        force_env = body.force_env
+        key = body.idempotency_key
         if key is None:
             envelope = await _route(runtime, action, params, force_env, new_request_id())
             return _envelope_response(envelope)
@@ -351,20 +311,15 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
     async def batch(request: Request) -> Response:
         runtime = rt(request)
         check_local_token(request)
-        body = await _json_object(request)
-        items = body.get("items")
-        if not isinstance(items, list):
-            raise InvalidParams("'items' is required: a list of {action, params} objects")
-        max_concurrent = body.get("max_concurrent", 3)
-        if not isinstance(max_concurrent, int) or isinstance(max_concurrent, bool):
-            raise InvalidParams("'max_concurrent' must be an integer")
+        body = await _read(request, BatchBody)
+        items, max_concurrent = body.items, body.max_concurrent
 
         async def route(
             action: str, params: dict[str, Any] | None, force_env: str | None
         ) -> Envelope:
             return await _route(runtime, action, params or {}, force_env, new_request_id())
 
-        return JSONResponse(await batch_execute(items, max_concurrent, route=route))
+        return _json(await batch_execute(items, max_concurrent, route=route), 200)
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
@@ -391,22 +346,16 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
     @app.post("/api/services/{service}/{topic}")
     async def serve_action(service: str, topic: str, request: Request) -> Response:
         runtime = rt(request)
-        action = f"{service}.{topic}"
+        action = check_action_name(f"{service}.{topic}")
         request.state.action = action
         check_cloud_key(request)
-        body = await _json_object(request)
-        params = body.get("params", {})
-        if params is None:
-            params = {}
-        if not isinstance(params, dict):
-            raise InvalidParams(f"'params' must be a JSON object; got {type(params).__name__}")
+        params = (await _read(request, ServeBody)).params or {}
         if runtime.local.has(action):  # an unknown action is a 404 below, whatever its price
             _check_cost_limit(action, runtime.rates.rate(action), request.headers.get("cost-limit"))
         key = request.headers.get("idempotency-key")
         if key is None:
             return _envelope_response(await _serve(runtime, action, params, new_request_id()))
-        if not 8 <= len(key) <= 200:
-            raise InvalidParams("Idempotency-Key must be 8 to 200 characters")
+        check_idempotency_key(key, what="the Idempotency-Key header")
         return await _once(
             runtime.idempotency,
             key,
@@ -444,7 +393,10 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         check_cloud_key(request)
         runtime = rt(request)
         assert runtime.state_sync is not None
-        return await runtime.state_sync.accept_state(await _json_object(request))
+        state = parse_json(await request.body())
+        if not isinstance(state, dict):
+            raise InvalidParams("the body must be a JSON object of state entries")
+        return await runtime.state_sync.accept_state(state)
 
     @app.get("/api/schedules")
     async def schedules(request: Request) -> dict[str, Any]:
@@ -466,11 +418,7 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
     async def retry_outbox_item(item_id: str, request: Request) -> dict[str, Any]:
         """Queue a dead letter again; an indeterminate one needs ``{"rerun": true}``."""
         check_local_token(request)
-        raw = await request.body()
-        body = await _json_object(request) if raw.strip() else {}
-        rerun = body.get("rerun", False)
-        if not isinstance(rerun, bool):
-            raise InvalidParams("'rerun' must be true or false")
+        rerun = (await _read(request, RetryBody)).rerun
         runtime = rt(request)
         try:
             item = await runtime.outbox.retry_dead(item_id, rerun=rerun)

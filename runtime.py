@@ -21,7 +21,7 @@ import httpx
 
 from circuit_breaker import CircuitBreaker
 from cloud_executor import CloudExecutor, RetryPolicy
-from config.hybrid_config import HybridConfig
+from config.hybrid_config import HybridConfig, redact_url
 from connectivity_check import ConnectivityChecker
 from cost_guard import CostGuard
 from cost_rates import CostRates
@@ -188,7 +188,7 @@ class Runtime:
             extra={
                 "env": config.everreach_env.value,
                 "actions": len(self.registry.actions()),
-                "cloud": config.cloud_endpoint,
+                "cloud": redact_url(config.cloud_endpoint),
                 "bus": self.bus.backend,
             },
         )

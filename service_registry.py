@@ -79,6 +79,21 @@ def check_action_name(action: object) -> str:
     return action
 
 
+def _check_params(action: str, params: Any) -> None:
+    """Refuse params that are not JSON before the handler runs: that is the caller's fault.
+
+    A handler that echoed NaN or a lone surrogate would fail to encode its answer and count as a
+    handler failure, so three bad requests would open the action's circuit for everyone.
+    """
+    try:
+        json.dumps(params, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+        raise InvalidParams(
+            f"params of {action} are not JSON (NaN, Infinity or a lone surrogate?): "
+            f"{type(exc).__name__}"
+        ) from None
+
+
 def register(action: str) -> Callable[[Handler], Handler]:
     """Declare ``func`` as the handler of ``action``; declaring an action twice is an error."""
     check_action_name(action)
@@ -176,6 +191,7 @@ class ServiceRegistry:
             near = self.near(action)
             hint = f"; did you mean {', '.join(near)}?" if near else ""
             raise UnknownAction(f"no handler is registered for {action!r}{hint}", near=near)
+        _check_params(action, params)
         try:
             if self._is_async[action]:
                 result = await handler(params)

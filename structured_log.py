@@ -71,11 +71,13 @@ def config_secrets(config: Any) -> list[str]:
             found.append(value)
         if isinstance(value, str) and "://" in value:
             try:
-                password = urlsplit(value).password
+                parts = urlsplit(value)
+                # A user name alone is often the token itself (https://token@host).
+                secret = parts.password or parts.username
             except ValueError:
-                password = None
-            if password:
-                found.append(password)
+                secret = None
+            if secret:
+                found.append(secret)
     return [value for value in found if value and value.strip()]
 
 

@@ -33,7 +33,6 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -43,6 +42,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 import bus_store
+from config.hybrid_config import redact_url
 from sqlite_file import SqliteFile, Synchronous, utc_iso
 
 if TYPE_CHECKING:
@@ -70,18 +70,6 @@ class BusBackend(StrEnum):
 def stream_key(topic: str) -> str:
     """Return the Redis stream that carries ``topic``."""
     return f"{STREAM_PREFIX}{topic}"
-
-
-def redact_url(url: str | None) -> str | None:
-    """Return ``url`` with its password replaced by ``***`` (for logs, /health, /status)."""
-    if not url:
-        return url
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _short(exc: BaseException) -> str:

@@ -46,8 +46,14 @@ _URL_FIELDS = frozenset(
 )
 
 
-def redact_url(url: str) -> str:
-    """Return ``url`` with any user:password part replaced by ``***``."""
+def redact_url(url: str | None) -> str | None:
+    """Return ``url`` with any user:password part replaced by ``***`` (None stays None).
+
+    The one redaction of URLs for answers, pages, logs and errors: the whole userinfo goes, as a
+    lone user name may itself be a token (``https://token@host``).
+    """
+    if not url:
+        return url
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -84,6 +90,7 @@ class HybridConfig(BaseSettings):
     local_api_token: SecretStr | None = None
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
+    allowed_hosts: str = ""
     everreach_services: str = ""
     route_table_path: Path | None = None
     data_dir: Path = Path("./data")
@@ -150,6 +157,17 @@ class HybridConfig(BaseSettings):
     @classmethod
     def _blank_path_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: str) -> str:
+        for name in (part.strip() for part in value.split(",")):
+            if name and (any(c in name for c in " /@") or "*" in name.lstrip("*.")):
+                raise ValueError(
+                    f"ALLOWED_HOSTS must be comma-separated host names such as "
+                    f"'localhost,api.example.com', '*.example.com' or '*'; {name!r} is not one"
+                )
+        return value
 
     @field_validator("everreach_services")
     @classmethod

@@ -12,9 +12,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -84,7 +85,15 @@ def free_port() -> int:
 
 # Configuration variables of the developer's shell must not leak into test servers.
 _CONFIG_PREFIXES = ("EVERREACH_", "CLOUD_", "LOCAL_", "COST_", "CACHE_", "SUPABASE_")
-_CONFIG_NAMES = ("DATABASE_URL", "REDIS_URL", "OFFLINE_MODE", "DATA_DIR", "HOST", "PORT")
+_CONFIG_NAMES = (
+    "DATABASE_URL",
+    "REDIS_URL",
+    "OFFLINE_MODE",
+    "DATA_DIR",
+    "HOST",
+    "PORT",
+    "ALLOWED_HOSTS",
+)
 
 
 @dataclass
@@ -162,7 +171,11 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     started: list[ServerProcess] = []
 
     def start(
-        *, name: str | None = None, port: int | None = None, **variables: str
+        *,
+        name: str | None = None,
+        port: int | None = None,
+        args: Sequence[str] = (),
+        **variables: str,
     ) -> ServerProcess:
         name = name or f"srv{len(started)}"
         env = {
@@ -171,7 +184,7 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
             if not key.startswith(
                 ("EVERREACH_", "CLOUD_", "LOCAL_", "COST_", "CACHE_", "SUPABASE_")
             )
-            and key not in ("DATABASE_URL", "REDIS_URL", "OFFLINE_MODE", "DATA_DIR", "HOST", "PORT")
+            and key not in _CONFIG_NAMES
         }
         env.update(
             {
@@ -182,7 +195,12 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
             }
         )
         env.update({key: str(value) for key, value in variables.items()})
-        server = ServerProcess(env=env, port=port or free_port(), log_path=tmp_path / f"{name}.log")
+        server = ServerProcess(
+            env=env,
+            port=port or free_port(),
+            log_path=tmp_path / f"{name}.log",
+            extra_args=list(args),  # e.g. ["--host", "0.0.0.0"]: uvicorn takes the last one
+        )
         started.append(server)
         return server.start()
 
@@ -217,3 +235,32 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
     yield mount
     for target in reversed(mounted):
         subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
+
+
+@pytest.fixture
+def app_client(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Start in-process apps: ``app_client(EVERREACH_CLOUD_KEY='k', ...)`` -> a ``TestClient``.
+
+    Each gets DATA_DIR under tmp_path and allows the "testserver" Host the test client sends
+    (pass ALLOWED_HOSTS to test the default). Faults come back as answers, not exceptions.
+    """
+    from fastapi.testclient import TestClient
+
+    from config.hybrid_config import HybridConfig
+    from local_server import create_app
+
+    with contextlib.ExitStack() as stack:
+        started = iter(range(1_000))
+
+        def start(**variables: str) -> TestClient:
+            config = HybridConfig.from_mapping(
+                {
+                    "DATA_DIR": str(tmp_path / f"app{next(started)}" / "data"),
+                    "ALLOWED_HOSTS": "testserver",
+                    **variables,
+                }
+            )
+            client = TestClient(create_app(config), raise_server_exceptions=False)
+            return stack.enter_context(client)
+
+        yield start

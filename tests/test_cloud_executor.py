@@ -183,6 +183,16 @@ async def test_an_invalid_action_name_sends_nothing(make_executor: MakeExecutor)
     assert cloud.requests == []
 
 
+@pytest.mark.parametrize("key", ["key\r\nX-Evil: 1", "key\x00zero", "clé-00000", "with space"])
+async def test_a_request_id_that_cannot_be_a_header_sends_nothing_and_is_not_retried(
+    make_executor: MakeExecutor, key: str
+) -> None:
+    cloud = FakeCloud()
+    with pytest.raises(InvalidParams) as refused:
+        await make_executor(cloud).call("dm.send", {}, request_id=key)
+    assert refused.value.never_ran and cloud.requests == []
+
+
 # -- success ----------------------------------------------------------------------------------
 
 

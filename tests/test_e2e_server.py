@@ -145,3 +145,31 @@ def test_a_broken_services_module_stops_start_up_naming_it(tmp_path):
         tmp_path, EVERREACH_SERVICES="broken_services", PYTHONPATH=env_path
     )
     assert "broken_services" in output and "missing dependency xyz" in output
+
+
+def test_credentials_in_cloud_endpoint_never_appear_in_answers_pages_or_logs(server_factory):
+    password = "s3cret-pw-in-url"
+    term = server_factory(
+        name="creds",
+        EVERREACH_ENV="hybrid",
+        CLOUD_ENDPOINT=f"http://someone:{password}@127.0.0.1:{free_port()}",
+        EVERREACH_CLOUD_KEY="cloud-key-0001",
+        CLOUD_RETRIES="0",
+    )
+    answers = [
+        httpx.post(
+            f"{term.url}/dispatch",
+            json={"action": "system.echo", "params": {}, "force_env": "cloud"},
+            timeout=30,
+        ),
+        httpx.get(f"{term.url}/status", timeout=30),
+        httpx.get(f"{term.url}/health", timeout=30),
+        httpx.get(f"{term.url}/", timeout=30),
+        httpx.get(f"{term.url}/metrics", timeout=30),
+    ]
+    assert answers[1].status_code == 200
+    assert answers[1].json()["connectivity"]["endpoint"].startswith("http://***@127.0.0.1:")
+    for answer in answers:
+        assert password not in answer.text, answer.request.url
+    term.stop()
+    assert "127.0.0.1" in term.log() and password not in term.log()

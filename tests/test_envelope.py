@@ -23,6 +23,7 @@ from errors import (
     HandlerError,
     InvalidParams,
     Offline,
+    PayloadTooLarge,
     RegistryError,
     RouteTableError,
     Source,
@@ -33,8 +34,9 @@ from errors import (
 
 pytestmark = pytest.mark.prd200
 
-# The contract: 401 token, 404 unknown action, 422 bad params, 429 cost cap, 502 cloud error,
-# 503 circuit open / offline / storage, 504 timeout; a handler that raised is a 500.
+# The contract: 401 token, 404 unknown action, 413 body too large, 422 bad params, 429 cost
+# cap, 502 cloud error, 503 circuit open / offline / storage, 504 timeout; a handler that raised
+# is a 500.
 CONTRACT_STATUS = {
     ErrorCode.UNKNOWN_ACTION: 404,
     ErrorCode.INVALID_PARAMS: 422,
@@ -51,6 +53,7 @@ CONTRACT_STATUS = {
     ErrorCode.INDETERMINATE: 409,  # the key's holder died mid-handler: it may have run
     ErrorCode.NOT_FOUND: 404,  # no such outbox item
     ErrorCode.STORAGE_UNAVAILABLE: 503,
+    ErrorCode.PAYLOAD_TOO_LARGE: 413,
 }
 EXCEPTIONS: list[type[ActionError]] = [
     UnknownAction,
@@ -63,6 +66,7 @@ EXCEPTIONS: list[type[ActionError]] = [
     CloudUnavailable,
     CloudTimeout,
     StorageUnavailable,
+    PayloadTooLarge,
 ]
 
 

@@ -196,3 +196,22 @@ async def test_the_threshold_is_configurable() -> None:
     executor = LocalExecutor(registry, failure_threshold=1, clock=Clock())
     await _fail(executor, "scrape.page", 1)
     assert executor.is_degraded("scrape.page")
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"x": float("nan")}, {"x": float("inf")}, {"x": "\ud800"}],
+    ids=["nan", "infinity", "lone-surrogate"],
+)
+async def test_params_that_are_not_json_are_the_callers_fault_not_a_handler_failure(
+    params: dict[str, Any],
+) -> None:
+    async def echo(p: dict[str, Any]) -> dict[str, Any]:
+        return p
+
+    executor = _executor(Clock(), test__echo=echo)
+    for _ in range(3):
+        envelope = await executor.execute("test.echo", params)
+        assert envelope.error is ErrorCode.INVALID_PARAMS
+    assert executor.circuits() == {}
+    assert (await executor.execute("test.echo", {"x": 1})).ok

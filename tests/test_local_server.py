@@ -20,16 +20,20 @@ from offline_cache import params_hash
 pytestmark = pytest.mark.prd200
 
 
+# The test client sends "Host: testserver", a name the server must be told it answers to.
+IN_PROCESS = {"ALLOWED_HOSTS": "testserver"}
+
+
 @pytest.fixture
 def client(tmp_path):
-    config = HybridConfig.from_mapping({"DATA_DIR": str(tmp_path / "data")})
+    config = HybridConfig.from_mapping({"DATA_DIR": str(tmp_path / "data"), **IN_PROCESS})
     # The server answers faults itself; don't let the test client re-raise them.
     with TestClient(create_app(config), raise_server_exceptions=False) as test_client:
         yield test_client
 
 
 def test_lifespan_opens_and_closes_every_resource(tmp_path):
-    config = HybridConfig.from_mapping({"DATA_DIR": str(tmp_path / "data")})
+    config = HybridConfig.from_mapping({"DATA_DIR": str(tmp_path / "data"), **IN_PROCESS})
     app = create_app(config)
     with TestClient(app) as client:
         assert client.get("/health").json()["env"] == "local"
@@ -95,6 +99,7 @@ def cloud_client(tmp_path):
             "EVERREACH_SERVICES": "tests.e2e_services",
             "COST_RATES_FILE": str(rates),
             "DATA_DIR": str(tmp_path / "data"),
+            "ALLOWED_HOSTS": "testserver",
         }
     )
     with TestClient(create_app(config), raise_server_exceptions=False) as test_client:
@@ -172,6 +177,7 @@ def test_a_full_disk_answers_storage_unavailable_and_recovers(tmpfs) -> None:
             "EVERREACH_CLOUD_KEY": "key-12345678",
             "OFFLINE_MODE": "true",  # dm.send has no local handler: it must go to the outbox
             "DATA_DIR": str(data_dir),
+            "ALLOWED_HOSTS": "testserver",
         }
     )
     with TestClient(create_app(config), raise_server_exceptions=False) as client:
@@ -199,6 +205,7 @@ def test_the_guard_asks_this_cloud_and_reports_overruns_to_metrics(tmp_path) -> 
             "CLOUD_ENDPOINT": "http://127.0.0.1:9",
             "EVERREACH_CLOUD_KEY": "key-12345678",
             "DATA_DIR": str(tmp_path / "data"),
+            "ALLOWED_HOSTS": "testserver",
         }
     )
     app = create_app(config)
@@ -230,6 +237,7 @@ def _cloud(tmp_path: Path, **extra: str) -> TestClient:
     config = HybridConfig.from_mapping(
         {
             "DATA_DIR": str(tmp_path / "data"),
+            "ALLOWED_HOSTS": "testserver",
             "EVERREACH_ENV": "cloud",
             "EVERREACH_CLOUD_KEY": CLOUD_KEY,
             "EVERREACH_SERVICES": "tests.e2e_services",
@@ -341,3 +349,24 @@ def test_a_person_retries_or_drops_dead_letters_over_http(tmp_path: Path) -> Non
         pending = portal.call(outbox.pending)
         assert [item.id for item in pending] == [parked.id, dead.id]
         assert client.delete(f"/outbox/{queued.id}").status_code == 404
+
+
+def test_an_unexpected_fault_quoting_a_secret_does_not_answer_it(tmp_path, monkeypatch):
+    secret = "pg-pass-0001"
+    config = HybridConfig.from_mapping(
+        {
+            "DATA_DIR": str(tmp_path / "data"),
+            "REDIS_URL": f"redis://:{secret}@127.0.0.1:1/0",
+            **IN_PROCESS,
+        }
+    )
+    app = create_app(config)
+    with TestClient(app, raise_server_exceptions=False) as client:
+
+        async def leaky(*args: Any, **kwargs: Any) -> Any:
+            raise ConnectionError(f"could not reach redis://:{secret}@127.0.0.1:1/0")
+
+        monkeypatch.setattr(app.state.runtime.orchestrator, "route", leaky)
+        answer = client.post("/dispatch", json={"action": "system.echo"})
+    assert answer.status_code == 500 and "could not reach" in answer.json()["detail"]
+    assert secret not in answer.text

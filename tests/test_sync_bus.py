@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import redis
 
-from config.hybrid_config import HybridConfig
-from sync_bus import DEAD_SUFFIX, SyncBus, redact_url, stream_key
+from config.hybrid_config import HybridConfig, redact_url
+from sync_bus import DEAD_SUFFIX, SyncBus, stream_key
 from tests.conftest import ROOT, free_port, service_missing, until
 
 pytestmark = pytest.mark.prd200
@@ -475,8 +475,8 @@ async def test_subscriber_process_killed_mid_stream_gets_what_it_had_not_acknowl
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
-        ("redis://:s3cret@cache:6379/0", "redis://:***@cache:6379/0"),
-        ("redis://user:s3cret@cache/2", "redis://user:***@cache/2"),
+        ("redis://:s3cret@cache:6379/0", "redis://***@cache:6379/0"),
+        ("redis://user:s3cret@cache/2", "redis://***@cache/2"),
         ("redis://cache:6379/0", "redis://cache:6379/0"),
         (None, None),
     ],

@@ -1,0 +1,86 @@
+"""The served OpenAPI document: request bodies, bearer schemes, and offline Swagger UI at /docs.
+
+The routes read their bodies themselves (strict JSON, the envelope for every error), so FastAPI
+cannot see them; this module adds what it cannot: the body schemas of ``request_body``'s models
+and the two bearer schemes, so ``/docs`` can send a body with "Try it out".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+
+from request_body import REQUEST_MODELS, BatchBody, BatchItem, DispatchBody, ServeBody
+
+LOCAL_TOKEN = "localApiToken"
+CLOUD_KEY = "cloudKey"
+_SCHEMES = {
+    LOCAL_TOKEN: {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "LOCAL_API_TOKEN: needed by /dispatch, /batch and /status when it is set",
+    },
+    CLOUD_KEY: {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "EVERREACH_CLOUD_KEY: needed by every /api/* endpoint",
+    },
+}
+# (method, path) -> (security scheme, body model or None)
+_OPERATIONS: dict[tuple[str, str], tuple[str, type[BaseModel] | None]] = {
+    ("post", "/dispatch"): (LOCAL_TOKEN, DispatchBody),
+    ("post", "/batch"): (LOCAL_TOKEN, BatchBody),
+    ("get", "/status"): (LOCAL_TOKEN, None),
+    ("post", "/api/services/{service}/{topic}"): (CLOUD_KEY, ServeBody),
+    ("get", "/api/sync/state"): (CLOUD_KEY, None),
+    ("post", "/api/sync/state"): (CLOUD_KEY, None),
+    ("get", "/api/schedules"): (CLOUD_KEY, None),
+}
+
+
+def _components() -> dict[str, Any]:
+    schemas: dict[str, Any] = {}
+    for model in REQUEST_MODELS:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    # The batch runner checks items itself (naming the one at fault); the docs show their shape.
+    schemas["BatchBody"]["properties"]["items"]["items"] = {
+        "$ref": f"#/components/schemas/{BatchItem.__name__}"
+    }
+    return schemas
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Make ``app.openapi()`` document the request bodies and bearer schemes."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            components = document.setdefault("components", {})
+            components.setdefault("schemas", {}).update(_components())
+            components["securitySchemes"] = _SCHEMES
+            for (method, path), (scheme, model) in _OPERATIONS.items():
+                operation = document.get("paths", {}).get(path, {}).get(method)
+                if operation is None:
+                    continue
+                operation["security"] = [{scheme: []}]
+                body: dict[str, Any] = (
+                    {"$ref": f"#/components/schemas/{model.__name__}"}
+                    if model is not None
+                    else {"type": "object"}
+                )
+                if method == "post":
+                    operation["requestBody"] = {
+                        "required": model is not ServeBody,
+                        "content": {"application/json": {"schema": body}},
+                    }
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,93 @@
+"""ASGI middleware that refuses request bodies over a size limit with a 413 envelope.
+
+The limit is checked twice: against ``Content-Length`` before anything is read, and while the
+body streams in (a chunked upload has no length). Either way the answer is the result envelope
+with ``error: "payload_too_large"``, like every other refusal of the server.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from envelope import Envelope, new_request_id
+from errors import PayloadTooLarge
+
+MAX_BODY_BYTES = 1024 * 1024
+
+
+class _BodyTooLarge(Exception):
+    """Raised inside ``receive`` once the streamed body passes the limit."""
+
+
+def envelope_bytes(body: dict[str, Any]) -> bytes:
+    """Encode an envelope dict as ASCII JSON, which no lone surrogate or NaN can break."""
+    try:
+        return json.dumps(body, ensure_ascii=True, allow_nan=False).encode("ascii")
+    except ValueError:
+        # NaN or Infinity in a result: answer with the envelope's fields but no result.
+        safe = {**body, "result": None, "detail": "the answer held a value that is not JSON"}
+        return json.dumps(safe, ensure_ascii=True, default=str).encode("ascii")
+
+
+async def send_envelope(send: Any, status: int, body: dict[str, Any]) -> None:
+    """Send ``body`` as a complete JSON response from plain ASGI middleware."""
+    payload = envelope_bytes(body)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over ``max_bytes`` with 413, by Content-Length or while streaming."""
+
+    def __init__(self, app: Any, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await self._refuse(send)
+                return
+        seen = 0
+        started = False
+
+        async def limited() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracked(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, tracked)
+        except _BodyTooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send: Any) -> None:
+        refusal = PayloadTooLarge(
+            f"the request body is larger than {self.max_bytes} bytes (1 MiB); "
+            f"split the batch or send less data"
+        )
+        envelope = Envelope.failure("", refusal, source=None, request_id=new_request_id())
+        await send_envelope(send, refusal.http_status, envelope.to_dict())

@@ -1,0 +1,218 @@
+"""Request bodies: strict JSON parsing and the pydantic models of what each endpoint accepts.
+
+Bad input is the caller's fault and is answered 4xx here, before any handler, breaker or store
+sees it. JSON is read as RFC 8259 defines it, not as Python's ``json`` module allows:
+
+* NaN, Infinity, -Infinity and numbers that overflow a float (``1e999``) are refused;
+* integers past Python's 4300-digit conversion limit are refused (not a ``ValueError`` 500);
+* nesting deeper than ``MAX_DEPTH`` is refused (no ``RecursionError`` later, in a handler or
+  an encoder);
+* strings must be valid Unicode: a lone UTF-16 surrogate (``"\\ud800"``) cannot be written to
+  UTF-8 (logs, SQLite, the answer) and is refused.
+
+The models carry ``extra="forbid"``: a typo such as ``"parms"`` is a 422 that names the field and
+the allowed ones, never a call with other input. They also document the bodies in OpenAPI.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from envelope import IDEMPOTENCY_KEY_RULE, check_idempotency_key
+from errors import InvalidParams, UnsupportedMediaType
+from local_batch import MAX_BATCH_ITEMS, MAX_CONCURRENT_LIMIT
+from service_registry import check_action_name
+
+MAX_DEPTH = 64
+
+# Types a browser can send cross-site without a preflight are "simple": text/plain and
+# multipart/form-data have no use here but CSRF, so they are refused. A missing type and
+# form-urlencoded (what `curl -d` sends) are read as JSON, so the README's curl lines work.
+_JSON_TYPES = ("application/json", "application/x-www-form-urlencoded")
+_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKET_RE = re.compile(r"[\[\]{}]")
+_ACTION_PATTERN = r"^[a-z][a-z0-9_]{0,63}\.[a-z][a-z0-9_]{0,63}$"
+
+
+def check_content_type(content_type: str | None) -> None:
+    """Refuse a body whose Content-Type is not JSON (or form-urlencoded, for curl)."""
+    if not content_type:
+        return
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media in _JSON_TYPES or (media.startswith("application/") and media.endswith("+json")):
+        return
+    raise UnsupportedMediaType(
+        f"the body must be JSON (Content-Type: application/json); got {media[:80]!r}"
+    )
+
+
+def _refuse_constant(name: str) -> Any:
+    raise InvalidParams(f"the body is not valid JSON: {name} is not a JSON number (RFC 8259)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise InvalidParams(f"the body is not valid JSON: {text[:40]} is out of range for a number")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:  # Python refuses to convert integers of more than 4300 digits
+        raise InvalidParams(
+            f"the body has an integer of {len(text)} digits; at most 4300 are accepted"
+        ) from None
+
+
+def _depth(text: str) -> int:
+    deepest = depth = 0
+    for match in _BRACKET_RE.finditer(_STRING_RE.sub("", text)):
+        depth += 1 if match.group() in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def parse_json(raw: bytes) -> Any:
+    """Parse ``raw`` as strict RFC 8259 JSON in UTF-8; raise ``InvalidParams`` otherwise."""
+    if not raw:
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidParams(f"the body is not UTF-8: {exc}") from None
+    try:
+        value = json.loads(
+            text,
+            parse_constant=_refuse_constant,
+            parse_float=_finite_float,
+            parse_int=_bounded_int,
+        )
+    except json.JSONDecodeError as exc:
+        raise InvalidParams(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidParams(f"the body is nested deeper than {MAX_DEPTH} levels") from None
+    # Only now, on valid JSON, is the string-skipping scan linear (every string is closed).
+    if _depth(text) > MAX_DEPTH:
+        raise InvalidParams(f"the body is nested deeper than {MAX_DEPTH} levels")
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidParams(
+            "the body holds a lone UTF-16 surrogate (e.g. \\ud800), which is not Unicode text"
+        ) from None
+    return value
+
+
+# -- the bodies ----------------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DispatchBody(_Body):
+    """``POST /dispatch``: one action to route."""
+
+    action: str = Field(
+        pattern=_ACTION_PATTERN, description="service.topic", examples=["system.echo"]
+    )
+    params: dict[str, Any] | None = Field(default=None, examples=[{"hi": 1}])
+    force_env: Literal["local", "cloud"] | None = Field(
+        default=None, description="run it here or in the cloud, whatever the route table says"
+    )
+    idempotency_key: str | None = Field(
+        default=None,
+        min_length=8,
+        max_length=200,
+        pattern=r"^[!-~]+$",
+        description=f"a repeat answers what the first call did; {IDEMPOTENCY_KEY_RULE}",
+    )
+
+    @field_validator("idempotency_key")
+    @classmethod
+    def _key(cls, value: str | None) -> str | None:
+        return None if value is None else check_idempotency_key(value)
+
+
+class BatchItem(_Body):
+    """One entry of ``POST /batch``."""
+
+    action: str = Field(pattern=_ACTION_PATTERN, examples=["system.echo"])
+    params: dict[str, Any] | None = None
+    force_env: Literal["local", "cloud"] | None = None
+
+
+class BatchBody(_Body):
+    """``POST /batch``: actions run with bounded concurrency, answered in order.
+
+    Items are checked one by one by the batch runner, which names the item at fault, so
+    ``items`` is read as a list here; the OpenAPI document shows each item as a ``BatchItem``.
+    """
+
+    items: list[Any] = Field(max_length=MAX_BATCH_ITEMS)
+    max_concurrent: int = Field(default=3, ge=1, le=MAX_CONCURRENT_LIMIT, strict=True)
+
+
+class ServeBody(_Body):
+    """``POST /api/services/{service}/{topic}``: the params of an action run here."""
+
+    params: dict[str, Any] | None = None
+
+
+class RetryBody(_Body):
+    """``POST /outbox/{id}/retry``: ``rerun`` confirms re-running an item that may have run."""
+
+    rerun: bool = Field(default=False, strict=True)
+
+
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (
+    DispatchBody,
+    BatchItem,
+    BatchBody,
+    ServeBody,
+    RetryBody,
+)
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def read_body(raw: bytes, content_type: str | None, model: type[Body]) -> Body:
+    """Parse and validate a request body; raise ``InvalidParams`` naming the field at fault."""
+    check_content_type(content_type)
+    data = parse_json(raw)
+    if data is None and model in (ServeBody, RetryBody):
+        data = {}
+    if not isinstance(data, dict):
+        example = (
+            '{"action": "system.echo"}' if "action" in model.model_fields else '{"params": {}}'
+        )
+        raise InvalidParams(f"the body must be a JSON object, e.g. {example}")
+    if "action" in model.model_fields:
+        # The name first: it is in every answer and log line, so it must be clean before use.
+        if "action" not in data:
+            raise InvalidParams("'action' is required: a 'service.topic' string")
+        check_action_name(data["action"])
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidParams(explain(exc, model)) from None
+
+
+def explain(exc: ValidationError, model: type[BaseModel]) -> str:
+    """Say which field is wrong and why, in one line (unknown fields list the allowed ones)."""
+    allowed = ", ".join(model.model_fields)
+    reasons = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "body"
+        if error["type"] == "extra_forbidden":
+            reasons.append(f"unknown field {where!r}; allowed fields: {allowed}")
+        else:
+            message = str(error["msg"]).removeprefix("Value error, ")
+            reasons.append(f"{where!r}: {message}")
+    return "; ".join(reasons)[:600]

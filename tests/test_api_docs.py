@@ -1,0 +1,67 @@
+"""api_docs: the served OpenAPI document has request bodies and bearer schemes; /docs is offline."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+
+@pytest.fixture
+def client(app_client: Callable[..., TestClient]) -> TestClient:
+    return app_client()
+
+
+@pytest.fixture
+def document(client: TestClient) -> dict[str, Any]:
+    answer = client.get("/openapi.json")
+    assert answer.status_code == 200
+    body: dict[str, Any] = answer.json()
+    return body
+
+
+@pytest.mark.parametrize(
+    ("path", "model", "scheme"),
+    [
+        ("/dispatch", "DispatchBody", "localApiToken"),
+        ("/batch", "BatchBody", "localApiToken"),
+        ("/api/services/{service}/{topic}", "ServeBody", "cloudKey"),
+    ],
+)
+def test_post_endpoints_document_their_body_and_bearer_scheme(
+    document: dict[str, Any], path: str, model: str, scheme: str
+) -> None:
+    operation = document["paths"][path]["post"]
+    schema = operation["requestBody"]["content"]["application/json"]["schema"]
+    assert schema == {"$ref": f"#/components/schemas/{model}"}
+    assert operation["security"] == [{scheme: []}]
+    component = document["components"]["schemas"][model]
+    assert component["additionalProperties"] is False
+
+
+def test_the_dispatch_body_names_its_fields_and_the_bearer_schemes_are_declared(
+    document: dict[str, Any],
+) -> None:
+    fields = document["components"]["schemas"]["DispatchBody"]["properties"]
+    assert set(fields) == {"action", "params", "force_env", "idempotency_key"}
+    assert document["components"]["schemas"]["DispatchBody"]["required"] == ["action"]
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["localApiToken"] == {
+        **schemes["localApiToken"],
+        "type": "http",
+        "scheme": "bearer",
+    }
+    assert "BatchItem" in document["components"]["schemas"]
+
+
+def test_docs_load_every_asset_from_this_server(client: TestClient) -> None:
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assets = re.findall(r"""(?:src|href)=["']?([^"' >]+)""", page.text)
+    assert any(asset.endswith("swagger-ui-bundle.js") for asset in assets)
+    for asset in assets:
+        assert asset.startswith("/"), f"{asset} is not served by this server"
+        assert client.get(asset).status_code == 200, asset

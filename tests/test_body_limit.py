@@ -1,0 +1,41 @@
+"""body_limit: bodies over 1 MiB get the 413 envelope, by Content-Length or while streaming."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from body_limit import MAX_BODY_BYTES
+
+
+@pytest.fixture
+def client(app_client: Callable[..., TestClient]) -> TestClient:
+    return app_client()
+
+
+def _assert_payload_too_large(answer) -> None:
+    assert answer.status_code == 413
+    envelope = answer.json()
+    assert envelope["ok"] is False and envelope["error"] == "payload_too_large"
+    assert "1 MiB" in envelope["detail"] and envelope["request_id"]
+
+
+def test_a_body_over_the_limit_by_content_length_is_a_413_envelope(client: TestClient) -> None:
+    body = b'{"action": "system.echo", "params": {"x": "' + b"a" * MAX_BODY_BYTES + b'"}}'
+    _assert_payload_too_large(client.post("/dispatch", content=body))
+
+
+def test_a_chunked_body_over_the_limit_is_a_413_envelope(client: TestClient) -> None:
+    def chunks() -> Iterator[bytes]:
+        for _ in range(17):
+            yield b"x" * 65536
+
+    _assert_payload_too_large(client.post("/batch", content=chunks()))
+
+
+def test_a_body_at_the_limit_is_read(client: TestClient) -> None:
+    head, tail = b'{"action": "system.echo", "params": {"x": "', b'"}}'
+    body = head + b"a" * (MAX_BODY_BYTES - len(head) - len(tail)) + tail
+    assert client.post("/dispatch", content=body).status_code == 200
