@@ -107,8 +107,8 @@ def test_a_file_that_is_not_json_names_the_file(tmp_path: Path) -> None:
 BERLIN = ZoneInfo("Europe/Berlin")
 
 
-def _berlin(*args: int) -> float:
-    return datetime(*args, tzinfo=BERLIN).timestamp()
+def _berlin(year: int, month: int, day: int, hour: int, minute: int) -> float:
+    return datetime(year, month, day, hour, minute, tzinfo=BERLIN).timestamp()
 
 
 @pytest.mark.parametrize(
