@@ -144,6 +144,7 @@ def render_svg(
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
         f'width="{width}" height="{height}" role="img" class="spend-forecast" '
+        f'font-family="system-ui, sans-serif" '
         f'aria-label="{escape(_summary(result))}">',
         f"<title>{escape(_summary(result))}</title>",
         f'<rect x="{pad_left}" y="{pad_top}" width="{plot_w}" height="{plot_h}" '
@@ -169,16 +170,17 @@ def render_svg(
         f'x2="{x(days_in_month)}" y2="{y(result.projected_usd)}" stroke="#1f5fbf" '
         f'stroke-width="2" stroke-dasharray="6 4"/>'
     )
-    for name, cap, colour in (
-        ("soft", result.soft_cap_usd, "#d98c00"),
-        ("hard", result.hard_cap_usd, "#c62828"),
+    # The hard cap's label sits above its line and the soft cap's below: close caps stay legible.
+    for name, cap, colour, label_dy in (
+        ("soft", result.soft_cap_usd, "#d98c00", 11),
+        ("hard", result.hard_cap_usd, "#c62828", -3),
     ):
         parts.append(
             f'<line class="cap {name}" data-usd="{cap}" x1="{pad_left}" y1="{y(cap)}" '
             f'x2="{pad_left + plot_w}" y2="{y(cap)}" stroke="{colour}" stroke-dasharray="3 3"/>'
         )
         parts.append(
-            f'<text x="{pad_left + plot_w + 4}" y="{y(cap) + 4}" font-size="11" '
+            f'<text x="{pad_left + plot_w + 4}" y="{y(cap) + label_dy}" font-size="11" '
             f'fill="{colour}">{name} cap ${cap:,.0f}</text>'
         )
     parts.append(
