@@ -60,10 +60,12 @@ class SqlitePaceStore:
                 (bucket, now_s - rule.trim_s),
             )
             # Older slots cannot change the decision; only the claimed one may be older.
+            # Two indexed lookups: an OR across both would scan the whole bucket.
             rows = conn.execute(
-                "SELECT at_s, slot_id, hold FROM pace_slots"
-                " WHERE bucket = ? AND (at_s >= ? OR slot_id = ?) ORDER BY at_s, slot_id",
-                (bucket, now_s - rule.keep_s, slot_id),
+                "SELECT at_s, slot_id, hold FROM pace_slots WHERE bucket = ? AND at_s >= ?"
+                " UNION SELECT at_s, slot_id, hold FROM pace_slots"
+                " WHERE bucket = ? AND slot_id = ? AND hold = 1 ORDER BY 1, 2",
+                (bucket, now_s - rule.keep_s, bucket, slot_id),
             ).fetchall()
             entries = [Slot(float(t), str(sid), bool(hold)) for t, sid, hold in rows]
             outcome = decide(entries, op, rule, now_s, slot_id)
