@@ -439,3 +439,26 @@ def test_direct_construction_reads_no_environment(monkeypatch: pytest.MonkeyPatc
 )
 def test_unset_soft_cap_is_95_percent_of_the_hard_cap(values, soft_cap):
     assert HybridConfig.from_mapping(values).cost_soft_cap == soft_cap
+
+
+def test_pacing_and_alert_settings_default_to_an_optional_file_and_no_sinks() -> None:
+    config = HybridConfig.from_mapping({})
+    assert config.rate_limits_path == Path("rate_limits.json")
+    assert (config.alert_webhook_url, config.alert_action) == (None, None)
+
+
+def test_alert_webhook_url_is_a_secret_checked_as_a_url() -> None:
+    url = "https://hooks.example.com/services/T000/B000/s3cr3tpath"
+    config = HybridConfig.from_mapping({"ALERT_WEBHOOK_URL": url, "ALERT_ACTION": "telegram.send"})
+    assert config.secret("alert_webhook_url") == url
+    assert "s3cr3tpath" not in repr(config)
+    assert config.alert_action == "telegram.send"
+    with pytest.raises(ConfigError, match="ALERT_WEBHOOK_URL must be a URL") as caught:
+        HybridConfig.from_mapping({"ALERT_WEBHOOK_URL": "ftp://hooks.example.com/s3cr3tpath"})
+    assert "s3cr3tpath" not in str(caught.value)
+
+
+@pytest.mark.parametrize("action", ["telegram", "Telegram.send", "telegram.*", "a.b.c"])
+def test_alert_action_must_name_one_action(action: str) -> None:
+    with pytest.raises(ConfigError, match="ALERT_ACTION must be an action name"):
+        HybridConfig.from_mapping({"ALERT_ACTION": action})
