@@ -1,13 +1,15 @@
-"""Where the Pacer keeps its buckets: SQLite (one instance) and Redis (shared by replicas).
+"""Where the Pacer keeps its buckets: SQLite (one instance), PostgreSQL or Redis (shared).
 
-Both run ``pacing.decide`` atomically: SQLite inside ``BEGIN IMMEDIATE``, Redis as one Lua script
-that mirrors it line for line over a sorted set (score = slot time, member = slot id). Both raise
-``PacingUnavailable`` when they cannot answer; the Pacer then defers (fails closed).
+Each runs ``pacing.decide`` atomically: SQLite inside ``BEGIN IMMEDIATE``, PostgreSQL under an
+advisory lock per bucket, Redis as one Lua script that mirrors it line for line over a sorted
+set. Each raises ``PacingUnavailable`` when it cannot answer; the Pacer then defers (fails
+closed).
 """
 
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,51 @@ CREATE TABLE IF NOT EXISTS pace_slots (
 );
 CREATE INDEX IF NOT EXISTS pace_slots_by_time ON pace_slots (bucket, at_s);
 """
+_POSTGRES_SCHEMA = _SQLITE_SCHEMA.replace("REAL", "DOUBLE PRECISION")
+
+# The statements both SQL stores run, with SQLite's ``?`` (PostgreSQL: ``%s``).
+_TRIM = "DELETE FROM pace_slots WHERE bucket = ? AND at_s < ?"
+# Older slots cannot change the decision; only the claimed hold may be older. Two indexed
+# lookups: one OR across both would scan the whole bucket.
+_LOAD = (
+    "SELECT at_s, slot_id, hold FROM pace_slots WHERE bucket = ? AND at_s >= ?"
+    " UNION SELECT at_s, slot_id, hold FROM pace_slots"
+    " WHERE bucket = ? AND slot_id = ? AND hold = 1 ORDER BY 1, 2"
+)
+_REMOVE_HOLD = "DELETE FROM pace_slots WHERE bucket = ? AND slot_id = ? AND hold = 1"
+_ADD = (
+    "INSERT INTO pace_slots (bucket, slot_id, at_s, hold) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (bucket, slot_id, hold) DO UPDATE SET at_s = excluded.at_s"
+)
+_SLOTS = (
+    "SELECT at_s, slot_id, hold FROM pace_slots WHERE bucket = ? AND at_s >= ?"
+    " ORDER BY at_s, slot_id"
+)
+
+Statement = tuple[str, tuple[Any, ...]]
+
+
+def _before(bucket: str, rule: Rule, now_s: float, slot_id: str) -> tuple[Statement, Statement]:
+    """The trim and the load that precede a decision."""
+    return (
+        (_TRIM, (bucket, now_s - rule.trim_s)),
+        (_LOAD, (bucket, now_s - rule.keep_s, bucket, slot_id)),
+    )
+
+
+def _after(bucket: str, outcome: Outcome) -> list[Statement]:
+    """The writes that record a decision."""
+    writes: list[Statement] = []
+    if outcome.remove is not None:
+        writes.append((_REMOVE_HOLD, (bucket, outcome.remove)))
+    if outcome.add is not None:
+        add = outcome.add
+        writes.append((_ADD, (bucket, add.slot_id, add.at_s, int(add.hold))))
+    return writes
+
+
+def _slots(rows: list[Any]) -> list[Slot]:
+    return [Slot(float(t), str(sid), bool(hold)) for t, sid, hold in rows]
 
 
 class SqlitePaceStore:
@@ -55,54 +102,132 @@ class SqlitePaceStore:
 
     async def decide(self, bucket: str, op: Op, rule: Rule, now_s: float, slot_id: str) -> Outcome:
         def work(conn: sqlite3.Connection) -> Outcome:
-            conn.execute(
-                "DELETE FROM pace_slots WHERE bucket = ? AND at_s < ?",
-                (bucket, now_s - rule.trim_s),
-            )
-            # Older slots cannot change the decision; only the claimed one may be older.
-            # Two indexed lookups: an OR across both would scan the whole bucket.
-            rows = conn.execute(
-                "SELECT at_s, slot_id, hold FROM pace_slots WHERE bucket = ? AND at_s >= ?"
-                " UNION SELECT at_s, slot_id, hold FROM pace_slots"
-                " WHERE bucket = ? AND slot_id = ? AND hold = 1 ORDER BY 1, 2",
-                (bucket, now_s - rule.keep_s, bucket, slot_id),
-            ).fetchall()
-            entries = [Slot(float(t), str(sid), bool(hold)) for t, sid, hold in rows]
-            outcome = decide(entries, op, rule, now_s, slot_id)
-            if outcome.remove is not None:
-                conn.execute(
-                    "DELETE FROM pace_slots WHERE bucket = ? AND slot_id = ? AND hold = 1",
-                    (bucket, outcome.remove),
-                )
-            if outcome.add is not None:
-                add = outcome.add
-                conn.execute(
-                    "INSERT OR REPLACE INTO pace_slots (bucket, slot_id, at_s, hold)"
-                    " VALUES (?, ?, ?, ?)",
-                    (bucket, add.slot_id, add.at_s, int(add.hold)),
-                )
+            trim, load = _before(bucket, rule, now_s, slot_id)
+            conn.execute(*trim)
+            outcome = decide(_slots(conn.execute(*load).fetchall()), op, rule, now_s, slot_id)
+            for statement in _after(bucket, outcome):
+                conn.execute(*statement)
             return outcome
 
         result: Outcome = await self._run(work)
         return result
 
     async def release(self, bucket: str, slot_id: str) -> None:
-        await self._run(
-            lambda conn: conn.execute(
-                "DELETE FROM pace_slots WHERE bucket = ? AND slot_id = ? AND hold = 1",
-                (bucket, slot_id),
-            )
-        )
+        await self._run(lambda conn: conn.execute(_REMOVE_HOLD, (bucket, slot_id)))
 
     async def slots(self, bucket: str, since_s: float) -> list[Slot]:
-        rows = await self._run(
-            lambda conn: conn.execute(
-                "SELECT at_s, slot_id, hold FROM pace_slots WHERE bucket = ? AND at_s >= ?"
-                " ORDER BY at_s, slot_id",
-                (bucket, since_s),
-            ).fetchall()
+        rows = await self._run(lambda conn: conn.execute(_SLOTS, (bucket, since_s)).fetchall())
+        return _slots(rows)
+
+
+class PostgresPaceStore:
+    """Buckets in PostgreSQL, shared by every instance on the database.
+
+    A transaction-scoped advisory lock per bucket serialises deciders; the table is created if
+    it does not exist. psycopg is imported when the store opens, never at import time.
+    """
+
+    name = "postgres"
+
+    def __init__(
+        self, dsn: str, *, pool_max_size: int = 5, timeout_s: float = 2.0, retry_s: float = 10.0
+    ) -> None:
+        self._dsn = dsn
+        self._pool_max_size = pool_max_size
+        self._timeout_s = timeout_s
+        self._retry_s = retry_s
+        self._last_attempt = float("-inf")
+        self._pool: Any = None
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        from psycopg_pool import AsyncConnectionPool
+
+        self._last_attempt = time.monotonic()
+        pool = AsyncConnectionPool(
+            self._dsn,
+            min_size=1,
+            max_size=self._pool_max_size,
+            open=False,
+            timeout=self._timeout_s,
+            name="pacing",
+            # Unprepared: server-side statements break behind PgBouncer in transaction mode.
+            kwargs={"autocommit": True, "prepare_threshold": None, "connect_timeout": 3},
         )
-        return [Slot(float(t), str(sid), bool(hold)) for t, sid, hold in rows]
+        try:
+            try:
+                await pool.open(wait=True, timeout=self._timeout_s)
+            except Exception as exc:  # PoolTimeout: the database is down or refuses us
+                raise PacingUnavailable(f"pacing store (PostgreSQL): {exc}") from exc
+            self._pool = pool
+            # Instances starting together: one creates the table, the others wait for it.
+            schema = _POSTGRES_SCHEMA.encode()
+            await self._transaction(lambda cur: cur.execute(schema), lock="schema")
+        except BaseException:
+            self._pool = None
+            await pool.close()
+            raise
+
+    async def aclose(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def _reopen(self) -> None:
+        """Try again to open a store that was down at start-up, at most every ``retry_s``."""
+        now = time.monotonic()
+        if now - self._last_attempt < self._retry_s:
+            raise PacingUnavailable("pacing store (PostgreSQL) is not reachable yet")
+        self._last_attempt = now
+        await self.open()
+
+    async def _transaction(self, work: Callable[[Any], Any], *, lock: str | None = None) -> Any:
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        if self._pool is None:
+            await self._reopen()
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                cur = conn.cursor()
+                if lock is not None:
+                    await cur.execute(
+                        "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                        ("everreach pace_slots " + lock,),
+                    )
+                return await work(cur)
+        except (PoolTimeout, psycopg.Error) as exc:
+            raise PacingUnavailable(f"pacing store (PostgreSQL): {exc}") from exc
+
+    async def decide(self, bucket: str, op: Op, rule: Rule, now_s: float, slot_id: str) -> Outcome:
+        async def work(cur: Any) -> Outcome:
+            trim, load = _before(bucket, rule, now_s, slot_id)
+            await cur.execute(*_pg(trim))
+            await cur.execute(*_pg(load))
+            outcome = decide(_slots(await cur.fetchall()), op, rule, now_s, slot_id)
+            for statement in _after(bucket, outcome):
+                await cur.execute(*_pg(statement))
+            return outcome
+
+        result: Outcome = await self._transaction(work, lock=f"bucket {bucket}")
+        return result
+
+    async def release(self, bucket: str, slot_id: str) -> None:
+        await self._transaction(lambda cur: cur.execute(*_pg((_REMOVE_HOLD, (bucket, slot_id)))))
+
+    async def slots(self, bucket: str, since_s: float) -> list[Slot]:
+        async def work(cur: Any) -> list[Slot]:
+            await cur.execute(*_pg((_SLOTS, (bucket, since_s))))
+            return _slots(await cur.fetchall())
+
+        result: list[Slot] = await self._transaction(work)
+        return result
+
+
+def _pg(statement: Statement) -> Statement:
+    sql, params = statement
+    return sql.replace("?", "%s"), params
 
 
 # ``decide`` in Lua, over a sorted set (score = slot time, member = "r:" + id for a run, "h:" +

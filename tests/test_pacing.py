@@ -1,11 +1,14 @@
-"""Tests of pacing.py and pacing_stores.py: the slot math, the Pacer, SQLite and Redis stores."""
+"""Tests of pacing.py and pacing_stores.py: the slot math, the Pacer and each of its stores."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -26,7 +29,7 @@ from pacing import (
     fits,
     next_slot,
 )
-from pacing_stores import RedisPaceStore, SqlitePaceStore
+from pacing_stores import PostgresPaceStore, RedisPaceStore, SqlitePaceStore
 from rate_limits import RateLimits
 from tests.conftest import free_port
 
@@ -138,13 +141,16 @@ class Clock:
 StoreFactory = Callable[[], PaceStore]
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
 def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
-    """Stores of one kind that share their buckets (one SQLite file, or one Redis database)."""
+    """Stores of one kind that share their buckets (one SQLite file, Redis or PostgreSQL db)."""
     if request.param == "sqlite":
         return lambda: SqlitePaceStore(tmp_path / "pacing.sqlite3")
-    url = request.getfixturevalue("redis_url")
-    return lambda: RedisPaceStore(url)
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+        return lambda: RedisPaceStore(url)
+    dsn = request.getfixturevalue("postgres_dsn")
+    return lambda: PostgresPaceStore(dsn)
 
 
 @pytest.fixture
@@ -345,13 +351,16 @@ async def test_two_instances_booking_at_once_get_distinct_slots(
     assert slots[-1] == T0.timestamp() + 40
 
 
-async def test_a_store_that_is_down_defers_and_never_allows(tmp_path: Path) -> None:
-    pacer = Pacer(
-        RateLimits.from_dict(DM_3_PER_5),
-        RedisPaceStore(f"redis://127.0.0.1:{free_port()}/0", socket_timeout_s=0.5),
-        clock=Clock(),
-        unavailable_retry_s=5,
-    )
+@pytest.mark.parametrize(
+    "down",
+    [
+        lambda: RedisPaceStore(f"redis://127.0.0.1:{free_port()}/0", socket_timeout_s=0.5),
+        lambda: PostgresPaceStore(f"postgresql://postgres@127.0.0.1:{free_port()}/x", timeout_s=1),
+    ],
+    ids=["redis", "postgres"],
+)
+async def test_a_store_that_is_down_defers_and_never_allows(down: StoreFactory) -> None:
+    pacer = Pacer(RateLimits.from_dict(DM_3_PER_5), down(), clock=Clock(), unavailable_retry_s=5)
     await pacer.open()
     try:
         decisions = [await pacer.reserve_slot("dm.send") for _ in range(3)]
@@ -402,3 +411,59 @@ async def test_the_redis_script_matches_the_python_math(redis_url: str) -> None:
             assert await store.slots("parity", 0) == entries
     finally:
         await store.aclose()
+
+
+@contextlib.contextmanager
+def throwaway_redis(port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """A redis-server of our own on ``port`` (never the shared one), stopped on exit."""
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+async def _answers(pacer: Pacer) -> bool:
+    return (await pacer.snapshot())[0].available
+
+
+@pytest.mark.redis
+async def test_redis_going_down_defers_and_coming_back_resumes() -> None:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    clock = Clock()
+    pacer = Pacer(
+        RateLimits.from_dict(DM_3_PER_5),
+        RedisPaceStore(f"redis://127.0.0.1:{port}/0", socket_timeout_s=0.5),
+        clock=clock,
+    )
+    await pacer.open()
+    try:
+        with throwaway_redis(port):
+            await until_async(lambda: _answers(pacer), what="the throwaway Redis")
+            assert (await pacer.acquire("dm.send")).allowed
+        down = await pacer.acquire("dm.send")
+        assert (down.allowed, down.reason) == (False, PaceReason.STORE_UNAVAILABLE)
+        with throwaway_redis(port):
+            await until_async(lambda: _answers(pacer), what="Redis to come back")
+            # It came back empty: the limit starts over, and it is enforced again.
+            assert [(await pacer.acquire("dm.send")).allowed for _ in range(4)] == [
+                True, True, True, False,
+            ]  # fmt: skip
+    finally:
+        await pacer.aclose()
+
+
+async def until_async(predicate: Callable[[], Awaitable[bool]], *, what: str) -> None:
+    """Wait until ``await predicate()`` holds; the limit only stops a hung test."""
+    for _ in range(1000):
+        if await predicate():
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"gave up waiting for: {what}")
