@@ -233,6 +233,7 @@ class LimitSnapshot:
     deferred: int  # slots booked for deferred items, not run yet
     next_free_at: datetime | None  # None: free now, or the store did not answer
     available: bool = True
+    backlog_s: float = 0.0  # how far ahead the last deferred item's slot is (the queue's depth)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -243,6 +244,7 @@ class LimitSnapshot:
             "deferred": self.deferred,
             "next_free_at": self.next_free_at.isoformat() if self.next_free_at else None,
             "available": self.available,
+            "backlog_s": round(self.backlog_s, 3),
         }
 
 
@@ -371,7 +373,7 @@ class Pacer:
                 result.append(LimitSnapshot(limit.key, limit.max, limit.per_sec, 0, 0, None, False))
                 continue
             used = sum(1 for e in slots if not e.hold and now_s - limit.per_sec < e.at_s <= now_s)
-            deferred = sum(1 for e in slots if e.hold)
+            holds = [e.at_s for e in slots if e.hold]
             times = [e.at_s for e in slots]
             free_s = next_slot(times, replace(rule, jitter_s=0.0), now_s)
             next_free = None if free_s is None or free_s <= now_s else free_s
@@ -381,8 +383,9 @@ class Pacer:
                     limit.max,
                     limit.per_sec,
                     used,
-                    deferred,
+                    len(holds),
                     datetime.fromtimestamp(next_free, UTC) if next_free is not None else None,
+                    backlog_s=max([0.0, *(t - now_s for t in holds)]),
                 )
             )
         return result

@@ -310,6 +310,7 @@ async def test_snapshot_shows_used_booked_and_next_free(
     [dm, upwork] = await pacer.snapshot()
     assert (dm.key, dm.used, dm.max, dm.deferred) == ("dm.send", 3, 3, 1)
     assert dm.next_free_at == T0 + timedelta(seconds=5)
+    assert dm.backlog_s == 4.0  # the deferred run's slot is at 5 s, the clock at 1 s
     assert (upwork.used, upwork.deferred, upwork.next_free_at) == (0, 0, None)
     assert dm.as_json()["next_free_at"] == (T0 + timedelta(seconds=5)).isoformat()
 
