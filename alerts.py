@@ -249,8 +249,13 @@ class Alerter:
         if task is None:
             return
         if not task.done() and drain_s > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._queue.join()), drain_s)
+            drained = asyncio.ensure_future(self._queue.join())
+            await asyncio.wait(
+                {drained, task}, timeout=drain_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            drained.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drained
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

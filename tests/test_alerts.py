@@ -257,3 +257,20 @@ async def test_aclose_is_idempotent_and_stops_the_task() -> None:
 def test_a_webhook_needs_the_shared_client() -> None:
     with pytest.raises(ValueError, match="AsyncClient"):
         Alerter(instance="x", webhook_url="https://hooks.example/x")
+
+
+async def test_aclose_gives_up_on_a_stuck_sink_and_cancels_it() -> None:
+    cancelled = asyncio.Event()
+
+    async def stuck(payload: dict[str, Any]) -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+
+    alerts = alerter(action=stuck, timeout_s=3600)
+    alerts.start()
+    alerts.emit("cloud_offline", "down")
+    await alerts.aclose(drain_s=0.05)
+    assert cancelled.is_set()
+    assert alerts.snapshot()["events"][0]["status"] == "pending"
