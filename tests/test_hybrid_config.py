@@ -1,4 +1,4 @@
-"""HybridConfig: the defaults of DESIGN.md §9, validation that names the variable, secrets kept
+"""HybridConfig: the documented defaults, validation that names the variable, secrets kept
 out of errors and repr(), and where values come from (.env, the environment, a mapping)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from errors import ConfigError, Env
 
 pytestmark = pytest.mark.prd200
 
-# Every variable DESIGN.md §9 names.
+# Every variable of the configuration contract (other programs set these names).
 DESIGN_VARIABLES = [
     "EVERREACH_ENV",
     "CLOUD_ENDPOINT",
@@ -51,6 +51,9 @@ DESIGN_VARIABLES = [
     "EVERREACH_TZ",
     "DAILY_ROUTINE_TIME",
     "SCHEDULES_PATH",
+    "RATE_LIMITS_PATH",
+    "ALERT_WEBHOOK_URL",
+    "ALERT_ACTION",
 ]
 CLOUD_OK = {
     "EVERREACH_ENV": "hybrid",
