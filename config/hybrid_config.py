@@ -27,6 +27,7 @@ from errors import ConfigError, Env
 
 _TIME_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)\Z")
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
+_ACTION_RE = re.compile(r"^[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*\Z")
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 _SECRET_FIELDS = frozenset(
     {
@@ -38,6 +39,7 @@ _SECRET_FIELDS = frozenset(
         "openai_api_key",
         "anthropic_api_key",
         "redis_url",
+        "alert_webhook_url",
     }
 )
 # Plain-str URL fields whose userinfo may hold credentials: redacted in repr() and errors.
@@ -117,6 +119,10 @@ class HybridConfig(BaseSettings):
     everreach_tz: str = ""
     daily_routine_time: str = "06:00"
     schedules_path: Path = Path("schedules.json")
+    rate_limits_path: Path = Path("rate_limits.json")
+    # A secret: chat webhooks (Slack, Discord) carry their token in the path.
+    alert_webhook_url: SecretStr | None = None
+    alert_action: str | None = None
     log_format: Literal["console", "json"] | None = None
     log_level: str = "INFO"
 
@@ -126,6 +132,25 @@ class HybridConfig(BaseSettings):
     @classmethod
     def _http_url(cls, value: str | None, info: Any) -> str | None:
         return _check_url(info.field_name.upper(), value, ("http", "https"))
+
+    @field_validator("alert_webhook_url")
+    @classmethod
+    def _alert_webhook_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        url = _check_url("ALERT_WEBHOOK_URL", value.get_secret_value(), ("http", "https"))
+        return SecretStr(url) if url else None
+
+    @field_validator("alert_action")
+    @classmethod
+    def _alert_action(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not _ACTION_RE.match(value.strip()):
+            raise ValueError(
+                f"ALERT_ACTION must be an action name such as telegram.send; {value!r} is not one"
+            )
+        return value.strip()
 
     @field_validator("redis_url")
     @classmethod

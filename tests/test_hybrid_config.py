@@ -1,4 +1,4 @@
-"""HybridConfig: the defaults of DESIGN.md §9, validation that names the variable, secrets kept
+"""HybridConfig: the documented defaults, validation that names the variable, secrets kept
 out of errors and repr(), and where values come from (.env, the environment, a mapping)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from errors import ConfigError, Env
 
 pytestmark = pytest.mark.prd200
 
-# Every variable DESIGN.md §9 names.
+# Every variable of the configuration contract (other programs set these names).
 DESIGN_VARIABLES = [
     "EVERREACH_ENV",
     "CLOUD_ENDPOINT",
@@ -51,6 +51,9 @@ DESIGN_VARIABLES = [
     "EVERREACH_TZ",
     "DAILY_ROUTINE_TIME",
     "SCHEDULES_PATH",
+    "RATE_LIMITS_PATH",
+    "ALERT_WEBHOOK_URL",
+    "ALERT_ACTION",
 ]
 CLOUD_OK = {
     "EVERREACH_ENV": "hybrid",
@@ -439,3 +442,26 @@ def test_direct_construction_reads_no_environment(monkeypatch: pytest.MonkeyPatc
 )
 def test_unset_soft_cap_is_95_percent_of_the_hard_cap(values, soft_cap):
     assert HybridConfig.from_mapping(values).cost_soft_cap == soft_cap
+
+
+def test_pacing_and_alert_settings_default_to_an_optional_file_and_no_sinks() -> None:
+    config = HybridConfig.from_mapping({})
+    assert config.rate_limits_path == Path("rate_limits.json")
+    assert (config.alert_webhook_url, config.alert_action) == (None, None)
+
+
+def test_alert_webhook_url_is_a_secret_checked_as_a_url() -> None:
+    url = "https://hooks.example.com/services/T000/B000/s3cr3tpath"
+    config = HybridConfig.from_mapping({"ALERT_WEBHOOK_URL": url, "ALERT_ACTION": "telegram.send"})
+    assert config.secret("alert_webhook_url") == url
+    assert "s3cr3tpath" not in repr(config)
+    assert config.alert_action == "telegram.send"
+    with pytest.raises(ConfigError, match="ALERT_WEBHOOK_URL must be a URL") as caught:
+        HybridConfig.from_mapping({"ALERT_WEBHOOK_URL": "ftp://hooks.example.com/s3cr3tpath"})
+    assert "s3cr3tpath" not in str(caught.value)
+
+
+@pytest.mark.parametrize("action", ["telegram", "Telegram.send", "telegram.*", "a.b.c"])
+def test_alert_action_must_name_one_action(action: str) -> None:
+    with pytest.raises(ConfigError, match="ALERT_ACTION must be an action name"):
+        HybridConfig.from_mapping({"ALERT_ACTION": action})
