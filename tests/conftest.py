@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -85,6 +86,28 @@ def free_port() -> int:
 # Configuration variables of the developer's shell must not leak into test servers.
 _CONFIG_PREFIXES = ("EVERREACH_", "CLOUD_", "LOCAL_", "COST_", "CACHE_", "SUPABASE_")
 _CONFIG_NAMES = ("DATABASE_URL", "REDIS_URL", "OFFLINE_MODE", "DATA_DIR", "HOST", "PORT")
+
+
+def clean_env(*, also: tuple[str, ...] = ()) -> dict[str, str]:
+    """This process's environment without the shell's configuration variables (nor ``also``)."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(_CONFIG_PREFIXES) and key not in _CONFIG_NAMES and key not in also
+    }
+
+
+def wait_until_serving(proc: subprocess.Popen[Any], port: int, *, wait_s: float = 60.0) -> None:
+    """Poll ``/health`` on ``port`` until it answers; fail if ``proc`` exits first."""
+    deadline = time.monotonic() + wait_s  # only stops a hung test
+    while True:
+        assert proc.poll() is None, "the server exited before it answered"
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+            return
+        except httpx.HTTPError:
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.05)
 
 
 @dataclass

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import os
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +21,7 @@ import pytest
 import service_registry
 from errors import HandlerError, InvalidParams, RegistryError, UnknownAction
 from service_registry import ServiceRegistry, check_action_name, register
-from tests.conftest import free_port
+from tests.conftest import clean_env, free_port, wait_until_serving
 
 pytestmark = pytest.mark.prd200
 
@@ -514,12 +512,7 @@ EVERREACH = Path(sys.executable).with_name("everreach")
 
 
 def serve_in(cwd: Path, port: int, **variables: str) -> subprocess.Popen[str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("EVERREACH_", "CLOUD_", "LOCAL_", "COST_", "CACHE_", "SUPABASE_"))
-        and key not in ("PYTHONPATH", "DATABASE_URL", "REDIS_URL", "DATA_DIR", "HOST", "PORT")
-    }
+    env = clean_env(also=("PYTHONPATH",))
     env.update({"DATA_DIR": str(cwd / "data"), "PORT": str(port), **variables})
     return subprocess.Popen(
         [str(EVERREACH), "serve"],
@@ -538,15 +531,7 @@ def test_serve_loads_a_services_module_from_the_current_directory(tmp_path: Path
     port = free_port()
     proc = serve_in(tmp_path, port, EVERREACH_SERVICES="my_services")
     try:
-        deadline = time.monotonic() + 60  # only stops a hung test
-        while True:
-            assert proc.poll() is None, proc.communicate()
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline, "the server did not come up"
-                time.sleep(0.05)
+        wait_until_serving(proc, port)
         answer = httpx.post(
             f"http://127.0.0.1:{port}/dispatch",
             json={"action": "mine.hello", "params": {"x": 1}},
