@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 COMPOSE_FILE := docker/docker-compose.yml
 
-.PHONY: venv run test test-fast lint bench local-up local-down local-status local-build logs clean
+.PHONY: venv run test test-fast lint bench docs local-up local-down local-status local-build logs clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+## docs: build the documentation site into site/ (strict: a broken link or anchor fails)
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # `docker compose` (v2 plugin) if present, else the standalone `docker-compose`. Lazy (=), so
 # targets that do not use Docker never run these probes.
@@ -80,4 +84,4 @@ logs:
 	$(COMPOSE) logs -f --tail=200 --no-log-prefix local-terminal
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build site *.egg-info
