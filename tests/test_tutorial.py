@@ -28,6 +28,7 @@ def test_the_tutorial_runs_word_for_word_and_each_note_is_sent_once(tmp_path: Pa
 
     logs = "".join(f"\n--- {log.name}\n{log.read_text()[-3000:]}" for log in folder.glob("*.log"))
     assert done.returncode == 0, done.stdout + done.stderr + logs
+    assert "HTTP 202" in done.stdout
     assert '"queued":true' in done.stdout.replace(" ", "")
     assert '"source":"outbox"' in done.stdout.replace(" ", "")
     assert '"source":"local_fallback"' in done.stdout.replace(" ", "")
