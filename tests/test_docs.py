@@ -111,12 +111,17 @@ MARKDOWN_NAME = re.compile(r"[\w.-]+\.md\b")
 WRITTEN_BY_A_COMMAND = {"latest.md"}  # bench/results/latest.md, written by `python -m bench`
 
 
+def project_files(suffix: str) -> list[Path]:
+    """The project's files ending in ``suffix``, outside hidden folders and the built site."""
+    found: list[Path] = []
+    for folder, subfolders, files in os.walk(ROOT):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".") and d != "site"]
+        found += [Path(folder, name) for name in files if name.endswith(suffix)]
+    return found
+
+
 def project_markdown_names() -> set[str]:
-    return WRITTEN_BY_A_COMMAND | {
-        path.name
-        for path in ROOT.rglob("*.md")
-        if not any(part.startswith(".") or part == "site" for part in path.relative_to(ROOT).parts)
-    }
+    return WRITTEN_BY_A_COMMAND | {path.name for path in project_files(".md")}
 
 
 @pytest.mark.parametrize("path", [*pages(), README], ids=lambda p: p.name)
@@ -398,3 +403,12 @@ def test_a_docs_example_is_importable_as_a_module() -> None:
         for module in re.findall(r"^(?:from|import) ([\w.]+)", source, re.MULTILINE):
             root = module.split(".")[0]
             assert root == "__future__" or importlib.util.find_spec(root), (path.name, module)
+
+
+def test_every_python_file_the_docs_name_exists() -> None:
+    """A renamed or removed module fails here until the docs follow."""
+    shipped = {path.name for path in project_files(".py")}
+    for path in [*pages(), README]:
+        for name in re.findall(r"[\w./-]+\.py\b", path.read_text(encoding="utf-8")):
+            found = (ROOT / name).exists() if "/" in name else name in shipped
+            assert found, f"{path.name} names {name}, which is not in the project"
