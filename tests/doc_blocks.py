@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ class Block:
     lang: str
     text: str
     not_run: str | None
+    title: str | None = None
 
     @property
     def snippets(self) -> list[str]:
@@ -62,6 +62,7 @@ def blocks(page: Path) -> list[Block]:
             end += 1
         previous = next((line for line in reversed(lines[:index]) if line.strip()), "")
         marker = NOT_RUN.match(previous.strip())
+        title = re.search(r'title="([^"]+)"', opening["info"])
         found.append(
             Block(
                 page=page,
@@ -69,6 +70,7 @@ def blocks(page: Path) -> list[Block]:
                 lang=opening["lang"],
                 text="\n".join(body) + "\n",
                 not_run=marker["reason"] if marker else None,
+                title=title[1] if title else None,
             )
         )
         index = end + 1
@@ -98,14 +100,11 @@ def fresh_clone(folder: Path) -> Path:
 
 
 def save_the_files_the_page_shows(page: Path, folder: Path) -> None:
-    """Do the "save this as NAME" steps: each titled snippet block becomes that file."""
+    """Do the "save this as NAME" steps: each block titled with a file name becomes that file."""
     for block in blocks(page):
-        title = re.search(
-            r'title="([^"]+)"', page.read_text(encoding="utf-8").splitlines()[block.line - 1]
-        )
-        if block.snippets and title:
-            (source,) = block.snippets
-            shutil.copyfile(ROOT / source, folder / title[1])
+        if block.title and "/" not in block.title:
+            text = "".join((ROOT / path).read_text() for path in block.snippets) or block.text
+            (folder / block.title).write_text(text, encoding="utf-8")
 
 
 def run_page(

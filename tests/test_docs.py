@@ -153,6 +153,7 @@ def output_of(block: Block) -> str | None:
 def test_every_code_block_is_run_by_a_test_or_marked_not_run() -> None:
     # tests/test_readme.py runs the README's sh blocks; a page may show the same commands.
     readme_runs = {b.text for b in blocks(README) if b.lang == "sh" and b.not_run is None}
+    examples = {path.read_text(encoding="utf-8") for path in EXAMPLES.iterdir()}
     unaccounted = [
         f"{block.page.relative_to(ROOT)}:{block.line}"
         for block in all_blocks()
@@ -161,6 +162,7 @@ def test_every_code_block_is_run_by_a_test_or_marked_not_run() -> None:
         and output_of(block) is None
         and not (block.page in RUN_WORD_FOR_WORD and block.lang in ("sh", "text"))
         and block.text not in readme_runs
+        and block.text not in examples
     ]
     assert not unaccounted, (
         "run these blocks in a test, include them from docs/examples/, or mark them "
@@ -172,8 +174,18 @@ def test_every_example_file_is_shown_in_a_page_and_every_included_file_exists() 
     included = {path for block in all_blocks() for path in block.snippets}
     for path in included:
         assert (ROOT / path).is_file(), f"a page includes {path}, which does not exist"
-    examples = {p.relative_to(ROOT).as_posix() for p in EXAMPLES.iterdir() if p.is_file()}
-    assert examples <= included, f"examples no page shows: {sorted(examples - included)}"
+    shown_inline = {block.text for block in all_blocks()}
+    for example in EXAMPLES.iterdir():
+        name = example.relative_to(ROOT).as_posix()
+        assert name in included or example.read_text(encoding="utf-8") in shown_inline, (
+            f"no page shows {name}"
+        )
+
+
+def test_the_tutorials_files_are_the_tested_examples() -> None:
+    titled = {b.title: b.text for b in blocks(DOCS / "tutorial.md") if b.title}
+    for name in ("my_services.py", "my_routes.json"):
+        assert titled[name] == (EXAMPLES / name).read_text(encoding="utf-8")
 
 
 def test_the_output_blocks_are_what_their_examples_print(tmp_path: Path) -> None:
