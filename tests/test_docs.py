@@ -68,7 +68,7 @@ def test_the_site_builds_strictly_so_a_broken_link_or_anchor_fails(tmp_path: Pat
     )
     assert built.returncode == 0, built.stdout + built.stderr
     assert (tmp_path / "site" / "tutorial" / "index.html").exists()
-    # The snippets were included, not left as include lines.
+    # Snippet includes (pymdownx.snippets), if a page uses one, are expanded, not shown raw.
     tutorial = (tmp_path / "site" / "tutorial" / "index.html").read_text(encoding="utf-8")
     assert "notes.send" in tutorial and "--8&lt;--" not in tutorial
 
@@ -165,7 +165,7 @@ def test_every_code_block_is_run_by_a_test_or_marked_not_run() -> None:
         and block.text not in examples
     ]
     assert not unaccounted, (
-        "run these blocks in a test, include them from docs/examples/, or mark them "
+        "run these blocks in a test, make them copies of files in docs/examples/, or mark them "
         "<!-- not-run: why -->: " + ", ".join(unaccounted)
     )
 
