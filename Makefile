@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 COMPOSE_FILE := docker/docker-compose.yml
 
-.PHONY: help venv run test test-fast lint bench local-up local-down local-status local-build logs clean
+.PHONY: help venv run test test-fast lint bench docs local-up local-down local-status local-build logs clean
 .DEFAULT_GOAL := help
 
 ## help: this list (the default goal: `make` alone prints it)
@@ -41,6 +41,10 @@ lint: $(STAMP)
 ## bench: the benchmarks (python -m bench)
 bench: $(STAMP)
 	$(PY) -m bench
+
+## docs: build the documentation site into site/ (strict: a broken link or anchor fails)
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # `docker compose` (v2 plugin) if present, else the standalone `docker-compose`. Lazy (=), so
 # targets that do not use Docker never run these probes.
@@ -96,4 +100,4 @@ logs:
 
 ## clean: remove .venv and the caches
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build site *.egg-info

@@ -29,8 +29,10 @@ import inspect
 import json
 import platform
 import re
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from errors import HandlerError, InvalidParams, RegistryError, UnknownAction
@@ -111,6 +113,33 @@ def register(action: str) -> Callable[[Handler], Handler]:
     return decorator
 
 
+def _put_first_on_path(directory: Path) -> None:
+    entry = str(directory.resolve())
+    if entry not in sys.path:
+        sys.path.insert(0, entry)
+
+
+def _is_parent_or_self(missing: str, name: str) -> bool:
+    return name == missing or name.startswith(missing + ".")
+
+
+def _import_failed(name: str, exc: Exception) -> RegistryError:
+    return RegistryError(
+        f"EVERREACH_SERVICES: module {name!r} failed to import: {type(exc).__name__}: {exc}"
+    )
+
+
+def _not_found_message(name: str) -> str:
+    searched = [entry or "." for entry in sys.path if not entry or Path(entry).is_dir()]
+    file_name = name.replace(".", "/") + ".py"
+    return (
+        f"EVERREACH_SERVICES: module {name!r} failed to import: no module named {name!r}; "
+        f"looked for {file_name} (or a package "
+        f"{name.replace('.', '/')}/) in: {', '.join(searched)}. Fix: start the server from the "
+        f"directory that holds {file_name}, or add that directory to PYTHONPATH"
+    )
+
+
 def _qualname(func: Handler) -> str:
     return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}"
 
@@ -138,19 +167,29 @@ class ServiceRegistry:
             self.add(action, handler)
 
     @classmethod
-    def from_modules(cls, names: Iterable[str]) -> ServiceRegistry:
-        """Import the services modules and build a registry of the built-ins and their handlers."""
+    def from_modules(
+        cls, names: Iterable[str], *, app_dir: str | Path | None = None
+    ) -> ServiceRegistry:
+        """Import the services modules and build a registry of the built-ins and their handlers.
+
+        ``app_dir`` (default: the current directory) goes first on ``sys.path``, as uvicorn's
+        ``--app-dir`` does, so ``my_services.py`` next to where the server starts imports without
+        ``PYTHONPATH`` even when the server runs from a console script.
+        """
         names = list(names)
+        if names:
+            _put_first_on_path(Path(app_dir) if app_dir is not None else Path.cwd())
         for name in names:
             try:
                 importlib.import_module(name)
             except RegistryError:
                 raise
+            except ModuleNotFoundError as exc:
+                if exc.name is None or not _is_parent_or_self(exc.name, name):
+                    raise _import_failed(name, exc) from exc
+                raise RegistryError(_not_found_message(name)) from exc
             except Exception as exc:
-                raise RegistryError(
-                    f"EVERREACH_SERVICES: module {name!r} failed to import: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
+                raise _import_failed(name, exc) from exc
         registry = cls()
         for action, handler in sorted(_DECLARED.items()):
             module = getattr(handler, "__module__", "")

@@ -96,6 +96,28 @@ _CONFIG_NAMES = (
 )
 
 
+def clean_env(*, also: tuple[str, ...] = ()) -> dict[str, str]:
+    """This process's environment without the shell's configuration variables (nor ``also``)."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(_CONFIG_PREFIXES) and key not in _CONFIG_NAMES and key not in also
+    }
+
+
+def wait_until_serving(proc: subprocess.Popen[Any], port: int, *, wait_s: float = 60.0) -> None:
+    """Poll ``/health`` on ``port`` until it answers; fail if ``proc`` exits first."""
+    deadline = time.monotonic() + wait_s  # only stops a hung test
+    while True:
+        assert proc.poll() is None, "the server exited before it answered"
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+            return
+        except httpx.HTTPError:
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.05)
+
+
 @dataclass
 class ServerProcess:
     """A real ``uvicorn local_server:app`` process on a loopback port."""

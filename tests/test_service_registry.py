@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import signal
+import subprocess
 import sys
 import textwrap
 import threading
@@ -13,11 +15,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 import service_registry
 from errors import HandlerError, InvalidParams, RegistryError, UnknownAction
 from service_registry import ServiceRegistry, check_action_name, register
+from tests.conftest import clean_env, free_port, wait_until_serving
 
 pytestmark = pytest.mark.prd200
 
@@ -463,3 +467,88 @@ async def test_a_hanging_self_test_check_is_reported_not_waited_for(monkeypatch)
     report = await registry.dispatch("system.self_test", {})
     assert report["stuck"]["ok"] is False and "no answer" in report["stuck"]["error"]
     assert report["ok"] is False
+
+
+def test_from_modules_imports_from_the_app_dir_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
+    name = f"cwd_services_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(MODULE.format(action="cwd.loaded")))
+    try:
+        registry = ServiceRegistry.from_modules([name], app_dir=tmp_path)
+    finally:
+        sys.modules.pop(name, None)
+    assert "cwd.loaded" in registry.actions()
+    assert sys.path[0] == str(tmp_path.resolve())
+
+
+def test_a_missing_module_says_where_it_looked_and_how_to_fix_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(RegistryError) as info:
+        ServiceRegistry.from_modules(["my_missing_services"], app_dir=tmp_path)
+    message = str(info.value)
+    assert "no module named 'my_missing_services'" in message
+    assert "my_missing_services.py" in message
+    assert str(tmp_path.resolve()) in message
+    assert "PYTHONPATH" in message
+
+
+def test_a_module_missing_a_dependency_names_the_dependency_not_the_path(
+    services_module: Any,
+) -> None:
+    name = services_module("import no_such_dependency_xyz\n")
+    with pytest.raises(RegistryError) as info:
+        ServiceRegistry.from_modules([name])
+    assert "no_such_dependency_xyz" in str(info.value)
+    assert "looked for" not in str(info.value)
+
+
+# The console script, not `python -m cli`: `-m` puts the cwd on sys.path by itself, the
+# installed `everreach` (what `make run` starts) does not.
+EVERREACH = Path(sys.executable).with_name("everreach")
+
+
+def serve_in(cwd: Path, port: int, **variables: str) -> subprocess.Popen[str]:
+    env = clean_env(also=("PYTHONPATH",))
+    env.update({"DATA_DIR": str(cwd / "data"), "PORT": str(port), **variables})
+    return subprocess.Popen(
+        [str(EVERREACH), "serve"],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not EVERREACH.exists(), reason="the everreach console script is not installed")
+def test_serve_loads_a_services_module_from_the_current_directory(tmp_path: Path) -> None:
+    (tmp_path / "my_services.py").write_text(textwrap.dedent(MODULE.format(action="mine.hello")))
+    port = free_port()
+    proc = serve_in(tmp_path, port, EVERREACH_SERVICES="my_services")
+    try:
+        wait_until_serving(proc, port)
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/dispatch",
+            json={"action": "mine.hello", "params": {"x": 1}},
+            timeout=10,
+        )
+        assert answer.status_code == 200, answer.text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+
+
+@pytest.mark.skipif(not EVERREACH.exists(), reason="the everreach console script is not installed")
+def test_serve_with_a_missing_services_module_says_where_it_looked(tmp_path: Path) -> None:
+    proc = serve_in(tmp_path, free_port(), EVERREACH_SERVICES="my_servces")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "Traceback" not in err
+    assert "no module named 'my_servces'" in err
+    assert f"in: {tmp_path.resolve()}" in err
+    assert "PYTHONPATH" in err
