@@ -24,6 +24,7 @@ from cost_guard import CostGuard
 from hybrid_orchestrator import HybridOrchestrator
 from local_cron import LocalCron
 from local_executor import LocalExecutor
+from metrics import Metrics
 from offline_cache import OfflineCache
 from outbox import Outbox, OutboxStatus
 from route_table import RouteTable
@@ -45,6 +46,7 @@ class Parts:
     registry: ServiceRegistry
     route_table: RouteTable
     local: LocalExecutor
+    metrics: Metrics
     cloud: CloudExecutor | None
     connectivity: ConnectivityChecker | None
     orchestrator: HybridOrchestrator
@@ -79,6 +81,7 @@ class InstanceStatus:
         self._clock = clock
         self._started = clock()
         self.gauges: dict[str, Any] = {}
+        parts.metrics.set_status_provider(lambda: self.gauges)
         self._task = BackgroundTask("gauges")
 
     @property
@@ -86,6 +89,10 @@ class InstanceStatus:
         return self._clock() - self._started
 
     # -- the gauges /metrics reads --------------------------------------------------------------
+
+    def render_metrics(self) -> tuple[bytes, str]:
+        """The ``/metrics`` body and content type: the counters and the last computed gauges."""
+        return self.parts.metrics.render()
 
     async def refresh_gauges(self) -> None:
         """Recompute the values /metrics reads (its provider must not do I/O)."""

@@ -333,7 +333,7 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        body, content_type = rt(request).metrics.render()
+        body, content_type = rt(request).instance_status.render_metrics()
         return Response(body, media_type=content_type)
 
     @app.get("/", response_class=HTMLResponse)

@@ -277,6 +277,7 @@ class Runtime:
                 registry=self.registry,
                 route_table=self.route_table,
                 local=self.local,
+                metrics=self.metrics,
                 cloud=self.cloud,
                 connectivity=self.connectivity,
                 orchestrator=self.orchestrator,
@@ -290,10 +291,8 @@ class Runtime:
             )
         )
         self.instance_status.add_self_test_checks(self.registry)
-        status = self.instance_status
-        self.metrics.set_status_provider(lambda: status.gauges)
-        await status.start()
-        self._on_close(status.close)
+        await self.instance_status.start()
+        self._on_close(self.instance_status.close)
 
     async def _watch_cloud(self) -> None:
         """Probe the cloud, and sync with it at start-up, on an interval and on reconnection."""

@@ -38,7 +38,7 @@ async def test_the_gauges_follow_the_outbox_once_refreshed(runtime):
     assert status.gauges["outbox_depth"] == 0  # a scrape reads memory, never the store
     await status.refresh_gauges()
     assert status.gauges["outbox_depth"] == 1
-    body, _ = runtime.metrics.render()
+    body, _ = status.render_metrics()
     assert b"everreach_outbox_depth 1.0" in body
 
 
