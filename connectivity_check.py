@@ -279,5 +279,10 @@ class ConnectivityChecker:
         }
 
 
+def cloud_reachable(checker: ConnectivityChecker | None) -> bool:
+    """Is the cloud reachable now? Never without a checker (no CLOUD_ENDPOINT configured)."""
+    return checker is not None and checker.online
+
+
 def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()

@@ -42,6 +42,7 @@ from errors import (
     storage_fault,
 )
 from idempotency import ClaimState
+from instance_status import VERSION
 from local_batch import batch_execute
 from offline_cache import params_hash
 from request_body import (
@@ -54,7 +55,7 @@ from request_body import (
     read_body,
 )
 from request_guard import RequestGuardMiddleware
-from runtime import VERSION, IdempotencyStores, Runtime
+from runtime import IdempotencyStores, Runtime
 from service_registry import check_action_name, idempotency_key_scope
 from structured_log import (
     DISPATCH_LOGGER,
@@ -323,16 +324,16 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
-        return await rt(request).health()
+        return await rt(request).instance_status.health()
 
     @app.get("/status")
     async def status(request: Request) -> dict[str, Any]:
         check_local_token(request)
-        return await rt(request).status()
+        return await rt(request).instance_status.status()
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        body, content_type = rt(request).metrics.render()
+        body, content_type = rt(request).instance_status.render_metrics()
         return Response(body, media_type=content_type)
 
     @app.get("/", response_class=HTMLResponse)
@@ -384,19 +385,15 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
     @app.get("/api/sync/state")
     async def get_state(request: Request) -> dict[str, Any]:
         check_cloud_key(request)
-        runtime = rt(request)
-        assert runtime.state_sync is not None
-        return await runtime.state_sync.serve_state()
+        return await rt(request).state_sync.serve_state()
 
     @app.post("/api/sync/state")
     async def post_state(request: Request) -> dict[str, Any]:
         check_cloud_key(request)
-        runtime = rt(request)
-        assert runtime.state_sync is not None
         state = parse_json(await request.body())
         if not isinstance(state, dict):
             raise InvalidParams("the body must be a JSON object of state entries")
-        return await runtime.state_sync.accept_state(state)
+        return await rt(request).state_sync.accept_state(state)
 
     @app.get("/api/schedules")
     async def schedules(request: Request) -> dict[str, Any]:
@@ -424,7 +421,7 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
             item = await runtime.outbox.retry_dead(item_id, rerun=rerun)
         except KeyError:
             raise NotFound(f"no dead letter with id {item_id!r} in the outbox") from None
-        await runtime.refresh_gauges()
+        await runtime.instance_status.refresh_gauges()
         return {
             "ok": True,
             "id": item.id,
@@ -442,7 +439,7 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
             item = await runtime.outbox.drop(item_id)
         except KeyError:
             raise NotFound(f"no item with id {item_id!r} in the outbox") from None
-        await runtime.refresh_gauges()
+        await runtime.instance_status.refresh_gauges()
         return {"ok": True, "id": item.id, "action": item.action, "dropped": item.status.value}
 
     return app

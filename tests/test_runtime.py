@@ -1,0 +1,68 @@
+"""Runtime: every resource opened in order and closed in reverse, loops owned by their parts."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from config.hybrid_config import HybridConfig
+from errors import ConfigError
+from runtime import Runtime
+from tests.conftest import free_port
+
+
+def _config(tmp_path: Path, **variables: Any) -> HybridConfig:
+    return HybridConfig.from_mapping({"DATA_DIR": str(tmp_path / "data"), **variables})
+
+
+def _other_tasks() -> set[str]:
+    return {t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+
+
+async def test_every_part_is_there_while_open_and_the_client_is_closed_after(tmp_path):
+    async with Runtime.open(_config(tmp_path)) as runtime:
+        assert not runtime.client.is_closed
+        assert runtime.cloud is None and runtime.connectivity is None
+        assert runtime.orchestrator and runtime.cost_guard and runtime.state_sync and runtime.cron
+        assert (await runtime.instance_status.health())["status"] == "ok"
+    assert runtime.client.is_closed
+
+
+async def test_each_loop_runs_in_its_part_and_stops_with_the_runtime(tmp_path):
+    # A cloud endpoint nobody listens on: the probes fail fast, the loops still run.
+    config = _config(tmp_path, CLOUD_ENDPOINT=f"http://127.0.0.1:{free_port()}")
+    before = _other_tasks()
+    async with Runtime.open(config) as runtime:
+        assert runtime.cloud is not None and runtime.connectivity is not None
+        running = _other_tasks() - before
+        assert {"gauges", "state-sync", "connectivity-probe"} <= running
+    assert _other_tasks() <= before
+
+
+async def test_a_failure_half_way_through_start_up_closes_what_was_opened(tmp_path):
+    schedules = tmp_path / "schedules.json"
+    schedules.write_text("{not json", encoding="utf-8")
+    config = _config(tmp_path, SCHEDULES_PATH=str(schedules))
+    before = _other_tasks()
+    with pytest.raises(ConfigError):
+        async with Runtime.open(config):
+            pytest.fail("start-up must not get this far")
+    assert _other_tasks() <= before
+    # The DATA_DIR lock was released: the next instance does not see a live holder.
+    async with Runtime.open(_config(tmp_path)) as runtime:
+        assert runtime.data_dir_shared_with is None
+
+
+async def test_a_closer_that_fails_is_logged_and_the_others_still_run(tmp_path, caplog):
+    async with Runtime.open(_config(tmp_path)) as runtime:
+
+        async def broken() -> None:
+            raise OSError("the disk went away")
+
+        # Registered last, so closed first: the client opened before it must still close.
+        runtime._on_close(broken)
+    assert runtime.client.is_closed
+    assert "closing a resource failed" in caplog.text
