@@ -32,6 +32,7 @@ import httpx
 from config.hybrid_config import redact_url
 
 if TYPE_CHECKING:
+    from cloud_client import CloudClient
     from config.hybrid_config import HybridConfig
 
 log = logging.getLogger(__name__)
@@ -88,18 +89,17 @@ class ConnectivityChecker:
         self._closed = False
 
     @classmethod
-    def from_config(cls, config: HybridConfig, client: httpx.AsyncClient) -> ConnectivityChecker:
-        """Build from CLOUD_ENDPOINT, CONNECTIVITY_INTERVAL_SEC, OFFLINE_AFTER_FAILURES, …"""
-        key = config.secret("everreach_cloud_key")
+    def from_config(cls, config: HybridConfig, cloud: CloudClient) -> ConnectivityChecker:
+        """Probe ``cloud`` every CONNECTIVITY_INTERVAL_SEC, offline after OFFLINE_AFTER_FAILURES."""
         return cls(
-            endpoint=config.cloud_endpoint,
-            client=client,
+            endpoint=cloud.endpoint,
+            client=cloud.http,
             interval_s=config.connectivity_interval_sec,
             offline_after=config.offline_after_failures,
             # A probe must be short: never longer than a real cloud call may take.
             probe_timeout_s=min(DEFAULT_PROBE_TIMEOUT_S, config.cloud_timeout_sec),
             forced_offline=config.offline_mode,
-            auth_headers={"Authorization": f"Bearer {key}"} if key else None,
+            auth_headers=cloud.auth_headers or None,
         )
 
     # -- state ------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from circuit_breaker import CircuitBreaker
+from cloud_client import CloudClient
 from cloud_executor import CloudExecutor, RetryPolicy
 from config.hybrid_config import HybridConfig, redact_url
 from connectivity_check import ConnectivityChecker
@@ -74,6 +75,7 @@ class Runtime:
         self.metrics = Metrics([*self.route_table.names(), *self.registry.actions()])
         self.local = LocalExecutor(self.registry)
         self.client: httpx.AsyncClient | None = None
+        self.cloud_client: CloudClient | None = None
         self.connectivity: ConnectivityChecker | None = None
         self.cloud: CloudExecutor | None = None
         self.cost_guard: CostGuard | None = None
@@ -129,8 +131,9 @@ class Runtime:
                 raise data_dir_error(config.data_dir, exc) from exc
             self._closers.append(store.close)
 
-        if config.cloud_endpoint:
-            self._open_cloud()
+        self.cloud_client = CloudClient.from_config(config, self.client)
+        if self.cloud_client is not None:
+            self._open_cloud(self.cloud_client)
 
         self.cost_guard = CostGuard.from_config(config, http_client=self.client)
         if self.cloud is not None:
@@ -157,7 +160,7 @@ class Runtime:
             outbox=self.outbox,
             store=self.state_store,
             send=self.orchestrator.send_queued,
-            client=self.client if self.cloud else None,
+            cloud=self.cloud_client,
         )
 
         await self.bus.start()
@@ -168,7 +171,7 @@ class Runtime:
             route=self._route_dict,
             bus=self.bus,
             is_cloud_reachable=self.is_cloud_reachable,
-            fetch_cloud_schedules=self._fetch_cloud_schedules if self.cloud else None,
+            fetch_cloud_schedules=self.cloud_client.schedules if self.cloud_client else None,
             redis_url=config.redis_url,
         )
         await self.cron.start()
@@ -213,16 +216,15 @@ class Runtime:
                 extra={"event": "data_dir_shared", "data_dir_holder": holder},
             )
 
-    def _open_cloud(self) -> None:
+    def _open_cloud(self, cloud_client: CloudClient) -> None:
         config = self.config
-        assert self.client is not None and config.cloud_endpoint is not None
-        self.connectivity = ConnectivityChecker.from_config(config, self.client)
+        self.connectivity = ConnectivityChecker.from_config(config, cloud_client)
         connectivity = self.connectivity
         self.cloud = CloudExecutor(
-            endpoint=config.cloud_endpoint,
-            api_key=config.secret("everreach_cloud_key"),
-            client=self.client,
-            timeout_s=config.cloud_timeout_sec,
+            endpoint=cloud_client.endpoint,
+            api_key=None,
+            client=cloud_client.http,
+            cloud_client=cloud_client,
             policy=RetryPolicy(retries=config.cloud_retries, backoff_s=config.cloud_backoff_sec),
             breaker=CircuitBreaker(failure_threshold=5, reset_after_s=30.0),
             on_retry=self.metrics.inc_cloud_retry,
@@ -334,12 +336,6 @@ class Runtime:
     async def _route_dict(self, action: str, params: dict[str, Any]) -> dict[str, Any]:
         assert self.orchestrator is not None
         return (await self.orchestrator.route(action, params)).to_dict()
-
-    async def _fetch_cloud_schedules(self) -> list[dict[str, Any]]:
-        assert self.cloud is not None
-        body = await self.cloud.get_json("/api/schedules", timeout_s=10.0)
-        schedules = body.get("schedules") if isinstance(body, dict) else body
-        return list(schedules or [])
 
     # -- shut-down ------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from cloud_client import CloudClient
 from config.hybrid_config import HybridConfig
 from connectivity_check import ConnectivityChecker
 
@@ -306,7 +307,9 @@ async def test_from_config_reads_the_connectivity_settings() -> None:
         }
     )
     async with httpx.AsyncClient() as client:
-        checker = ConnectivityChecker.from_config(config, client)
+        cloud = CloudClient.from_config(config, client)
+        assert cloud is not None
+        checker = ConnectivityChecker.from_config(config, cloud)
         assert checker.endpoint == ENDPOINT
         assert checker.interval_s == 7.0
         assert checker.offline_after == 5
