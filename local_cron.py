@@ -22,7 +22,6 @@ and always go through ``route()``, so routing, fallback and the cost guard apply
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -45,11 +44,9 @@ from apscheduler.events import (
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from errors import ConfigError, Env, ErrorCode
+from redis_client import REDIS_FAILED, RedisRef, raise_if_cancelling
 from schedules import (
     DAILY_ROUTINE_ID,
     Schedule,
@@ -59,7 +56,7 @@ from schedules import (
     resolve_timezone,
     schedule_trigger,
 )
-from sync_bus import SyncBus, raise_if_cancelling
+from sync_bus import SyncBus
 
 if TYPE_CHECKING:
     from config.hybrid_config import HybridConfig
@@ -147,6 +144,7 @@ class LocalCron:
         is_cloud_reachable: Callable[[], bool],
         fetch_cloud_schedules: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None,
         redis_url: str | None = None,
+        redis: aioredis.Redis | None = None,
         instance_id: str | None = None,
         clock: Callable[[], datetime] | None = None,
         daily_grace_s: float = 12 * 3600.0,
@@ -159,6 +157,8 @@ class LocalCron:
         self._is_cloud_reachable = is_cloud_reachable
         self._fetch = fetch_cloud_schedules
         self.redis_url = redis_url or config.redis_url
+        # ``redis``: the process's shared client (borrowed); else one of ``redis_url``, owned.
+        self._redis_ref = RedisRef(self.redis_url, redis, socket_timeout_s=1.0, block_s=0)
         self.instance_id = instance_id or f"{socket.gethostname()}:{os.getpid()}"
         self.tz = resolve_timezone(config.everreach_tz)
         self._clock = clock or (lambda: datetime.now(self.tz))
@@ -203,13 +203,7 @@ class LocalCron:
         if self.mirroring:
             cached = await asyncio.to_thread(self._read_mirror_cache)
             self._apply_mirrored(cached)
-        if self.redis_url:
-            self._redis = aioredis.Redis.from_url(
-                self.redis_url,
-                socket_timeout=1.0,
-                socket_connect_timeout=1.0,
-                retry=Retry(NoBackoff(), 1),
-            )
+        self._redis = self._redis_ref.open()
         self._scheduler = AsyncIOScheduler(timezone=self.tz)
         self._scheduler.add_listener(self._on_event, EVENT_JOB_SUBMITTED | EVENT_JOB_MISSED)
         for job in self._jobs.values():
@@ -231,9 +225,7 @@ class LocalCron:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._redis is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await self._redis.aclose()
+        await self._redis_ref.close()
 
     # -- running jobs ---------------------------------------------------------------------------
 
@@ -311,7 +303,7 @@ class LocalCron:
         return {
             "timezone": str(self.tz),
             "running": bool(self._scheduler and self._scheduler.running),
-            "replica_lock": "redis" if self.redis_url else "none (single instance)",
+            "replica_lock": "redis" if self._redis_ref.configured else "none (single instance)",
             "jobs": jobs,
             "daily_routine": self._last_routine,
             "mirror": {
@@ -445,7 +437,7 @@ class LocalCron:
                 lock_key(job.id, fire_time), self.instance_id, nx=True, px=ttl_ms
             )
             raise_if_cancelling()  # a cancel redis-py swallowed must not start the job
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILED as exc:
             # Fail open: a terminal whose Redis is down still runs its routine; replicas
             # sharing that Redis may then both run this one fire time (logged).
             log.warning("LocalCron: no replica lock for %s (%s); running anyway", job.id, exc)

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
+import redis.asyncio as aioredis
 
 from circuit_breaker import CircuitBreaker
 from cloud_client import CloudClient
@@ -28,14 +29,16 @@ from cost_guard import CostGuard
 from cost_rates import CostRates
 from errors import ConfigError
 from hybrid_orchestrator import HybridOrchestrator
-from idempotency import IdempotencyStore, RedisIdempotencyStore
+from idempotency import IdempotencyStore
 from idempotency_pg import PostgresIdempotencyStore
+from idempotency_redis import RedisIdempotencyStore
 from instance_lock import InstanceLock
 from local_cron import LocalCron
 from local_executor import LocalExecutor
 from metrics import Metrics
 from offline_cache import OfflineCache
 from outbox import Outbox, OutboxStatus
+from redis_client import close_redis, open_redis
 from route_table import RouteTable
 from service_registry import ServiceRegistry
 from sqlite_file import check_data_dir, data_dir_error
@@ -51,14 +54,14 @@ GAUGE_REFRESH_S = 5.0
 IdempotencyStores = IdempotencyStore | RedisIdempotencyStore | PostgresIdempotencyStore
 
 
-def _idempotency_store(config: HybridConfig) -> IdempotencyStores:
+def _idempotency_store(config: HybridConfig, redis: aioredis.Redis | None) -> IdempotencyStores:
     """PostgreSQL when configured (shared by every replica), else this instance's SQLite file
     (with Redis, if set, sharing claims between replicas while it keeps its data)."""
     if config.postgres_dsn:
         return PostgresIdempotencyStore(config.postgres_dsn)
     local_keys = IdempotencyStore.for_data_dir(config.data_dir)
-    if config.redis_url:
-        return RedisIdempotencyStore(config.redis_url, local_keys)
+    if redis is not None:
+        return RedisIdempotencyStore(config.redis_url, local_keys, redis=redis)
     return local_keys
 
 
@@ -82,9 +85,12 @@ class Runtime:
         self.cache = OfflineCache.from_config(config)
         self.outbox = Outbox.from_config(config)
         self.state_store = StateStore.from_config(config)
-        self.idempotency = _idempotency_store(config)
+        # One Redis client (one pool) for the bus, the idempotency store and the cron locks;
+        # creating it does no I/O, and _open() registers its closing first, so it closes last.
+        self.redis = open_redis(config.redis_url) if config.redis_url else None
+        self.idempotency = _idempotency_store(config, self.redis)
         consumer = f"{socket.gethostname()}:{config.port}"
-        self.bus = SyncBus.from_config(config, consumer_name=consumer)
+        self.bus = SyncBus.from_config(config, consumer_name=consumer, redis=self.redis)
         self.orchestrator: HybridOrchestrator | None = None
         self.state_sync: StateSync | None = None
         self.cron: LocalCron | None = None
@@ -116,6 +122,9 @@ class Runtime:
                 f"is not set; set LOCAL_API_TOKEN (e.g. python -c 'import secrets; "
                 f"print(secrets.token_urlsafe(32))') or bind HOST=127.0.0.1"
             )
+        if self.redis is not None:
+            redis = self.redis
+            self._closers.append(lambda: close_redis(redis))
         check_data_dir(config.data_dir)
         self._check_data_dir()
         self.client = httpx.AsyncClient(
@@ -172,7 +181,7 @@ class Runtime:
             bus=self.bus,
             is_cloud_reachable=self.is_cloud_reachable,
             fetch_cloud_schedules=self.cloud_client.schedules if self.cloud_client else None,
-            redis_url=config.redis_url,
+            redis=self.redis,
         )
         await self.cron.start()
         self._closers.append(self.cron.close)

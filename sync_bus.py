@@ -35,14 +35,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 import bus_store
 from config.hybrid_config import redact_url
+from redis_client import REDIS_DOWN as _REDIS_DOWN
+from redis_client import RedisRef, raise_if_cancelling
 from sqlite_file import SqliteFile, Synchronous, utc_iso
 
 if TYPE_CHECKING:
@@ -55,7 +53,6 @@ T = TypeVar("T")
 
 STREAM_PREFIX = "everreach:bus:"
 DEAD_SUFFIX = ":dead"
-_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 _READ_COUNT = 100
 _FORWARD_BATCH = 200
 
@@ -120,7 +117,10 @@ class SyncBus:
         claim_idle_s: float = 60.0,
         socket_timeout_s: float = 2.0,
         block_s: float = 1.0,
+        redis: aioredis.Redis | None = None,
     ) -> None:
+        """``redis`` is the process's shared client (borrowed, never closed here); without
+        it, ``start()`` opens one of ``redis_url``."""
         if max_deliveries < 1:
             raise ValueError("max_deliveries must be at least 1")
         self.redis_url = redis_url or None
@@ -136,8 +136,10 @@ class SyncBus:
         self._lease_s = max(30.0, 3 * poll_interval_s)
         # FULL: a publish that returned survives a power cut too, not only a killed process.
         self._db = SqliteFile(self.sqlite_path, synchronous=Synchronous.FULL, name="sync-bus")
+        self._redis_ref = RedisRef(
+            redis_url, redis, socket_timeout_s=socket_timeout_s, block_s=block_s
+        )
         self._redis: aioredis.Redis | None = None
-        self._redis_block: aioredis.Redis | None = None
         self._redis_up = False
         self._backlog = False
         self._subs: dict[tuple[str, str], _Subscription] = {}
@@ -153,10 +155,17 @@ class SyncBus:
         self._last_error: str | None = None
 
     @classmethod
-    def from_config(cls, config: HybridConfig, *, consumer_name: str | None = None) -> SyncBus:
-        """Build the bus of one instance: SQLite at ``DATA_DIR/bus.sqlite3``."""
+    def from_config(
+        cls,
+        config: HybridConfig,
+        *,
+        consumer_name: str | None = None,
+        redis: aioredis.Redis | None = None,
+    ) -> SyncBus:
+        """Build the bus of one instance: SQLite at ``DATA_DIR/bus.sqlite3``, ``redis`` shared."""
         return cls(
             redis_url=config.redis_url,
+            redis=redis,
             sqlite_path=config.data_dir / "bus.sqlite3",
             consumer_name=consumer_name or f"{socket.gethostname()}:{config.port}",
             poll_interval_s=config.bus_poll_interval_sec,
@@ -178,21 +187,9 @@ class SyncBus:
         await self._db.open(bus_store.SCHEMA)
         for sub in self._subs.values():
             await self._sql(bus_store.ensure_cursor, sub.topic, sub.group, sub.durable)
-        if self.redis_url:
+        if self._redis_ref.configured:
             self._backlog = await self._sql(bus_store.count_backlog) > 0
-            common: dict[str, Any] = {
-                "decode_responses": True,
-                "socket_connect_timeout": self.socket_timeout_s,
-                # One immediate retry heals a pooled connection that died with a Redis restart;
-                # more would only delay the switch to SQLite.
-                "retry": Retry(NoBackoff(), 1),
-            }
-            self._redis = aioredis.Redis.from_url(
-                self.redis_url, socket_timeout=self.socket_timeout_s, **common
-            )
-            self._redis_block = aioredis.Redis.from_url(
-                self.redis_url, socket_timeout=self.block_s + self.socket_timeout_s, **common
-            )
+            self._redis = self._redis_ref.open()
             try:
                 await self._switch_to_redis(initial=True)
             except _REDIS_DOWN as exc:
@@ -220,10 +217,7 @@ class SyncBus:
                     await self._redis.xgroup_destroy(sub.stream, sub.group)
             await self._sql(bus_store.drop_cursor, sub.topic, sub.group)
         await self._sql(bus_store.release_leases, self.consumer_name)
-        for client in (self._redis, self._redis_block):
-            if client is not None:
-                with contextlib.suppress(*_REDIS_DOWN):
-                    await client.aclose()
+        await self._redis_ref.close()
         await self._db.close()
 
     # -- publish / subscribe --------------------------------------------------------------------
@@ -250,7 +244,7 @@ class SyncBus:
                 self._redis_failed(exc)
         async with self._publish_lock:  # the forwarder's final "backlog empty" check waits here
             row_id = await self._sql(bus_store.insert, topic, data)
-            if self.redis_url:
+            if self._redis_ref.configured:
                 self._backlog = True
         self._published += 1
         for sub in self._subs.values():
@@ -307,7 +301,7 @@ class SyncBus:
             subs.append(info)
         return {
             "backend": self.backend,
-            "redis_configured": self.redis_url is not None,
+            "redis_configured": self._redis_ref.configured,
             "redis_url": redact_url(self.redis_url),
             "redis_connected": self._redis_up,
             "forwarding": self._redis_up and self._backlog,
@@ -440,7 +434,7 @@ class SyncBus:
             own = [(s.topic, s.group) for s in self._subs.values() if not s.durable]
             try:
                 await self._sql(
-                    bus_store.housekeep, own, self.redis_url is not None, self.stream_maxlen
+                    bus_store.housekeep, own, self._redis_ref.configured, self.stream_maxlen
                 )
             except sqlite3.Error as exc:
                 log.warning("SyncBus: SQLite housekeeping failed: %s", exc)
@@ -454,7 +448,7 @@ class SyncBus:
         while True:
             raise_if_cancelling()
             try:
-                if self._redis_up and self._redis_block is not None:
+                if self._redis_up and self._redis is not None:
                     await self._redis_step(sub)
                 else:
                     await self._sqlite_step(sub)
@@ -470,7 +464,7 @@ class SyncBus:
                 await asyncio.sleep(self.poll_interval_s)
 
     async def _redis_step(self, sub: _Subscription) -> None:
-        assert self._redis_block is not None
+        assert self._redis is not None
         if not sub.group_ready:
             await self._ensure_group(sub)
         now = time.monotonic()
@@ -479,7 +473,7 @@ class SyncBus:
             sub.first_sweep = False
             sub.last_sweep = time.monotonic()
         block_s = min(self.block_s, self.retry_delay_s) if sub.retry_pending else self.block_s
-        reply: Any = await self._redis_block.xreadgroup(
+        reply: Any = await self._redis.xreadgroup(
             sub.group,
             self.consumer_name,
             {sub.stream: ">"},
@@ -656,18 +650,6 @@ class SyncBus:
             attempts,
             error,
         )
-
-
-def raise_if_cancelling() -> None:
-    """Re-raise a cancellation redis-py swallowed.
-
-    A task cancelled just as it sends a blocking command (XREADGROUP BLOCK) can get an empty
-    reply instead of CancelledError (redis/redis-py#2028; reproduced with redis-py 8 on
-    Python 3.11), and a consumer loop would then run on forever and hang close().
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 def _check_name(kind: str, value: object) -> None:
