@@ -69,5 +69,5 @@ def test_one_instance_opens_one_redis_client_for_bus_idempotency_and_cron(
         assert shared is not None
         assert runtime.bus._redis is shared
         assert runtime.idempotency._redis is shared
-        assert runtime.cron._redis is shared
+        assert runtime.cron._lock.client is shared
         assert client.get("/health").json()["services"]["bus"]["backend"] == "redis"
