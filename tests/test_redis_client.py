@@ -67,7 +67,7 @@ def test_one_instance_opens_one_redis_client_for_bus_idempotency_and_cron(
         runtime = app.state.runtime
         shared = runtime.redis
         assert shared is not None
-        assert runtime.bus._redis is shared
+        assert runtime.bus._redis_ref.client is shared
         assert runtime.idempotency._redis is shared
         assert runtime.cron._lock.client is shared
         assert client.get("/health").json()["services"]["bus"]["backend"] == "redis"
