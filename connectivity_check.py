@@ -24,12 +24,12 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from config.hybrid_config import redact_url
+from sqlite_file import utc_iso
 
 if TYPE_CHECKING:
     from cloud_client import CloudClient
@@ -280,4 +280,4 @@ class ConnectivityChecker:
 
 
 def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+    return None if ts is None else utc_iso(ts)

@@ -50,7 +50,6 @@ from schedules import (
     aligned_interval_trigger,
     load_schedules,
     parse_schedules,
-    resolve_timezone,
     schedule_trigger,
 )
 from sync_bus import SyncBus
@@ -115,7 +114,7 @@ class LocalCron:
         self._lock = FireTimeLock(
             instance_id=self.instance_id, redis_url=self.redis_url, redis=redis
         )
-        self.tz = resolve_timezone(config.everreach_tz)
+        self.tz = config.timezone()
         self._clock = clock or (lambda: datetime.now(self.tz))
         self.daily_grace_s = daily_grace_s
         self.cron_grace_s = cron_grace_s

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
@@ -133,15 +132,6 @@ def load_schedules(path: Path) -> list[Schedule]:
 
 
 # -- triggers --------------------------------------------------------------------------------------
-
-
-def resolve_timezone(name: str) -> tzinfo:
-    """Return ``EVERREACH_TZ``'s zone, or the machine's own zone when it is empty."""
-    if name:
-        return ZoneInfo(name)
-    from tzlocal import get_localzone
-
-    return get_localzone()
 
 
 def aligned_interval_trigger(interval_sec: float, tz: tzinfo) -> IntervalTrigger:

@@ -439,3 +439,13 @@ def test_direct_construction_reads_no_environment(monkeypatch: pytest.MonkeyPatc
 )
 def test_unset_soft_cap_is_95_percent_of_the_hard_cap(values, soft_cap):
     assert HybridConfig.from_mapping(values).cost_soft_cap == soft_cap
+
+
+def test_the_time_zone_is_looked_up_in_one_place() -> None:
+    from zoneinfo import ZoneInfo
+
+    from tzlocal import get_localzone
+
+    berlin = HybridConfig.from_mapping({"EVERREACH_TZ": "Europe/Berlin"})
+    assert berlin.timezone() == ZoneInfo("Europe/Berlin")
+    assert HybridConfig.from_mapping({"EVERREACH_TZ": ""}).timezone() == get_localzone()
