@@ -24,6 +24,7 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -41,6 +42,23 @@ TransitionCallback = Callable[[bool], Awaitable[None] | None]
 
 DEFAULT_PROBE_TIMEOUT_S = 5.0
 AUTH_PROBE_PATH = "/api/schedules"  # authenticated, read-only and cheap on every instance
+
+
+class CloudLink(StrEnum):
+    """What this instance may assume of its cloud right now."""
+
+    NONE = "none"  # no cloud is configured
+    ONLINE = "online"
+    OFFLINE = "offline"  # OFFLINE_MODE, or the probes and calls say it does not answer
+
+
+def cloud_link(connectivity: ConnectivityChecker | None, *, offline_mode: bool) -> CloudLink:
+    """The one place online/offline is decided (routing, the scheduler and /health ask it)."""
+    if offline_mode:
+        return CloudLink.OFFLINE
+    if connectivity is None:
+        return CloudLink.NONE
+    return CloudLink.ONLINE if connectivity.online else CloudLink.OFFLINE
 
 
 class ConnectivityChecker:

@@ -24,7 +24,7 @@ from circuit_breaker import CircuitBreaker
 from cloud_client import CloudClient
 from cloud_executor import CloudExecutor, RetryPolicy
 from config.hybrid_config import HybridConfig, redact_url
-from connectivity_check import ConnectivityChecker
+from connectivity_check import CloudLink, ConnectivityChecker, cloud_link
 from cost_guard import CostGuard
 from cost_rates import CostRates
 from errors import ConfigError
@@ -338,9 +338,8 @@ class Runtime:
             await self.sync_once(pull=True)
 
     def is_cloud_reachable(self) -> bool:
-        if self.config.offline_mode:
-            return False
-        return self.connectivity.online if self.connectivity is not None else False
+        link = cloud_link(self.connectivity, offline_mode=self.config.offline_mode)
+        return link is CloudLink.ONLINE
 
     async def _route_dict(self, action: str, params: dict[str, Any]) -> dict[str, Any]:
         assert self.orchestrator is not None
