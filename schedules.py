@@ -1,6 +1,6 @@
 """Schedules: the entries of a schedules file, their validation and their triggers.
 
-A schedules file (``SCHEDULES_PATH``, DESIGN.md §8) is a JSON list of
+A schedules file (``SCHEDULES_PATH``, default ``schedules.json``) is a JSON list of
 ``{"id", "action", "params", "cron" | "interval_sec", "mirror"}``; every instance serves its
 list at ``GET /api/schedules`` and a terminal mirrors the cloud's ``mirror: true`` entries.
 ``interval_sec`` entries fire on multiples of the interval since the Unix epoch, so replicas
@@ -35,7 +35,7 @@ _KEYS = frozenset({"id", "action", "params", "cron", "interval_sec", "mirror"})
 
 @dataclass(frozen=True)
 class Schedule:
-    """One entry of a schedules file (DESIGN.md §8)."""
+    """One entry of a schedules file."""
 
     id: str
     action: str

@@ -1,4 +1,4 @@
-"""HybridConfig: the defaults of DESIGN.md §9, validation that names the variable, secrets kept
+"""HybridConfig: the documented defaults, validation that names the variable, secrets kept
 out of errors and repr(), and where values come from (.env, the environment, a mapping)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from errors import ConfigError, Env
 
 pytestmark = pytest.mark.prd200
 
-# Every variable DESIGN.md §9 names.
+# Every configuration variable the orchestrator documents.
 DESIGN_VARIABLES = [
     "EVERREACH_ENV",
     "CLOUD_ENDPOINT",
