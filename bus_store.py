@@ -1,9 +1,9 @@
 """The SyncBus's SQLite queue: fallback messages, group cursors, retry counts, parked messages.
 
-Blocking functions over one ``sqlite3.Connection``; the bus runs them on its ``SqliteFile``
-worker thread. The table the PRD names is ``hybrid_messages(id, topic, payload_json,
-created_at, consumed_at)`` (ISO 8601 UTC text, like the other tables under DATA_DIR); the rest
-is the bus's bookkeeping:
+Blocking functions over one ``sqlite3.Connection``, and ``SqliteQueue``, the bus's backend
+that runs them on its ``SqliteFile`` worker thread. The table the PRD names is
+``hybrid_messages(id, topic, payload_json, created_at, consumed_at)`` (ISO 8601 UTC text, like
+the other tables under DATA_DIR); the rest is the bus's bookkeeping:
 
     hybrid_bus_cursors   per (topic, group): id of the last message the group finished
     hybrid_bus_attempts  deliveries so far of a message that failed, and the last error
@@ -16,12 +16,20 @@ only bus, once every group's cursor is past it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
-from sqlite_file import transaction, utc_iso
+from bus_subscription import READ_COUNT, Subscription, log
+from sqlite_file import SqliteFile, Synchronous, transaction, utc_iso
+
+T = TypeVar("T")
 
 EPHEMERAL_STALE_S = 600.0  # an ephemeral cursor nobody renewed for this long is dropped
 
@@ -274,3 +282,109 @@ def stats(conn: sqlite3.Connection) -> dict[str, Any]:
     ]
     parked = int(conn.execute("SELECT COUNT(*) FROM hybrid_bus_dead").fetchone()[0])
     return {"backlog": count_backlog(conn), "parked": parked, "recent_parked": recent}
+
+
+# -- the backend: publish and consume on this file ----------------------------------------------
+
+
+class SqliteQueue:
+    """The bus on this SQLite file: when Redis is not configured, or while it is away.
+
+    Publishing commits a row; each subscription polls its group's cursor every
+    ``poll_interval_s`` (and is woken at once by publishes of this process). ``paused()`` says
+    that Redis took over: a step in progress stops and leaves the rest to the forwarder.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        consumer_name: str,
+        max_deliveries: int,
+        poll_interval_s: float,
+        paused: Callable[[], bool],
+    ) -> None:
+        self.path = path
+        self.consumer_name = consumer_name
+        self.max_deliveries = max_deliveries
+        self.poll_interval_s = poll_interval_s
+        self._paused = paused
+        self._lease_s = max(30.0, 3 * poll_interval_s)
+        # FULL: a publish that returned survives a power cut too, not only a killed process.
+        self._db = SqliteFile(path, synchronous=Synchronous.FULL, name="sync-bus")
+
+    async def open(self) -> None:
+        await self._db.open(SCHEMA)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def sql(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(connection, *args)`` (a function of this module) on the database thread."""
+        return await self._db.run(lambda conn: fn(conn, *args))
+
+    async def publish(self, topic: str, data: str) -> str:
+        return f"sqlite:{await self.sql(insert, topic, data)}"
+
+    async def step(self, sub: Subscription) -> None:
+        progressed = False
+        sub.wake.clear()  # before reading: a publish during this step wakes the next wait
+        async with sub.step_lock:
+            if self._paused():
+                return
+            rows = await self.sql(
+                next_for_group,
+                sub.topic,
+                sub.group,
+                sub.durable,
+                self.consumer_name,
+                self._lease_s,
+                READ_COUNT,
+            )
+            for message_id, payload_json in rows or []:
+                if self._paused():
+                    return  # the forwarder takes the rest to Redis
+                if not await self._deliver(sub, message_id, payload_json):
+                    break
+                progressed = True
+        if progressed and rows is not None and len(rows) == READ_COUNT:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(sub.wake.wait(), timeout=self.poll_interval_s)
+
+    async def _deliver(self, sub: Subscription, message_id: int, payload_json: str) -> bool:
+        """Deliver one row; False stops the batch (a failure is retried at the next poll)."""
+        attempt = await self.sql(begin_attempt, sub.group, message_id)
+        key = f"sqlite:{message_id}"
+        if attempt > self.max_deliveries:
+            error = sub.errors.pop(key, "handler failed (or its process died) earlier")
+            await self._park(sub, message_id, payload_json, attempt - 1, error)
+            return True
+        try:
+            payload = json.loads(payload_json)
+            await sub.handler(payload)
+        except Exception as exc:
+            sub.handler_failed(key, attempt, exc)
+            await self.sql(record_failure, sub.group, message_id, sub.errors[key])
+            if attempt >= self.max_deliveries:
+                await self._park(sub, message_id, payload_json, attempt, sub.errors.pop(key))
+                return True
+            return False
+        sub.errors.pop(key, None)
+        sub.delivered += 1
+        await self.sql(ack, sub.topic, sub.group, message_id)
+        return True
+
+    async def _park(
+        self, sub: Subscription, message_id: int, payload_json: str, attempts: int, error: str
+    ) -> None:
+        await self.sql(park, sub.topic, sub.group, message_id, payload_json, attempts, error)
+        sub.parked += 1
+        log.error(
+            "SyncBus: parked SQLite message %d of %s (group %s) after %d attempt(s): %s",
+            message_id,
+            sub.topic,
+            sub.group,
+            attempts,
+            error,
+        )

@@ -28,7 +28,6 @@ import email.utils
 import json
 import random
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -37,13 +36,13 @@ from typing import Any
 import httpx
 
 from circuit_breaker import BreakerState, CircuitBreaker
+from cloud_client import CloudClient, CloudTimeouts, status_error, was_refused
 from cloud_routes import CloudRoutes
 from cost_rates import MAX_RATE_USD
 from envelope import Envelope, check_header_safe, new_request_id
 from errors import (
     ActionError,
     CircuitOpen,
-    CloudTimeout,
     CloudUnavailable,
     CostLimitExceeded,
     ErrorCode,
@@ -52,7 +51,6 @@ from errors import (
     InvalidParams,
     KeyBusy,
     Source,
-    Unauthorized,
     UnknownAction,
 )
 
@@ -112,7 +110,7 @@ class _Unsendable(Exception):
 
 
 class CloudExecutor:
-    """Calls the cloud through one shared ``httpx.AsyncClient``."""
+    """Calls the cloud through its ``CloudClient`` (one shared ``httpx.AsyncClient``)."""
 
     def __init__(
         self,
@@ -127,23 +125,29 @@ class CloudExecutor:
         rng: Callable[[], float] = random.random,
         on_retry: Callable[[str], None] | None = None,
         on_outcome: Callable[[bool], None] | None = None,
+        cloud_client: CloudClient | None = None,
     ) -> None:
-        self.routes = CloudRoutes(endpoint)
+        """``cloud_client`` is the instance's shared one; without it, one is made of
+        ``endpoint``, ``api_key``, ``client`` and ``timeout_s``."""
+        self.cloud_client = cloud_client or CloudClient(
+            endpoint=endpoint,
+            api_key=api_key,
+            http=client,
+            timeouts=CloudTimeouts(total_s=timeout_s),
+        )
+        self.routes = CloudRoutes(self.cloud_client.endpoint)
         self.endpoint = self.routes.endpoint
-        self._client = client
-        self._timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0))
-        self.timeout_s = timeout_s
+        self.timeout_s = self.cloud_client.timeouts.total_s
         self.policy = policy or RetryPolicy()
         self.breaker = breaker or CircuitBreaker(failure_threshold=5, reset_after_s=30.0)
         self._sleep = sleep
         self._rng = rng
         self._on_retry = on_retry
         self._on_outcome = on_outcome
-        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     @property
     def auth_headers(self) -> dict[str, str]:
-        return dict(self._auth)
+        return self.cloud_client.auth_headers
 
     async def execute(
         self, action: str, params: dict[str, Any], *, request_id: str | None = None
@@ -188,7 +192,7 @@ class CloudExecutor:
         replay moves on to other items instead of waiting).
         """
         url = self.routes.url(action)
-        headers = {**self._auth, "Idempotency-Key": check_header_safe(request_id)}
+        headers = {"Idempotency-Key": check_header_safe(request_id)}
         if cost_limit_usd is not None:
             headers["Cost-Limit"] = decimal_text(cost_limit_usd)
         content = _encode_request(action, params, headers)
@@ -208,22 +212,16 @@ class CloudExecutor:
             attempt += 1
             try:
                 try:
-                    response = await self._client.post(
-                        url, content=content, headers=headers, timeout=self._timeout
+                    response = await self.cloud_client.send(
+                        "POST", url, content=content, headers=headers
                     )
-                except httpx.LocalProtocolError as exc:
-                    # h11 refused to write our request (e.g. a header it cannot carry): nothing
-                    # left this process, and sending it again would fail the same way.
-                    raise _Unsendable(_unsendable(action, exc)) from None
-                # RequestError, not just TransportError: a body that does not decode
-                # (DecodingError) must not escape route(); the cloud answered, so it may have run.
-                except httpx.RequestError as exc:
-                    raise _Retry(
-                        _map_transport_error(exc, self.timeout_s),
-                        refused=isinstance(exc, httpx.ConnectError),
-                    ) from exc
-                except (TypeError, ValueError) as exc:  # building the request: it never left
-                    raise _Unsendable(_unsendable(action, exc)) from None
+                except InvalidParams as exc:  # it never left this process: not an answer
+                    raise _Unsendable(exc) from None
+                # Any other failure to get an answer is transient; a refused connection proves
+                # the request never ran. A body that does not decode means the cloud answered,
+                # so it may have run (the client maps that as "mid-request").
+                except ActionError as exc:
+                    raise _Retry(exc, refused=was_refused(exc)) from exc
                 result = self._parse(action, response)
             except _Unsendable as unsendable:
                 # Not an answer of the cloud: neither its breaker nor connectivity hears of it.
@@ -322,43 +320,13 @@ class CloudExecutor:
             price = _cost(body.get("price_usd"))
             if body.get("error") == ErrorCode.COST_LIMIT_EXCEEDED.value and price is not None:
                 raise CostLimitExceeded(f"the cloud refused the call: {detail}", price_usd=price)
-        if status in (401, 403):
-            raise Unauthorized(
-                f"the cloud refused the key ({status}): check EVERREACH_CLOUD_KEY matches the "
-                f"cloud instance's key"
-            )
         if status == 404:
             raise UnknownAction(f"the cloud has no handler for {action!r}: {detail}")
-        if status in (400, 413, 422):
-            raise InvalidParams(f"the cloud rejected the request ({status}): {detail}")
-        raise CloudUnavailable(f"the cloud answered {status}: {detail}", never_ran=True)
-
-    async def get_json(self, path: str, *, timeout_s: float | None = None) -> Any:
-        """GET ``{endpoint}{path}`` with the bearer key (sync and schedule endpoints)."""
-        response = await self._client.get(
-            f"{self.endpoint}{path}",
-            headers=self._auth,
-            timeout=timeout_s or self._timeout,
-        )
-        response.raise_for_status()
-        return response.json()
+        raise status_error(response, f"{action}: {detail}")
 
     async def request_state(self, request_id: str, *, timeout_s: float = 5.0) -> str | None:
-        """What the cloud knows of idempotency key ``request_id``, or None if it cannot say.
-
-        'unknown' means the cloud never ran it; 'running', 'done' and 'indeterminate' mean it
-        may have. Any failure (no such endpoint, offline, junk) is None: the caller must assume
-        the request ran.
-        """
-        path = f"/api/idempotency/{urllib.parse.quote(request_id, safe='')}"
-        try:
-            body = await self.get_json(path, timeout_s=timeout_s)
-        except (httpx.HTTPError, ValueError):
-            return None
-        state = body.get("state") if isinstance(body, dict) else None
-        if not isinstance(state, str) or body.get("key") not in (None, request_id):
-            return None
-        return state
+        """What the cloud knows of idempotency key ``request_id`` (see ``CloudClient``)."""
+        return await self.cloud_client.request_state(request_id, timeout_s=timeout_s)
 
 
 def decimal_text(amount: Decimal) -> str:
@@ -390,21 +358,6 @@ def _unsendable(action: str, exc: Exception) -> InvalidParams:
         f"the params of {action} cannot be sent to the cloud: {type(exc).__name__}: "
         f"{str(exc)[:200]}",
         never_ran=True,
-    )
-
-
-def _map_transport_error(exc: httpx.RequestError, timeout_s: float) -> ActionError:
-    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
-        return CloudTimeout(
-            f"could not connect to the cloud within the timeout: {exc!r}", never_ran=True
-        )
-    if isinstance(exc, httpx.TimeoutException):
-        return CloudTimeout(f"the cloud did not answer within {timeout_s:g} s", never_ran=False)
-    if isinstance(exc, httpx.ConnectError):
-        return CloudUnavailable(f"cannot connect to the cloud: {exc}", never_ran=True)
-    return CloudUnavailable(
-        f"the connection to the cloud failed mid-request: {type(exc).__name__}: {exc}",
-        never_ran=False,
     )
 
 

@@ -24,14 +24,16 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from config.hybrid_config import redact_url
+from sqlite_file import utc_iso
 
 if TYPE_CHECKING:
+    from cloud_client import CloudClient
     from config.hybrid_config import HybridConfig
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,23 @@ TransitionCallback = Callable[[bool], Awaitable[None] | None]
 
 DEFAULT_PROBE_TIMEOUT_S = 5.0
 AUTH_PROBE_PATH = "/api/schedules"  # authenticated, read-only and cheap on every instance
+
+
+class CloudLink(StrEnum):
+    """What this instance may assume of its cloud right now."""
+
+    NONE = "none"  # no cloud is configured
+    ONLINE = "online"
+    OFFLINE = "offline"  # OFFLINE_MODE, or the probes and calls say it does not answer
+
+
+def cloud_link(connectivity: ConnectivityChecker | None, *, offline_mode: bool) -> CloudLink:
+    """The one place online/offline is decided (routing, the scheduler and /health ask it)."""
+    if offline_mode:
+        return CloudLink.OFFLINE
+    if connectivity is None:
+        return CloudLink.NONE
+    return CloudLink.ONLINE if connectivity.online else CloudLink.OFFLINE
 
 
 class ConnectivityChecker:
@@ -88,18 +107,17 @@ class ConnectivityChecker:
         self._closed = False
 
     @classmethod
-    def from_config(cls, config: HybridConfig, client: httpx.AsyncClient) -> ConnectivityChecker:
-        """Build from CLOUD_ENDPOINT, CONNECTIVITY_INTERVAL_SEC, OFFLINE_AFTER_FAILURES, …"""
-        key = config.secret("everreach_cloud_key")
+    def from_config(cls, config: HybridConfig, cloud: CloudClient) -> ConnectivityChecker:
+        """Probe ``cloud`` every CONNECTIVITY_INTERVAL_SEC, offline after OFFLINE_AFTER_FAILURES."""
         return cls(
-            endpoint=config.cloud_endpoint,
-            client=client,
+            endpoint=cloud.endpoint,
+            client=cloud.http,
             interval_s=config.connectivity_interval_sec,
             offline_after=config.offline_after_failures,
             # A probe must be short: never longer than a real cloud call may take.
             probe_timeout_s=min(DEFAULT_PROBE_TIMEOUT_S, config.cloud_timeout_sec),
             forced_offline=config.offline_mode,
-            auth_headers={"Authorization": f"Bearer {key}"} if key else None,
+            auth_headers=cloud.auth_headers or None,
         )
 
     # -- state ------------------------------------------------------------------------------
@@ -281,8 +299,9 @@ class ConnectivityChecker:
 
 def cloud_reachable(checker: ConnectivityChecker | None) -> bool:
     """Is the cloud reachable now? Never without a checker (no CLOUD_ENDPOINT configured)."""
-    return checker is not None and checker.online
+    offline_mode = checker is not None and checker.forced_offline
+    return cloud_link(checker, offline_mode=offline_mode) is CloudLink.ONLINE
 
 
 def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+    return None if ts is None else utc_iso(ts)

@@ -183,7 +183,7 @@ class CostGuard:
             store,
             monthly_cap_usd=config.monthly_cost_cap,
             soft_cap_usd=config.cost_soft_cap,
-            tz=_zone(config.everreach_tz),
+            tz=config.timezone(),
         )
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -662,14 +662,3 @@ def _money(amount: Decimal | int | float | str, name: str) -> Decimal:
             f"{name} must be a finite amount from 0 to {MAX_LEDGER_USD}, got {amount!r}"
         )
     return from_micro(to_micro(value))
-
-
-def _zone(name: str) -> tzinfo:
-    """EVERREACH_TZ, or the machine's local zone when it is empty."""
-    if name:
-        from zoneinfo import ZoneInfo
-
-        return ZoneInfo(name)
-    import tzlocal
-
-    return tzlocal.get_localzone()

@@ -24,6 +24,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from action_classifier import ActionClassifier, ActionKind
+from connectivity_check import CloudLink, cloud_link
 from envelope import Envelope, new_request_id
 from errors import (
     ActionError,
@@ -123,9 +124,8 @@ class HybridOrchestrator:
         return Env.CLOUD, False
 
     def is_offline(self) -> bool:
-        if self.config.offline_mode:
-            return True
-        return self.connectivity is not None and not self.connectivity.online
+        link = cloud_link(self.connectivity, offline_mode=self.config.offline_mode)
+        return link is CloudLink.OFFLINE
 
     # -- the one entry point --------------------------------------------------------------------
 

@@ -22,17 +22,12 @@ and always go through ``route()``, so routing, fallback and the cost guard apply
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import math
 import os
 import socket
-import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from enum import StrEnum
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
@@ -43,23 +38,21 @@ from apscheduler.events import (
     JobSubmissionEvent,
 )
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
-from errors import ConfigError, Env, ErrorCode
+from cron_jobs import CronJob, JobOutcome, iso_or_none
+from cron_lock import LOCK_PREFIX, FireTimeLock, lock_key
+from errors import Env, ErrorCode
+from schedule_mirror import ScheduleMirror
 from schedules import (
     DAILY_ROUTINE_ID,
     Schedule,
     aligned_interval_trigger,
     load_schedules,
     parse_schedules,
-    resolve_timezone,
     schedule_trigger,
 )
-from sync_bus import SyncBus, raise_if_cancelling
+from sync_bus import SyncBus
 
 if TYPE_CHECKING:
     from config.hybrid_config import HybridConfig
@@ -71,6 +64,7 @@ RouteFn = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 __all__ = [
     "DAILY_ROUTINE_ID",
     "DAILY_ROUTINE_STEPS",
+    "LOCK_PREFIX",
     "JobOutcome",
     "LocalCron",
     "RouteFn",
@@ -90,49 +84,6 @@ DAILY_ROUTINE_STEPS = (
 TOPIC_DAILY_ROUTINE = "cron.daily_routine"
 TOPIC_JOB_RESULT = "cron.job_result"
 MIRROR_PREFIX = "cloud:"
-LOCK_PREFIX = "everreach:cron:"
-
-
-class JobOutcome(StrEnum):
-    """What happened at one fire time of a job."""
-
-    RAN = "ran"
-    SKIPPED_CLOUD_REACHABLE = "skipped_cloud_reachable"  # mirrored job; the cloud runs it
-    SKIPPED_CLOUD_INSTANCE = "skipped_cloud_instance"  # mirrored job on an env=cloud instance
-    SKIPPED_OTHER_REPLICA = "skipped_other_replica"  # another instance holds the fire-time lock
-    SKIPPED_STILL_RUNNING = "skipped_still_running"  # the previous run has not finished
-    MISSED = "missed"  # the machine was away longer than the grace time
-
-
-# -- fire-time lock ------------------------------------------------------------------------------
-
-
-def lock_key(job_id: str, fire_time: datetime) -> str:
-    """Redis key that one replica takes to run ``job_id`` at ``fire_time``."""
-    return f"{LOCK_PREFIX}{job_id}:{fire_time.astimezone(UTC).isoformat()}"
-
-
-# -- the scheduler -------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class _Job:
-    id: str
-    action: str
-    params: dict[str, Any]
-    trigger: BaseTrigger
-    describe: str
-    grace_s: float
-    mirrored: bool = False
-    schedule: Schedule | None = None
-    runs: int = 0
-    skips: int = 0
-    missed: int = 0
-    last_fire_time: datetime | None = None
-    last_outcome: JobOutcome | None = None
-    last_run_at: datetime | None = None
-    last_result: dict[str, Any] | None = None
-    task: asyncio.Task[dict[str, Any]] | None = field(default=None, repr=False)
 
 
 class LocalCron:
@@ -147,6 +98,7 @@ class LocalCron:
         is_cloud_reachable: Callable[[], bool],
         fetch_cloud_schedules: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None,
         redis_url: str | None = None,
+        redis: aioredis.Redis | None = None,
         instance_id: str | None = None,
         clock: Callable[[], datetime] | None = None,
         daily_grace_s: float = 12 * 3600.0,
@@ -157,28 +109,36 @@ class LocalCron:
         self._route = route
         self._bus = bus
         self._is_cloud_reachable = is_cloud_reachable
-        self._fetch = fetch_cloud_schedules
         self.redis_url = redis_url or config.redis_url
         self.instance_id = instance_id or f"{socket.gethostname()}:{os.getpid()}"
-        self.tz = resolve_timezone(config.everreach_tz)
+        self._lock = FireTimeLock(
+            instance_id=self.instance_id, redis_url=self.redis_url, redis=redis
+        )
+        self.tz = config.timezone()
         self._clock = clock or (lambda: datetime.now(self.tz))
         self.daily_grace_s = daily_grace_s
         self.cron_grace_s = cron_grace_s
         self.wake_check_s = wake_check_s
-        self.mirror_cache_path = config.data_dir / "mirrored_schedules.json"
-        self._jobs: dict[str, _Job] = {}
+        self._mirror = (
+            ScheduleMirror(
+                fetch=fetch_cloud_schedules,
+                apply=self._apply_mirrored,
+                cache_path=config.data_dir / "mirrored_schedules.json",
+                clock=self._clock,
+                interval_s=config.sync_interval_sec,
+            )
+            if fetch_cloud_schedules is not None
+            else None
+        )
+        self._jobs: dict[str, CronJob] = {}
         self._submitted: dict[str, datetime] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._scheduler: AsyncIOScheduler | None = None
-        self._redis: aioredis.Redis | None = None
         self._last_routine: dict[str, Any] | None = None
-        self._mirror_refreshed_at: datetime | None = None
-        self._mirror_error: str | None = None
-        self._mirror_lock = asyncio.Lock()
         self._closed = False
         hour, minute = (int(part) for part in config.daily_routine_time.split(":"))
         self._add(
-            _Job(
+            CronJob(
                 id=DAILY_ROUTINE_ID,
                 action=DAILY_ROUTINE_ID,
                 params={},
@@ -191,7 +151,7 @@ class LocalCron:
     @property
     def mirroring(self) -> bool:
         """True when this instance mirrors the cloud's schedules (not on a cloud instance)."""
-        return self._fetch is not None and self.config.everreach_env is not Env.CLOUD
+        return self._mirror is not None and self.config.everreach_env is not Env.CLOUD
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -200,24 +160,17 @@ class LocalCron:
         own = await asyncio.to_thread(load_schedules, self.config.schedules_path)
         for schedule in own:
             self._add(self._job_from(schedule, mirrored=False))
-        if self.mirroring:
-            cached = await asyncio.to_thread(self._read_mirror_cache)
-            self._apply_mirrored(cached)
-        if self.redis_url:
-            self._redis = aioredis.Redis.from_url(
-                self.redis_url,
-                socket_timeout=1.0,
-                socket_connect_timeout=1.0,
-                retry=Retry(NoBackoff(), 1),
-            )
+        if self.mirroring and self._mirror is not None:
+            await self._mirror.load_cached()
+        self._lock.open()
         self._scheduler = AsyncIOScheduler(timezone=self.tz)
         self._scheduler.add_listener(self._on_event, EVENT_JOB_SUBMITTED | EVENT_JOB_MISSED)
         for job in self._jobs.values():
             self._schedule(job)
         self._scheduler.start()
         self._spawn(self._wake_loop(), "cron-wake")
-        if self.mirroring:
-            self._spawn(self._mirror_loop(), "cron-mirror")
+        if self.mirroring and self._mirror is not None:
+            self._spawn(self._mirror.run(), "cron-mirror")
         log.info("LocalCron: %d job(s), time zone %s", len(self._jobs), self.tz)
 
     async def close(self) -> None:
@@ -231,9 +184,7 @@ class LocalCron:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._redis is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await self._redis.aclose()
+        await self._lock.close()
 
     # -- running jobs ---------------------------------------------------------------------------
 
@@ -276,62 +227,36 @@ class LocalCron:
 
     async def refresh_mirrored(self) -> int:
         """Fetch the cloud's schedules now and mirror its ``mirror: true`` entries."""
-        if self._fetch is None:
-            return 0
-        async with self._mirror_lock:  # one refresh at a time: an older list never wins
-            fetched = await self._fetch()
-            schedules = [s for s in parse_schedules(fetched, source="cloud schedules") if s.mirror]
-            self._apply_mirrored(schedules)
-            await asyncio.to_thread(self._write_mirror_cache, schedules)
-            self._mirror_refreshed_at = self._clock()
-            self._mirror_error = None
-        return len(schedules)
+        return await self._mirror.refresh() if self._mirror is not None else 0
 
     def snapshot(self) -> dict[str, Any]:
         """Jobs, their next run times and last results, for /status."""
         now = self._clock()
-        jobs = []
-        for job in self._jobs.values():
-            jobs.append(
-                {
-                    "id": job.id,
-                    "action": job.action,
-                    "trigger": job.describe,
-                    "next_run_time": _iso(self._next_run_time(job, now)),
-                    "mirrored": job.mirrored,
-                    "runs": job.runs,
-                    "skips": job.skips,
-                    "missed": job.missed,
-                    "last_fire_time": _iso(job.last_fire_time),
-                    "last_outcome": job.last_outcome.value if job.last_outcome else None,
-                    "last_run_at": _iso(job.last_run_at),
-                    "last_result": _summary(job.last_result),
-                }
-            )
+        jobs = [job.view(self._next_run_time(job, now)) for job in self._jobs.values()]
         return {
             "timezone": str(self.tz),
             "running": bool(self._scheduler and self._scheduler.running),
-            "replica_lock": "redis" if self.redis_url else "none (single instance)",
+            "replica_lock": self._lock.kind,
             "jobs": jobs,
             "daily_routine": self._last_routine,
             "mirror": {
                 "enabled": self.mirroring,
-                "last_refresh_at": _iso(self._mirror_refreshed_at),
-                "last_error": self._mirror_error,
+                "last_refresh_at": iso_or_none(self._mirror.refreshed_at if self._mirror else None),
+                "last_error": self._mirror.last_error if self._mirror else None,
                 "count": sum(1 for job in self._jobs.values() if job.mirrored),
             },
         }
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _job_from(self, schedule: Schedule, *, mirrored: bool) -> _Job:
+    def _job_from(self, schedule: Schedule, *, mirrored: bool) -> CronJob:
         if schedule.cron is not None:
             describe, grace_s = f"cron {schedule.cron} ({self.tz})", self.cron_grace_s
         else:
             assert schedule.interval_sec is not None
             describe = f"every {schedule.interval_sec:g} s"
             grace_s = min(schedule.interval_sec, self.cron_grace_s)
-        return _Job(
+        return CronJob(
             id=(MIRROR_PREFIX if mirrored else "") + schedule.id,
             action=schedule.action,
             params=schedule.params,
@@ -342,15 +267,13 @@ class LocalCron:
             schedule=schedule,
         )
 
-    def _add(self, job: _Job) -> None:
+    def _add(self, job: CronJob) -> None:
         old = self._jobs.get(job.id)
         if old is not None:  # keep the history of a job whose definition changed
-            job.runs, job.skips, job.missed = old.runs, old.skips, old.missed
-            job.last_fire_time, job.last_outcome = old.last_fire_time, old.last_outcome
-            job.last_run_at, job.last_result, job.task = old.last_run_at, old.last_result, old.task
+            job.inherit(old)
         self._jobs[job.id] = job
 
-    def _schedule(self, job: _Job) -> None:
+    def _schedule(self, job: CronJob) -> None:
         if self._scheduler is None:
             return
         self._scheduler.add_job(
@@ -378,23 +301,6 @@ class LocalCron:
             job = self._job_from(schedule, mirrored=True)
             self._add(job)
             self._schedule(job)
-
-    def _read_mirror_cache(self) -> list[Schedule]:
-        try:
-            data = json.loads(self.mirror_cache_path.read_text(encoding="utf-8"))
-            return parse_schedules(data, source=str(self.mirror_cache_path))
-        except FileNotFoundError:
-            return []
-        except (OSError, ValueError, ConfigError) as exc:
-            log.warning("LocalCron: ignoring the mirrored-schedules cache: %s", exc)
-            return []
-
-    def _write_mirror_cache(self, schedules: list[Schedule]) -> None:
-        path = self.mirror_cache_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # writers never share it
-        tmp.write_text(json.dumps([s.to_dict() for s in schedules], indent=2), encoding="utf-8")
-        tmp.replace(path)
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -431,25 +337,14 @@ class LocalCron:
             log.exception("LocalCron: job %s failed at %s", job_id, fire_time)
             return {"job_id": job_id, "fire_time": fire_time.isoformat(), "error": repr(exc)}
 
-    async def _gate(self, job: _Job, fire_time: datetime) -> JobOutcome:
+    async def _gate(self, job: CronJob, fire_time: datetime) -> JobOutcome:
         if job.mirrored:
             if self.config.everreach_env is Env.CLOUD:
                 return JobOutcome.SKIPPED_CLOUD_INSTANCE
             if self.config.everreach_env is Env.HYBRID and self._is_cloud_reachable():
                 return JobOutcome.SKIPPED_CLOUD_REACHABLE
-        if self._redis is None:
-            return JobOutcome.RAN
-        ttl_ms = int((job.grace_s + 60) * 1000)  # outlives the latest a replica may still fire
-        try:
-            taken = await self._redis.set(
-                lock_key(job.id, fire_time), self.instance_id, nx=True, px=ttl_ms
-            )
-            raise_if_cancelling()  # a cancel redis-py swallowed must not start the job
-        except (RedisError, OSError) as exc:
-            # Fail open: a terminal whose Redis is down still runs its routine; replicas
-            # sharing that Redis may then both run this one fire time (logged).
-            log.warning("LocalCron: no replica lock for %s (%s); running anyway", job.id, exc)
-            return JobOutcome.RAN
+        # The lock outlives the latest a replica may still fire.
+        taken = await self._lock.take(job.id, fire_time, ttl_s=job.grace_s + 60)
         return JobOutcome.RAN if taken else JobOutcome.SKIPPED_OTHER_REPLICA
 
     async def _call(self, action: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -476,21 +371,14 @@ class LocalCron:
 
     def _record(
         self,
-        job: _Job,
+        job: CronJob,
         fire_time: datetime,
         outcome: JobOutcome,
         result: dict[str, Any] | None,
     ) -> None:
-        job.last_fire_time, job.last_outcome = fire_time, outcome
-        if outcome is JobOutcome.RAN:
-            job.runs += 1
-            job.last_run_at, job.last_result = self._clock(), result
-        elif outcome is JobOutcome.MISSED:
-            job.missed += 1
-        else:
-            job.skips += 1
+        job.record(fire_time, outcome, result, now=self._clock())
 
-    def _default_fire_time(self, job: _Job) -> datetime:
+    def _default_fire_time(self, job: CronJob) -> datetime:
         """The fire time a direct call stands for: the interval slot, or the current minute."""
         now = self._clock()
         schedule = job.schedule
@@ -499,7 +387,7 @@ class LocalCron:
             return datetime.fromtimestamp(slot, self.tz)
         return now.replace(second=0, microsecond=0)
 
-    def _next_run_time(self, job: _Job, now: datetime) -> datetime | None:
+    def _next_run_time(self, job: CronJob, now: datetime) -> datetime | None:
         if self._scheduler is not None and self._scheduler.running:
             scheduled = self._scheduler.get_job(job.id)
             return scheduled.next_run_time if scheduled is not None else None
@@ -511,29 +399,3 @@ class LocalCron:
             await asyncio.sleep(self.wake_check_s)
             if self._scheduler is not None and self._scheduler.running:
                 self._scheduler.wakeup()
-
-    async def _mirror_loop(self) -> None:
-        while True:
-            try:
-                count = await self.refresh_mirrored()
-                log.debug("LocalCron: mirrored %d cloud schedule(s)", count)
-            except Exception as exc:  # offline is the normal case this exists for
-                if self._mirror_error is None:
-                    log.warning("LocalCron: cannot refresh the cloud's schedules: %s", exc)
-                self._mirror_error = f"{type(exc).__name__}: {exc}"[:300]
-            await asyncio.sleep(self.config.sync_interval_sec)
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
-def _summary(result: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The part of a run's result /status shows: outcome fields, not the payload."""
-    if result is None:
-        return None
-    keys = ("action", "ok", "source", "error", "detail", "duration_ms")
-    summary = {key: result[key] for key in keys if key in result}
-    if "steps" in result:
-        summary["steps"] = [_summary(step) for step in result["steps"]]
-    return summary

@@ -44,7 +44,7 @@ from errors import (
 from idempotency import ClaimState
 from instance_status import VERSION
 from local_batch import batch_execute
-from offline_cache import params_hash
+from params_digest import params_hash
 from request_body import (
     BatchBody,
     Body,

@@ -14,7 +14,6 @@ treated as a miss.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sqlite3
@@ -25,7 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlite_file import HYBRID_DB_FILENAME, SqliteFile, Synchronous, canonical_json, transaction
+from params_digest import params_hash
+from sqlite_file import HYBRID_DB_FILENAME, SqliteFile, Synchronous, transaction
 
 if TYPE_CHECKING:
     from config.hybrid_config import HybridConfig
@@ -42,11 +42,6 @@ CREATE TABLE IF NOT EXISTS hybrid_cache (
 );
 CREATE INDEX IF NOT EXISTS hybrid_cache_cached_at ON hybrid_cache (cached_at);
 """
-
-
-def params_hash(params: Mapping[str, Any]) -> str:
-    """Return the SHA-256 hex digest of ``params`` as canonical JSON."""
-    return hashlib.sha256(canonical_json(dict(params)).encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)

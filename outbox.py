@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from errors import Indeterminate, InvalidParams
+from params_digest import canonical_json
 from sqlite_file import (
     HYBRID_DB_FILENAME,
     SqliteFile,
     Synchronous,
-    canonical_json,
     parse_timestamp,
     transaction,
     utc_iso,

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from circuit_breaker import CircuitBreaker
+from cloud_client import CloudClient
 from cloud_executor import CloudExecutor, RetryPolicy
 from config.hybrid_config import HybridConfig, redact_url
 from connectivity_check import ConnectivityChecker, cloud_reachable
@@ -30,8 +31,9 @@ from cost_guard import CostGuard
 from cost_rates import CostRates
 from errors import ConfigError
 from hybrid_orchestrator import HybridOrchestrator
-from idempotency import IdempotencyStore, RedisIdempotencyStore
+from idempotency import IdempotencyStore
 from idempotency_pg import PostgresIdempotencyStore
+from idempotency_redis import RedisIdempotencyStore
 from instance_lock import InstanceLock
 from instance_status import VERSION, InstanceStatus, Parts
 from local_cron import LocalCron
@@ -39,6 +41,7 @@ from local_executor import LocalExecutor
 from metrics import Metrics
 from offline_cache import OfflineCache
 from outbox import Outbox
+from redis_client import close_redis, open_redis
 from route_table import RouteTable
 from service_registry import ServiceRegistry
 from sqlite_file import check_data_dir, data_dir_error
@@ -54,14 +57,14 @@ log = logging.getLogger("everreach.runtime")
 IdempotencyStores = IdempotencyStore | RedisIdempotencyStore | PostgresIdempotencyStore
 
 
-def _idempotency_store(config: HybridConfig) -> IdempotencyStores:
+def _idempotency_store(config: HybridConfig, redis: Any) -> IdempotencyStores:
     """PostgreSQL when configured (shared by every replica), else this instance's SQLite file
     (with Redis, if set, sharing claims between replicas while it keeps its data)."""
     if config.postgres_dsn:
         return PostgresIdempotencyStore(config.postgres_dsn)
     local_keys = IdempotencyStore.for_data_dir(config.data_dir)
-    if config.redis_url:
-        return RedisIdempotencyStore(config.redis_url, local_keys)
+    if redis is not None:
+        return RedisIdempotencyStore(config.redis_url, local_keys, redis=redis)
     return local_keys
 
 
@@ -74,6 +77,7 @@ class Runtime:
     """
 
     client: httpx.AsyncClient
+    cloud_client: CloudClient | None
     connectivity: ConnectivityChecker | None
     cloud: CloudExecutor | None
     cost_guard: CostGuard
@@ -95,10 +99,14 @@ class Runtime:
         self.cache = OfflineCache.from_config(config)
         self.outbox = Outbox.from_config(config)
         self.state_store = StateStore.from_config(config)
-        self.idempotency = _idempotency_store(config)
+        # One Redis client (one pool) for the bus, the idempotency store and the cron locks;
+        # creating it does no I/O, and _open() registers its closing first, so it closes last.
+        self.redis = open_redis(config.redis_url) if config.redis_url else None
+        self.idempotency = _idempotency_store(config, self.redis)
         consumer = f"{socket.gethostname()}:{config.port}"
-        self.bus = SyncBus.from_config(config, consumer_name=consumer)
+        self.bus = SyncBus.from_config(config, consumer_name=consumer, redis=self.redis)
         self.instance_lock = InstanceLock(config.data_dir, host=config.host, port=config.port)
+        self.cloud_client = None
         self.connectivity = None
         self.cloud = None
 
@@ -126,12 +134,14 @@ class Runtime:
 
     async def _open(self) -> None:
         self._check_exposure()
+        self._open_redis()
         check_data_dir(self.config.data_dir)
         self._lock_data_dir()
         self._open_http_client()
         await self._open_stores()
-        if self.config.cloud_endpoint:
-            self._open_cloud()
+        self.cloud_client = CloudClient.from_config(self.config, self.client)
+        if self.cloud_client is not None:
+            self._open_cloud(self.cloud_client)
         await self._open_cost_guard()
         self._open_orchestrator()
         self._open_state_sync()
@@ -179,6 +189,11 @@ class Runtime:
                 extra={"event": "data_dir_shared", "data_dir_holder": holder},
             )
 
+    def _open_redis(self) -> None:
+        if self.redis is not None:
+            redis = self.redis
+            self._on_close(lambda: close_redis(redis))
+
     def _open_http_client(self) -> None:
         self.client = httpx.AsyncClient(
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
@@ -194,16 +209,15 @@ class Runtime:
                 raise data_dir_error(self.config.data_dir, exc) from exc
             self._on_close(store.close)
 
-    def _open_cloud(self) -> None:
+    def _open_cloud(self, cloud_client: CloudClient) -> None:
         config = self.config
-        assert config.cloud_endpoint is not None
-        connectivity = ConnectivityChecker.from_config(config, self.client)
+        connectivity = ConnectivityChecker.from_config(config, cloud_client)
         self.connectivity = connectivity
         self.cloud = CloudExecutor(
-            endpoint=config.cloud_endpoint,
-            api_key=config.secret("everreach_cloud_key"),
-            client=self.client,
-            timeout_s=config.cloud_timeout_sec,
+            endpoint=cloud_client.endpoint,
+            api_key=None,
+            client=cloud_client.http,
+            cloud_client=cloud_client,
             policy=RetryPolicy(retries=config.cloud_retries, backoff_s=config.cloud_backoff_sec),
             breaker=CircuitBreaker(failure_threshold=5, reset_after_s=30.0),
             on_retry=self.metrics.inc_cloud_retry,
@@ -246,8 +260,8 @@ class Runtime:
             route=route,
             bus=self.bus,
             is_cloud_reachable=self._is_cloud_reachable,
-            fetch_cloud_schedules=self._fetch_cloud_schedules if self.cloud else None,
-            redis_url=self.config.redis_url,
+            fetch_cloud_schedules=self.cloud_client.schedules if self.cloud_client else None,
+            redis=self.redis,
         )
         await self.cron.start()
         self._on_close(self.cron.close)
@@ -258,7 +272,7 @@ class Runtime:
             outbox=self.outbox,
             store=self.state_store,
             send=self.orchestrator.send_queued,
-            client=self.client if self.cloud else None,
+            cloud=self.cloud_client,
         )
         cloud = self.cloud
         self.sync = SyncLoop(
@@ -306,9 +320,3 @@ class Runtime:
 
     def _is_cloud_reachable(self) -> bool:
         return cloud_reachable(self.connectivity)
-
-    async def _fetch_cloud_schedules(self) -> list[dict[str, Any]]:
-        assert self.cloud is not None
-        body = await self.cloud.get_json("/api/schedules", timeout_s=10.0)
-        schedules = body.get("schedules") if isinstance(body, dict) else body
-        return list(schedules or [])

@@ -1,6 +1,6 @@
 """Schedules: the entries of a schedules file, their validation and their triggers.
 
-A schedules file (``SCHEDULES_PATH``, DESIGN.md §8) is a JSON list of
+A schedules file (``SCHEDULES_PATH``, default ``schedules.json``) is a JSON list of
 ``{"id", "action", "params", "cron" | "interval_sec", "mirror"}``; every instance serves its
 list at ``GET /api/schedules`` and a terminal mirrors the cloud's ``mirror: true`` entries.
 ``interval_sec`` entries fire on multiples of the interval since the Unix epoch, so replicas
@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
@@ -36,7 +35,7 @@ _KEYS = frozenset({"id", "action", "params", "cron", "interval_sec", "mirror"})
 
 @dataclass(frozen=True)
 class Schedule:
-    """One entry of a schedules file (DESIGN.md §8)."""
+    """One entry of a schedules file."""
 
     id: str
     action: str
@@ -133,15 +132,6 @@ def load_schedules(path: Path) -> list[Schedule]:
 
 
 # -- triggers --------------------------------------------------------------------------------------
-
-
-def resolve_timezone(name: str) -> tzinfo:
-    """Return ``EVERREACH_TZ``'s zone, or the machine's own zone when it is empty."""
-    if name:
-        return ZoneInfo(name)
-    from tzlocal import get_localzone
-
-    return get_localzone()
 
 
 def aligned_interval_trigger(interval_sec: float, tz: tzinfo) -> IntervalTrigger:

@@ -10,7 +10,6 @@ crosses threads, and the event loop never blocks on disk.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import sqlite3
@@ -134,11 +133,6 @@ def parse_timestamp(value: Any) -> datetime:
     """Return ``value`` (ISO 8601 text or datetime) as an aware UTC datetime; naive means UTC."""
     when = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
-
-
-def canonical_json(value: Any) -> str:
-    """Serialise ``value`` with sorted keys and no spaces: equal data, equal text."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def check_data_dir(path: Path) -> None:

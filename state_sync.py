@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
+from cloud_client import CloudClient
 from errors import (
     ActionError,
     CircuitOpen,
-    CloudTimeout,
     CloudUnavailable,
     CostCapReached,
     Indeterminate,
@@ -120,17 +118,14 @@ class StateSync:
         outbox: Outbox,
         store: StateStore,
         send: SendFn,
-        client: httpx.AsyncClient | None,
-        endpoint: str | None,
-        headers: Mapping[str, str] | None = None,
+        cloud: CloudClient | None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         self.outbox = outbox
         self.store = store
         self._send = send
-        self._client = client
-        self.endpoint = endpoint.rstrip("/") if endpoint else None
-        self._headers = dict(headers or {})
+        self.cloud = cloud
+        self.endpoint = cloud.endpoint if cloud is not None else None
         self.timeout_s = timeout_s
         self._push_lock = asyncio.Lock()
 
@@ -142,17 +137,14 @@ class StateSync:
         outbox: Outbox,
         store: StateStore,
         send: SendFn,
-        client: httpx.AsyncClient | None,
+        cloud: CloudClient | None,
     ) -> StateSync:
-        """Sync with CLOUD_ENDPOINT, authenticated with EVERREACH_CLOUD_KEY."""
-        key = config.secret("everreach_cloud_key")
+        """Sync through ``cloud`` (CLOUD_ENDPOINT's client), within CLOUD_TIMEOUT_SEC."""
         return cls(
             outbox=outbox,
             store=store,
             send=send,
-            client=client,
-            endpoint=config.cloud_endpoint,
-            headers={"Authorization": f"Bearer {key}"} if key else None,
+            cloud=cloud,
             timeout_s=min(DEFAULT_TIMEOUT_S, config.cloud_timeout_sec),
         )
 
@@ -235,14 +227,16 @@ class StateSync:
         return False
 
     async def _push_state(self) -> int:
-        if self.endpoint is None or self._client is None:
+        if self.cloud is None:
             return 0
         pushed = 0
         while changes := await self.store.pending_changes(limit=STATE_PUSH_BATCH):
             fields = ("key", "value", "kind", "updated_at")
             body = {"changes": [{name: change[name] for name in fields} for change in changes]}
             try:
-                await self._request("POST", body)
+                await self.cloud.request_json(
+                    "POST", SYNC_STATE_PATH, body=body, timeout_s=self.timeout_s
+                )
             except ActionError as exc:
                 log.warning("pushing %d state change(s) failed: %s", len(changes), exc.detail)
                 break
@@ -257,9 +251,9 @@ class StateSync:
         ``CloudUnavailable`` / ``CloudTimeout`` / ``Unauthorized`` when the cloud does not answer
         with a usable body.
         """
-        if self.endpoint is None or self._client is None:
+        if self.cloud is None:
             raise CloudUnavailable("no CLOUD_ENDPOINT is configured", never_ran=True)
-        body = await self._request("GET")
+        body = await self.cloud.request_json("GET", SYNC_STATE_PATH, timeout_s=self.timeout_s)
         state = body.get("state") if isinstance(body, dict) else None
         if not isinstance(state, dict):
             raise CloudUnavailable(f"GET {SYNC_STATE_PATH} answered without a 'state' object")
@@ -317,37 +311,6 @@ class StateSync:
             )
             applied += won
         return {"applied": applied, "rejected": len(changes) - applied}
-
-    async def _request(self, method: str, body: dict[str, Any] | None = None) -> Any:
-        """Call the cloud's sync endpoint; map failures onto the exception tree."""
-        assert self._client is not None and self.endpoint is not None
-        url = f"{self.endpoint}{SYNC_STATE_PATH}"
-        try:
-            response = await self._client.request(
-                method, url, json=body, headers=self._headers, timeout=self.timeout_s
-            )
-        except httpx.ConnectTimeout as exc:
-            raise CloudTimeout(
-                f"{method} {SYNC_STATE_PATH}: connect timeout", never_ran=True
-            ) from exc
-        except httpx.TimeoutException as exc:
-            raise CloudTimeout(
-                f"{method} {SYNC_STATE_PATH}: no answer in {self.timeout_s} s"
-            ) from exc
-        except httpx.ConnectError as exc:
-            raise CloudUnavailable(f"{method} {SYNC_STATE_PATH}: {exc}", never_ran=True) from exc
-        except httpx.HTTPError as exc:
-            raise CloudUnavailable(f"{method} {SYNC_STATE_PATH}: {type(exc).__name__}") from exc
-        if response.status_code in (401, 403):
-            raise Unauthorized(f"{method} {SYNC_STATE_PATH}: HTTP {response.status_code}")
-        if response.status_code == 422 or response.status_code == 400:
-            raise InvalidParams(f"{method} {SYNC_STATE_PATH}: HTTP {response.status_code}")
-        if not response.is_success:
-            raise CloudUnavailable(f"{method} {SYNC_STATE_PATH}: HTTP {response.status_code}")
-        try:
-            return response.json()
-        except ValueError as exc:
-            raise CloudUnavailable(f"{method} {SYNC_STATE_PATH}: the body is not JSON") from exc
 
 
 def _describe(exc: Exception) -> str:

@@ -1,20 +1,14 @@
-"""SyncBus: publish/subscribe between instances on Redis Streams, with a SQLite fallback.
+"""SyncBus: publish/subscribe between instances, on Redis Streams with a SQLite fallback.
 
-Redis (``REDIS_URL``): one stream per topic (``everreach:bus:<topic>``), one consumer group per
-subscriber identity, ``XACK`` after the handler returned. Delivery is at-least-once: a message
-whose handler raised stays pending and is claimed again (``XPENDING`` + ``XCLAIM``) after
-``retry_delay_s``; a consumer that died holding messages loses them to a live member of its
-group after ``claim_idle_s`` (or at once to a restarted process with the same
-``consumer_name``). After ``max_deliveries`` deliveries a message is parked in
-``<stream>:dead``. Streams are trimmed with ``MAXLEN ~ stream_maxlen``.
+A small facade over two backends (``bus_subscription.MessageBackend``): Redis Streams in
+``bus_redis`` when ``REDIS_URL`` is set, and the SQLite queue in ``bus_store``, used when Redis
+is not configured and as the fallback while it is unreachable. This module decides which one
+serves publishes and subscriptions, and switches between them.
 
-SQLite (``hybrid_messages``): used when Redis is not configured, and as the fallback while it
-is unreachable. Publishing commits a row; each subscription polls its group's cursor every
-``poll_interval_s`` (and is woken at once by publishes of this process). While Redis is
-configured but down, this process's subscribers get this process's messages from SQLite; when
-Redis answers again the backlog is forwarded in id order, each entry marked with the groups
-that already handled it here (they acknowledge it without running the handler), and the rows
-are marked consumed. Only then do publishes go to Redis again, so order is kept.
+While Redis is configured but down, this process's subscribers get this process's messages
+from SQLite; when Redis answers again the backlog is forwarded in id order, each entry marked
+with the groups that already handled it here (they acknowledge it without running the handler),
+and the rows are marked consumed. Only then do publishes go to Redis again, so order is kept.
 """
 
 from __future__ import annotations
@@ -27,36 +21,28 @@ import socket
 import sqlite3
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 import bus_store
+from bus_redis import DEAD_SUFFIX, STREAM_PREFIX, RedisStreamsBackend, stream_key
+from bus_store import SqliteQueue
+from bus_subscription import Handler, Subscription, check_name, short
 from config.hybrid_config import redact_url
-from sqlite_file import SqliteFile, Synchronous, utc_iso
+from redis_client import REDIS_DOWN, RedisRef, raise_if_cancelling
+from sqlite_file import utc_iso
 
 if TYPE_CHECKING:
     from config.hybrid_config import HybridConfig
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[dict[str, Any]], Awaitable[None]]
-T = TypeVar("T")
+__all__ = ["DEAD_SUFFIX", "STREAM_PREFIX", "BusBackend", "Handler", "SyncBus", "stream_key"]
 
-STREAM_PREFIX = "everreach:bus:"
-DEAD_SUFFIX = ":dead"
-_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
-_READ_COUNT = 100
 _FORWARD_BATCH = 200
 
 
@@ -65,38 +51,6 @@ class BusBackend(StrEnum):
 
     REDIS = "redis"
     SQLITE = "sqlite"
-
-
-def stream_key(topic: str) -> str:
-    """Return the Redis stream that carries ``topic``."""
-    return f"{STREAM_PREFIX}{topic}"
-
-
-def _short(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:300]
-
-
-# -- the bus -------------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class _Subscription:
-    topic: str
-    group: str
-    durable: bool
-    handler: Handler
-    stream: str
-    step_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
-    group_ready: bool = False
-    first_sweep: bool = True
-    retry_pending: bool = False
-    last_sweep: float = 0.0
-    errors: dict[str, str] = field(default_factory=dict)
-    delivered: int = 0
-    failures: int = 0
-    parked: int = 0
 
 
 class SyncBus:
@@ -120,7 +74,10 @@ class SyncBus:
         claim_idle_s: float = 60.0,
         socket_timeout_s: float = 2.0,
         block_s: float = 1.0,
+        redis: aioredis.Redis | None = None,
     ) -> None:
+        """``redis`` is the process's shared client (borrowed, never closed here); without
+        it, ``start()`` opens one of ``redis_url``."""
         if max_deliveries < 1:
             raise ValueError("max_deliveries must be at least 1")
         self.redis_url = redis_url or None
@@ -133,14 +90,21 @@ class SyncBus:
         self.claim_idle_s = claim_idle_s
         self.socket_timeout_s = socket_timeout_s
         self.block_s = block_s
-        self._lease_s = max(30.0, 3 * poll_interval_s)
-        # FULL: a publish that returned survives a power cut too, not only a killed process.
-        self._db = SqliteFile(self.sqlite_path, synchronous=Synchronous.FULL, name="sync-bus")
-        self._redis: aioredis.Redis | None = None
-        self._redis_block: aioredis.Redis | None = None
+        self._sqlite = SqliteQueue(
+            self.sqlite_path,
+            consumer_name=consumer_name,
+            max_deliveries=max_deliveries,
+            poll_interval_s=poll_interval_s,
+            paused=lambda: self._redis_up,
+        )
+        self._sql = self._sqlite.sql
+        self._redis_ref = RedisRef(
+            redis_url, redis, socket_timeout_s=socket_timeout_s, block_s=block_s
+        )
+        self._streams: RedisStreamsBackend | None = None
         self._redis_up = False
         self._backlog = False
-        self._subs: dict[tuple[str, str], _Subscription] = {}
+        self._subs: dict[tuple[str, str], Subscription] = {}
         self._publish_lock = asyncio.Lock()
         self._recovery: asyncio.Task[None] | None = None
         self._housekeeper: asyncio.Task[None] | None = None
@@ -153,10 +117,17 @@ class SyncBus:
         self._last_error: str | None = None
 
     @classmethod
-    def from_config(cls, config: HybridConfig, *, consumer_name: str | None = None) -> SyncBus:
-        """Build the bus of one instance: SQLite at ``DATA_DIR/bus.sqlite3``."""
+    def from_config(
+        cls,
+        config: HybridConfig,
+        *,
+        consumer_name: str | None = None,
+        redis: aioredis.Redis | None = None,
+    ) -> SyncBus:
+        """Build the bus of one instance: SQLite at ``DATA_DIR/bus.sqlite3``, ``redis`` shared."""
         return cls(
             redis_url=config.redis_url,
+            redis=redis,
             sqlite_path=config.data_dir / "bus.sqlite3",
             consumer_name=consumer_name or f"{socket.gethostname()}:{config.port}",
             poll_interval_s=config.bus_poll_interval_sec,
@@ -175,27 +146,25 @@ class SyncBus:
         if self._started:
             return
         self._started = True
-        await self._db.open(bus_store.SCHEMA)
+        await self._sqlite.open()
         for sub in self._subs.values():
             await self._sql(bus_store.ensure_cursor, sub.topic, sub.group, sub.durable)
-        if self.redis_url:
+        if self._redis_ref.configured:
             self._backlog = await self._sql(bus_store.count_backlog) > 0
-            common: dict[str, Any] = {
-                "decode_responses": True,
-                "socket_connect_timeout": self.socket_timeout_s,
-                # One immediate retry heals a pooled connection that died with a Redis restart;
-                # more would only delay the switch to SQLite.
-                "retry": Retry(NoBackoff(), 1),
-            }
-            self._redis = aioredis.Redis.from_url(
-                self.redis_url, socket_timeout=self.socket_timeout_s, **common
-            )
-            self._redis_block = aioredis.Redis.from_url(
-                self.redis_url, socket_timeout=self.block_s + self.socket_timeout_s, **common
+            client = self._redis_ref.open()
+            assert client is not None
+            self._streams = RedisStreamsBackend(
+                client,
+                consumer_name=self.consumer_name,
+                max_deliveries=self.max_deliveries,
+                stream_maxlen=self.stream_maxlen,
+                retry_delay_s=self.retry_delay_s,
+                claim_idle_s=self.claim_idle_s,
+                block_s=self.block_s,
             )
             try:
                 await self._switch_to_redis(initial=True)
-            except _REDIS_DOWN as exc:
+            except REDIS_DOWN as exc:
                 self._redis_failed(exc)
         self._housekeeper = asyncio.create_task(self._housekeep_loop(), name="sync-bus-housekeep")
         for sub in self._subs.values():
@@ -215,16 +184,13 @@ class SyncBus:
         for sub in self._subs.values():
             if sub.durable:
                 continue
-            if self._redis is not None and self._redis_up:
-                with contextlib.suppress(*_REDIS_DOWN, ResponseError):
-                    await self._redis.xgroup_destroy(sub.stream, sub.group)
+            if self._streams is not None and self._redis_up:
+                with contextlib.suppress(*REDIS_DOWN, ResponseError):
+                    await self._streams.destroy_group(sub)
             await self._sql(bus_store.drop_cursor, sub.topic, sub.group)
         await self._sql(bus_store.release_leases, self.consumer_name)
-        for client in (self._redis, self._redis_block):
-            if client is not None:
-                with contextlib.suppress(*_REDIS_DOWN):
-                    await client.aclose()
-        await self._db.close()
+        await self._redis_ref.close()
+        await self._sqlite.close()
 
     # -- publish / subscribe --------------------------------------------------------------------
 
@@ -232,31 +198,26 @@ class SyncBus:
         """Publish ``payload`` on ``topic``; durable in Redis or SQLite when this returns."""
         if not self._started or self._closed:
             raise RuntimeError("SyncBus.publish() needs a started, open bus")
-        _check_name("topic", topic)
+        check_name("topic", topic)
         if not isinstance(payload, dict):
             raise TypeError(f"payload must be a dict, got {type(payload).__name__}")
         data = json.dumps(payload, separators=(",", ":"))
-        if self._redis is not None and self._redis_up and not self._backlog:
+        if self._streams is not None and self._redis_up and not self._backlog:
             try:
-                entry_id = await self._redis.xadd(
-                    stream_key(topic),
-                    {"payload": data, "origin": self.consumer_name},
-                    maxlen=self.stream_maxlen,
-                    approximate=True,
-                )
+                entry_id = await self._streams.publish(topic, data)
                 self._published += 1
-                return str(entry_id)
-            except _REDIS_DOWN as exc:
+                return entry_id
+            except REDIS_DOWN as exc:
                 self._redis_failed(exc)
         async with self._publish_lock:  # the forwarder's final "backlog empty" check waits here
-            row_id = await self._sql(bus_store.insert, topic, data)
-            if self.redis_url:
+            entry_id = await self._sqlite.publish(topic, data)
+            if self._redis_ref.configured:
                 self._backlog = True
         self._published += 1
         for sub in self._subs.values():
             if sub.topic == topic:
                 sub.wake.set()
-        return f"sqlite:{row_id}"
+        return entry_id
 
     def subscribe(self, topic: str, handler: Handler, *, group: str | None = None) -> None:
         """Call ``handler(payload)`` for every message on ``topic`` published from now on.
@@ -266,14 +227,14 @@ class SyncBus:
         a group the subscription lives as long as this bus object. Subscribe before
         ``start()`` to be sure of the messages published right after it.
         """
-        _check_name("topic", topic)
+        check_name("topic", topic)
         durable = group is not None
         if group is None:
             group = f"~{self.consumer_name}:{uuid.uuid4().hex[:8]}"
-        _check_name("group", group)
+        check_name("group", group)
         if (topic, group) in self._subs:
             raise ValueError(f"topic {topic!r} already has a handler for group {group!r}")
-        sub = _Subscription(topic, group, durable, handler, stream_key(topic))
+        sub = Subscription(topic, group, durable, handler, stream_key(topic), self.max_deliveries)
         self._subs[(topic, group)] = sub
         if self._started and not self._closed:
             self._spawn(sub, new=True)
@@ -288,26 +249,15 @@ class SyncBus:
         subs = []
         dead_by_stream: dict[str, int] = {}
         for sub in self._subs.values():
-            info: dict[str, Any] = {
-                "topic": sub.topic,
-                "group": sub.group,
-                "durable": sub.durable,
-                "delivered": sub.delivered,
-                "failures": sub.failures,
-                "parked": sub.parked,
-            }
-            if self._redis is not None and self._redis_up and not self._closed:
-                with contextlib.suppress(*_REDIS_DOWN, ResponseError):
-                    for grp in await self._redis.xinfo_groups(sub.stream):
-                        if grp["name"] == sub.group:
-                            info["pending"] = grp["pending"]
-                            info["lag"] = grp.get("lag")
-                    info["dead"] = await self._redis.xlen(sub.stream + DEAD_SUFFIX)
+            info = sub.view()
+            if self._streams is not None and self._redis_up and not self._closed:
+                with contextlib.suppress(*REDIS_DOWN, ResponseError):
+                    info.update(await self._streams.group_info(sub))
                     dead_by_stream[sub.stream] = info["dead"]
             subs.append(info)
         return {
             "backend": self.backend,
-            "redis_configured": self.redis_url is not None,
+            "redis_configured": self._redis_ref.configured,
             "redis_url": redact_url(self.redis_url),
             "redis_connected": self._redis_up,
             "forwarding": self._redis_up and self._backlog,
@@ -328,16 +278,12 @@ class SyncBus:
 
     # -- internals: plumbing --------------------------------------------------------------------
 
-    async def _sql(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``bus_store.fn(connection, *args)`` on the database thread."""
-        return await self._db.run(lambda conn: fn(conn, *args))
-
-    def _spawn(self, sub: _Subscription, *, new: bool = False) -> None:
+    def _spawn(self, sub: Subscription, *, new: bool = False) -> None:
         sub.task = asyncio.create_task(self._consume(sub, new), name=f"sync-bus:{sub.topic}")
 
     def _redis_failed(self, exc: BaseException) -> None:
         self._redis_errors += 1
-        self._last_error = _short(exc)
+        self._last_error = short(exc)
         if self._redis_up:
             self._redis_up = False
             self._switches += 1
@@ -363,17 +309,17 @@ class SyncBus:
             try:
                 await self._switch_to_redis()
                 return
-            except _REDIS_DOWN as exc:
+            except REDIS_DOWN as exc:
                 self._redis_failed(exc)
             except ResponseError as exc:  # e.g. a wrong password; keep probing, say why
-                self._last_error = _short(exc)
+                self._last_error = short(exc)
                 log.error("SyncBus: Redis refused the switch back: %s", self._last_error)
 
     async def _switch_to_redis(self, *, initial: bool = False) -> None:
-        assert self._redis is not None
-        await self._redis.ping()
+        assert self._streams is not None
+        await self._streams.ping()
         for sub in list(self._subs.values()):
-            await self._ensure_group(sub)
+            await self._streams.ensure_group(sub)
         self._redis_up = True
         for sub in list(self._subs.values()):
             sub.first_sweep = True
@@ -390,17 +336,8 @@ class SyncBus:
             forwarded,
         )
 
-    async def _ensure_group(self, sub: _Subscription) -> None:
-        assert self._redis is not None
-        try:
-            await self._redis.xgroup_create(sub.stream, sub.group, id="$", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        sub.group_ready = True
-
     async def _forward_backlog(self) -> int:
-        assert self._redis is not None
+        assert self._streams is not None
         forwarded = 0
         while True:
             if not await self._sql(bus_store.take_lease, "forwarder", self.consumer_name, 60.0):
@@ -420,17 +357,7 @@ class SyncBus:
                 if not self._backlog:
                     return forwarded
                 continue
-            pipe = self._redis.pipeline(transaction=False)
-            for row in rows:
-                fields: dict[Any, Any] = {"payload": row.payload_json, "origin": self.consumer_name}
-                if row.handled:
-                    fields["handled"] = json.dumps(row.handled)
-                if row.attempts:
-                    fields["attempts"] = json.dumps(row.attempts)
-                pipe.xadd(
-                    stream_key(row.topic), fields, maxlen=self.stream_maxlen, approximate=True
-                )
-            await pipe.execute()
+            await self._streams.forward(rows)
             await self._sql(bus_store.mark_consumed, [row.id for row in rows])
             forwarded += len(rows)
 
@@ -440,7 +367,7 @@ class SyncBus:
             own = [(s.topic, s.group) for s in self._subs.values() if not s.durable]
             try:
                 await self._sql(
-                    bus_store.housekeep, own, self.redis_url is not None, self.stream_maxlen
+                    bus_store.housekeep, own, self._redis_ref.configured, self.stream_maxlen
                 )
             except sqlite3.Error as exc:
                 log.warning("SyncBus: SQLite housekeeping failed: %s", exc)
@@ -448,17 +375,17 @@ class SyncBus:
 
     # -- internals: consuming -------------------------------------------------------------------
 
-    async def _consume(self, sub: _Subscription, new: bool) -> None:
+    async def _consume(self, sub: Subscription, new: bool) -> None:
         if new:
             await self._sql(bus_store.ensure_cursor, sub.topic, sub.group, sub.durable)
         while True:
             raise_if_cancelling()
             try:
-                if self._redis_up and self._redis_block is not None:
-                    await self._redis_step(sub)
+                if self._redis_up and self._streams is not None:
+                    await self._streams.step(sub)
                 else:
-                    await self._sqlite_step(sub)
-            except _REDIS_DOWN as exc:
+                    await self._sqlite.step(sub)
+            except REDIS_DOWN as exc:
                 self._redis_failed(exc)
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):  # Redis restarted empty: make the group again
@@ -468,213 +395,3 @@ class SyncBus:
             except (sqlite3.Error, RuntimeError) as exc:
                 log.warning("SyncBus: consumer of %s/%s: %s", sub.topic, sub.group, exc)
                 await asyncio.sleep(self.poll_interval_s)
-
-    async def _redis_step(self, sub: _Subscription) -> None:
-        assert self._redis_block is not None
-        if not sub.group_ready:
-            await self._ensure_group(sub)
-        now = time.monotonic()
-        if sub.first_sweep or now - sub.last_sweep >= self.retry_delay_s:
-            await self._sweep(sub, own_idle_ms=0 if sub.first_sweep else None)
-            sub.first_sweep = False
-            sub.last_sweep = time.monotonic()
-        block_s = min(self.block_s, self.retry_delay_s) if sub.retry_pending else self.block_s
-        reply: Any = await self._redis_block.xreadgroup(
-            sub.group,
-            self.consumer_name,
-            {sub.stream: ">"},
-            count=_READ_COUNT,
-            block=max(1, int(block_s * 1000)),
-        )
-        for _stream, entries in reply or []:
-            for entry_id, fields in entries:
-                await self._deliver_redis(sub, entry_id, fields, delivered_before=0)
-
-    async def _sweep(self, sub: _Subscription, *, own_idle_ms: int | None) -> None:
-        """Claim pending messages due again: ours after a failure, a dead consumer's after idle."""
-        assert self._redis is not None
-        own_ms = int(self.retry_delay_s * 1000) if own_idle_ms is None else own_idle_ms
-        other_ms = int(self.claim_idle_s * 1000)
-        pending: Any = await self._redis.xpending_range(
-            sub.stream, sub.group, "-", "+", _READ_COUNT
-        )
-        sub.retry_pending = False
-        for entry in pending:
-            mine = entry["consumer"] == self.consumer_name
-            min_idle = own_ms if mine else other_ms
-            if entry["time_since_delivered"] < min_idle:
-                sub.retry_pending = sub.retry_pending or mine
-                continue
-            claimed: Any = await self._redis.xclaim(
-                sub.stream, sub.group, self.consumer_name, min_idle, [entry["message_id"]]
-            )
-            for entry_id, fields in claimed:
-                if fields is None:
-                    continue
-                await self._deliver_redis(
-                    sub, entry_id, fields, delivered_before=int(entry["times_delivered"])
-                )
-
-    async def _deliver_redis(
-        self, sub: _Subscription, entry_id: str, fields: dict[str, str], *, delivered_before: int
-    ) -> None:
-        assert self._redis is not None
-        if sub.group in json.loads(fields.get("handled", "[]")):
-            await self._redis.xack(sub.stream, sub.group, entry_id)  # handled here during outage
-            return
-        prior = int(json.loads(fields.get("attempts", "{}")).get(sub.group, 0))
-        attempt = delivered_before + 1 + prior
-        try:
-            payload = json.loads(fields["payload"])
-            if not isinstance(payload, dict):
-                raise TypeError("payload is not a JSON object")
-        except (KeyError, TypeError, ValueError) as exc:
-            await self._park_redis(sub, entry_id, fields, attempt, f"undecodable: {_short(exc)}")
-            return
-        if attempt > self.max_deliveries:
-            error = sub.errors.pop(entry_id, "handler failed (or its process died) earlier")
-            await self._park_redis(sub, entry_id, fields, attempt - 1, error)
-            return
-        try:
-            await sub.handler(payload)
-        except Exception as exc:
-            self._handler_failed(sub, str(entry_id), attempt, exc)
-            if attempt >= self.max_deliveries:
-                await self._park_redis(sub, entry_id, fields, attempt, sub.errors.pop(entry_id))
-            else:
-                sub.retry_pending = True
-            return
-        sub.errors.pop(entry_id, None)
-        sub.delivered += 1
-        await self._redis.xack(sub.stream, sub.group, entry_id)
-
-    def _handler_failed(self, sub: _Subscription, key: str, attempt: int, exc: Exception) -> None:
-        sub.failures += 1
-        sub.errors[key] = _short(exc)
-        log.warning(
-            "SyncBus: handler for %s (group %s) failed on message %s, attempt %d/%d: %s",
-            sub.topic,
-            sub.group,
-            key,
-            attempt,
-            self.max_deliveries,
-            sub.errors[key],
-        )
-
-    async def _park_redis(
-        self, sub: _Subscription, entry_id: str, fields: dict[str, str], attempts: int, error: str
-    ) -> None:
-        assert self._redis is not None
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.xadd(
-            sub.stream + DEAD_SUFFIX,
-            {
-                "payload": fields.get("payload", ""),
-                "topic": sub.topic,
-                "group": sub.group,
-                "original_id": entry_id,
-                "attempts": str(attempts),
-                "error": error,
-                "parked_at": datetime.now(UTC).isoformat(),
-            },
-            maxlen=self.stream_maxlen,
-            approximate=True,
-        )
-        pipe.xack(sub.stream, sub.group, entry_id)
-        await pipe.execute()
-        sub.parked += 1
-        log.error(
-            "SyncBus: parked message %s of %s (group %s) after %d attempt(s): %s",
-            entry_id,
-            sub.topic,
-            sub.group,
-            attempts,
-            error,
-        )
-
-    async def _sqlite_step(self, sub: _Subscription) -> None:
-        progressed = False
-        sub.wake.clear()  # before reading: a publish during this step wakes the next wait
-        async with sub.step_lock:
-            if self._redis_up:
-                return
-            rows = await self._sql(
-                bus_store.next_for_group,
-                sub.topic,
-                sub.group,
-                sub.durable,
-                self.consumer_name,
-                self._lease_s,
-                _READ_COUNT,
-            )
-            for message_id, payload_json in rows or []:
-                if self._redis_up:
-                    return  # the forwarder takes the rest to Redis
-                if not await self._deliver_sqlite(sub, message_id, payload_json):
-                    break
-                progressed = True
-        if progressed and rows is not None and len(rows) == _READ_COUNT:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(sub.wake.wait(), timeout=self.poll_interval_s)
-
-    async def _deliver_sqlite(self, sub: _Subscription, message_id: int, payload_json: str) -> bool:
-        """Deliver one row; False stops the batch (a failure is retried at the next poll)."""
-        attempt = await self._sql(bus_store.begin_attempt, sub.group, message_id)
-        key = f"sqlite:{message_id}"
-        if attempt > self.max_deliveries:
-            error = sub.errors.pop(key, "handler failed (or its process died) earlier")
-            await self._park_sqlite(sub, message_id, payload_json, attempt - 1, error)
-            return True
-        try:
-            payload = json.loads(payload_json)
-            await sub.handler(payload)
-        except Exception as exc:
-            self._handler_failed(sub, key, attempt, exc)
-            await self._sql(bus_store.record_failure, sub.group, message_id, sub.errors[key])
-            if attempt >= self.max_deliveries:
-                await self._park_sqlite(sub, message_id, payload_json, attempt, sub.errors.pop(key))
-                return True
-            return False
-        sub.errors.pop(key, None)
-        sub.delivered += 1
-        await self._sql(bus_store.ack, sub.topic, sub.group, message_id)
-        return True
-
-    async def _park_sqlite(
-        self, sub: _Subscription, message_id: int, payload_json: str, attempts: int, error: str
-    ) -> None:
-        await self._sql(
-            bus_store.park, sub.topic, sub.group, message_id, payload_json, attempts, error
-        )
-        sub.parked += 1
-        log.error(
-            "SyncBus: parked SQLite message %d of %s (group %s) after %d attempt(s): %s",
-            message_id,
-            sub.topic,
-            sub.group,
-            attempts,
-            error,
-        )
-
-
-def raise_if_cancelling() -> None:
-    """Re-raise a cancellation redis-py swallowed.
-
-    A task cancelled just as it sends a blocking command (XREADGROUP BLOCK) can get an empty
-    reply instead of CancelledError (redis/redis-py#2028; reproduced with redis-py 8 on
-    Python 3.11), and a consumer loop would then run on forever and hang close().
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
-def _check_name(kind: str, value: object) -> None:
-    if (
-        not isinstance(value, str)
-        or not value
-        or len(value) > 200
-        or any(ch.isspace() for ch in value)
-    ):
-        raise ValueError(f"{kind} must be a non-empty string without spaces, got {value!r}")

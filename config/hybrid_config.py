@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 from collections.abc import Iterator, Mapping
+from datetime import tzinfo
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -363,6 +364,10 @@ class HybridConfig(BaseSettings):
     def binds_loopback(self) -> bool:
         return self.host in _LOOPBACK_HOSTS
 
+    def timezone(self) -> tzinfo:
+        """EVERREACH_TZ's zone, or the machine's own zone when it is empty."""
+        return resolve_timezone(self.everreach_tz)
+
     def secret(self, name: str) -> str | None:
         value = getattr(self, name)
         return value.get_secret_value() if isinstance(value, SecretStr) else None
@@ -386,3 +391,14 @@ def _explain(exc: ValidationError) -> str:
         else:
             lines.append(msg)
     return "invalid configuration: " + "; ".join(lines)
+
+
+def resolve_timezone(name: str) -> tzinfo:
+    """Return the IANA zone ``name``, or the machine's own zone when it is empty."""
+    if name:
+        from zoneinfo import ZoneInfo
+
+        return ZoneInfo(name)
+    from tzlocal import get_localzone
+
+    return get_localzone()

@@ -9,8 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
+from cloud_client import CloudClient
 from config.hybrid_config import HybridConfig
-from connectivity_check import ConnectivityChecker
+from connectivity_check import CloudLink, ConnectivityChecker, cloud_link
 
 pytestmark = pytest.mark.prd200
 
@@ -306,7 +307,9 @@ async def test_from_config_reads_the_connectivity_settings() -> None:
         }
     )
     async with httpx.AsyncClient() as client:
-        checker = ConnectivityChecker.from_config(config, client)
+        cloud = CloudClient.from_config(config, client)
+        assert cloud is not None
+        checker = ConnectivityChecker.from_config(config, cloud)
         assert checker.endpoint == ENDPOINT
         assert checker.interval_s == 7.0
         assert checker.offline_after == 5
@@ -354,3 +357,26 @@ async def test_without_auth_headers_a_probe_only_asks_for_health(
     await checker.probe()
     assert [r.url.path for r in cloud.requests] == ["/health"]
     assert checker.auth == "unknown"
+
+
+@pytest.mark.parametrize(
+    ("configured", "online", "offline_mode", "expected"),
+    [
+        (False, False, False, CloudLink.NONE),
+        (False, False, True, CloudLink.OFFLINE),
+        (True, True, False, CloudLink.ONLINE),
+        (True, False, False, CloudLink.OFFLINE),
+        (True, True, True, CloudLink.OFFLINE),
+    ],
+)
+async def test_online_and_offline_are_decided_in_one_place(
+    configured: bool, online: bool, offline_mode: bool, expected: CloudLink
+) -> None:
+    async with httpx.AsyncClient() as client:
+        checker = ConnectivityChecker(endpoint=ENDPOINT, client=client, offline_after=1)
+        if not online:
+            checker.record_failure()
+        assert checker.online is online
+        link = cloud_link(checker if configured else None, offline_mode=offline_mode)
+        assert link is expected
+        await checker.close()

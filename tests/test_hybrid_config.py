@@ -465,3 +465,13 @@ def test_alert_webhook_url_is_a_secret_checked_as_a_url() -> None:
 def test_alert_action_must_name_one_action(action: str) -> None:
     with pytest.raises(ConfigError, match="ALERT_ACTION must be an action name"):
         HybridConfig.from_mapping({"ALERT_ACTION": action})
+
+
+def test_the_time_zone_is_looked_up_in_one_place() -> None:
+    from zoneinfo import ZoneInfo
+
+    from tzlocal import get_localzone
+
+    berlin = HybridConfig.from_mapping({"EVERREACH_TZ": "Europe/Berlin"})
+    assert berlin.timezone() == ZoneInfo("Europe/Berlin")
+    assert HybridConfig.from_mapping({"EVERREACH_TZ": ""}).timezone() == get_localzone()

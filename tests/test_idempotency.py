@@ -20,7 +20,7 @@ from idempotency import (
     _proc_start,
     current_holder,
 )
-from offline_cache import params_hash
+from params_digest import params_hash
 from tests.conftest import until
 
 pytestmark = pytest.mark.prd200

@@ -13,7 +13,7 @@ import pytest
 
 from idempotency import ClaimState, Holder, KeyState
 from idempotency_pg import TABLE, PostgresIdempotencyStore
-from offline_cache import params_hash
+from params_digest import params_hash
 
 pytestmark = pytest.mark.postgres
 

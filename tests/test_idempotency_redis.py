@@ -16,7 +16,8 @@ import httpx
 import pytest
 import redis
 
-from idempotency import ClaimState, IdempotencyStore, RedisIdempotencyStore
+from idempotency import ClaimState, IdempotencyStore
+from idempotency_redis import RedisIdempotencyStore
 from tests.conftest import free_port
 
 pytestmark = [pytest.mark.prd200, pytest.mark.redis]

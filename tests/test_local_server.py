@@ -15,7 +15,7 @@ from config.hybrid_config import HybridConfig
 from errors import ConfigError
 from idempotency import Holder, IdempotencyStore
 from local_server import create_app
-from offline_cache import params_hash
+from params_digest import params_hash
 
 pytestmark = pytest.mark.prd200
 

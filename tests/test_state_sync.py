@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from cloud_client import CloudClient
 from config.hybrid_config import HybridConfig
 from errors import (
     CircuitOpen,
@@ -70,19 +71,15 @@ class Parts:
         handler: Callable[[httpx.Request], Any] | None = None,
         *,
         endpoint: str | None = CLOUD,
-        headers: dict[str, str] | None = None,
+        api_key: str | None = None,
     ) -> StateSync:
         client = httpx.AsyncClient(transport=httpx.MockTransport(handler)) if handler else None
         if client is not None:
             self.clients.append(client)
-        return StateSync(
-            outbox=self.outbox,
-            store=self.store,
-            send=self.send,
-            client=client,
-            endpoint=endpoint,
-            headers=headers,
-        )
+        cloud = None
+        if client is not None and endpoint is not None:
+            cloud = CloudClient(endpoint=endpoint, api_key=api_key, http=client)
+        return StateSync(outbox=self.outbox, store=self.store, send=self.send, cloud=cloud)
 
 
 async def _open_parts(path: Path, *, max_attempts: int = 10) -> Parts:
@@ -251,7 +248,7 @@ async def test_push_posts_local_changes_and_marks_them_pushed(parts: Parts) -> N
     await parts.store.set_local("content.pending.1", {"text": "a"}, kind="content_pending_publish")
     await parts.store.set_local("feedback.strategy", {"mode": "b"}, kind="feedback")
     seen: list[httpx.Request] = []
-    sync = parts.sync(_ok_state_handler(seen), headers={"Authorization": "Bearer k"})
+    sync = parts.sync(_ok_state_handler(seen), api_key="k")
     counts = await sync.push_pending_sync()
     assert counts["state_pushed"] == 2
     (request,) = seen
@@ -325,7 +322,7 @@ async def test_pull_applies_the_cloud_state_by_the_conflict_rules(parts: Parts) 
         seen.append(request)
         return httpx.Response(200, json=body)
 
-    result = await parts.sync(handler, headers={"Authorization": "Bearer k"}).pull_cloud_state()
+    result = await parts.sync(handler, api_key="k").pull_cloud_state()
     assert (seen[0].method, str(seen[0].url)) == ("GET", f"{CLOUD}/api/sync/state")
     assert seen[0].headers["Authorization"] == "Bearer k"
     assert sorted(result["keys"]) == ["crm.stats", "workflows.active"]
@@ -498,11 +495,12 @@ def test_from_config_sends_the_cloud_key(tmp_path: Path) -> None:
         outbox=Outbox.from_config(config),
         store=StateStore.from_config(config),
         send=FakeSend(),
-        client=None,
+        cloud=CloudClient.from_config(config, httpx.AsyncClient()),
     )
     assert sync.endpoint == CLOUD
     assert sync.timeout_s == 4.0
-    assert sync._headers == {"Authorization": "Bearer s3cret"}
+    assert sync.cloud is not None
+    assert sync.cloud.auth_headers == {"Authorization": "Bearer s3cret"}
 
 
 # -- keys the cloud still runs, and keys that may have run ------------------------------------
