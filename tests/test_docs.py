@@ -28,9 +28,10 @@ from config.hybrid_config import HybridConfig
 from envelope import Envelope
 from errors import ErrorCode, Offline, Source
 from local_server import create_app
+from rate_limits import RateLimits
 from route_table import RouteTable, markdown
 from schedules import load_schedules
-from service_registry import ServiceRegistry
+from service_registry import ServiceRegistry, idempotency_key_scope
 from tests.doc_blocks import DOCS, ROOT, Block, blocks, config_table, pages
 
 pytestmark = pytest.mark.prd200
@@ -251,6 +252,21 @@ async def test_the_readmes_services_module_is_the_example_and_answers(
     assert await registry.dispatch("content.analyze_video", {}) == {"scenes": 12}
 
 
+@pytest.mark.usefixtures("declared")
+async def test_the_idempotent_handler_example_sends_once_per_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    registry = registry_of("idempotent_dm", monkeypatch)
+    with idempotency_key_scope("dm-alice-0001"):
+        first = await registry.dispatch("dm.send", {"to": "alice"})
+        replay = await registry.dispatch("dm.send", {"to": "someone else"})
+    with idempotency_key_scope("dm-bob-00002"):
+        other = await registry.dispatch("dm.send", {"to": "bob"})
+    assert first == replay == {"sent_to": "alice"}, "a replay must answer as the first call"
+    assert other == {"sent_to": "bob"}, "another key is another send"
+
+
 @pytest.mark.parametrize("name", ["route_table.json", "my_routes.json"])
 def test_the_route_table_examples_load(name: str) -> None:
     table = RouteTable.load(EXAMPLES / name)
@@ -262,6 +278,17 @@ def test_the_tutorials_route_table_queues_notes_and_never_runs_them_on_the_termi
     send, count = table.get("notes.send"), table.get("notes.count")
     assert (send.preferred_env.value, send.fallback_env.value) == ("cloud", "none")
     assert (count.side_effect, count.fallback_env.value) == (False, "local")
+
+
+def test_the_rate_limits_example_loads_with_exact_entries_before_families() -> None:
+    limits = RateLimits.load(EXAMPLES / "rate_limits.json")
+    assert len(limits) == 3
+    message, scan, send = (
+        limits.limit_for(a) for a in ("linkedin.message", "upwork.scan", "dm.send")
+    )
+    assert message is not None and str(message.quiet_hours) == "23:00-07:00"
+    assert scan is not None and scan.key == "upwork.*" and (scan.max, scan.per_sec) == (10, 60)
+    assert send is not None and (send.max, send.per_sec) == (3, 5)
 
 
 def test_the_schedules_example_loads() -> None:
@@ -297,7 +324,11 @@ def test_the_backup_example_copies_a_live_wal_database(tmp_path: Path) -> None:
 @pytest.fixture
 def client(tmp_path: Path) -> Any:
     config = HybridConfig.from_mapping(
-        {"DATA_DIR": str(tmp_path / "data"), "EVERREACH_CLOUD_KEY": "s3cret-key"}
+        {
+            "DATA_DIR": str(tmp_path / "data"),
+            "EVERREACH_CLOUD_KEY": "s3cret-key",
+            "ALLOWED_HOSTS": "testserver",  # the Host the in-process test client sends
+        }
     )
     with TestClient(create_app(config)) as test_client:
         yield test_client
