@@ -25,6 +25,7 @@ from config.hybrid_config import HybridConfig, redact_url
 from connectivity_check import ConnectivityChecker
 from cost_guard import CostGuard
 from cost_rates import CostRates
+from dispatch_record import DispatchObserver
 from errors import ConfigError
 from hybrid_orchestrator import HybridOrchestrator
 from idempotency import IdempotencyStore, RedisIdempotencyStore
@@ -150,6 +151,7 @@ class Runtime:
             connectivity=self.connectivity,
             cache=self.cache,
             outbox=self.outbox,
+            observer=DispatchObserver(metrics=self.metrics),
         )
         self._closers.append(self.orchestrator.drain)
         self.state_sync = StateSync.from_config(
