@@ -49,7 +49,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from errors import ConfigError, Env, ErrorCode
+from envelope import Envelope, new_request_id
+from errors import ConfigError, Env, HandlerError
 from schedules import (
     DAILY_ROUTINE_ID,
     Schedule,
@@ -457,14 +458,10 @@ class LocalCron:
             return await self._route(action, params)
         except Exception as exc:  # route() returns envelopes; a raise is a bug, not a stop
             log.exception("LocalCron: route(%s) raised", action)
-            return {
-                "ok": False,
-                "action": action,
-                "source": None,
-                "result": None,
-                "error": ErrorCode.HANDLER_ERROR.value,
-                "detail": f"{type(exc).__name__}: {exc}"[:300],
-            }
+            fault = HandlerError(f"{type(exc).__name__}: {exc}"[:300])
+            return Envelope.failure(
+                action, fault, source=None, request_id=new_request_id()
+            ).to_dict()
 
     async def _publish(self, topic: str, payload: dict[str, Any]) -> None:
         if self._bus is None:
