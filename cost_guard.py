@@ -47,7 +47,6 @@ from cost_reservation import (
     ledger_unreachable,
     log_overrun,
     money,
-    month_of,
     overdue_verdicts,
     overrun_report,
     settled,
@@ -69,6 +68,12 @@ _NOT_OPENED = "not opened yet"
 # month an unsettled reservation is resolved by the guard's sweep, which asks the cloud first.
 STORE_EXPIRY_S = 40 * 86400.0
 SWEEP_BATCH = 20  # asked of the cloud together, once per refresh pass
+
+
+def month_of(moment: datetime, tz: tzinfo) -> str:
+    """Return 'YYYY-MM' of ``moment`` in ``tz``: months roll over at local midnight of the 1st."""
+    local = moment.astimezone(tz)
+    return f"{local.year:04d}-{local.month:02d}"
 
 
 @dataclass(frozen=True, slots=True)

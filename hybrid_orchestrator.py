@@ -120,6 +120,7 @@ class HybridOrchestrator:
     ) -> None:
         self.config = config
         self.env = config.everreach_env
+        self._serving_cloud = config.is_serving_cloud  # the config is frozen: read it once
         self.local = local
         self.cloud = cloud
         self.route_table = route_table or RouteTable.load(config.route_table_path)
@@ -157,7 +158,7 @@ class HybridOrchestrator:
             ),
             has_local=self.local.has(action),
             cloud=self.cloud is not None,
-            serving_cloud=self.config.is_serving_cloud,
+            serving_cloud=self._serving_cloud,
             offline_reason=self._offline_reason(),
             soft_cap=guard is not None and guard.is_soft_cap_reached(),
             cache=self.cache is not None,
