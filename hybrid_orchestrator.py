@@ -259,11 +259,6 @@ class HybridOrchestrator:
         """Counts by action and source, for /status."""
         return self.observer.snapshot()
 
-    @property
-    def counts(self) -> dict[str, Any]:
-        """Counts by action and source (kept by the observer)."""
-        return self.observer.counts
-
     # -- walking the ladder ---------------------------------------------------------------------
 
     async def _walk(self, ladder: Plan, call: _Call) -> Envelope:
