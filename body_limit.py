@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from envelope import Envelope, new_request_id
-from errors import PayloadTooLarge
+from envelope import Envelope
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -85,9 +84,8 @@ class BodyLimitMiddleware:
                 await self._refuse(send)
 
     async def _refuse(self, send: Any) -> None:
-        refusal = PayloadTooLarge(
+        envelope = Envelope.too_large(
             f"the request body is larger than {self.max_bytes} bytes (1 MiB); "
             f"split the batch or send less data"
         )
-        envelope = Envelope.failure("", refusal, source=None, request_id=new_request_id())
-        await send_envelope(send, refusal.http_status, envelope.to_dict())
+        await send_envelope(send, envelope.http_status, envelope.to_dict())

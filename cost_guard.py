@@ -1,16 +1,8 @@
 """CostGuard: the monthly cloud spend cap, enforced by atomic reservations in a shared ledger.
 
-Every cloud call runs inside one bracket, which settles the reservation on every way out::
-
-    async with guard.spend(action, rates.rate(action), request_id) as spend:  # or CostCapReached
-        ... the cloud call, sent with Cost-Limit: spend.limit_usd ...
-        spend.ran(actual_usd)        # it ran and cost this much
-
-On leaving the bracket the reservation is committed (at the cost given to ``ran``, else the
-amount reserved), or released when an ``ActionError`` that proves the call never ran leaves it.
-``spend.reprice(price_usd)`` swaps the reservation for one at the serving side's price when it
-refused the call as dearer than its ``Cost-Limit``. The bare ``reserve``/``commit``/``release``
-remain for the ledger's own tests and tools.
+Every cloud call runs inside one bracket, ``async with guard.spend(action, estimate_usd, key)
+as spend:``, which settles the reservation on every way out (``cost_reservation.Spend``). The
+bare ``reserve``/``commit``/``release`` remain for the ledger's own tests and tools.
 
 A reservation nobody settled (the process died between the call and its commit) is not simply
 given back: after ``reservation_ttl_s`` the background sweep asks the cloud, by idempotency key,
@@ -31,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
@@ -39,18 +31,30 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from cost_ledger import (
-    MICRO_USD,
     LedgerStore,
     LedgerUnavailable,
     LoggedCall,
     MonthTotals,
     ReserveRequest,
-    SqliteLedgerStore,
-    from_micro,
-    to_micro,
 )
-from cost_ledger_pg import PostgresLedgerStore, SupabaseLedgerStore
-from errors import ActionError, ConfigError, CostCapReached
+from cost_ledger_pg import ledger_store_for
+from cost_reservation import (
+    RequestState,
+    Reservation,
+    Spend,
+    budget_closed,
+    cap_reached,
+    ledger_unreachable,
+    log_overrun,
+    money,
+    overdue_verdicts,
+    overrun_report,
+    settled,
+    usd,
+)
+from errors import ConfigError, CostCapReached
+
+__all__ = ["CostGuard", "Reservation", "Spend", "month_of", "usd"]
 
 if TYPE_CHECKING:
     import httpx
@@ -59,49 +63,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LEDGER_FILENAME = "cost_ledger.sqlite3"
 _NOT_OPENED = "not opened yet"
 # The store's own expiry (which releases) is only a backstop past any month's end: within the
 # month an unsettled reservation is resolved by the guard's sweep, which asks the cloud first.
 STORE_EXPIRY_S = 40 * 86400.0
-# The largest amount the ledger holds exactly (numeric(18, 6) in PostgreSQL).
-MAX_LEDGER_USD = Decimal("999999999999.999999")
 SWEEP_BATCH = 20  # asked of the cloud together, once per refresh pass
-NEVER_RAN_STATE = "unknown"
-
-RequestState = Callable[[str], Awaitable[str | None]]
-"""Ask the cloud what became of an idempotency key: 'unknown' (never ran), 'running', 'done',
-'indeterminate', or None when it cannot tell."""
-
-
-def usd(amount: Decimal) -> str:
-    """Format money exactly, with at least two decimals: 0.1 -> '0.10', 0.002 -> '0.002'."""
-    text = format(amount.quantize(MICRO_USD), "f")
-    whole, _, cents = text.partition(".")
-    cents = cents.rstrip("0")
-    return f"{whole}.{cents.ljust(2, '0')}"
 
 
 def month_of(moment: datetime, tz: tzinfo) -> str:
     """Return 'YYYY-MM' of ``moment`` in ``tz``: months roll over at local midnight of the 1st."""
     local = moment.astimezone(tz)
     return f"{local.year:04d}-{local.month:02d}"
-
-
-def _next_month(month: str) -> str:
-    year, mon = (int(part) for part in month.split("-"))
-    return f"{year + mon // 12:04d}-{mon % 12 + 1:02d}"
-
-
-@dataclass(frozen=True)
-class Reservation:
-    """Money set aside for one cloud call until it is committed, released or expires."""
-
-    id: str
-    action: str
-    amount_usd: Decimal
-    request_id: str
-    month: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,20 +137,7 @@ class CostGuard:
         SUPABASE_URL and SUPABASE_SERVICE_KEY are; else SQLite at DATA_DIR/cost_ledger.sqlite3.
         ``http_client`` (the app's shared client) carries Supabase REST calls if given.
         """
-        store: LedgerStore
-        key = config.secret("supabase_service_key")
-        if config.postgres_dsn:
-            store = PostgresLedgerStore(config.postgres_dsn)
-        elif config.supabase_url and key:
-            store = SupabaseLedgerStore(config.supabase_url, key, http_client=http_client)
-        elif config.supabase_url or key:
-            missing = "SUPABASE_SERVICE_KEY" if config.supabase_url else "SUPABASE_URL"
-            raise ConfigError(
-                f"the Supabase cost ledger needs both SUPABASE_URL and SUPABASE_SERVICE_KEY; "
-                f"{missing} is not set (or set DATABASE_URL / SUPABASE_DB_URL instead)"
-            )
-        else:
-            store = SqliteLedgerStore(config.data_dir / LEDGER_FILENAME)
+        store = ledger_store_for(config, http_client=http_client)
         return cls(
             store,
             monthly_cap_usd=config.monthly_cost_cap,
@@ -278,37 +237,11 @@ class CostGuard:
         self._last_error = None
 
     async def _sweep_overdue(self) -> None:
-        """Settle reservations older than the TTL: their process died before settling them.
-
-        Released only if the cloud confirms the request never ran; otherwise counted as spent.
-        """
+        """Settle reservations older than the TTL: their process died before settling them."""
         before = self._clock() - timedelta(seconds=self._ttl_s)
         overdue = await self._store.overdue(before, SWEEP_BATCH)
-        # Asked together: a cloud that hangs costs one timeout per pass, not one per call.
-        states = await asyncio.gather(*(self._ask_request_state(c.request_id) for c in overdue))
-        for call, state in zip(overdue, states, strict=True):
-            never_ran = state == NEVER_RAN_STATE
-            log.warning(
-                "reservation %s of %s (request %s) was not settled within %.0f s; the cloud "
-                "says %s, so it is %s",
-                call.id,
-                call.action,
-                call.request_id,
-                self._ttl_s,
-                state or "nothing",
-                "released" if never_ran else f"counted as spent (${usd(call.reserved_usd)})",
-            )
-            cost = None if never_ran else call.cost_usd
-            await self._settle(_Pending(_reservation_of(call), cost))
-
-    async def _ask_request_state(self, request_id: str) -> str | None:
-        if self.request_state is None:
-            return None
-        try:
-            return await self.request_state(request_id)
-        except Exception as exc:  # no answer: the safe side is "it may have run"
-            log.warning("could not ask the cloud about request %s: %r", request_id, exc)
-            return None
+        for reservation, cost in await overdue_verdicts(overdue, self.request_state, self._ttl_s):
+            await self._settle(_Pending(reservation, cost))
 
     def _mark_unhealthy(self, reason: str) -> None:
         if self._healthy or reason != self._last_error:
@@ -361,12 +294,12 @@ class CostGuard:
     def cap_error(self) -> CostCapReached | None:
         """The error to answer with when no cloud spend is possible now, else None; no I/O."""
         if not self._healthy:
-            return self._unreachable_error()
+            return ledger_unreachable(self._store.describe(), self._last_error)
         if self.budget_closed():
-            return self._closed_error()
+            return budget_closed(self.current_totals(), self.overruns(), self._hard_cap_usd)
         totals = self.current_totals()
         if totals.total_usd >= self._hard_cap_usd:
-            return self._cap_error(totals, None, None)
+            return cap_reached(totals, self._hard_cap_usd, self._tz)
         return None
 
     # -- reservations ---------------------------------------------------------------------------
@@ -377,11 +310,11 @@ class CostGuard:
         Raises ``CostCapReached`` if it would pass MONTHLY_COST_CAP this month, or if the ledger
         is unreachable (fail closed). Amounts finer than a micro-dollar are rounded up.
         """
-        amount = _money(amount_usd, "amount_usd")
+        amount = money(amount_usd, "amount_usd")
         if not self._healthy:
-            raise self._unreachable_error()
+            raise ledger_unreachable(self._store.describe(), self._last_error)
         if self.budget_closed():
-            raise self._closed_error()
+            raise budget_closed(self.current_totals(), self.overruns(), self._hard_cap_usd)
         now = self._clock()
         month = month_of(now, self._tz)
         reservation = Reservation(uuid.uuid4().hex, action, amount, request_id, month)
@@ -400,10 +333,10 @@ class CostGuard:
             )
         except LedgerUnavailable as exc:
             self._mark_unhealthy(str(exc))
-            raise self._unreachable_error() from exc
+            raise ledger_unreachable(self._store.describe(), self._last_error) from exc
         self._apply(result.totals)
         if not result.accepted:
-            raise self._cap_error(result.totals, action, amount)
+            raise cap_reached(result.totals, self._hard_cap_usd, self._tz, action, amount)
         return reservation
 
     async def commit(self, reservation: Reservation, actual_usd: Decimal | None = None) -> None:
@@ -412,7 +345,7 @@ class CostGuard:
         Never raises for an unreachable ledger: the commit is kept and retried by the refresh
         task, and the guard stays closed for new spend until it lands.
         """
-        actual = reservation.amount_usd if actual_usd is None else _money(actual_usd, "actual_usd")
+        actual = reservation.amount_usd if actual_usd is None else money(actual_usd, "actual_usd")
         await self._settle_or_queue(_Pending(reservation, actual))
 
     @asynccontextmanager
@@ -421,28 +354,13 @@ class CostGuard:
     ) -> AsyncIterator[Spend]:
         """Reserve ``estimate_usd`` for one call and settle it however the block is left.
 
-        Raises ``CostCapReached`` (nothing reserved) if the cap does not allow it. On the way
-        out: the cost given to ``spend.ran()``; else released for an ``ActionError`` proving
-        the call never ran; else committed at the amount reserved (it may have run).
+        Raises ``CostCapReached`` (nothing reserved) if the cap does not allow it; see
+        ``cost_reservation.settled`` for how the reservation is settled on the way out.
         """
-        spend = Spend(self, await self.reserve(action, estimate_usd, request_id))
-        try:
+        async with settled(
+            Spend(self, await self.reserve(action, estimate_usd, request_id))
+        ) as spend:
             yield spend
-        except ActionError as exc:
-            await spend.settle(never_ran=exc.never_ran)
-            raise
-        except BaseException as exc:
-            if spend.reservation is not None and spend.cost_usd is None:
-                log.warning(
-                    "a %s call left its cost bracket with %s; its reservation of $%s counts "
-                    "as spent (it may have run)",
-                    action,
-                    type(exc).__name__,
-                    usd(spend.reservation.amount_usd),
-                )
-            await spend.settle(never_ran=False)
-            raise
-        await spend.settle(never_ran=False)
 
     def _note_overrun(self, call: LoggedCall) -> None:
         if call.id in self._overruns:
@@ -450,15 +368,7 @@ class CostGuard:
         self._overruns[call.id] = call
         if call.month != self.month():
             return
-        log.warning(
-            "%s (request %s) cost $%s but reserved only $%s; recorded as it is, and the "
-            "cloud budget of %s is closed: no further cloud calls this month",
-            call.action,
-            call.request_id,
-            usd(call.cost_usd),
-            usd(call.reserved_usd),
-            call.month,
-        )
+        log_overrun(call)
         if self.on_overrun is not None:
             self.on_overrun()
 
@@ -493,16 +403,7 @@ class CostGuard:
             self._apply(result.totals)
         actual = pending.actual_usd
         if result.changed and actual is not None and actual > reservation.amount_usd:
-            self._note_overrun(
-                LoggedCall(
-                    reservation.id,
-                    reservation.month,
-                    reservation.action,
-                    reservation.request_id,
-                    reservation.amount_usd,
-                    actual,
-                )
-            )
+            self._note_overrun(reservation.logged(actual))
 
     def _apply(self, totals: MonthTotals) -> None:
         if totals.month == self.month():
@@ -547,118 +448,5 @@ class CostGuard:
             "pending_settlements": len(self._pending),
             "reservation_ttl_s": self._ttl_s,
             "budget_closed": self.budget_closed(),
-            "overruns": [
-                {
-                    "action": call.action,
-                    "request_id": call.request_id,
-                    "reserved_usd": usd(call.reserved_usd),
-                    "cost_usd": usd(call.cost_usd),
-                }
-                for call in self.overruns()
-            ],
+            "overruns": [overrun_report(call) for call in self.overruns()],
         }
-
-    def _cap_error(
-        self, totals: MonthTotals, action: str | None, amount: Decimal | None
-    ) -> CostCapReached:
-        asked = f" + ${usd(amount)} for {action}" if amount is not None else ""
-        detail = (
-            f"monthly cloud spend cap reached for {totals.month} ({self._tz}): "
-            f"${usd(totals.committed_usd)} spent + ${usd(totals.reserved_usd)} reserved{asked} "
-            f"would pass MONTHLY_COST_CAP ${usd(self._hard_cap_usd)}; raise MONTHLY_COST_CAP "
-            f"or wait for the month to roll over on {_next_month(totals.month)}-01"
-        )
-        return CostCapReached(
-            detail,
-            month=totals.month,
-            spent_usd=usd(totals.committed_usd),
-            reserved_usd=usd(totals.reserved_usd),
-            cap_usd=usd(self._hard_cap_usd),
-        )
-
-    def _closed_error(self) -> CostCapReached:
-        totals = self.current_totals()
-        worst = max(self.overruns(), key=lambda call: call.cost_usd - call.reserved_usd)
-        return CostCapReached(
-            f"the cloud budget of {totals.month} is closed: {worst.action} (request "
-            f"{worst.request_id}) cost ${usd(worst.cost_usd)} but reserved only "
-            f"${usd(worst.reserved_usd)}, so the reservations no longer bound the spend; check "
-            f"COST_RATES_FILE against the cloud's prices, then wait for "
-            f"{_next_month(totals.month)}-01 (the ledger keeps the month closed across restarts)",
-            month=totals.month,
-            spent_usd=usd(totals.committed_usd),
-            reserved_usd=usd(totals.reserved_usd),
-            cap_usd=usd(self._hard_cap_usd),
-        )
-
-    def _unreachable_error(self) -> CostCapReached:
-        return CostCapReached(
-            f"the cost ledger ({self._store.describe()}) is unreachable, so cloud spend fails "
-            f"closed until it is back ({self._last_error}); actions with a local handler still "
-            f"run locally",
-            ledger_healthy=False,
-        )
-
-
-class Spend:
-    """The reservation of one call inside ``CostGuard.spend``; see the module docstring."""
-
-    def __init__(self, guard: CostGuard, reservation: Reservation) -> None:
-        self._guard = guard
-        self.reservation: Reservation | None = reservation
-        self.cost_usd: Decimal | None = None
-
-    @property
-    def limit_usd(self) -> Decimal:
-        """What the call may cost: the amount reserved, sent as the ``Cost-Limit`` header."""
-        assert self.reservation is not None
-        return self.reservation.amount_usd
-
-    def ran(self, cost_usd: Decimal | None = None) -> None:
-        """Record that the call ran, costing ``cost_usd`` (None: the amount reserved)."""
-        self.cost_usd = self.limit_usd if cost_usd is None else cost_usd
-
-    async def reprice(self, price_usd: Decimal) -> None:
-        """Reserve ``price_usd`` instead: the serving side refused the call as dearer.
-
-        The old reservation is released first (the refused call never ran), so calls refused
-        together compete for the room they free. Raises ``CostCapReached`` if the cap does not
-        allow the new price; nothing is held then.
-        """
-        old = self.reservation
-        assert old is not None
-        self.reservation = None
-        await self._guard.release(old)
-        self.reservation = await self._guard.reserve(old.action, price_usd, old.request_id)
-
-    async def settle(self, *, never_ran: bool) -> None:
-        """Commit or release the reservation (once); ``CostGuard.spend`` calls this on exit."""
-        reservation, self.reservation = self.reservation, None
-        if reservation is None:
-            return
-        if self.cost_usd is not None:
-            await self._guard.commit(reservation, self.cost_usd)
-        elif never_ran:
-            await self._guard.release(reservation)
-        else:
-            await self._guard.commit(reservation)
-
-
-def _reservation_of(call: LoggedCall) -> Reservation:
-    return Reservation(call.id, call.action, call.reserved_usd, call.request_id, call.month)
-
-
-def _money(amount: Decimal | int | float | str, name: str) -> Decimal:
-    """Return ``amount`` as an exact Decimal in whole micro-dollars (rounded up), >= 0.
-
-    A float (a cloud response's ``cost_usd`` parsed from JSON) goes through its shortest
-    repr, so 0.01 stays 0.01 and not 0.01000000000000000020816681711721685.
-    """
-    if isinstance(amount, bool):
-        raise TypeError(f"{name} must be an amount of US dollars, got {amount!r}")
-    value = Decimal(repr(amount)) if isinstance(amount, float) else Decimal(amount)
-    if not value.is_finite() or not 0 <= value <= MAX_LEDGER_USD:
-        raise ValueError(
-            f"{name} must be a finite amount from 0 to {MAX_LEDGER_USD}, got {amount!r}"
-        )
-    return from_micro(to_micro(value))

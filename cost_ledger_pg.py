@@ -20,12 +20,14 @@ from cost_ledger import (
     ActionSpend,
     LedgerAccessDenied,
     LedgerSchemaMissing,
+    LedgerStore,
     LedgerUnavailable,
     LoggedCall,
     MonthTotals,
     ReserveRequest,
     ReserveResult,
     SettleResult,
+    SqliteLedgerStore,
     StoreKind,
     from_micro,
     to_micro,
@@ -35,9 +37,12 @@ from errors import ConfigError
 if TYPE_CHECKING:
     import httpx
 
+    from config.hybrid_config import HybridConfig
+
 SCHEMA_VERSION = 2  # 2: actp_cost_overdue, actp_cost_overruns
 MIGRATION_FILE = "20260501000000_actp_cost_ledger.sql"
 MIGRATION_NAME = f"supabase/migrations/{MIGRATION_FILE}"
+LEDGER_FILENAME = "cost_ledger.sqlite3"
 
 
 # -- the SQL functions of the migration, shared by PostgreSQL and Supabase REST -----------------
@@ -348,3 +353,25 @@ class SupabaseLedgerStore(_FunctionLedger):
         except httpx.HTTPError as exc:
             raise LedgerUnavailable(f"{self.describe()}: {type(exc).__name__}: {exc}") from exc
         return response.data
+
+
+def ledger_store_for(
+    config: HybridConfig, *, http_client: httpx.AsyncClient | None = None
+) -> LedgerStore:
+    """The ledger store the configuration asks for (not opened yet).
+
+    PostgreSQL if DATABASE_URL or SUPABASE_DB_URL is set; else Supabase REST if SUPABASE_URL
+    and SUPABASE_SERVICE_KEY are; else SQLite at DATA_DIR/cost_ledger.sqlite3.
+    """
+    key = config.secret("supabase_service_key")
+    if config.postgres_dsn:
+        return PostgresLedgerStore(config.postgres_dsn)
+    if config.supabase_url and key:
+        return SupabaseLedgerStore(config.supabase_url, key, http_client=http_client)
+    if config.supabase_url or key:
+        missing = "SUPABASE_SERVICE_KEY" if config.supabase_url else "SUPABASE_URL"
+        raise ConfigError(
+            f"the Supabase cost ledger needs both SUPABASE_URL and SUPABASE_SERVICE_KEY; "
+            f"{missing} is not set (or set DATABASE_URL / SUPABASE_DB_URL instead)"
+        )
+    return SqliteLedgerStore(config.data_dir / LEDGER_FILENAME)

@@ -1,4 +1,10 @@
-"""The result envelope every path returns, built in this one place."""
+"""The result envelope every path returns, built in this one place.
+
+An ``Envelope`` is frozen: the named constructors (``success``, ``failure``, ``queued_in_outbox``,
+``conflict``, ``too_large``) take every field the outcome has, so nothing changes it afterwards.
+``outcome`` is the one short word a dispatch ended with (``ok``, ``queued`` or the error code),
+shared by the log line, the metrics and the ``/status`` counts.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ from errors import (
     Env,
     ErrorCode,
     InvalidParams,
+    KeyBusy,
+    PayloadTooLarge,
     Source,
 )
 
@@ -50,9 +58,9 @@ def check_header_safe(key: str) -> str:
     return key
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Envelope:
-    """Outcome of one action; ``to_dict()`` is the JSON body clients see."""
+    """Outcome of one action; ``to_dict()`` is the JSON body clients see. Immutable."""
 
     ok: bool
     action: str
@@ -90,6 +98,9 @@ class Envelope:
         duration_ms: float = 0.0,
         cost_usd: Decimal = Decimal(0),
         cached_at: str | None = None,
+        detail: str | None = None,
+        cost_guard_triggered: bool = False,
+        env: Env | None = None,
     ) -> Envelope:
         """Build the envelope of an action that ran (or was served) successfully."""
         return cls(
@@ -97,11 +108,14 @@ class Envelope:
             action=action,
             source=source,
             result=result,
+            detail=detail,
             request_id=request_id,
             attempts=attempts,
             duration_ms=duration_ms,
             cost_usd=cost_usd,
+            cost_guard_triggered=cost_guard_triggered,
             cached_at=cached_at,
+            env=env,
         )
 
     @classmethod
@@ -113,8 +127,12 @@ class Envelope:
         source: Source | None,
         request_id: str,
         duration_ms: float = 0.0,
+        cost_guard_triggered: bool = False,
+        cached: Any = _MISSING,
+        cached_at: str | None = None,
+        env: Env | None = None,
     ) -> Envelope:
-        """Build the envelope of a failed action from its exception."""
+        """Build the envelope of a failed action from its exception (stale data in ``cached``)."""
         return cls(
             ok=False,
             action=action,
@@ -124,8 +142,61 @@ class Envelope:
             duration_ms=duration_ms,
             request_id=request_id,
             attempts=exc.attempts,
+            cost_guard_triggered=cost_guard_triggered,
+            cached=cached,
+            cached_at=cached_at,
             price_usd=exc.price_usd if isinstance(exc, CostLimitExceeded) else None,
+            env=env,
         )
+
+    @classmethod
+    def queued_in_outbox(
+        cls,
+        action: str,
+        *,
+        outbox_id: str,
+        request_id: str,
+        detail: str,
+        attempts: int = 0,
+        duration_ms: float = 0.0,
+        cost_guard_triggered: bool = False,
+        env: Env | None = None,
+    ) -> Envelope:
+        """Build the 202 envelope of an action kept in the outbox to be sent later."""
+        return cls(
+            ok=False,
+            action=action,
+            source=Source.OUTBOX,
+            detail=detail,
+            duration_ms=duration_ms,
+            request_id=request_id,
+            attempts=attempts,
+            cost_guard_triggered=cost_guard_triggered,
+            queued=True,
+            outbox_id=outbox_id,
+            env=env,
+        )
+
+    @classmethod
+    def conflict(cls, action: str, *, request_id: str, detail: str) -> Envelope:
+        """Build the 409 envelope of a repeat whose idempotency key another call still runs."""
+        return cls.failure(action, KeyBusy(detail), source=None, request_id=request_id)
+
+    @classmethod
+    def too_large(cls, detail: str, *, action: str = "") -> Envelope:
+        """Build the 413 envelope of a request whose body is over the size limit."""
+        return cls.failure(
+            action, PayloadTooLarge(detail), source=None, request_id=new_request_id()
+        )
+
+    @property
+    def outcome(self) -> str:
+        """``ok``, ``queued``, or the error code: how the call ended, in one word."""
+        if self.ok:
+            return "ok"
+        if self.queued:
+            return "queued"
+        return self.error.value if self.error else "error"
 
     @property
     def http_status(self) -> int:

@@ -285,6 +285,5 @@ HTTP_STATUS_BY_CODE: dict[ErrorCode, int] = {
         KeyBusy,
         Indeterminate,
         NotFound,
-        StorageUnavailable,
     )
 }

@@ -1,17 +1,11 @@
 """HybridOrchestrator: decide per call where an action runs, and what happens when it can't.
 
 It composes the parts (route table, classifier, executors, cost guard, connectivity, cache,
-outbox) and owns none of their state. The routing rules:
-
-1. ``force_env`` ('local' | 'cloud') wins; anything else is ``invalid_params``.
-2. ``EVERREACH_ENV`` local or cloud: that env, always.
-3. hybrid: the route table's ``preferred_env``; ``auto`` asks the classifier.
-4. at the soft cap, hybrid actions with a local handler go local (``cost_guard_triggered``);
-   at the hard cap no cloud call is made at all.
-5. offline: local handler, else a fresh cache entry, else the outbox for side effects, else
-   ``offline`` with the stale entry under ``cached``.
-6. cloud failure (hybrid): read-only actions fall back like rule 5; a side-effect action runs
-   locally only when the failure proves the cloud never ran it, else it goes to the outbox.
+outbox) and owns none of their state. ``route()`` asks the pure ``plan()`` (route_plan.py, where
+the routing rules are written down) for the ladder of one call and walks it once, top to
+bottom; no step calls another back. ``serve()`` is the one entry of the cloud role: another
+instance's call to ``/api/services/*``, or a ``/dispatch`` on an instance that is the cloud.
+Every call ends in one immutable envelope and one ``DispatchRecord`` for the observer.
 """
 
 from __future__ import annotations
@@ -20,11 +14,13 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from decimal import Decimal
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
-from action_classifier import ActionClassifier, ActionKind
+from action_classifier import ActionClassifier
 from connectivity_check import CloudLink, cloud_link
+from dispatch_record import MAX_COUNTED_ACTIONS, DispatchObserver, DispatchRecord
 from envelope import Envelope, new_request_id
 from errors import (
     ActionError,
@@ -32,18 +28,26 @@ from errors import (
     CostCapReached,
     CostLimitExceeded,
     Env,
-    HandlerError,
     Indeterminate,
     InvalidParams,
     KeyBusy,
     Offline,
     Source,
-    Unauthorized,
     UnknownAction,
     storage_fault,
 )
 from local_executor import LocalExecutor
-from route_table import Fallback, Preferred, Route, RouteTable
+from route_plan import (
+    Plan,
+    RouteState,
+    Step,
+    StepKind,
+    admits,
+    carries_stale,
+    plan,
+    select_env,
+)
+from route_table import Preferred, Route, RouteTable
 from service_registry import check_action_name, idempotency_key_scope
 
 if TYPE_CHECKING:
@@ -55,11 +59,46 @@ if TYPE_CHECKING:
     from offline_cache import OfflineCache
     from outbox import Outbox
 
+__all__ = ["HybridOrchestrator", "plan"]
+
 log = logging.getLogger("everreach.orchestrator")
 
-# Answers that are definite: replaying them from the outbox would only fail the same way.
-_DEFINITE = (UnknownAction, InvalidParams, Unauthorized, HandlerError)
-_MAX_COUNTED_ACTIONS = 1_000
+
+@dataclass(slots=True)
+class _Call:
+    """One call on its way down the ladder; builds its envelope once, when it ends."""
+
+    action: str
+    params: dict[str, Any]
+    request_id: str
+    route: Route
+    env: Env | None
+    started: float
+    triggered: bool = False
+
+    def success(self, result: Any, source: Source, **fields: Any) -> Envelope:
+        return Envelope.success(
+            self.action,
+            result,
+            source=source,
+            request_id=self.request_id,
+            duration_ms=(time.perf_counter() - self.started) * 1000,
+            cost_guard_triggered=self.triggered,
+            env=self.env,
+            **fields,
+        )
+
+    def failure(self, exc: ActionError, source: Source | None, **fields: Any) -> Envelope:
+        return Envelope.failure(
+            self.action,
+            exc,
+            source=source,
+            request_id=self.request_id,
+            duration_ms=(time.perf_counter() - self.started) * 1000,
+            cost_guard_triggered=self.triggered,
+            env=self.env,
+            **fields,
+        )
 
 
 class HybridOrchestrator:
@@ -78,9 +117,11 @@ class HybridOrchestrator:
         connectivity: ConnectivityChecker | None = None,
         cache: OfflineCache | None = None,
         outbox: Outbox | None = None,
+        observer: DispatchObserver | None = None,
     ) -> None:
         self.config = config
         self.env = config.everreach_env
+        self._serving_cloud = config.is_serving_cloud  # the config is frozen: read it once
         self.local = local
         self.cloud = cloud
         self.route_table = route_table or RouteTable.load(config.route_table_path)
@@ -90,7 +131,7 @@ class HybridOrchestrator:
         self.connectivity = connectivity
         self.cache = cache
         self.outbox = outbox
-        self.counts: defaultdict[str, defaultdict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.observer = observer or DispatchObserver()
         # Read-only actions the cloud answered 404 unknown_action for and that ran here instead:
         # a pair deployed with the handler on one side only, which would otherwise go unseen.
         self.cloud_missing_handlers: defaultdict[str, int] = defaultdict(int)
@@ -98,36 +139,43 @@ class HybridOrchestrator:
 
     # -- routing decisions ----------------------------------------------------------------------
 
+    def plan(self, action: str, force_env: str | None = None) -> Plan:
+        """The ladder ``route()`` would walk for ``action`` now."""
+        route = self.route_table.get(action)
+        return plan(action, route, self._state(action, route, force_env))
+
     def _select_env(self, action: str, force_env: str | None = None) -> Env:
         """Where ``action`` goes, by rules 1-4 (soft cap included)."""
-        return self._plan(action, force_env, self.route_table.get(action))[0]
+        route = self.route_table.get(action)
+        return select_env(route, self._state(action, route, force_env))[0]
 
-    def _plan(self, action: str, force_env: str | None, route: Route) -> tuple[Env, bool]:
-        """(env, cost_guard_triggered) for one call."""
-        if force_env is not None:
-            if force_env not in ("local", "cloud"):
-                raise InvalidParams(
-                    f"force_env must be 'local' or 'cloud' (or left out); got {force_env!r}"
-                )
-            return Env(force_env), False
-        if self.env is not Env.HYBRID:
-            return self.env, False
-        if route.preferred_env is Preferred.LOCAL:
-            return Env.LOCAL, False
-        if route.preferred_env is Preferred.AUTO and (
-            self.classifier.classify(action) is ActionKind.COMPUTE
-        ):
-            return Env.LOCAL, False
+    def _state(self, action: str, route: Route, force_env: str | None) -> RouteState:
         guard = self.cost_guard
-        if guard is not None and guard.is_soft_cap_reached() and self.local.has(action):
-            return Env.LOCAL, True
-        return Env.CLOUD, False
+        return RouteState(
+            env=self.env,
+            force_env=force_env,
+            kind=(
+                self.classifier.classify(action) if route.preferred_env is Preferred.AUTO else None
+            ),
+            has_local=self.local.has(action),
+            cloud=self.cloud is not None,
+            serving_cloud=self._serving_cloud,
+            offline_reason=self._offline_reason(),
+            soft_cap=guard is not None and guard.is_soft_cap_reached(),
+            cache=self.cache is not None,
+            outbox=self.outbox is not None,
+        )
+
+    def _offline_reason(self) -> str | None:
+        link = cloud_link(self.connectivity, offline_mode=self.config.offline_mode)
+        if link is not CloudLink.OFFLINE:
+            return None
+        return "OFFLINE_MODE=true" if self.config.offline_mode else "the cloud is unreachable"
 
     def is_offline(self) -> bool:
-        link = cloud_link(self.connectivity, offline_mode=self.config.offline_mode)
-        return link is CloudLink.OFFLINE
+        return self._offline_reason() is not None
 
-    # -- the one entry point --------------------------------------------------------------------
+    # -- the two entry points -------------------------------------------------------------------
 
     async def route(
         self,
@@ -149,123 +197,173 @@ class HybridOrchestrator:
                         f"params must be a JSON object; got {type(params).__name__}"
                     )
                 route = self.route_table.get(action)
-                env, triggered = self._plan(action, force_env, route)
-                if env is Env.LOCAL:
-                    envelope = await self._run_local(action, params, request_id, route, force_env)
-                else:
-                    envelope = await self._run_cloud(action, params, request_id, route, force_env)
-                envelope.cost_guard_triggered = envelope.cost_guard_triggered or triggered
-                envelope.env = env
+                ladder = plan(action, route, self._state(action, route, force_env))
+                call = _Call(action, params, request_id, route, ladder.env, started)
+                envelope = await self._walk(ladder, call)
         except ActionError as exc:
-            envelope = Envelope.failure(action, exc, source=None, request_id=request_id)
+            envelope = self._fault(action, exc, request_id, started)
         except Exception as exc:
             fault = storage_fault(exc)  # e.g. the disk filled while queueing: no handler ran
             if fault is None:
                 raise
             log.error("storage unavailable", extra={"action": action, "error": str(exc)})
-            envelope = Envelope.failure(action, fault, source=None, request_id=request_id)
-        envelope.duration_ms = (time.perf_counter() - started) * 1000
-        self._count(action, envelope)
+            envelope = self._fault(action, fault, request_id, started)
+        self.observer.observe(DispatchRecord.of(envelope))
         return envelope
 
-    def _count(self, action: str, envelope: Envelope) -> None:
-        if action not in self.counts and (
-            len(self.counts) >= _MAX_COUNTED_ACTIONS or envelope.error is not None
-        ):
-            action = "other"
-        if envelope.ok or envelope.queued:
-            key = envelope.source.value if envelope.source else "other"
-        else:  # failures by what went wrong, whichever path they took
-            key = envelope.error.value if envelope.error else "failed"
-        self.counts[action][key] += 1
+    async def serve(self, action: str, params: dict[str, Any], request_id: str) -> Envelope:
+        """Run ``action`` here as the cloud (``source='cloud'``, priced at our rate)."""
+        call = _Call(action, params, request_id, self.route_table.get(action), Env.CLOUD, 0.0)
+        call.started = time.perf_counter()
+        with idempotency_key_scope(request_id):
+            try:
+                envelope = await self._serve_here(call)
+            except ActionError as exc:
+                envelope = call.failure(exc, Source.CLOUD)
+        self.observer.observe(DispatchRecord.of(envelope))
+        return envelope
 
-    # -- local ----------------------------------------------------------------------------------
-
-    async def _run_local(
-        self,
-        action: str,
-        params: dict[str, Any],
-        request_id: str,
-        route: Route,
-        force_env: str | None,
-    ) -> Envelope:
-        try:
-            result = await self.local.run(action, params)
-        except ActionError as exc:
-            # hybrid: a local-preferred action that cannot run here may run in the cloud.
-            if (
-                self.env is Env.HYBRID
-                and force_env is None
-                and route.fallback_env is Fallback.CLOUD
-                and (exc.never_ran or not route.side_effect)
-                and self.cloud is not None
-                and not self.is_offline()
-            ):
-                return await self._run_cloud(action, params, request_id, route, "local")
-            return Envelope.failure(action, exc, source=Source.LOCAL, request_id=request_id)
-        return Envelope.success(
-            action,
-            result,
-            source=Source.LOCAL,
-            request_id=request_id,
-            attempts=1,
+    @staticmethod
+    def _fault(action: str, exc: ActionError, request_id: str, started: float) -> Envelope:
+        duration_ms = (time.perf_counter() - started) * 1000
+        return Envelope.failure(
+            action, exc, source=None, request_id=request_id, duration_ms=duration_ms
         )
 
-    # -- cloud ----------------------------------------------------------------------------------
+    def check_cost_limit(self, action: str, header: str | None) -> None:
+        """Refuse, before anything runs, a served call priced above the caller's Cost-Limit.
 
-    async def _run_cloud(
-        self,
-        action: str,
-        params: dict[str, Any],
-        request_id: str,
-        route: Route,
-        force_env: str | None,
-    ) -> Envelope:
-        if self.cloud is None:
-            if self.config.is_serving_cloud:
-                envelope = await self._run_local(action, params, request_id, route, "cloud")
-                envelope.source = Source.CLOUD
-                return envelope
-            # Only force_env='cloud' gets here: the caller asked for what this instance lacks.
+        The caller reserved ``Cost-Limit`` against its monthly cap; running a dearer call would
+        pass it. The refusal carries our price so the caller can reserve that and ask again. An
+        action with no handler here is left to answer 404, whatever its price.
+        """
+        if header is None or not self.local.has(action):
+            return
+        try:
+            limit = Decimal(header.strip())
+        except InvalidOperation:
+            limit = Decimal("NaN")
+        if not limit.is_finite() or limit < 0:
             raise InvalidParams(
-                "no cloud is configured: set CLOUD_ENDPOINT and EVERREACH_CLOUD_KEY, or run "
-                "the action with force_env='local'"
+                f"Cost-Limit must be a non-negative decimal of US dollars; got {header[:40]!r}"
             )
-        if self.is_offline():
-            why = "OFFLINE_MODE=true" if self.config.offline_mode else "the cloud is unreachable"
-            return await self._without_cloud(
-                action, params, request_id, route, Offline(f"{why}; {action} needs the cloud")
+        price_usd = self._rate(action)
+        if price_usd > limit:
+            raise CostLimitExceeded(
+                f"{action} costs ${format(price_usd, 'f')} here, above the Cost-Limit of "
+                f"${format(limit, 'f')} the caller reserved; nothing ran",
+                price_usd=price_usd,
             )
 
-        try:
-            done, cost = await self._call_cloud(action, params, request_id)
-        except CostCapReached as exc:
-            if force_env is None and self.env is Env.HYBRID and self.local.has(action):
-                envelope = await self._run_local(action, params, request_id, route, "local")
-                envelope.cost_guard_triggered = True
+    def snapshot(self) -> dict[str, Any]:
+        """Counts by action and source, for /status."""
+        return self.observer.snapshot()
+
+    # -- walking the ladder ---------------------------------------------------------------------
+
+    async def _walk(self, ladder: Plan, call: _Call) -> Envelope:
+        """Try the steps in order; the first that serves the call answers it."""
+        cause: ActionError | None = None
+        cause_kind: StepKind | None = None
+        cause_source: Source | None = None
+        call.triggered = ladder.cost_guard_triggered
+        if ladder.offline_detail is not None:
+            cause, cause_kind, cause_source = (
+                Offline(ladder.offline_detail),
+                StepKind.CLOUD,
+                Source.CLOUD,
+            )
+        for step in ladder.steps:
+            if not admits(step, call.route, cause, cause_kind):
+                continue
+            try:
+                envelope = await self._take(step, call, cause)
+            except ActionError as exc:
+                if step.kind is StepKind.LOCAL_FALLBACK:
+                    log.warning(
+                        "local fallback failed",
+                        extra={"action": call.action, "error": exc.code.value},
+                    )
+                    if call.route.side_effect and not exc.never_ran:
+                        # The local handler may have done part of the side effect: queueing it
+                        # for the cloud too could do it twice. Answer the failure instead.
+                        return call.failure(exc, Source.LOCAL_FALLBACK)
+                    continue  # the cloud's failure still decides what comes next
+                cause, cause_kind, cause_source = exc, step.kind, step.source
+                if isinstance(exc, CostCapReached):
+                    call.triggered, cause_source = True, None
+                continue
+            if envelope is not None:
                 return envelope
-            failed = Envelope.failure(action, exc, source=None, request_id=request_id)
-            failed.cost_guard_triggered = True
-            return failed
-        except ActionError as exc:
-            if self.env is Env.HYBRID:
-                # force_env 'local' here means _run_local already failed and sent us to the
-                # cloud: running the local handler again would count one call's failure twice.
-                return await self._without_cloud(
-                    action, params, request_id, route, exc, local_tried=force_env == "local"
+        assert cause is not None  # every ladder starts with a step that runs or a refusal
+        if carries_stale(ladder, cause, cause_kind) and self.cache is not None:
+            stale = await self.cache.get_stale(call.action, call.params)
+            if stale is not None:
+                return call.failure(
+                    cause,
+                    cause_source,
+                    cached=stale.response,
+                    cached_at=stale.cached_at.isoformat(),
                 )
-            return Envelope.failure(action, exc, source=Source.CLOUD, request_id=request_id)
+        return call.failure(cause, cause_source)
 
-        if self.cache is not None and not route.side_effect:
-            self._spawn(self.cache.put(action, params, done.result))
-        return Envelope.success(
-            action,
-            done.result,
-            source=Source.CLOUD,
-            request_id=request_id,
-            attempts=done.attempts,
-            cost_usd=cost,
+    async def _take(self, step: Step, call: _Call, cause: ActionError | None) -> Envelope | None:
+        """Run one step: its envelope, None when it has nothing (a cache miss), or raise."""
+        action, params = call.action, call.params
+        if step.kind is StepKind.LOCAL:
+            return call.success(await self.local.run(action, params), Source.LOCAL, attempts=1)
+        if step.kind is StepKind.SERVE:
+            return await self._serve_here(call)
+        if step.kind is StepKind.CLOUD:
+            done, cost = await self._call_cloud(action, params, call.request_id)
+            if self.cache is not None and not call.route.side_effect:
+                self._spawn(self.cache.put(action, params, done.result))
+            return call.success(done.result, Source.CLOUD, attempts=done.attempts, cost_usd=cost)
+        assert cause is not None  # the remaining steps answer a failure
+        if step.kind is StepKind.LOCAL_FALLBACK:
+            result = await self.local.run(action, params)
+            detail = self._cloud_lacks(action) if isinstance(cause, UnknownAction) else None
+            return call.success(
+                result, Source.LOCAL_FALLBACK, attempts=cause.attempts + 1, detail=detail
+            )
+        if step.kind is StepKind.CACHE:
+            assert self.cache is not None
+            entry = await self.cache.get(action, params)
+            if entry is None:
+                return None
+            return call.success(
+                entry.response,
+                Source.CACHE,
+                attempts=cause.attempts,
+                cached_at=entry.cached_at.isoformat(),
+            )
+        return await self._queue(call, cause)
+
+    async def _serve_here(self, call: _Call) -> Envelope:
+        result = await self.local.run(call.action, call.params)
+        return call.success(result, Source.CLOUD, attempts=1, cost_usd=self._rate(call.action))
+
+    async def _queue(self, call: _Call, cause: ActionError) -> Envelope:
+        """Keep a side effect the cloud could not take in the outbox, to send it later."""
+        assert self.outbox is not None
+        item = await self.outbox.enqueue(call.action, call.params, call.request_id)
+        then = "queued and sent to the cloud once it answers"
+        if isinstance(cause, Indeterminate):
+            # Kept for a person to retry or drop: replaying the key would never run it.
+            await self.outbox.park(item.id, f"{cause.code.value}: {cause.detail}")
+            then = "parked in the outbox as 'may have run' for a person to retry or drop"
+        return Envelope.queued_in_outbox(
+            call.action,
+            outbox_id=item.id,
+            request_id=call.request_id,
+            detail=f"{cause.detail}; {then}",
+            attempts=cause.attempts,
+            duration_ms=(time.perf_counter() - call.started) * 1000,
+            cost_guard_triggered=call.triggered,
+            env=call.env,
         )
+
+    # -- the cloud, inside the cost cap ---------------------------------------------------------
 
     def _rate(self, action: str) -> Decimal:
         return self.rates.rate(action) if self.rates is not None else Decimal(0)
@@ -320,93 +418,10 @@ class HybridOrchestrator:
             await spend.settle(never_ran=True)
             raise
 
-    # -- when the cloud cannot be used ----------------------------------------------------------
-
-    async def _without_cloud(
-        self,
-        action: str,
-        params: dict[str, Any],
-        request_id: str,
-        route: Route,
-        exc: ActionError,
-        *,
-        local_tried: bool = False,
-    ) -> Envelope:
-        """Rules 5 and 6: local handler, fresh cache, outbox, or the error with stale data."""
-        if isinstance(exc, Unauthorized | InvalidParams):
-            # A wrong key is a configuration error to see now, not to paper over locally; params
-            # the cloud refused (or that could not even be sent) would be as wrong here.
-            return Envelope.failure(action, exc, source=Source.CLOUD, request_id=request_id)
-        if (
-            not local_tried
-            and route.fallback_env is not Fallback.NONE
-            and (exc.never_ran or not route.side_effect)
-            and self.local.has(action)
-        ):
-            try:
-                result = await self.local.run(action, params)
-            except ActionError as local_exc:
-                log.warning(
-                    "local fallback failed",
-                    extra={"action": action, "error": local_exc.code.value},
-                )
-                if route.side_effect and not local_exc.never_ran:
-                    # The local handler may have done part of the side effect: queueing it
-                    # for the cloud too could do it twice. Answer the failure instead.
-                    return Envelope.failure(
-                        action, local_exc, source=Source.LOCAL_FALLBACK, request_id=request_id
-                    )
-            else:
-                envelope = Envelope.success(
-                    action,
-                    result,
-                    source=Source.LOCAL_FALLBACK,
-                    request_id=request_id,
-                    attempts=exc.attempts + 1,
-                )
-                if isinstance(exc, UnknownAction):
-                    envelope.detail = self._cloud_lacks(action)
-                return envelope
-        if not route.side_effect and self.cache is not None:
-            entry = await self.cache.get(action, params)
-            if entry is not None:
-                return Envelope.success(
-                    action,
-                    entry.response,
-                    source=Source.CACHE,
-                    request_id=request_id,
-                    attempts=exc.attempts,
-                    cached_at=entry.cached_at.isoformat(),
-                )
-        if route.side_effect and self.outbox is not None and not isinstance(exc, _DEFINITE):
-            item = await self.outbox.enqueue(action, params, request_id)
-            then = "queued and sent to the cloud once it answers"
-            if isinstance(exc, Indeterminate):
-                # Kept for a person to retry or drop: replaying the key would never run it.
-                await self.outbox.park(item.id, f"{exc.code.value}: {exc.detail}")
-                then = "parked in the outbox as 'may have run' for a person to retry or drop"
-            return Envelope(
-                ok=False,
-                action=action,
-                source=Source.OUTBOX,
-                request_id=request_id,
-                attempts=exc.attempts,
-                queued=True,
-                outbox_id=item.id,
-                detail=f"{exc.detail}; {then}",
-            )
-        failed = Envelope.failure(action, exc, source=Source.CLOUD, request_id=request_id)
-        if not route.side_effect and self.cache is not None:
-            stale = await self.cache.get_stale(action, params)
-            if stale is not None:
-                failed.cached = stale.response
-                failed.cached_at = stale.cached_at.isoformat()
-        return failed
-
     def _cloud_lacks(self, action: str) -> str:
         """Count and log a cloud without a handler for ``action``; the envelope's detail."""
         if action in self.cloud_missing_handlers or (
-            len(self.cloud_missing_handlers) < _MAX_COUNTED_ACTIONS
+            len(self.cloud_missing_handlers) < MAX_COUNTED_ACTIONS
         ):
             self.cloud_missing_handlers[action] += 1
         detail = (
@@ -436,7 +451,3 @@ class HybridOrchestrator:
         """Wait for background writes (cache fills) to finish; call before closing stores."""
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
-
-    def snapshot(self) -> dict[str, Any]:
-        """Counts by action and source, for /status."""
-        return {action: dict(sources) for action, sources in sorted(self.counts.items())}

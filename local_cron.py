@@ -42,7 +42,8 @@ from apscheduler.triggers.cron import CronTrigger
 
 from cron_jobs import CronJob, JobOutcome, iso_or_none
 from cron_lock import LOCK_PREFIX, FireTimeLock, lock_key
-from errors import Env, ErrorCode
+from envelope import Envelope, new_request_id
+from errors import Env, HandlerError
 from schedule_mirror import ScheduleMirror
 from schedules import (
     DAILY_ROUTINE_ID,
@@ -352,14 +353,10 @@ class LocalCron:
             return await self._route(action, params)
         except Exception as exc:  # route() returns envelopes; a raise is a bug, not a stop
             log.exception("LocalCron: route(%s) raised", action)
-            return {
-                "ok": False,
-                "action": action,
-                "source": None,
-                "result": None,
-                "error": ErrorCode.HANDLER_ERROR.value,
-                "detail": f"{type(exc).__name__}: {exc}"[:300],
-            }
+            fault = HandlerError(f"{type(exc).__name__}: {exc}"[:300])
+            return Envelope.failure(
+                action, fault, source=None, request_id=new_request_id()
+            ).to_dict()
 
     async def _publish(self, topic: str, payload: dict[str, Any]) -> None:
         if self._bus is None:

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import hmac
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,13 +29,11 @@ from config.hybrid_config import HybridConfig
 from envelope import Envelope, check_idempotency_key, new_request_id
 from errors import (
     ActionError,
-    CostLimitExceeded,
     ErrorCode,
     HandlerError,
     Indeterminate,
     InvalidParams,
     NotFound,
-    Source,
     Unauthorized,
     storage_fault,
 )
@@ -58,10 +54,8 @@ from request_guard import RequestGuardMiddleware
 from runtime import IdempotencyStores, Runtime
 from service_registry import check_action_name, idempotency_key_scope
 from structured_log import (
-    DISPATCH_LOGGER,
     config_secrets,
     configure_logging,
-    log_dispatch,
     redact,
 )
 
@@ -73,7 +67,6 @@ BUSY_WAIT_S = 2.0
 _NEVER_REACHED = frozenset(
     {ErrorCode.UNKNOWN_ACTION, ErrorCode.CIRCUIT_OPEN, ErrorCode.OFFLINE, ErrorCode.UNAUTHORIZED}
 )
-_dispatch_log = logging.getLogger(DISPATCH_LOGGER)
 _fault_log = logging.getLogger("everreach.server")
 
 
@@ -139,10 +132,10 @@ async def _once(
     if claim.state is ClaimState.MISMATCH:
         raise InvalidParams(f"{what} was already used for another action or other params")
     if claim.state is ClaimState.RUNNING:
-        # The envelope's shape, with a code of its own: the first call is still running.
-        busy = Envelope(ok=False, action=action, source=None, request_id=key).to_dict()
-        busy.update(error="conflict", detail=f"a request with this {what} is still running")
-        return _json(busy, 409, {"Retry-After": "1"})
+        busy = Envelope.conflict(
+            action, request_id=key, detail=f"a request with this {what} is still running"
+        )
+        return _json(busy.to_dict(), busy.http_status, {"Retry-After": "1"})
     if claim.state is ClaimState.INDETERMINATE:
         exc = Indeterminate(
             f"the process that ran this {what} died mid-handler: {action} may have run; it is "
@@ -160,30 +153,6 @@ async def _once(
     else:
         await store.release(key, ran=envelope.error not in _NEVER_REACHED)
     return _envelope_response(envelope)
-
-
-def _check_cost_limit(action: str, price_usd: Decimal, header: str | None) -> None:
-    """Refuse, before anything runs, a call whose price here is above the caller's Cost-Limit.
-
-    The caller reserved ``Cost-Limit`` against its monthly cap; running a dearer call would pass
-    it. The refusal carries our price so the caller can reserve that and ask again.
-    """
-    if header is None:
-        return
-    try:
-        limit = Decimal(header.strip())
-    except InvalidOperation:
-        limit = Decimal("NaN")
-    if not limit.is_finite() or limit < 0:
-        raise InvalidParams(
-            f"Cost-Limit must be a non-negative decimal of US dollars; got {header[:40]!r}"
-        )
-    if price_usd > limit:
-        raise CostLimitExceeded(
-            f"{action} costs ${format(price_usd, 'f')} here, above the Cost-Limit of "
-            f"${format(limit, 'f')} the caller reserved; nothing ran",
-            price_usd=price_usd,
-        )
 
 
 def create_app(config: HybridConfig | None = None) -> FastAPI:
@@ -265,32 +234,7 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         runtime: Runtime, action: str, params: dict[str, Any], force_env: Any, request_id: str
     ) -> Envelope:
         assert runtime.orchestrator is not None
-        envelope = await runtime.orchestrator.route(
-            action, params, force_env, request_id=request_id
-        )
-        outcome = (
-            "ok"
-            if envelope.ok
-            else (
-                "queued"
-                if envelope.queued
-                else (envelope.error.value if envelope.error else "error")
-            )
-        )
-        source = envelope.source.value if envelope.source else None
-        runtime.metrics.observe_dispatch(action, source, outcome, envelope.duration_ms / 1000)
-        log_dispatch(
-            _dispatch_log,
-            request_id=envelope.request_id,
-            action=action,
-            env=envelope.env.value if envelope.env else "none",
-            source=source,
-            outcome=outcome,
-            duration_ms=envelope.duration_ms,
-            error=envelope.error.value if envelope.error else None,
-            attempts=envelope.attempts,
-        )
-        return envelope
+        return await runtime.orchestrator.route(action, params, force_env, request_id=request_id)
 
     async def _route_once(
         runtime: Runtime, action: str, params: dict[str, Any], force_env: Any, key: str
@@ -351,11 +295,12 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         request.state.action = action
         check_cloud_key(request)
         params = (await _read(request, ServeBody)).params or {}
-        if runtime.local.has(action):  # an unknown action is a 404 below, whatever its price
-            _check_cost_limit(action, runtime.rates.rate(action), request.headers.get("cost-limit"))
+        assert runtime.orchestrator is not None
+        runtime.orchestrator.check_cost_limit(action, request.headers.get("cost-limit"))
+        serve = runtime.orchestrator.serve
         key = request.headers.get("idempotency-key")
         if key is None:
-            return _envelope_response(await _serve(runtime, action, params, new_request_id()))
+            return _envelope_response(await serve(action, params, new_request_id()))
         check_idempotency_key(key, what="the Idempotency-Key header")
         return await _once(
             runtime.idempotency,
@@ -364,23 +309,10 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
             params_hash(params),
             timeout_s=min(BUSY_WAIT_S, runtime.config.cloud_timeout_sec / 4),
             rerun_if_dead=runtime.route_table.get(action).idempotent,
-            run=lambda: _serve(runtime, action, params, key),
+            run=lambda: serve(action, params, key),
             keep=lambda envelope: envelope.ok,
             what="Idempotency-Key",
         )
-
-    async def _serve(
-        runtime: Runtime, action: str, params: dict[str, Any], request_id: str
-    ) -> Envelope:
-        started = time.perf_counter()
-        with idempotency_key_scope(request_id):
-            envelope = await runtime.local.execute(action, params, request_id=request_id)
-        envelope.source = Source.CLOUD
-        if envelope.ok:
-            envelope.cost_usd = runtime.rates.rate(action)
-        outcome = "ok" if envelope.ok else (envelope.error.value if envelope.error else "error")
-        runtime.metrics.observe_dispatch(action, "cloud", outcome, time.perf_counter() - started)
-        return envelope
 
     @app.get("/api/sync/state")
     async def get_state(request: Request) -> dict[str, Any]:

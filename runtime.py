@@ -29,6 +29,7 @@ from config.hybrid_config import HybridConfig, redact_url
 from connectivity_check import ConnectivityChecker, cloud_reachable
 from cost_guard import CostGuard
 from cost_rates import CostRates
+from dispatch_record import DispatchObserver
 from errors import ConfigError
 from hybrid_orchestrator import HybridOrchestrator
 from idempotency import IdempotencyStore
@@ -246,6 +247,7 @@ class Runtime:
             connectivity=self.connectivity,
             cache=self.cache,
             outbox=self.outbox,
+            observer=DispatchObserver(metrics=self.metrics),
         )
         self._on_close(self.orchestrator.drain)
 

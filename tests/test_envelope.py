@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from decimal import Decimal
 from typing import Any
@@ -205,3 +206,54 @@ def test_an_action_error_carries_its_fields() -> None:
     exc = UnknownAction("no handler", attempts=0, near=["dm.send"])
     assert (exc.detail, exc.attempts, exc.extra) == ("no handler", 0, {"near": ["dm.send"]})
     assert str(exc) == "no handler"
+
+
+# -- immutable, with named constructors ----------------------------------------------------------
+
+
+def test_an_envelope_cannot_be_changed_after_it_is_built() -> None:
+    envelope = _envelope()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        envelope.source = Source.LOCAL  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("envelope", "outcome"),
+    [
+        (_envelope(), "ok"),
+        (
+            Envelope.queued_in_outbox("dm.send", outbox_id="o1", request_id="r", detail="d"),
+            "queued",
+        ),
+        (Envelope.failure("dm.send", Offline("x"), source=None, request_id="r"), "offline"),
+        (_envelope(ok=False), "error"),
+    ],
+)
+def test_outcome_is_ok_queued_or_the_error_code(envelope: Envelope, outcome: str) -> None:
+    assert envelope.outcome == outcome
+
+
+def test_a_busy_key_is_a_409_conflict_envelope_of_the_usual_shape() -> None:
+    busy = Envelope.conflict("dm.send", request_id="key-0001", detail="still running")
+    assert busy.http_status == 409
+    assert busy.to_dict() == {
+        **_envelope(ok=False, source=None, request_id="key-0001").to_dict(),
+        "error": "conflict",
+        "detail": "still running",
+    }
+
+
+def test_a_body_too_large_is_a_413_envelope() -> None:
+    refused = Envelope.too_large("too big")
+    assert (refused.http_status, refused.error, refused.detail) == (
+        413,
+        ErrorCode.PAYLOAD_TOO_LARGE,
+        "too big",
+    )
+
+
+def test_a_queued_envelope_is_202_from_the_outbox() -> None:
+    queued = Envelope.queued_in_outbox("dm.send", outbox_id="o1", request_id="r", detail="later")
+    body = queued.to_dict()
+    assert queued.http_status == 202
+    assert (body["source"], body["queued"], body["outbox_id"]) == ("outbox", True, "o1")

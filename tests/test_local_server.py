@@ -370,3 +370,29 @@ def test_an_unexpected_fault_quoting_a_secret_does_not_answer_it(tmp_path, monke
         answer = client.post("/dispatch", json={"action": "system.echo"})
     assert answer.status_code == 500 and "could not reach" in answer.json()["detail"]
     assert secret not in answer.text
+
+
+# -- one serving path, one record per call ------------------------------------------------------
+
+
+def _dispatch_on(client: TestClient, log: Path) -> Any:
+    return client.post("/dispatch", json={"action": "claude.complete", "params": {"log": str(log)}})
+
+
+def test_a_dispatch_on_the_cloud_is_priced_like_a_served_call(cloud_client, tmp_path):
+    log = tmp_path / "runs.log"
+    served = serve(cloud_client, log, "key-00003").json()
+    dispatched = _dispatch_on(cloud_client, log).json()
+    assert (served["source"], served["cost_usd"]) == ("cloud", 0.05)
+    assert (dispatched["source"], dispatched["cost_usd"]) == ("cloud", 0.05)
+
+
+def test_served_and_dispatched_calls_are_counted_once_in_status_and_metrics(cloud_client, tmp_path):
+    log = tmp_path / "runs.log"
+    assert serve(cloud_client, log, "key-00004").status_code == 200
+    assert _dispatch_on(cloud_client, log).status_code == 200
+    status = cloud_client.get("/status").json()
+    assert status["dispatch_counts"]["claude.complete"] == {"cloud": 2}
+    metrics = cloud_client.get("/metrics").text
+    series = 'everreach_dispatch_total{action="claude.complete",outcome="ok",source="cloud"} 2.0'
+    assert series in metrics

@@ -1,0 +1,278 @@
+"""One cloud call's money: amounts, months, the reservation, its bracket and its refusals.
+
+``CostGuard.spend`` hands out a ``Spend``, the reservation of one call::
+
+    async with guard.spend(action, rates.rate(action), request_id) as spend:  # or CostCapReached
+        ... the cloud call, sent with Cost-Limit: spend.limit_usd ...
+        spend.ran(actual_usd)        # it ran and cost this much
+
+On leaving the bracket the reservation is committed (at the cost given to ``ran``, else the
+amount reserved), or released when an ``ActionError`` that proves the call never ran leaves it.
+``spend.reprice(price_usd)`` swaps the reservation for one at the serving side's price when it
+refused the call as dearer than its ``Cost-Limit``. The refusals (``cap_reached``,
+``budget_closed``, ``ledger_unreachable``) say why no money could be set aside, and until when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import tzinfo
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+from cost_ledger import MICRO_USD, LoggedCall, MonthTotals, from_micro, to_micro
+from errors import ActionError, CostCapReached
+
+if TYPE_CHECKING:
+    from cost_guard import CostGuard
+
+log = logging.getLogger("cost_guard")
+
+NEVER_RAN_STATE = "unknown"
+
+RequestState = Callable[[str], Awaitable[str | None]]
+"""Ask the cloud what became of an idempotency key: 'unknown' (never ran), 'running', 'done',
+'indeterminate', or None when it cannot tell."""
+
+# The largest amount the ledger holds exactly (numeric(18, 6) in PostgreSQL).
+MAX_LEDGER_USD = Decimal("999999999999.999999")
+
+
+def usd(amount: Decimal) -> str:
+    """Format money exactly, with at least two decimals: 0.1 -> '0.10', 0.002 -> '0.002'."""
+    text = format(amount.quantize(MICRO_USD), "f")
+    whole, _, cents = text.partition(".")
+    cents = cents.rstrip("0")
+    return f"{whole}.{cents.ljust(2, '0')}"
+
+
+def money(amount: Decimal | int | float | str, name: str) -> Decimal:
+    """Return ``amount`` as an exact Decimal in whole micro-dollars (rounded up), >= 0.
+
+    A float (a cloud response's ``cost_usd`` parsed from JSON) goes through its shortest
+    repr, so 0.01 stays 0.01 and not 0.01000000000000000020816681711721685.
+    """
+    if isinstance(amount, bool):
+        raise TypeError(f"{name} must be an amount of US dollars, got {amount!r}")
+    value = Decimal(repr(amount)) if isinstance(amount, float) else Decimal(amount)
+    if not value.is_finite() or not 0 <= value <= MAX_LEDGER_USD:
+        raise ValueError(
+            f"{name} must be a finite amount from 0 to {MAX_LEDGER_USD}, got {amount!r}"
+        )
+    return from_micro(to_micro(value))
+
+
+def next_month(month: str) -> str:
+    """Return the 'YYYY-MM' after ``month``."""
+    year, mon = (int(part) for part in month.split("-"))
+    return f"{year + mon // 12:04d}-{mon % 12 + 1:02d}"
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Money set aside for one cloud call until it is committed, released or expires."""
+
+    id: str
+    action: str
+    amount_usd: Decimal
+    request_id: str
+    month: str
+
+    @classmethod
+    def of(cls, call: LoggedCall) -> Reservation:
+        """The reservation a ledger row stands for."""
+        return cls(call.id, call.action, call.reserved_usd, call.request_id, call.month)
+
+    def logged(self, cost_usd: Decimal) -> LoggedCall:
+        """The ledger row of this reservation once it cost ``cost_usd``."""
+        return LoggedCall(
+            self.id, self.month, self.action, self.request_id, self.amount_usd, cost_usd
+        )
+
+
+class Spend:
+    """The reservation of one call inside ``CostGuard.spend``; see the module docstring."""
+
+    def __init__(self, guard: CostGuard, reservation: Reservation) -> None:
+        self._guard = guard
+        self.reservation: Reservation | None = reservation
+        self.cost_usd: Decimal | None = None
+
+    @property
+    def limit_usd(self) -> Decimal:
+        """What the call may cost: the amount reserved, sent as the ``Cost-Limit`` header."""
+        assert self.reservation is not None
+        return self.reservation.amount_usd
+
+    def ran(self, cost_usd: Decimal | None = None) -> None:
+        """Record that the call ran, costing ``cost_usd`` (None: the amount reserved)."""
+        self.cost_usd = self.limit_usd if cost_usd is None else cost_usd
+
+    async def reprice(self, price_usd: Decimal) -> None:
+        """Reserve ``price_usd`` instead: the serving side refused the call as dearer.
+
+        The old reservation is released first (the refused call never ran), so calls refused
+        together compete for the room they free. Raises ``CostCapReached`` if the cap does not
+        allow the new price; nothing is held then.
+        """
+        old = self.reservation
+        assert old is not None
+        self.reservation = None
+        await self._guard.release(old)
+        self.reservation = await self._guard.reserve(old.action, price_usd, old.request_id)
+
+    async def settle(self, *, never_ran: bool) -> None:
+        """Commit or release the reservation (once); ``CostGuard.spend`` calls this on exit."""
+        reservation, self.reservation = self.reservation, None
+        if reservation is None:
+            return
+        if self.cost_usd is not None:
+            await self._guard.commit(reservation, self.cost_usd)
+        elif never_ran:
+            await self._guard.release(reservation)
+        else:
+            await self._guard.commit(reservation)
+
+
+@asynccontextmanager
+async def settled(spend: Spend) -> AsyncIterator[Spend]:
+    """Settle ``spend`` however the block is left.
+
+    On the way out: the cost given to ``spend.ran()``; else released for an ``ActionError``
+    proving the call never ran; else committed at the amount reserved (it may have run).
+    """
+    try:
+        yield spend
+    except ActionError as exc:
+        await spend.settle(never_ran=exc.never_ran)
+        raise
+    except BaseException as exc:
+        if spend.reservation is not None and spend.cost_usd is None:
+            log.warning(
+                "a %s call left its cost bracket with %s; its reservation of $%s counts "
+                "as spent (it may have run)",
+                spend.reservation.action,
+                type(exc).__name__,
+                usd(spend.reservation.amount_usd),
+            )
+        await spend.settle(never_ran=False)
+        raise
+    await spend.settle(never_ran=False)
+
+
+async def overdue_verdicts(
+    overdue: list[LoggedCall], ask: RequestState | None, ttl_s: float
+) -> list[tuple[Reservation, Decimal | None]]:
+    """What to settle each unsettled reservation at: released (None) only if it never ran.
+
+    The cloud is asked about all of them together, so one that hangs costs one timeout per
+    pass, not one per call; no answer counts as "it may have run".
+    """
+
+    async def state_of(request_id: str) -> str | None:
+        if ask is None:
+            return None
+        try:
+            return await ask(request_id)
+        except Exception as exc:  # no answer: the safe side is "it may have run"
+            log.warning("could not ask the cloud about request %s: %r", request_id, exc)
+            return None
+
+    states = await asyncio.gather(*(state_of(call.request_id) for call in overdue))
+    verdicts: list[tuple[Reservation, Decimal | None]] = []
+    for call, state in zip(overdue, states, strict=True):
+        never_ran = state == NEVER_RAN_STATE
+        log.warning(
+            "reservation %s of %s (request %s) was not settled within %.0f s; the cloud "
+            "says %s, so it is %s",
+            call.id,
+            call.action,
+            call.request_id,
+            ttl_s,
+            state or "nothing",
+            "released" if never_ran else f"counted as spent (${usd(call.reserved_usd)})",
+        )
+        verdicts.append((Reservation.of(call), None if never_ran else call.cost_usd))
+    return verdicts
+
+
+def log_overrun(call: LoggedCall) -> None:
+    """Say loudly that a call cost more than it reserved, which closes the month's budget."""
+    log.warning(
+        "%s (request %s) cost $%s but reserved only $%s; recorded as it is, and the "
+        "cloud budget of %s is closed: no further cloud calls this month",
+        call.action,
+        call.request_id,
+        usd(call.cost_usd),
+        usd(call.reserved_usd),
+        call.month,
+    )
+
+
+def overrun_report(call: LoggedCall) -> dict[str, str]:
+    """A call that cost more than it reserved, as ``/status`` shows it."""
+    return {
+        "action": call.action,
+        "request_id": call.request_id,
+        "reserved_usd": usd(call.reserved_usd),
+        "cost_usd": usd(call.cost_usd),
+    }
+
+
+# -- refusals --------------------------------------------------------------------------------
+
+
+def cap_reached(
+    totals: MonthTotals,
+    cap_usd: Decimal,
+    tz: tzinfo,
+    action: str | None = None,
+    amount: Decimal | None = None,
+) -> CostCapReached:
+    """The refusal of a reservation (of ``amount`` for ``action``) that would pass the cap."""
+    asked = f" + ${usd(amount)} for {action}" if amount is not None else ""
+    detail = (
+        f"monthly cloud spend cap reached for {totals.month} ({tz}): "
+        f"${usd(totals.committed_usd)} spent + ${usd(totals.reserved_usd)} reserved{asked} "
+        f"would pass MONTHLY_COST_CAP ${usd(cap_usd)}; raise MONTHLY_COST_CAP "
+        f"or wait for the month to roll over on {next_month(totals.month)}-01"
+    )
+    return CostCapReached(
+        detail,
+        month=totals.month,
+        spent_usd=usd(totals.committed_usd),
+        reserved_usd=usd(totals.reserved_usd),
+        cap_usd=usd(cap_usd),
+    )
+
+
+def budget_closed(
+    totals: MonthTotals, overruns: list[LoggedCall], cap_usd: Decimal
+) -> CostCapReached:
+    """The refusal while a call of the month cost more than it reserved."""
+    worst = max(overruns, key=lambda call: call.cost_usd - call.reserved_usd)
+    return CostCapReached(
+        f"the cloud budget of {totals.month} is closed: {worst.action} (request "
+        f"{worst.request_id}) cost ${usd(worst.cost_usd)} but reserved only "
+        f"${usd(worst.reserved_usd)}, so the reservations no longer bound the spend; check "
+        f"COST_RATES_FILE against the cloud's prices, then wait for "
+        f"{next_month(totals.month)}-01 (the ledger keeps the month closed across restarts)",
+        month=totals.month,
+        spent_usd=usd(totals.committed_usd),
+        reserved_usd=usd(totals.reserved_usd),
+        cap_usd=usd(cap_usd),
+    )
+
+
+def ledger_unreachable(ledger: str, reason: str | None) -> CostCapReached:
+    """The refusal while the ledger cannot be reached: cloud spend fails closed."""
+    return CostCapReached(
+        f"the cost ledger ({ledger}) is unreachable, so cloud spend fails "
+        f"closed until it is back ({reason}); actions with a local handler still "
+        f"run locally",
+        ledger_healthy=False,
+    )
