@@ -264,6 +264,7 @@ def test_dockerignore_keeps_state_secrets_and_caches_out(path: str) -> None:
         "local_server.py",
         "config/hybrid_config.py",
         "route_table.json",
+        "status_page.js",
         "pyproject.toml",
         ".env.example",
     ],
