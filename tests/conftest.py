@@ -26,6 +26,38 @@ REDIS_TEST_URL = os.environ.get("REDIS_TEST_URL", "redis://127.0.0.1:6379/15")
 POSTGRES_TEST_DSN = os.environ.get("POSTGRES_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
 
+# Fixtures that start a child process (a server, a worker, a browser, a throwaway Redis, mount).
+PROCESS_FIXTURES = frozenset(
+    {"server_factory", "tmpfs", "browser", "start_worker", "sleeper", "throwaway_redis"}
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--forbid-processes",
+        action="store_true",
+        help="fail any test that starts a child process (make test-fast: with -m 'not process')",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--forbid-processes"):
+        sys.addaudithook(_refuse_child_processes)
+
+
+def _refuse_child_processes(event: str, args: tuple[Any, ...]) -> None:
+    if event in ("subprocess.Popen", "os.posix_spawn", "os.fork", "os.system"):
+        raise RuntimeError(f"a child process ({event} {args[:2]!r}) in a test marked no-process")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``process`` every test that starts a child process: e2e, or a process fixture."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("e2e") is not None or fixtures & PROCESS_FIXTURES:
+            item.add_marker(pytest.mark.process)
+
+
 def service_missing(what: str) -> None:
     """Skip on a developer machine without the service; fail the run under CI=true."""
     if IN_CI:

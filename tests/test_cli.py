@@ -351,6 +351,7 @@ def finished(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
+@pytest.mark.process
 def test_serve_with_a_bad_env_variable_exits_2_with_one_line(tmp_path):
     code, out, err = finished(cli_process(tmp_path, "serve", EVERREACH_ENV="moon"))
     assert code == 2 and out == ""
@@ -359,6 +360,7 @@ def test_serve_with_a_bad_env_variable_exits_2_with_one_line(tmp_path):
     assert "'moon'" in err
 
 
+@pytest.mark.process
 def test_serve_refuses_a_public_host_without_a_token(tmp_path):
     port = str(free_port())
     code, _, err = finished(cli_process(tmp_path, "serve", "--host", "0.0.0.0", "--port", port))
@@ -368,6 +370,7 @@ def test_serve_refuses_a_public_host_without_a_token(tmp_path):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
 
 
+@pytest.mark.process
 def test_serve_reports_a_start_up_config_error_without_a_traceback(tmp_path):
     (tmp_path / "schedules.json").write_text("{not json")
     code, _, err = finished(
@@ -494,6 +497,7 @@ def test_batch_lists_failed_items_on_stderr_and_counts_one_item(server_factory, 
     assert code == ExitCode.OK and "batch: 1 item, 1 ok" in err
 
 
+@pytest.mark.process
 def test_make_without_a_target_lists_every_target_with_its_comment():
     makefile = (ROOT / "Makefile").read_text()
     targets = re.findall(r"^([a-z][a-z-]*):", makefile, flags=re.MULTILINE)
@@ -508,6 +512,7 @@ def test_make_without_a_target_lists_every_target_with_its_comment():
     assert all(comment.strip() for comment in listed.values())
 
 
+@pytest.mark.process
 def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
