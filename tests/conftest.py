@@ -28,7 +28,15 @@ POSTGRES_TEST_DSN = os.environ.get("POSTGRES_TEST_DSN", "postgresql://postgres@1
 
 # Fixtures that start a child process (a server, a worker, a browser, a throwaway Redis, mount).
 PROCESS_FIXTURES = frozenset(
-    {"server_factory", "tmpfs", "browser", "start_worker", "sleeper", "throwaway_redis"}
+    {
+        "server_factory",
+        "module_server_factory",
+        "tmpfs",
+        "browser",
+        "start_worker",
+        "sleeper",
+        "throwaway_redis",
+    }
 )
 
 
@@ -193,6 +201,50 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
 
+class ServerPool:
+    """Start real server processes under one folder, and stop them all at the end."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.started: list[ServerProcess] = []
+
+    def start(
+        self,
+        *,
+        name: str | None = None,
+        port: int | None = None,
+        args: Sequence[str] = (),
+        **variables: str,
+    ) -> ServerProcess:
+        name = name or f"srv{len(self.started)}"
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(_CONFIG_PREFIXES) and key not in _CONFIG_NAMES
+        }
+        env.update(
+            {
+                "PYTHONPATH": str(ROOT),
+                "EVERREACH_SERVICES": "tests.e2e_services",
+                "DATA_DIR": str(self.root / name / "data"),
+                "SCHEDULES_PATH": str(self.root / name / "schedules.json"),
+            }
+        )
+        env.update({key: str(value) for key, value in variables.items()})
+        server = ServerProcess(
+            env=env,
+            port=port or free_port(),
+            log_path=self.root / f"{name}.log",
+            extra_args=list(args),  # e.g. ["--host", "0.0.0.0"]: uvicorn takes the last one
+        )
+        self.started.append(server)
+        return server.start()
+
+    def stop_all(self) -> None:
+        for server in self.started:
+            server.stop()
+
+
 @pytest.fixture
 def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     """Start real server processes: ``server_factory(EVERREACH_ENV='local', ...)``.
@@ -200,45 +252,19 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     Each gets its own DATA_DIR under tmp_path unless one is given, the e2e services module,
     and a free loopback port. All are stopped at the end of the test.
     """
-    started: list[ServerProcess] = []
+    pool = ServerPool(tmp_path)
+    yield pool.start
+    pool.stop_all()
 
-    def start(
-        *,
-        name: str | None = None,
-        port: int | None = None,
-        args: Sequence[str] = (),
-        **variables: str,
-    ) -> ServerProcess:
-        name = name or f"srv{len(started)}"
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(
-                ("EVERREACH_", "CLOUD_", "LOCAL_", "COST_", "CACHE_", "SUPABASE_")
-            )
-            and key not in _CONFIG_NAMES
-        }
-        env.update(
-            {
-                "PYTHONPATH": str(ROOT),
-                "EVERREACH_SERVICES": "tests.e2e_services",
-                "DATA_DIR": str(tmp_path / name / "data"),
-                "SCHEDULES_PATH": str(tmp_path / name / "schedules.json"),
-            }
-        )
-        env.update({key: str(value) for key, value in variables.items()})
-        server = ServerProcess(
-            env=env,
-            port=port or free_port(),
-            log_path=tmp_path / f"{name}.log",
-            extra_args=list(args),  # e.g. ["--host", "0.0.0.0"]: uvicorn takes the last one
-        )
-        started.append(server)
-        return server.start()
 
-    yield start
-    for server in started:
-        server.stop()
+@pytest.fixture(scope="module")
+def module_server_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., ServerProcess]]:
+    """``server_factory`` for servers a whole module shares (tests that need no fresh state)."""
+    pool = ServerPool(tmp_path_factory.mktemp("servers"))
+    yield pool.start
+    pool.stop_all()
 
 
 @pytest.fixture

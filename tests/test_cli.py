@@ -38,6 +38,12 @@ def run(
     return code, out, err
 
 
+@pytest.fixture(scope="module")
+def local_server(module_server_factory: Any) -> Any:
+    """One plain local server shared by the tests that assert nothing about its counters."""
+    return module_server_factory(name="local")
+
+
 def terminal_offline(server_factory: Any) -> Any:
     """A hybrid terminal in OFFLINE_MODE with no dm.send handler: dm.send can only queue."""
     return server_factory(
@@ -54,8 +60,8 @@ def terminal_offline(server_factory: Any) -> Any:
 
 
 @e2e
-def test_dispatch_prints_the_envelope_and_exits_0(server_factory, capsys):
-    server = server_factory()
+def test_dispatch_prints_the_envelope_and_exits_0(local_server, capsys):
+    server = local_server
     code, out, _ = run(
         capsys,
         "dispatch",
@@ -78,8 +84,8 @@ def test_dispatch_prints_the_envelope_and_exits_0(server_factory, capsys):
 
 
 @e2e
-def test_dispatch_of_an_unknown_action_exits_1_and_says_why(server_factory, capsys):
-    server = server_factory()
+def test_dispatch_of_an_unknown_action_exits_1_and_says_why(local_server, capsys):
+    server = local_server
     code, out, err = run(capsys, "dispatch", "nope.missing", "--url", server.url)
     assert code == ExitCode.FAILED == 1
     assert json.loads(out)["error"] == "unknown_action"
@@ -143,8 +149,8 @@ def test_dispatch_with_bad_params_is_a_usage_error(capsys, argv, message):
 
 
 @e2e
-def test_batch_prints_results_in_input_order_with_a_progress_bar(server_factory, capsys, tmp_path):
-    server = server_factory()
+def test_batch_prints_results_in_input_order_with_a_progress_bar(local_server, capsys, tmp_path):
+    server = local_server
     # The first items sleep longest, so they finish last: the output must still be in order.
     items = [
         {"action": "content.generate", "params": {"n": n, "sleep_s": 0.03 * (6 - n)}}
@@ -171,8 +177,8 @@ def test_batch_prints_results_in_input_order_with_a_progress_bar(server_factory,
 
 
 @e2e
-def test_batch_reads_stdin_and_can_run_on_the_server(server_factory, capsys, monkeypatch):
-    server = server_factory()
+def test_batch_reads_stdin_and_can_run_on_the_server(local_server, capsys, monkeypatch):
+    server = local_server
     items = [{"action": "test.sync_add", "params": {"a": n, "b": 1}} for n in range(4)]
     monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({"items": items})))
     code, out, err = run(capsys, "batch", "-", "--url", server.url, "--server-side")
@@ -221,9 +227,9 @@ def test_status_shows_env_counts_cost_outbox_and_jobs(server_factory, capsys):
 
 @e2e
 def test_cost_shows_the_spend_against_the_caps_and_the_configured_rates(
-    server_factory, capsys, tmp_path
+    local_server, capsys, tmp_path
 ):
-    server = server_factory()
+    server = local_server
     rates = tmp_path / "rates.json"
     rates.write_text('{"dm.send": 0.0015}')
     config = HybridConfig.from_mapping({"cost_rates_file": str(rates)})
@@ -483,8 +489,8 @@ def test_every_command_help_has_a_description_and_an_example(capsys):
 
 
 @e2e
-def test_batch_lists_failed_items_on_stderr_and_counts_one_item(server_factory, capsys, tmp_path):
-    server = server_factory()
+def test_batch_lists_failed_items_on_stderr_and_counts_one_item(local_server, capsys, tmp_path):
+    server = local_server
     items = [{"action": "system.echo", "params": {}}, {"action": "nope.missing", "params": {}}]
     path = tmp_path / "items.json"
     path.write_text(json.dumps(items))
