@@ -21,6 +21,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import httpx
+
 from cli_client import CliFailure, ExitCode
 from cli_commands import (
     Io,
@@ -210,13 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None, *, config: HybridConfig | None = None) -> int:
-    """Run the command line; ``config`` replaces reading the environment (tests)."""
+def main(
+    argv: list[str] | None = None,
+    *,
+    config: HybridConfig | None = None,
+    client: httpx.Client | None = None,
+) -> int:
+    """Run the command line; ``config`` replaces reading the environment, and ``client`` (an
+    in-process app's) the HTTP connection of each call to the server (tests)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
+    args.client = client
     io = Io.system()
     try:
         settings = config if config is not None else HybridConfig.load()

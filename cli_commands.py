@@ -352,7 +352,11 @@ def cmd_routes(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
 
 def _server(args: argparse.Namespace, config: HybridConfig, timeout_s: float) -> Server:
     return Server.from_config(
-        config, url=args.url, token=args.token, timeout_s=args.timeout_s or timeout_s
+        config,
+        url=args.url,
+        token=args.token,
+        timeout_s=args.timeout_s or timeout_s,
+        client=getattr(args, "client", None),
     )
 
 

@@ -13,12 +13,15 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+import service_registry
 from cli import ExitCode, main
 from config.hybrid_config import HybridConfig
 from tests.conftest import ROOT, free_port
@@ -30,12 +33,59 @@ CONFIG = HybridConfig.from_mapping({})  # no environment, no .env: every call na
 TOKEN = "cli-test-token-123"
 
 
+SERVICES_MODULES = ("tests.e2e_services", "tests.e2e_terminal_services")
+# The in-process servers a test started, by URL: ``run`` sends their calls through the app.
+IN_PROCESS: dict[str, Any] = {}
+
+
 def run(
     capsys: pytest.CaptureFixture[str], *argv: str, config: HybridConfig = CONFIG
 ) -> tuple[int, str, str]:
-    code = main(list(argv), config=config)
+    url = argv[argv.index("--url") + 1] if "--url" in argv else None
+    code = main(list(argv), config=config, client=IN_PROCESS.get(url or ""))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+@dataclass
+class InProcessServer:
+    """The app of ``create_app`` behind a test client: the CLI's calls never leave the process."""
+
+    url: str
+    env: dict[str, str]
+
+
+@pytest.fixture
+def app_server(app_client: Any, tmp_path: Path) -> Iterator[Any]:
+    """``app_server(**variables)``: ``server_factory`` for tests the network does not matter to.
+
+    The test services modules declare some actions alike, and each process of
+    ``server_factory`` imports one of them; here the @register table is private to the test and
+    they import afresh into it (the table and the modules are put back afterwards).
+    """
+    table = service_registry._DECLARED
+    saved = {name: sys.modules.pop(name) for name in SERVICES_MODULES if name in sys.modules}
+    service_registry._DECLARED = {}
+    started = iter(range(1_000))
+
+    def start(*, name: str | None = None, **variables: str) -> InProcessServer:
+        assert not IN_PROCESS, "one in-process server per test: they share a URL"
+        name = f"{name or 'app'}{next(started)}"
+        env = {"DATA_DIR": str(tmp_path / name / "data"), **variables}
+        env.setdefault("EVERREACH_SERVICES", "tests.e2e_services")
+        env.setdefault("SCHEDULES_PATH", str(tmp_path / name / "schedules.json"))
+        server = InProcessServer("http://testserver", env)
+        IN_PROCESS[server.url] = app_client(**env)
+        return server
+
+    try:
+        yield start
+    finally:
+        IN_PROCESS.clear()
+        service_registry._DECLARED = table
+        for name in SERVICES_MODULES:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +142,8 @@ def test_dispatch_of_an_unknown_action_exits_1_and_says_why(local_server, capsys
     assert "HTTP 404" in err and "unknown_action" in err
 
 
-@e2e
-def test_dispatch_queued_in_the_outbox_exits_3(server_factory, capsys):
-    server = terminal_offline(server_factory)
+def test_dispatch_queued_in_the_outbox_exits_3(app_server, capsys):
+    server = terminal_offline(app_server)
     code, out, err = run(
         capsys,
         "dispatch",
@@ -120,9 +169,8 @@ def test_dispatch_without_a_server_says_how_to_start_one(capsys):
     assert err == f"everreach: no server at {url}; start it with: everreach serve\n"
 
 
-@e2e
-def test_dispatch_and_status_send_the_token_from_the_config(server_factory, capsys):
-    server = server_factory(LOCAL_API_TOKEN=TOKEN)
+def test_dispatch_and_status_send_the_token_from_the_config(app_server, capsys):
+    server = app_server(LOCAL_API_TOKEN=TOKEN)
     code, _, err = run(capsys, "status", "--url", server.url)
     assert code == ExitCode.FAILED and "needs a token" in err
     code, _, err = run(capsys, "dispatch", "system.echo", "--url", server.url, "--token", "wrong")
@@ -253,9 +301,8 @@ def test_cost_without_a_server_prints_the_rates_and_exits_1(capsys):
     assert "month-to-date spend unknown: no server at" in err
 
 
-@e2e
-def test_outbox_shows_the_pending_depth(server_factory, capsys):
-    server = terminal_offline(server_factory)
+def test_outbox_shows_the_pending_depth(app_server, capsys):
+    server = terminal_offline(app_server)
     assert run(capsys, "dispatch", "dm.send", "--url", server.url)[0] == ExitCode.QUEUED
     code, out, _ = run(capsys, "outbox", "--url", server.url)
     assert code == ExitCode.OK
@@ -547,11 +594,10 @@ def _set_status(server: Any, item_id: str, status: str) -> None:
         conn.execute("UPDATE hybrid_outbox SET status = ? WHERE id = ?", (status, item_id))
 
 
-@e2e
 def test_outbox_retry_and_drop_dead_letters_with_confirmation(
-    server_factory: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    app_server: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server = terminal_offline(server_factory)
+    server = terminal_offline(app_server)
     for _ in range(3):
         assert run(capsys, "dispatch", "dm.send", "--url", server.url)[0] == ExitCode.QUEUED
     (parked, _, parked_key), (dead, _, dead_key), (queued, _, _) = _outbox_rows(server)
