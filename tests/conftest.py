@@ -295,13 +295,8 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
         subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
 
 
-@pytest.fixture
-def app_client(tmp_path: Path) -> Iterator[Callable[..., Any]]:
-    """Start in-process apps: ``app_client(EVERREACH_CLOUD_KEY='k', ...)`` -> a ``TestClient``.
-
-    Each gets DATA_DIR under tmp_path and allows the "testserver" Host the test client sends
-    (pass ALLOWED_HOSTS to test the default). Faults come back as answers, not exceptions.
-    """
+@contextlib.contextmanager
+def _app_clients(root: Path) -> Iterator[Callable[..., Any]]:
     from fastapi.testclient import TestClient
 
     from config.hybrid_config import HybridConfig
@@ -313,7 +308,7 @@ def app_client(tmp_path: Path) -> Iterator[Callable[..., Any]]:
         def start(**variables: str) -> TestClient:
             config = HybridConfig.from_mapping(
                 {
-                    "DATA_DIR": str(tmp_path / f"app{next(started)}" / "data"),
+                    "DATA_DIR": str(root / f"app{next(started)}" / "data"),
                     "ALLOWED_HOSTS": "testserver",
                     **variables,
                 }
@@ -321,4 +316,24 @@ def app_client(tmp_path: Path) -> Iterator[Callable[..., Any]]:
             client = TestClient(create_app(config), raise_server_exceptions=False)
             return stack.enter_context(client)
 
+        yield start
+
+
+@pytest.fixture
+def app_client(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Start in-process apps: ``app_client(EVERREACH_CLOUD_KEY='k', ...)`` -> a ``TestClient``.
+
+    Each gets DATA_DIR under tmp_path and allows the "testserver" Host the test client sends
+    (pass ALLOWED_HOSTS to test the default). Faults come back as answers, not exceptions.
+    """
+    with _app_clients(tmp_path) as start:
+        yield start
+
+
+@pytest.fixture(scope="module")
+def module_app_client(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., Any]]:
+    """``app_client`` for apps a whole module shares (requests that leave no state behind)."""
+    with _app_clients(tmp_path_factory.mktemp("apps")) as start:
         yield start
