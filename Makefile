@@ -32,6 +32,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+## test-fast: the tests that start no child process (no servers, workers or tools), in seconds
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not process" --forbid-processes
+
 ## lint: ruff check, ruff format --check and mypy
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

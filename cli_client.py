@@ -8,9 +8,10 @@ the server is almost always on loopback, and an HTTP_PROXY from the environment 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
@@ -48,6 +49,8 @@ class Server:
     url: str
     token: str | None = None
     timeout_s: float = VIEW_TIMEOUT_S
+    # A ready client to send through (an in-process app in tests); None opens one per call.
+    client: httpx.Client | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_config(
@@ -57,11 +60,13 @@ class Server:
         url: str | None = None,
         token: str | None = None,
         timeout_s: float = VIEW_TIMEOUT_S,
+        client: httpx.Client | None = None,
     ) -> Server:
         """``--url``, else LOCAL_ENDPOINT, else http://HOST:PORT (a wildcard bind as loopback)."""
         if url is None:
             url = config.local_endpoint or default_url(config.host, config.port)
-        return cls(url.rstrip("/"), token or config.secret("local_api_token"), timeout_s)
+        token = token or config.secret("local_api_token")
+        return cls(url.rstrip("/"), token, timeout_s, client)
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -77,7 +82,10 @@ def default_url(host: str, port: int) -> str:
 def request(server: Server, method: str, path: str, body: Any = None) -> httpx.Response:
     """Send one request; ``CliFailure`` when nothing answers or the transport fails."""
     try:
-        with httpx.Client(timeout=server.timeout_s, trust_env=False) as client:
+        with contextlib.ExitStack() as stack:
+            client = server.client or stack.enter_context(
+                httpx.Client(timeout=server.timeout_s, trust_env=False)
+            )
             return client.request(method, server.url + path, json=body, headers=server.headers())
     except (httpx.ConnectError, httpx.ConnectTimeout):
         raise CliFailure(f"no server at {server.url}; start it with: everreach serve") from None

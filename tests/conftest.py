@@ -26,6 +26,46 @@ REDIS_TEST_URL = os.environ.get("REDIS_TEST_URL", "redis://127.0.0.1:6379/15")
 POSTGRES_TEST_DSN = os.environ.get("POSTGRES_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
 
+# Fixtures that start a child process (a server, a worker, a browser, a throwaway Redis, mount).
+PROCESS_FIXTURES = frozenset(
+    {
+        "server_factory",
+        "module_server_factory",
+        "tmpfs",
+        "browser",
+        "start_worker",
+        "sleeper",
+        "throwaway_redis",
+    }
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--forbid-processes",
+        action="store_true",
+        help="fail any test that starts a child process (make test-fast: with -m 'not process')",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--forbid-processes"):
+        sys.addaudithook(_refuse_child_processes)
+
+
+def _refuse_child_processes(event: str, args: tuple[Any, ...]) -> None:
+    if event in ("subprocess.Popen", "os.posix_spawn", "os.fork", "os.system"):
+        raise RuntimeError(f"a child process ({event} {args[:2]!r}) in a test marked no-process")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``process`` every test that starts a child process: e2e, or a process fixture."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("e2e") is not None or fixtures & PROCESS_FIXTURES:
+            item.add_marker(pytest.mark.process)
+
+
 def service_missing(what: str) -> None:
     """Skip on a developer machine without the service; fail the run under CI=true."""
     if IN_CI:
@@ -183,6 +223,50 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
 
+class ServerPool:
+    """Start real server processes under one folder, and stop them all at the end."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.started: list[ServerProcess] = []
+
+    def start(
+        self,
+        *,
+        name: str | None = None,
+        port: int | None = None,
+        args: Sequence[str] = (),
+        **variables: str,
+    ) -> ServerProcess:
+        name = name or f"srv{len(self.started)}"
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(_CONFIG_PREFIXES) and key not in _CONFIG_NAMES
+        }
+        env.update(
+            {
+                "PYTHONPATH": str(ROOT),
+                "EVERREACH_SERVICES": "tests.e2e_services",
+                "DATA_DIR": str(self.root / name / "data"),
+                "SCHEDULES_PATH": str(self.root / name / "schedules.json"),
+            }
+        )
+        env.update({key: str(value) for key, value in variables.items()})
+        server = ServerProcess(
+            env=env,
+            port=port or free_port(),
+            log_path=self.root / f"{name}.log",
+            extra_args=list(args),  # e.g. ["--host", "0.0.0.0"]: uvicorn takes the last one
+        )
+        self.started.append(server)
+        return server.start()
+
+    def stop_all(self) -> None:
+        for server in self.started:
+            server.stop()
+
+
 @pytest.fixture
 def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     """Start real server processes: ``server_factory(EVERREACH_ENV='local', ...)``.
@@ -190,45 +274,19 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     Each gets its own DATA_DIR under tmp_path unless one is given, the e2e services module,
     and a free loopback port. All are stopped at the end of the test.
     """
-    started: list[ServerProcess] = []
+    pool = ServerPool(tmp_path)
+    yield pool.start
+    pool.stop_all()
 
-    def start(
-        *,
-        name: str | None = None,
-        port: int | None = None,
-        args: Sequence[str] = (),
-        **variables: str,
-    ) -> ServerProcess:
-        name = name or f"srv{len(started)}"
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(
-                ("EVERREACH_", "CLOUD_", "LOCAL_", "COST_", "CACHE_", "SUPABASE_")
-            )
-            and key not in _CONFIG_NAMES
-        }
-        env.update(
-            {
-                "PYTHONPATH": str(ROOT),
-                "EVERREACH_SERVICES": "tests.e2e_services",
-                "DATA_DIR": str(tmp_path / name / "data"),
-                "SCHEDULES_PATH": str(tmp_path / name / "schedules.json"),
-            }
-        )
-        env.update({key: str(value) for key, value in variables.items()})
-        server = ServerProcess(
-            env=env,
-            port=port or free_port(),
-            log_path=tmp_path / f"{name}.log",
-            extra_args=list(args),  # e.g. ["--host", "0.0.0.0"]: uvicorn takes the last one
-        )
-        started.append(server)
-        return server.start()
 
-    yield start
-    for server in started:
-        server.stop()
+@pytest.fixture(scope="module")
+def module_server_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., ServerProcess]]:
+    """``server_factory`` for servers a whole module shares (tests that need no fresh state)."""
+    pool = ServerPool(tmp_path_factory.mktemp("servers"))
+    yield pool.start
+    pool.stop_all()
 
 
 @pytest.fixture
@@ -259,13 +317,8 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
         subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
 
 
-@pytest.fixture
-def app_client(tmp_path: Path) -> Iterator[Callable[..., Any]]:
-    """Start in-process apps: ``app_client(EVERREACH_CLOUD_KEY='k', ...)`` -> a ``TestClient``.
-
-    Each gets DATA_DIR under tmp_path and allows the "testserver" Host the test client sends
-    (pass ALLOWED_HOSTS to test the default). Faults come back as answers, not exceptions.
-    """
+@contextlib.contextmanager
+def _app_clients(root: Path) -> Iterator[Callable[..., Any]]:
     from fastapi.testclient import TestClient
 
     from config.hybrid_config import HybridConfig
@@ -277,7 +330,7 @@ def app_client(tmp_path: Path) -> Iterator[Callable[..., Any]]:
         def start(**variables: str) -> TestClient:
             config = HybridConfig.from_mapping(
                 {
-                    "DATA_DIR": str(tmp_path / f"app{next(started)}" / "data"),
+                    "DATA_DIR": str(root / f"app{next(started)}" / "data"),
                     "ALLOWED_HOSTS": "testserver",
                     **variables,
                 }
@@ -285,4 +338,24 @@ def app_client(tmp_path: Path) -> Iterator[Callable[..., Any]]:
             client = TestClient(create_app(config), raise_server_exceptions=False)
             return stack.enter_context(client)
 
+        yield start
+
+
+@pytest.fixture
+def app_client(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Start in-process apps: ``app_client(EVERREACH_CLOUD_KEY='k', ...)`` -> a ``TestClient``.
+
+    Each gets DATA_DIR under tmp_path and allows the "testserver" Host the test client sends
+    (pass ALLOWED_HOSTS to test the default). Faults come back as answers, not exceptions.
+    """
+    with _app_clients(tmp_path) as start:
+        yield start
+
+
+@pytest.fixture(scope="module")
+def module_app_client(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., Any]]:
+    """``app_client`` for apps a whole module shares (requests that leave no state behind)."""
+    with _app_clients(tmp_path_factory.mktemp("apps")) as start:
         yield start

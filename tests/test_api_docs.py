@@ -10,12 +10,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 
-@pytest.fixture
-def client(app_client: Callable[..., TestClient]) -> TestClient:
-    return app_client()
+@pytest.fixture(scope="module")
+def client(module_app_client: Callable[..., TestClient]) -> TestClient:
+    """One app for the module: its tests only read the documents."""
+    return module_app_client()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def document(client: TestClient) -> dict[str, Any]:
     answer = client.get("/openapi.json")
     assert answer.status_code == 200

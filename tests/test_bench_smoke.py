@@ -72,6 +72,9 @@ def _check_rows(module: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]
 GENERIC = [name for name in bench_main.BENCHES if name not in ("bench_http", "bench_cloud_path")]
 
 
+# Left out of `make test-fast`: bench_sync_bus and bench_cli start processes, and the others
+# still run for seconds each.
+@pytest.mark.process
 @pytest.mark.parametrize("name", GENERIC)
 def test_bench_quick_run_returns_well_formed_rows(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

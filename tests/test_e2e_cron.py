@@ -5,11 +5,23 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
 
 pytestmark = [pytest.mark.prd200, pytest.mark.e2e, pytest.mark.redis]
+
+
+def wait_for_fire_seconds(log: Path, *, since: int, count: int, timeout_s: float = 60.0) -> None:
+    """Poll the tick log until runs fell in ``count`` distinct seconds from ``since`` on."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        lines = log.read_text().splitlines() if log.exists() else []
+        if len({s for s in (json.loads(x)["second"] for x in lines) if s >= since}) >= count:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"the tick job did not fire in {count} seconds within {timeout_s} s")
 
 
 def test_two_replicas_fire_each_interval_job_once(server_factory, redis_url, tmp_path):
@@ -24,7 +36,8 @@ def test_two_replicas_fire_each_interval_job_once(server_factory, redis_url, tmp
         server_factory(name=f"r{i}", REDIS_URL=redis_url, SCHEDULES_PATH=str(schedules))
         for i in range(2)
     ]
-    time.sleep(4.5)
+    both_up = int(time.time()) + 1
+    wait_for_fire_seconds(log, since=both_up, count=4)  # both replicas raced for 4 fire times
     for replica in replicas:
         replica.stop()
     runs = [json.loads(line) for line in log.read_text().splitlines()]

@@ -33,8 +33,14 @@ def executions(log: Path, action: str | None = None) -> list[dict]:
     return [r for r in rows if action is None or r["action"] == action]
 
 
+@pytest.fixture(scope="module")
+def cloud(module_server_factory):
+    """One cloud the module's tests share; a test that kills its cloud uses ``own_cloud``."""
+    return module_server_factory(name="cloud", EVERREACH_ENV="cloud", EVERREACH_CLOUD_KEY=KEY)
+
+
 @pytest.fixture
-def cloud(server_factory):
+def own_cloud(server_factory):
     return server_factory(name="cloud", EVERREACH_ENV="cloud", EVERREACH_CLOUD_KEY=KEY)
 
 
@@ -92,7 +98,8 @@ def test_force_env_overrides_the_route_table(server_factory, cloud):
     assert bad.status_code == 422 and bad.json()["error"] == "invalid_params"
 
 
-def test_killed_cloud_gives_local_fallback_for_read_only_actions(server_factory, cloud):
+def test_killed_cloud_gives_local_fallback_for_read_only_actions(server_factory, own_cloud):
+    cloud = own_cloud
     term = terminal(server_factory, cloud.url, CLOUD_RETRIES="1")
     assert dispatch(term, "research.platform", {"platform": "x"}).json()["source"] == "cloud"
     cloud.kill(signal.SIGKILL)
@@ -166,7 +173,8 @@ def test_same_idempotency_key_with_other_params_is_refused(cloud):
     assert other.status_code == 422
 
 
-def test_idempotency_survives_a_cloud_restart(cloud, tmp_path):
+def test_idempotency_survives_a_cloud_restart(own_cloud, tmp_path):
+    cloud = own_cloud
     log = tmp_path / "dm.log"
     url = f"{cloud.url}/api/services/dm/send"
     headers = {"Authorization": f"Bearer {KEY}", "Idempotency-Key": "restart-key-1"}

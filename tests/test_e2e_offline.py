@@ -50,6 +50,12 @@ def outbox_depth(server) -> int:
     return httpx.get(f"{server.url}/status", timeout=10).json()["outbox"]["depth"]
 
 
+def last_sync_at(server) -> float:
+    """When the server's last sync pass (outbox replay, state push) ran; 0 before the first."""
+    status = httpx.get(f"{server.url}/status", timeout=10).json()
+    return float((status.get("sync") or {}).get("at", 0))
+
+
 def start_cloud(server_factory, port: int):
     return server_factory(name="cloud", port=port, EVERREACH_ENV="cloud", EVERREACH_CLOUD_KEY=KEY)
 
@@ -100,7 +106,8 @@ def test_killed_cloud_serves_reads_queues_writes_and_delivers_each_once(server_f
     start_cloud(server_factory, port)
     wait_for(lambda: outbox_depth(term) == 0, what="the outbox to drain")
     assert executions(log) == Counter({"before": 1, **{i: 1 for i in queued_ids}})
-    time.sleep(1.5)  # another sync pass must not send anything again
+    drained_at = last_sync_at(term)  # another sync pass must not send anything again
+    wait_for(lambda: last_sync_at(term) > drained_at, what="one more sync pass")
     assert executions(log) == Counter({"before": 1, **{i: 1 for i in queued_ids}})
     order = [json.loads(line)["id"] for line in log.read_text().splitlines()]
     assert order == ["before", *queued_ids]

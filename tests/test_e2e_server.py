@@ -15,9 +15,10 @@ from tests.conftest import ROOT, free_port, service_missing
 pytestmark = [pytest.mark.prd200, pytest.mark.e2e]
 
 
-@pytest.fixture
-def server(server_factory):
-    return server_factory(name="local", EVERREACH_ENV="local")
+@pytest.fixture(scope="module")
+def server(module_server_factory):
+    """One local server the module's tests share: none of them needs fresh state."""
+    return module_server_factory(name="local", EVERREACH_ENV="local")
 
 
 def post(server, body, **kwargs) -> httpx.Response:

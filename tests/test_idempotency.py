@@ -184,6 +184,7 @@ def _dead_process() -> Holder:
     return Holder(me.node, proc.pid, start or "1")
 
 
+@pytest.mark.process
 async def test_a_restarted_process_knows_the_claims_of_its_previous_life_are_dead_at_once(
     open_store: OpenStore,
 ) -> None:

@@ -30,6 +30,7 @@ def test_the_first_instance_holds_the_lock_and_a_second_sees_it(tmp_path: Path) 
     second.release()
 
 
+@pytest.mark.process
 def test_a_killed_holder_leaves_no_false_warning(tmp_path: Path) -> None:
     code = (
         "import sys, time; from pathlib import Path; from instance_lock import InstanceLock; "

@@ -280,6 +280,7 @@ def test_every_family_is_prefixed_and_counters_end_in_total() -> None:
             assert name.endswith("_seconds"), name
 
 
+@pytest.mark.process
 def test_promtool_check_metrics_is_clean_on_a_populated_scrape() -> None:
     promtool = shutil.which("promtool")
     if promtool is None:

@@ -88,6 +88,7 @@ async def test_items_survive_closing_and_reopening_the_file(open_outbox: Any) ->
     assert [item.id for item in await second.pending()] == ids
 
 
+@pytest.mark.process
 def test_an_enqueued_item_survives_sigkill_right_after_enqueue_returns(db_path: Path) -> None:
     child = textwrap.dedent(
         """

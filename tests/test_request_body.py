@@ -110,6 +110,12 @@ def client(app_client: Callable[..., TestClient]) -> TestClient:
     return app_client(EVERREACH_CLOUD_KEY=KEY)
 
 
+@pytest.fixture(scope="module")
+def shared_client(module_app_client: Callable[..., TestClient]) -> TestClient:
+    """One app for the hostile bodies: each is refused before it runs, so none leaves state."""
+    return module_app_client(EVERREACH_CLOUD_KEY=KEY)
+
+
 def _echo(extra: str) -> bytes:
     return b'{"action": "system.echo", ' + extra.encode() + b"}"
 
@@ -161,9 +167,9 @@ HOSTILE: list[tuple[str, str, bytes]] = [
     ("path", "body"), [(p, b) for p, _, b in HOSTILE], ids=[n for _, n, _ in HOSTILE]
 )
 def test_a_hostile_body_gets_a_4xx_envelope_never_a_5xx(
-    client: TestClient, path: str, body: bytes
+    shared_client: TestClient, path: str, body: bytes
 ) -> None:
-    answer = client.post(
+    answer = shared_client.post(
         path,
         content=body,
         headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},

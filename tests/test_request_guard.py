@@ -80,9 +80,10 @@ def test_listening_addresses_sees_this_process_sockets() -> None:
 # -- in-process -----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def client(app_client: Callable[..., TestClient]) -> TestClient:
-    return app_client()
+@pytest.fixture(scope="module")
+def client(module_app_client: Callable[..., TestClient]) -> TestClient:
+    """One app for the module: its tests send requests that leave nothing to see."""
+    return module_app_client()
 
 
 def test_by_default_only_loopback_host_names_are_served(

@@ -29,11 +29,19 @@ BUILTINS = ["system.echo", "system.heartbeat", "system.self_test"]
 
 
 @pytest.fixture(autouse=True)
-def declared(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """A private copy of the @register table, so test declarations vanish afterwards."""
+def declared(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """A private copy of the @register table, so test declarations vanish afterwards.
+
+    A services module first imported here registered into the copy only: it is forgotten too,
+    so a later test that imports it registers it in the real table (whatever the test order).
+    """
     table = dict(service_registry._DECLARED)
     monkeypatch.setattr(service_registry, "_DECLARED", table)
-    return table
+    before = set(sys.modules)
+    yield table
+    for name in set(sys.modules) - before:
+        if name.startswith("tests."):
+            del sys.modules[name]
 
 
 @pytest.fixture

@@ -428,6 +428,7 @@ def lines(path: Path) -> list[int]:
     return [int(x) for x in path.read_text().split()] if path.exists() else []
 
 
+@pytest.mark.process
 @pytest.mark.redis
 async def test_subscriber_process_killed_mid_stream_gets_what_it_had_not_acknowledged(
     make_bus: Callable[..., SyncBus], redis_url: str, tmp_path: Path
