@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,8 +154,12 @@ async def httpx_load(
     *,
     body: Any = None,
     headers: dict[str, str] | None = None,
+    fresh_key: str | None = None,
 ) -> LoadResult:
-    """POST ``body`` with ``connections`` keep-alive connections for ``duration_s`` (no wrk)."""
+    """POST ``body`` with ``connections`` keep-alive connections for ``duration_s`` (no wrk).
+
+    ``fresh_key``: a header that gets a new random value on every request (Idempotency-Key).
+    """
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     samples: list[float] = []
     errors = 0
@@ -166,7 +171,10 @@ async def httpx_load(
             while time.perf_counter() < deadline:
                 start = time.perf_counter()
                 try:
-                    response = await client.post(url, json=BODY if body is None else body)
+                    fresh = {fresh_key: uuid.uuid4().hex} if fresh_key else None
+                    response = await client.post(
+                        url, json=BODY if body is None else body, headers=fresh
+                    )
                 except httpx.HTTPError:
                     errors += 1
                     continue

@@ -260,3 +260,33 @@ def spread(row: Row, key: str, fmt: str = "{:,.0f}") -> str:
     """``median (min..max)`` of ``key`` in a row filled by ``summary``, each as ``fmt``."""
     low, high = fmt.format(row[f"{key}_min"]), fmt.format(row[f"{key}_max"])
     return f"{fmt.format(row[key])} ({low}..{high})"
+
+
+# Far above anything a bench spends: at the soft cap the terminal would stop calling the cloud.
+UNCAPPED = {"MONTHLY_COST_CAP": "1000000", "COST_SOFT_CAP": "999999"}
+
+
+@contextlib.contextmanager
+def cloud_and_terminal(
+    folder: Path, *, terminal: Mapping[str, str] | None = None
+) -> Iterator[tuple[Server, Server]]:
+    """A cloud instance and a hybrid terminal pointed at it, both in the shipped configuration.
+
+    Both load ``tests.e2e_services`` (``research.platform`` is a no-op handler;
+    ``content.analyze_video`` sleeps ``params["sleep_s"]``) and share ``CLOUD_KEY``.
+    """
+    base = {**SHIPPED, "EVERREACH_SERVICES": "tests.e2e_services"}
+    with uvicorn_server(
+        "local_server:app",
+        name="cloud",
+        folder=folder,
+        variables={**base, "EVERREACH_ENV": "cloud"},
+    ) as cloud:
+        variables = {**base, "EVERREACH_ENV": "hybrid", "CLOUD_ENDPOINT": cloud.url}
+        with uvicorn_server(
+            "local_server:app",
+            name="terminal",
+            folder=folder,
+            variables={**variables, **(terminal or {})},
+        ) as terminal_server:
+            yield cloud, terminal_server
