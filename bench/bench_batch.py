@@ -102,7 +102,7 @@ def run(
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as folder:
         return _bench(
             Path(folder),
-            items=items or (200 if quick else 1000),
+            items=items or (100 if quick else 1000),
             sleep_ms=sleep_ms,
             rounds=rounds or (3 if quick else 5),
         )

@@ -29,7 +29,6 @@ requests/s with at most 20 µs of server CPU per request beyond it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import shutil
@@ -237,18 +236,17 @@ def _bench(
         return result
 
     results: dict[str, list[LoadResult]] = {t.name: [] for t in chosen}
-    with contextlib.ExitStack() as stack:
-        servers = {
-            t.name: stack.enter_context(
-                common.uvicorn_server(t.app, name=f"server{i}", folder=folder,
-                                      variables=t.variables, launcher=t.launcher)
-            )
-            for i, t in enumerate(chosen)
-        }  # fmt: skip
+    specs = [
+        common.ServerSpec(t.app, f"server{i}", t.variables, t.launcher)
+        for i, t in enumerate(chosen)
+    ]
+    with common.uvicorn_servers(specs, folder=folder) as started:
+        servers = {t.name: server for t, server in zip(chosen, started, strict=True)}
         urls = {t.name: f"{servers[t.name].url}{t.path.split()[1]}" for t in chosen}
         for t in chosen:
             _check(urls[t.name], dispatch=t.baseline is not None)
-            load(servers[t.name], urls[t.name], warmup_s)
+            if warmup_s:
+                load(servers[t.name], urls[t.name], warmup_s)
         for _ in range(rounds):
             for t in chosen:
                 results[t.name].append(load(servers[t.name], urls[t.name], duration_s))
@@ -307,7 +305,7 @@ def run(
             connections=connections,
             duration_s=duration_s or (1.0 if quick else 5.0),
             rounds=rounds or (3 if quick else 5),
-            warmup_s=1.0 if quick else 2.0,
+            warmup_s=0.0 if quick else 2.0,  # quick: a smoke run
         )
 
 

@@ -1,6 +1,6 @@
 """Benchmark start-up: importing the server module, start to first 200 on /health, idle memory.
 
-    python -m bench.bench_startup [--quick] [--rounds R]
+    python -m bench.bench_startup [--quick] [--rounds R]      (--quick: one round, a smoke run)
 
 Each round, alternately for the project and its baseline (A/B/A/B…):
 
@@ -65,7 +65,7 @@ def start_s_and_rss_mib(app: str, folder: Path, name: str, launcher: str) -> tup
 
 def _bench(folder: Path, rounds: int, launchers: tuple[str, ...]) -> list[common.Row]:
     measured: dict[str, list[tuple[float, float]]] = {"import": []}
-    for module in ("local_server", "fastapi"):  # warm-up: .pyc files and the page cache
+    for module in ("local_server", "fastapi") if rounds > 1 else ():  # .pyc files, page cache
         import_s(module, folder)
     for index in range(rounds):
         measured["import"].append((import_s("local_server", folder), import_s("fastapi", folder)))
@@ -102,7 +102,7 @@ def run(quick: bool = False, *, rounds: int | None = None) -> list[common.Row]:
     """Run the benchmark; one row per figure (import, ready, idle RSS)."""
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as folder:
         launchers = ("serve",) if quick else common.LAUNCHERS
-        return _bench(Path(folder), rounds or (3 if quick else 5), launchers)
+        return _bench(Path(folder), rounds or (1 if quick else 5), launchers)
 
 
 def markdown(rows: list[common.Row]) -> str:

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,53 @@ def serve_command(app: str, port: int, launcher: str = "serve") -> list[str]:
     return [sys.executable, "-m", "bench.serve", app, "--port", str(port)]
 
 
+@dataclass(frozen=True)
+class ServerSpec:
+    """What ``uvicorn_servers`` starts: an app, a name, its variables, launcher and port."""
+
+    app: str
+    name: str
+    variables: Mapping[str, str] = field(default_factory=dict)
+    launcher: str = "serve"
+    port: int | None = None  # None: a free one
+
+
+@contextlib.contextmanager
+def uvicorn_servers(
+    specs: Sequence[ServerSpec],
+    *,
+    folder: Path,
+    health_path: str = "/health",
+    wait_s: float = 60.0,
+) -> Iterator[list[Server]]:
+    """Serve every spec (``serve_command``) on loopback at once until the block exits.
+
+    Each process gets its own working directory ``folder/name`` (so no stray ``.env`` is read),
+    ``DATA_DIR`` and ``SCHEDULES_PATH`` inside it, and an environment built from scratch: only
+    ``PYTHONPATH`` (the repository) plus its variables, so nothing of the caller's shell (an
+    ``EVERREACH_ENV``, a ``REDIS_URL``) leaks into a measurement. Output goes to
+    ``folder/name.log`` (the JSON log lines included, as a container's go to a file). They are
+    started together (start-up is the slow part of a short bench) and ready once each answers
+    200 on ``health_path``.
+    """
+    servers: list[Server] = []
+    try:
+        for spec in specs:
+            servers.append(_spawn(spec, folder))
+        for server in servers:
+            wait_until_healthy(server, health_path, wait_s)
+        yield servers
+    finally:
+        for server in servers:
+            server.proc.terminate()
+        for server in servers:
+            try:
+                server.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.proc.kill()
+                server.proc.wait(timeout=15)
+
+
 @contextlib.contextmanager
 def uvicorn_server(
     app: str,
@@ -173,46 +220,33 @@ def uvicorn_server(
     wait_s: float = 60.0,
     launcher: str = "serve",
 ) -> Iterator[Server]:
-    """Serve ``app`` (``serve_command``) on a free loopback port until the block exits.
+    """Serve one ``app`` until the block exits (see ``uvicorn_servers``)."""
+    spec = ServerSpec(app, name, variables or {}, launcher)
+    with uvicorn_servers([spec], folder=folder, health_path=health_path, wait_s=wait_s) as found:
+        yield found[0]
 
-    The process gets its own working directory ``folder/name`` (so no stray ``.env`` is read),
-    ``DATA_DIR`` and ``SCHEDULES_PATH`` inside it, and an environment built from scratch: only
-    ``PYTHONPATH`` (the repository) plus ``variables``, so nothing of the caller's shell (an
-    ``EVERREACH_ENV``, a ``REDIS_URL``) leaks into a measurement. Output goes to
-    ``folder/name.log`` (the JSON log lines included, as a container's go to a file). It is
-    ready once ``health_path`` answers 200.
-    """
-    workdir = folder / name
+
+def _spawn(spec: ServerSpec, folder: Path) -> Server:
+    workdir = folder / spec.name
     workdir.mkdir(parents=True, exist_ok=True)
     env = {
         "PATH": os.defpath,
         "PYTHONPATH": str(ROOT),
         "DATA_DIR": str(workdir / "data"),
         "SCHEDULES_PATH": str(workdir / "schedules.json"),
-        **(variables or {}),
+        **spec.variables,
     }
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = folder / f"{name}.log"
+    port = spec.port or free_port()
+    log_path = folder / f"{spec.name}.log"
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
-            serve_command(app, port, launcher),
+            serve_command(spec.app, port, spec.launcher),
             cwd=workdir,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    server = Server(name, url, proc, log_path)
-    try:
-        wait_until_healthy(server, health_path, wait_s)
-        yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
+    return Server(spec.name, f"http://127.0.0.1:{port}", proc, log_path)
 
 
 def wait_until_healthy(server: Server, health_path: str = "/health", wait_s: float = 60.0) -> None:
@@ -273,20 +307,25 @@ def cloud_and_terminal(
     """A cloud instance and a hybrid terminal pointed at it, both in the shipped configuration.
 
     Both load ``tests.e2e_services`` (``research.platform`` is a no-op handler;
-    ``content.analyze_video`` sleeps ``params["sleep_s"]``) and share ``CLOUD_KEY``.
+    ``content.analyze_video`` sleeps ``params["sleep_s"]``) and share ``CLOUD_KEY``. They start
+    together: a terminal counts the cloud online until probes prove otherwise.
     """
     base = {**SHIPPED, "EVERREACH_SERVICES": "tests.e2e_services"}
-    with uvicorn_server(
-        "local_server:app",
-        name="cloud",
-        folder=folder,
-        variables={**base, "EVERREACH_ENV": "cloud"},
-    ) as cloud:
-        variables = {**base, "EVERREACH_ENV": "hybrid", "CLOUD_ENDPOINT": cloud.url}
-        with uvicorn_server(
+    cloud_port = free_port()
+    specs = [
+        ServerSpec(
+            "local_server:app", "cloud", {**base, "EVERREACH_ENV": "cloud"}, port=cloud_port
+        ),
+        ServerSpec(
             "local_server:app",
-            name="terminal",
-            folder=folder,
-            variables={**variables, **(terminal or {})},
-        ) as terminal_server:
-            yield cloud, terminal_server
+            "terminal",
+            {
+                **base,
+                "EVERREACH_ENV": "hybrid",
+                "CLOUD_ENDPOINT": f"http://127.0.0.1:{cloud_port}",
+                **(terminal or {}),
+            },
+        ),
+    ]
+    with uvicorn_servers(specs, folder=folder) as (cloud, terminal_server):
+        yield cloud, terminal_server
