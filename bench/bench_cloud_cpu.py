@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
-from bench.bench_http import LoadResult, httpx_load, wrk
+from bench.bench_http import LoadResult, httpx_load, load_main, load_settings, wrk
 
 GOAL_CPU_US = 1000.0
 ACTION = "research.platform"
@@ -144,11 +144,7 @@ def run(
     """Run the benchmark; a row for the cloud calls through the terminal and the direct ones."""
     with tempfile.TemporaryDirectory(prefix="bench-cloud-cpu-") as folder:
         return _bench(
-            Path(folder),
-            connections=connections,
-            duration_s=duration_s or (1.0 if quick else 5.0),
-            rounds=rounds or (3 if quick else 5),
-            warmup_s=0.0 if quick else 2.0,  # quick: a smoke run
+            Path(folder), connections=connections, **load_settings(quick, duration_s, rounds)
         )
 
 
@@ -174,15 +170,7 @@ def markdown(rows: list[common.Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = common.parser(__doc__)
-    parser.add_argument("--connections", type=int, default=32, help="keep-alive connections")
-    parser.add_argument("--duration-s", type=float, default=None, help="seconds per load run")
-    parser.add_argument("--rounds", type=int, default=None, help="load runs per path")
-    args = parser.parse_args(argv)
-    rows = run(
-        args.quick, connections=args.connections, duration_s=args.duration_s, rounds=args.rounds
-    )
-    print(markdown(rows))
+    load_main(__doc__, run, markdown, argv)
 
 
 if __name__ == "__main__":

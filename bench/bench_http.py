@@ -36,6 +36,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,6 +291,33 @@ def _bench(
     return rows
 
 
+def load_settings(quick: bool, duration_s: float | None, rounds: int | None) -> dict[str, Any]:
+    """Seconds per load run, rounds and warm-up seconds: as given, else the quick or full ones."""
+    return {
+        "duration_s": duration_s or (1.0 if quick else 5.0),
+        "rounds": rounds or (3 if quick else 5),
+        "warmup_s": 0.0 if quick else 2.0,  # quick: a smoke run
+    }
+
+
+def load_main(
+    doc: str | None,
+    run_bench: Callable[..., list[common.Row]],
+    render: Callable[[list[common.Row]], str],
+    argv: list[str] | None,
+) -> None:
+    """The command line of a bench that loads servers: ``--connections --duration-s --rounds``."""
+    parser = common.parser(doc)
+    parser.add_argument("--connections", type=int, default=32, help="keep-alive connections")
+    parser.add_argument("--duration-s", type=float, default=None, help="seconds per load run")
+    parser.add_argument("--rounds", type=int, default=None, help="load runs per server")
+    args = parser.parse_args(argv)
+    rows = run_bench(
+        args.quick, connections=args.connections, duration_s=args.duration_s, rounds=args.rounds
+    )
+    print(render(rows))
+
+
 def run(
     quick: bool = False,
     *,
@@ -303,9 +331,7 @@ def run(
             Path(folder),
             targets(quick),
             connections=connections,
-            duration_s=duration_s or (1.0 if quick else 5.0),
-            rounds=rounds or (3 if quick else 5),
-            warmup_s=0.0 if quick else 2.0,  # quick: a smoke run
+            **load_settings(quick, duration_s, rounds),
         )
 
 
@@ -335,15 +361,7 @@ def markdown(rows: list[common.Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = common.parser(__doc__)
-    parser.add_argument("--connections", type=int, default=32, help="keep-alive connections")
-    parser.add_argument("--duration-s", type=float, default=None, help="seconds per load run")
-    parser.add_argument("--rounds", type=int, default=None, help="load runs per server")
-    args = parser.parse_args(argv)
-    rows = run(
-        args.quick, connections=args.connections, duration_s=args.duration_s, rounds=args.rounds
-    )
-    print(markdown(rows))
+    load_main(__doc__, run, markdown, argv)
 
 
 if __name__ == "__main__":
