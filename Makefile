@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 COMPOSE_FILE := docker/docker-compose.yml
 
-.PHONY: help venv run test test-fast lint bench docs local-up local-down local-status local-build logs clean
+.PHONY: help venv run test test-fast lint bench bench-quick docs local-up local-down local-status local-build logs clean
 .DEFAULT_GOAL := help
 
 ## help: this list (the default goal: `make` alone prints it)
@@ -42,13 +42,18 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy .
 
-## bench: the benchmarks (python -m bench)
+## bench: every benchmark, full length, in the shipped configuration (python -m bench; minutes)
 bench: $(STAMP)
+	@command -v wrk >/dev/null 2>&1 || echo "make $@: wrk is not installed, so the req/s figures get no verdict; install it (Debian/Ubuntu: sudo apt-get install wrk; macOS: brew install wrk)"
 	$(PY) -m bench
 
 ## docs: build the documentation site into site/ (strict: a broken link or anchor fails)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+## bench-quick: a smoke run of every benchmark (python -m bench --quick)
+bench-quick: $(STAMP)
+	$(PY) -m bench --quick
 
 # `docker compose` (v2 plugin) if present, else the standalone `docker-compose`. Lazy (=), so
 # targets that do not use Docker never run these probes.

@@ -6,6 +6,11 @@ Each bench module runs in turn (``run(quick)``), its table is printed as soon as
 under the exact command that reproduces it alone, and all of them are written to ``--output``
 (default ``bench/results/latest.md``, which git ignores). A bench that fails is reported in
 its section and the others still run; the exit status is then 1.
+
+Server benches run the shipped configuration (``bench.common.SHIPPED``, started as
+``everreach serve`` and the image start the server); every figure is a ratio to a baseline
+taken in the same run, as the median (min..max) over alternating rounds. The header names the
+commit measured, so a results file says what it is the "before" or "after" of.
 """
 
 from __future__ import annotations
@@ -14,17 +19,25 @@ import argparse
 import importlib
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import time
 import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.common import WRK_HINT
+
 BENCHES = (
     "bench_routing",
     "bench_http",
     "bench_cloud_path",
+    "bench_cloud_cpu",
+    "bench_batch",
+    "bench_startup",
     "bench_cost_guard",
+    "bench_pacing",
     "bench_offline",
     "bench_sync_bus",
     "bench_cli",
@@ -54,13 +67,31 @@ def run_one(name: str, quick: bool) -> tuple[str, bool]:
     return f"## {name}\n\n`{command}` ({took_s:.0f} s)\n\n{body}\n", ok
 
 
+def commit() -> str:
+    """The commit measured (``git describe``-like: hash, ``-dirty`` with local changes)."""
+    try:
+        found = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown commit"
+    return found.stdout.strip()
+
+
 def header(argv: list[str]) -> str:
-    """Title of the results file: the command, when, and on what."""
+    """Title of the results file: the command, when, at which commit, and on what."""
     command = " ".join(["python -m bench", *argv])
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    wrk = "wrk " + ("found" if shutil.which("wrk") else "missing: " + WRK_HINT)
     return (
-        f"# Benchmarks\n\n`{command}` — {when}; Python {platform.python_version()}, "
-        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs\n"
+        f"# Benchmarks\n\n`{command}` — {when}; commit {commit()}; Python "
+        f"{platform.python_version()}, {platform.system()} {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {wrk}\n"
     )
 
 

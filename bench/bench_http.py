@@ -2,24 +2,28 @@
 
     python -m bench.bench_http [--quick] [--connections N] [--duration-s S] [--rounds R]
 
-Two real uvicorn processes with the same settings (``bench.common.uvicorn_command``: one
-worker, the same loop and HTTP implementation, no access log, log level warning), each from its
-own temporary working directory:
+Real server processes started the way the project ships (``bench.common.serve_command``), each
+from its own temporary working directory, every store on SQLite (the embedded defaults):
 
-- the server: ``local_server:app`` with ``EVERREACH_ENV=local`` and every store on SQLite in a
-  temporary ``DATA_DIR`` (the embedded defaults; no Redis, no PostgreSQL);
-- the baseline: ``bench.bare_app:app``, which parses the same body and awaits the same echo
-  handler (see its docstring).
+- ``dispatch``: ``local_server:app``, ``EVERREACH_ENV=local``, in the shipped configuration
+  (``bench.common.SHIPPED``: ``LOCAL_API_TOKEN`` and ``EVERREACH_CLOUD_KEY`` set, the dispatch
+  log line on as JSON lines into a file);
+- ``dispatch, no secret`` (full run): the same without the token and the key;
+- ``bare``: ``bench.bare_app:app``, which parses the same body and awaits the same echo handler
+  (see its docstring), under the same launcher, hence the same uvicorn flags.
 
-One load generator loads them alternately, ``rounds`` times each (A/B/A/B…, so a noisy
-neighbour hits both alike), after a warm-up of each: ``wrk`` with a Lua script that POSTs the
-body, if ``wrk`` is on PATH (Debian/Ubuntu: ``apt-get install wrk``); else an httpx async load
-generator with ``connections`` keep-alive connections in this process, which on a small machine
-saturates before the servers do: its numbers are reported, but give no verdict on the goal.
+Each is run by ``everreach serve`` and, in the full run, by the image's command line (launcher
+``docker``), each with its own bare baseline. One load generator loads every server in turn,
+``rounds`` times (A/B/C/A/B/C…, so a noisy neighbour hits all alike), after a warm-up of each:
+``wrk -t1`` with a Lua script that POSTs the body with the bearer token (if ``wrk`` is on PATH:
+Debian/Ubuntu ``apt-get install wrk``); else an httpx load generator in this process, which on
+a small machine saturates before the servers do: its numbers are reported, with no verdict.
 
-Reported: the median requests/s over rounds, wrk's latency percentiles (median over rounds),
-errors, and the median of the per-round ratios dispatch/bare. Goal: ``/dispatch`` reaches at
-least 85 % of the bare endpoint's requests/s.
+Per round: requests/s, and the server process's CPU time per request (``/proc/<pid>/stat``,
+which moves far less than req/s when neighbours are busy). Reported: median (min..max) over
+rounds of each, of the per-round ratio to the bare endpoint of the same launcher, and of the
+CPU per request beyond bare. Goals: ``/dispatch`` reaches at least 85 % of the bare endpoint's
+requests/s with at most 20 µs of server CPU per request beyond it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,33 +46,76 @@ import httpx
 from bench import common
 
 GOAL_RATIO = 0.85
+GOAL_CPU_US = 20.0
 BODY = {"action": "system.echo", "params": {"text": "hello, hybrid", "n": 42, "tags": ["a", "b"]}}
 LUA_SCRIPT = """\
 wrk.method = "POST"
 wrk.body = {body}
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = {authorization}
 """
 _UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+DISPATCH_LOG_MARK = '"event": "dispatch"'
+NO_SECRET = {
+    k: v for k, v in common.SHIPPED.items() if k not in ("LOCAL_API_TOKEN", "EVERREACH_CLOUD_KEY")
+}
 
 
 @dataclass
 class LoadResult:
-    """One load run against one URL."""
+    """One load run against one URL, and the server CPU it cost."""
 
     requests: int
     duration_s: float
     errors: int
     latency_ms: dict[str, float] = field(default_factory=dict)  # "p50", "p99"
+    cpu_s: float = 0.0
 
     @property
     def rps(self) -> float:
         return self.requests / self.duration_s
 
+    @property
+    def cpu_us(self) -> float:
+        """Server CPU per request, µs."""
+        return self.cpu_s / max(1, self.requests) * 1e6
+
+
+@dataclass(frozen=True)
+class Target:
+    """One server to load: what it serves, how it is started, and its baseline."""
+
+    name: str
+    app: str
+    launcher: str
+    variables: dict[str, str]
+    path: str
+    baseline: str | None  # the name of the bare target of the same launcher; None: it is one
+
+
+def targets(quick: bool) -> list[Target]:
+    """The servers of one run: per launcher a bare baseline and the shipped /dispatch."""
+    found = []
+    for launcher in ("serve",) if quick else common.LAUNCHERS:
+        bare = f"bare FastAPI endpoint ({launcher})"
+        dispatch_env = {"EVERREACH_ENV": "local"}
+        found += [
+            Target(f"POST /dispatch, shipped ({launcher})", "local_server:app", launcher,
+                   {**dispatch_env, **common.SHIPPED}, "POST /dispatch", bare),
+            Target(bare, "bench.bare_app:app", launcher, {}, "POST /echo", None),
+        ]  # fmt: skip
+        if not quick and launcher == "serve":
+            found.insert(-1, Target(f"POST /dispatch, no secret ({launcher})", "local_server:app",
+                                    launcher, {**dispatch_env, **NO_SECRET}, "POST /dispatch",
+                                    bare))  # fmt: skip
+    return found
+
 
 # -- load generators ----------------------------------------------------------------------------
 
 
-def _wrk(url: str, script: Path, connections: int, duration_s: float) -> LoadResult:
+def wrk(url: str, script: Path, connections: int, duration_s: float) -> LoadResult:
+    """Run ``wrk -t1`` with a Lua ``script`` against ``url``; its parsed report."""
     command = [
         "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s", "--latency",
         "-s", str(script), url,
@@ -98,11 +147,23 @@ def parse_wrk(out: str) -> LoadResult:
     )
 
 
-async def _httpx_load(url: str, connections: int, duration_s: float) -> LoadResult:
+async def httpx_load(
+    url: str,
+    connections: int,
+    duration_s: float,
+    *,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    fresh_key: str | None = None,
+) -> LoadResult:
+    """POST ``body`` with ``connections`` keep-alive connections for ``duration_s`` (no wrk).
+
+    ``fresh_key``: a header that gets a new random value on every request (Idempotency-Key).
+    """
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     samples: list[float] = []
     errors = 0
-    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=30, headers=headers) as client:
         deadline = time.perf_counter() + duration_s
 
         async def worker() -> None:
@@ -110,7 +171,10 @@ async def _httpx_load(url: str, connections: int, duration_s: float) -> LoadResu
             while time.perf_counter() < deadline:
                 start = time.perf_counter()
                 try:
-                    response = await client.post(url, json=BODY)
+                    fresh = {fresh_key: uuid.uuid4().hex} if fresh_key else None
+                    response = await client.post(
+                        url, json=BODY if body is None else body, headers=fresh
+                    )
                 except httpx.HTTPError:
                     errors += 1
                     continue
@@ -135,7 +199,7 @@ async def _httpx_load(url: str, connections: int, duration_s: float) -> LoadResu
 
 
 def _check(url: str, dispatch: bool) -> None:
-    response = httpx.post(url, json=BODY, timeout=10)
+    response = httpx.post(url, json=BODY, headers=common.AUTH, timeout=10)
     body = response.json()
     if response.status_code != 200 or body.get("result") != BODY["params"]:
         raise RuntimeError(f"{url} answered {response.status_code}: {body}")
@@ -144,65 +208,114 @@ def _check(url: str, dispatch: bool) -> None:
 
 
 def _bench(
-    folder: Path, *, connections: int, duration_s: float, rounds: int, warmup_s: float
+    folder: Path,
+    chosen: list[Target],
+    *,
+    connections: int,
+    duration_s: float,
+    rounds: int,
+    warmup_s: float,
 ) -> list[common.Row]:
     use_wrk = shutil.which("wrk") is not None
+    if not use_wrk:
+        print(f"bench_http: {common.WRK_HINT}; falling back to httpx (no verdict)", flush=True)
     script = folder / "post.lua"
-    script.write_text(LUA_SCRIPT.format(body=json.dumps(json.dumps(BODY))))
+    script.write_text(
+        LUA_SCRIPT.format(
+            body=json.dumps(json.dumps(BODY)),
+            authorization=json.dumps(common.AUTH["Authorization"]),
+        )
+    )
 
-    def load(url: str, seconds: float) -> LoadResult:
+    def load(server: common.Server, url: str, seconds: float) -> LoadResult:
+        cpu_before = common.process_cpu_s(server.proc.pid)
         if use_wrk:
-            return _wrk(url, script, connections, seconds)
-        return asyncio.run(_httpx_load(url, connections, seconds))
+            result = wrk(url, script, connections, seconds)
+        else:
+            result = asyncio.run(httpx_load(url, connections, seconds, headers=common.AUTH))
+        result.cpu_s = common.process_cpu_s(server.proc.pid) - cpu_before
+        return result
 
-    server_env = {"EVERREACH_ENV": "local"}
-    with (
-        common.uvicorn_server("local_server:app", name="server", folder=folder,
-                              variables=server_env) as server,
-        common.uvicorn_server("bench.bare_app:app", name="bare", folder=folder) as bare,
-    ):  # fmt: skip
-        targets = {"bare": f"{bare.url}/echo", "dispatch": f"{server.url}/dispatch"}
-        _check(targets["bare"], dispatch=False)
-        _check(targets["dispatch"], dispatch=True)
-        for url in targets.values():
-            load(url, warmup_s)
-        results: dict[str, list[LoadResult]] = {"bare": [], "dispatch": []}
+    results: dict[str, list[LoadResult]] = {t.name: [] for t in chosen}
+    specs = [
+        common.ServerSpec(t.app, f"server{i}", t.variables, t.launcher)
+        for i, t in enumerate(chosen)
+    ]
+    with common.uvicorn_servers(specs, folder=folder) as started:
+        servers = {t.name: server for t, server in zip(chosen, started, strict=True)}
+        urls = {t.name: f"{servers[t.name].url}{t.path.split()[1]}" for t in chosen}
+        for t in chosen:
+            _check(urls[t.name], dispatch=t.baseline is not None)
+            if warmup_s:
+                load(servers[t.name], urls[t.name], warmup_s)
         for _ in range(rounds):
-            for name, url in targets.items():
-                results[name].append(load(url, duration_s))
+            for t in chosen:
+                results[t.name].append(load(servers[t.name], urls[t.name], duration_s))
+        for t in chosen:  # the shipped configuration logs every dispatch: make sure it did
+            log = servers[t.name].log_path.read_text(errors="replace")
+            if t.baseline is not None and DISPATCH_LOG_MARK not in log:
+                raise RuntimeError(f"{t.name} wrote no dispatch log line:\n{log[-2000:]}")
 
     generator = (
         f"wrk -t1 -c{connections} -d{max(1, round(duration_s))}s" if use_wrk
         else f"httpx async, {connections} connections, {duration_s:g} s (client-bound: no verdict)"
     )  # fmt: skip
-    ratios = [d.rps / b.rps for d, b in zip(results["dispatch"], results["bare"], strict=True)]
-    ratio = common.median(ratios)
-
-    def row(name: str, path: str, runs: list[LoadResult]) -> common.Row:
-        return {
-            "name": name,
+    rows = []
+    for t in chosen:
+        runs = results[t.name]
+        row: common.Row = {
+            "name": t.name,
+            "launcher": t.launcher,
             "generator": generator,
             "rounds": len(runs),
             "requests": sum(r.requests for r in runs),
-            "rps": common.median(r.rps for r in runs),
-            "rps_min": min(r.rps for r in runs),
-            "rps_max": max(r.rps for r in runs),
+            **common.summary("rps", [r.rps for r in runs]),
+            **common.summary("cpu_us", [r.cpu_us for r in runs]),
             "p50_ms": common.median(r.latency_ms.get("p50", float("nan")) for r in runs),
             "p99_ms": common.median(r.latency_ms.get("p99", float("nan")) for r in runs),
             "errors": sum(r.errors for r in runs),
-            "path": path,
-            "server": f"uvicorn 1 worker, --loop {common.UVICORN_LOOP} "
-            f"--http {common.UVICORN_HTTP}",
+            "path": t.path,
+            "ratio": None,
+            "goal_met": None,
         }
+        if t.baseline is not None:
+            pairs = list(zip(runs, results[t.baseline], strict=True))
+            row.update(common.summary("ratio", [d.rps / b.rps for d, b in pairs]))
+            row.update(common.summary("overhead_cpu_us", [d.cpu_us - b.cpu_us for d, b in pairs]))
+            # A Python load generator on the same cores saturates before the servers do, which
+            # makes them look alike; only wrk's numbers decide the goal.
+            if use_wrk:
+                met = row["ratio"] >= GOAL_RATIO and row["overhead_cpu_us"] <= GOAL_CPU_US
+                row["goal_met"] = met
+        rows.append(row)
+    return rows
 
-    bare_row = row("bare FastAPI endpoint (baseline)", "POST /echo", results["bare"])
-    bare_row.update(ratio=None, ratio_min=None, goal_met=None)
-    dispatch_row = row("POST /dispatch system.echo", "POST /dispatch", results["dispatch"])
-    # A Python load generator on the same 2 cores saturates before the servers do, which makes
-    # the two look alike; only wrk's numbers decide the goal.
-    goal_met = ratio >= GOAL_RATIO if use_wrk else None
-    dispatch_row.update(ratio=ratio, ratio_min=min(ratios), goal_met=goal_met)
-    return [dispatch_row, bare_row]
+
+def load_settings(quick: bool, duration_s: float | None, rounds: int | None) -> dict[str, Any]:
+    """Seconds per load run, rounds and warm-up seconds: as given, else the quick or full ones."""
+    return {
+        "duration_s": duration_s or (1.0 if quick else 5.0),
+        "rounds": rounds or (3 if quick else 5),
+        "warmup_s": 0.0 if quick else 2.0,  # quick: a smoke run
+    }
+
+
+def load_main(
+    doc: str | None,
+    run_bench: Callable[..., list[common.Row]],
+    render: Callable[[list[common.Row]], str],
+    argv: list[str] | None,
+) -> None:
+    """The command line of a bench that loads servers: ``--connections --duration-s --rounds``."""
+    parser = common.parser(doc)
+    parser.add_argument("--connections", type=int, default=32, help="keep-alive connections")
+    parser.add_argument("--duration-s", type=float, default=None, help="seconds per load run")
+    parser.add_argument("--rounds", type=int, default=None, help="load runs per server")
+    args = parser.parse_args(argv)
+    rows = run_bench(
+        args.quick, connections=args.connections, duration_s=args.duration_s, rounds=args.rounds
+    )
+    print(render(rows))
 
 
 def run(
@@ -212,34 +325,35 @@ def run(
     duration_s: float | None = None,
     rounds: int | None = None,
 ) -> list[common.Row]:
-    """Run the benchmark; one row for /dispatch (with the ratio) and one for the bare endpoint."""
+    """Run the benchmark; per launcher, rows for /dispatch (with ratios) then the bare endpoint."""
     with tempfile.TemporaryDirectory(prefix="bench-http-") as folder:
         return _bench(
             Path(folder),
+            targets(quick),
             connections=connections,
-            duration_s=duration_s or (1.0 if quick else 5.0),
-            rounds=rounds or (1 if quick else 5),
-            warmup_s=1.0 if quick else 2.0,
+            **load_settings(quick, duration_s, rounds),
         )
 
 
 def markdown(rows: list[common.Row]) -> str:
     """Render rows as a markdown table."""
 
-    def ratio(r: dict[str, Any]) -> str:
+    def versus(r: common.Row) -> list[str]:
         if r["ratio"] is None:
-            return "baseline"
-        return f"{r['ratio']:.1%} (worst round {r['ratio_min']:.1%})"
+            return ["baseline", "baseline"]
+        return [common.spread(r, "ratio", "{:.1%}"), common.spread(r, "overhead_cpu_us", "{:+.0f}")]
 
     return common.table(
-        ["endpoint", "load", "rounds", "req/s (median)", "min..max req/s", "p50 ms", "p99 ms",
-         "errors", "vs bare", "goal"],
+        ["endpoint", "load", "rounds", "req/s median (min..max)", "server CPU µs/req",
+         "p50 ms", "p99 ms", "errors", "req/s vs bare", "CPU µs/req beyond bare", "goal"],
         [
             [
-                r["name"], r["generator"], r["rounds"], f"{r['rps']:,.0f}",
-                f"{r['rps_min']:,.0f}..{r['rps_max']:,.0f}", f"{r['p50_ms']:.2f}",
-                f"{r['p99_ms']:.2f}", r["errors"], ratio(r),
-                common.goal_cell(r["goal_met"], f">= {GOAL_RATIO:.0%}"),
+                r["name"], r["generator"], r["rounds"],
+                common.spread(r, "rps"), common.spread(r, "cpu_us"),
+                f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", r["errors"], *versus(r),
+                common.goal_cell(
+                    r["goal_met"], f">= {GOAL_RATIO:.0%} and <= +{GOAL_CPU_US:.0f} µs"
+                ),
             ]
             for r in rows
         ],
@@ -247,15 +361,7 @@ def markdown(rows: list[common.Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = common.parser(__doc__)
-    parser.add_argument("--connections", type=int, default=32, help="keep-alive connections")
-    parser.add_argument("--duration-s", type=float, default=None, help="seconds per load run")
-    parser.add_argument("--rounds", type=int, default=None, help="load runs per endpoint")
-    args = parser.parse_args(argv)
-    rows = run(
-        args.quick, connections=args.connections, duration_s=args.duration_s, rounds=args.rounds
-    )
-    print(markdown(rows))
+    load_main(__doc__, run, markdown, argv)
 
 
 if __name__ == "__main__":
