@@ -432,6 +432,33 @@ def test_the_http_reference_lists_every_endpoint(tmp_path: Path) -> None:
                 assert f"`{method} {route.path}`" in text, f"{method} {route.path} is missing"
 
 
+def top_level_modules() -> set[str]:
+    """Every module of the project: the ``.py`` files at the root and in ``config/``."""
+    found = {path.name for path in ROOT.glob("*.py")}
+    return found | {f"config/{path.name}" for path in (ROOT / "config").glob("*.py")} - {
+        "config/__init__.py"
+    }
+
+
+def where_things_live() -> list[str]:
+    """The first cells of index.md's "Where does X live" table, one per row."""
+    section = between(page("index.md"), "### Where does X live\n", "\n### ")
+    return [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| `")]
+
+
+def test_where_does_x_live_names_every_module_of_the_project() -> None:
+    named = {name for cell in where_things_live() for name in re.findall(r"`([^`]+)`", cell)}
+    missing = sorted(top_level_modules() - named)
+    assert not missing, f"index.md's Where does X live table does not name {missing}"
+
+
+def test_where_does_x_live_names_no_file_that_does_not_exist() -> None:
+    named = [name for cell in where_things_live() for name in re.findall(r"`([^`]+)`", cell)]
+    assert named, "index.md's Where does X live table has no rows"
+    gone = sorted(name for name in named if not (ROOT / name).is_file())
+    assert not gone, f"index.md's Where does X live table names files that do not exist: {gone}"
+
+
 def test_the_quickstart_is_the_readmes_which_a_test_runs() -> None:
     """index.md's commands are README's, run against a real server by tests/test_readme.py."""
     quick = [b.text for b in blocks(DOCS / "index.md") if b.lang == "sh" and b.not_run is None]
