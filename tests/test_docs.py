@@ -459,6 +459,20 @@ def test_where_does_x_live_names_no_file_that_does_not_exist() -> None:
     assert not gone, f"index.md's Where does X live table names files that do not exist: {gone}"
 
 
+def test_every_benchmark_figure_is_from_the_committed_run_under_its_command() -> None:
+    """benchmarks.md shows only rows of bench/results/baseline.md, each under its command."""
+    baseline = (ROOT / "bench" / "results" / "baseline.md").read_text(encoding="utf-8")
+    rows = [line for line in page("benchmarks.md").splitlines() if line.startswith("| ")]
+    figures = [row for row in rows if any(ch.isdigit() for ch in row.split(" | ", 1)[-1])]
+    assert figures, "benchmarks.md shows no figure"
+    for row in figures:
+        if row.startswith("| `bench_"):  # the table of what each bench measures
+            continue
+        assert row in baseline, f"benchmarks.md shows a row not in baseline.md: {row}"
+    for command in re.findall(r"`(python -m bench\.bench_\w+)`", baseline):
+        assert f"`{command}`" in page("benchmarks.md"), f"benchmarks.md lacks {command}"
+
+
 def test_the_quickstart_is_the_readmes_which_a_test_runs() -> None:
     """index.md's commands are README's, run against a real server by tests/test_readme.py."""
     quick = [b.text for b in blocks(DOCS / "index.md") if b.lang == "sh" and b.not_run is None]
