@@ -6,6 +6,7 @@ tests/test_readme.py; this file checks every other block and the generated table
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import importlib.util
@@ -457,6 +458,54 @@ def test_where_does_x_live_names_no_file_that_does_not_exist() -> None:
     assert named, "index.md's Where does X live table has no rows"
     gone = sorted(name for name in named if not (ROOT / name).is_file())
     assert not gone, f"index.md's Where does X live table names files that do not exist: {gone}"
+
+
+NOT_WIRED = {"rate_limits.py", "pacing.py", "pacing_stores.py", "alerts.py", "spend_forecast.py"}
+
+
+def dependency_rows() -> list[set[str]]:
+    """index.md's dependency picture, top row first: the modules of each row."""
+    section = between(page("index.md"), "### Which way dependencies point\n", "\n## ")
+    picture = between(section, "```text\n", "```")
+    rows: list[set[str]] = [set()]
+    for line in picture.splitlines():
+        if line.strip() == "▼":
+            rows.append(set())
+        rows[-1] |= set(re.findall(r"[\w/]+\.py\b", line))
+    return [row for row in rows if row]
+
+
+def project_imports(path: Path, modules: set[str]) -> set[str]:
+    """The project's modules ``path`` imports, anywhere in it, as file names."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = (
+            [alias.name for alias in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module]
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+            else []
+        )
+        for name in names:
+            file = name.replace(".", "/") + ".py"
+            if file in modules:
+                found.add(file)
+    return found
+
+
+def test_the_dependency_picture_has_every_wired_module_and_no_import_points_up() -> None:
+    rows = dependency_rows()
+    pictured = set().union(*rows)
+    modules = top_level_modules()
+    assert pictured == modules - NOT_WIRED, (
+        f"missing: {sorted(modules - NOT_WIRED - pictured)}; not modules or not wired: "
+        f"{sorted(pictured - (modules - NOT_WIRED))}"
+    )
+    for height, row in enumerate(rows):
+        above = set().union(set(), *rows[:height])
+        for module in sorted(row):
+            upward = project_imports(ROOT / module, modules) & above
+            assert not upward, f"{module} imports {sorted(upward)}, drawn above it in index.md"
 
 
 def test_every_benchmark_figure_is_from_the_committed_run_under_its_command() -> None:
