@@ -169,6 +169,8 @@ def configure_logging(
     # the root handler instead, keeping the levels uvicorn was started with.
     for name in _UVICORN_LOGGERS:
         uv_logger = logging.getLogger(name)
+        if name == "uvicorn.access" and not uv_logger.handlers and not uv_logger.propagate:
+            continue  # uvicorn was started with its access log off (--no-access-log): keep it off
         for uv_handler in list(uv_logger.handlers):
             uv_logger.removeHandler(uv_handler)
         uv_logger.propagate = True
