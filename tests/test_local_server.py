@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from errors import ConfigError
 from idempotency import Holder, IdempotencyStore
 from local_server import create_app
 from params_digest import params_hash
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.prd200
 
@@ -396,3 +399,17 @@ def test_served_and_dispatched_calls_are_counted_once_in_status_and_metrics(clou
     metrics = cloud_client.get("/metrics").text
     series = 'everreach_dispatch_total{action="claude.complete",outcome="ok",source="cloud"} 2.0'
     assert series in metrics
+
+
+def test_importing_the_server_loads_no_cli_rich_or_optional_database_clients() -> None:
+    probe = (
+        "import sys, local_server; "
+        "print(' '.join(sorted({m.split('.')[0] for m, v in sys.modules.items() if v})))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    loaded = set(done.stdout.split())
+    assert "httpx" in loaded and "fastapi" in loaded
+    unwanted = {"rich", "pygments", "click", "supabase", "psycopg", "cli", "cli_commands"}
+    assert loaded & unwanted == set()
