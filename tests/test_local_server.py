@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -413,3 +414,17 @@ def test_importing_the_server_loads_no_cli_rich_or_optional_database_clients() -
     assert "httpx" in loaded and "fastapi" in loaded
     unwanted = {"rich", "pygments", "click", "supabase", "psycopg", "cli", "cli_commands"}
     assert loaded & unwanted == set()
+
+
+@pytest.mark.parametrize(("setting", "lines"), [("true", 1), ("false", 0)])
+def test_log_dispatch_turns_the_dispatch_line_on_or_off(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, setting: str, lines: int
+) -> None:
+    config = HybridConfig.from_mapping(
+        {"DATA_DIR": str(tmp_path / "data"), "LOG_DISPATCH": setting, **IN_PROCESS}
+    )
+    with TestClient(create_app(config)) as test_client:
+        with caplog.at_level(logging.INFO, logger="everreach.dispatch"):
+            answer = test_client.post("/dispatch", json={"action": "system.heartbeat"})
+        assert answer.json()["ok"] is True
+    assert len([r for r in caplog.records if r.name == "everreach.dispatch"]) == lines
