@@ -235,14 +235,22 @@ def log_dispatch(
         "error": error_v,
     }
     level = logging.INFO if error_v is None else logging.WARNING
-    logger.log(
+    if not logger.isEnabledFor(level):
+        return
+    # makeRecord + handle is what logger.log does, less its findCaller stack walk (the file and
+    # line of this function, which no formatter of ours prints): about 2 µs per line.
+    record = logger.makeRecord(
+        logger.name,
         level,
+        __file__,
+        0,
         "dispatch %s -> %s %s",
-        action_v,
-        source_v or env_v,
-        outcome_v,
+        (action_v, source_v or env_v, outcome_v),
+        None,
+        func="log_dispatch",
         extra=dict(fields),
     )
+    logger.handle(record)
 
 
 def _enum_value(value: Any) -> Any:
