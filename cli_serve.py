@@ -68,6 +68,8 @@ def cmd_serve(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
 
     # log_config=None: no text handlers of uvicorn's; the lifespan sends every logger through
     # the project's one handler (console or JSON lines), so the output is uniform.
+    # access_log=False: the dispatch line says what an access line would, and uvicorn builds
+    # an access line's arguments for every request even when its logger drops them.
     server = AnnouncingServer(
         uvicorn.Config(
             app,
@@ -76,6 +78,7 @@ def cmd_serve(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
             lifespan="on",
             log_config=None,
             log_level=args.log_level,
+            access_log=False,
             server_header=False,
         )
     )

@@ -58,10 +58,15 @@ class DispatchObserver:
     """Feeds metrics, the dispatch log line and the ``/status`` counts from each record."""
 
     def __init__(
-        self, *, metrics: Metrics | None = None, logger: logging.Logger | None = None
+        self,
+        *,
+        metrics: Metrics | None = None,
+        logger: logging.Logger | None = None,
+        log_lines: bool = True,
     ) -> None:
         self.metrics = metrics
         self.logger = logger or logging.getLogger(DISPATCH_LOGGER)
+        self.log_lines = log_lines  # LOG_DISPATCH: the line costs ~20 µs of CPU per call
         self.counts: defaultdict[str, defaultdict[str, int]] = defaultdict(lambda: defaultdict(int))
 
     def observe(self, record: DispatchRecord) -> None:
@@ -70,6 +75,11 @@ class DispatchObserver:
             self.metrics.observe_dispatch(
                 record.action, record.source, record.outcome, record.duration_ms / 1000
             )
+        if self.log_lines:
+            self._log(record)
+        self._count(record)
+
+    def _log(self, record: DispatchRecord) -> None:
         log_dispatch(
             self.logger,
             request_id=record.request_id,
@@ -81,7 +91,6 @@ class DispatchObserver:
             error=record.error,
             attempts=record.attempts,
         )
-        self._count(record)
 
     def _count(self, record: DispatchRecord) -> None:
         action = record.action

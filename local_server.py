@@ -13,6 +13,14 @@ the OpenAPI document and Swagger UI at ``/docs`` from local files.
 
 from __future__ import annotations
 
+import sys
+
+# httpx's __init__ imports its command-line client (click, rich, pygments) whenever rich is
+# installed, as it is for our CLI: about 80 ms of CPU in the server's import, measured. An
+# entry of None makes that import fail and httpx defines its stub ``main`` instead. No effect
+# when httpx is already imported (the CLI, which needs rich anyway).
+sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable

@@ -247,7 +247,7 @@ class Runtime:
             connectivity=self.connectivity,
             cache=self.cache,
             outbox=self.outbox,
-            observer=DispatchObserver(metrics=self.metrics),
+            observer=DispatchObserver(metrics=self.metrics, log_lines=self.config.log_dispatch),
         )
         self._on_close(self.orchestrator.drain)
 

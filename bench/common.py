@@ -154,7 +154,10 @@ def serve_command(app: str, port: int, launcher: str = "serve") -> list[str]:
     very same ``uvicorn.Config``. ``docker`` runs the image's command line on loopback.
     """
     if launcher == "docker":
-        return [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
+        return [
+            sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
+            "--no-access-log",
+        ]  # fmt: skip
     if launcher != "serve":
         raise ValueError(f"unknown launcher {launcher!r}; choose from {', '.join(LAUNCHERS)}")
     if app == "local_server:app":

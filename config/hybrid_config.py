@@ -126,6 +126,7 @@ class HybridConfig(BaseSettings):
     alert_action: str | None = None
     log_format: Literal["console", "json"] | None = None
     log_level: str = "INFO"
+    log_dispatch: bool = True
 
     # -- field checks -------------------------------------------------------------------------
 

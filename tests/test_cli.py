@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -439,12 +440,13 @@ def test_serve_reports_a_start_up_config_error_without_a_traceback(tmp_path):
     assert lines == [lines[-1]] and "configuration error: SCHEDULES_PATH" in lines[-1]
 
 
-@e2e
-def test_serve_runs_the_configured_server_until_interrupted(tmp_path):
+@contextlib.contextmanager
+def serving(
+    tmp_path: Path, **variables: str
+) -> Iterator[tuple[subprocess.Popen[str], int, httpx.Response]]:
+    """``everreach serve`` on a free port, once ``/health`` answers; killed if still running."""
     port = free_port()
-    proc = cli_process(
-        tmp_path, "serve", "--port", str(port), PORT="1", EVERREACH_SERVICES="tests.e2e_services"
-    )
+    proc = cli_process(tmp_path, "serve", "--port", str(port), **variables)
     try:
         deadline = time.monotonic() + 30  # only stops a hung test
         while True:
@@ -455,6 +457,32 @@ def test_serve_runs_the_configured_server_until_interrupted(tmp_path):
             except httpx.HTTPError:
                 assert time.monotonic() < deadline, "the server did not come up"
                 time.sleep(0.05)
+        yield proc, port, health
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@e2e
+def test_serve_writes_no_access_lines_even_at_debug(tmp_path):
+    variables = {"LOG_LEVEL": "DEBUG", "LOG_FORMAT": "json"}
+    with serving(tmp_path, EVERREACH_SERVICES="tests.e2e_services", **variables) as served:
+        proc, port, _ = served
+        httpx.post(
+            f"http://127.0.0.1:{port}/dispatch", json={"action": "system.heartbeat"}, timeout=10
+        ).raise_for_status()
+        proc.send_signal(signal.SIGINT)
+        code, _, err = finished(proc)
+    assert code == 0
+    assert '"logger": "uvicorn.access"' not in err
+    assert '"event": "dispatch"' in err  # the dispatch line says what an access line would
+
+
+@e2e
+def test_serve_runs_the_configured_server_until_interrupted(tmp_path):
+    with serving(tmp_path, PORT="1", EVERREACH_SERVICES="tests.e2e_services") as served:
+        proc, port, health = served
         assert health.json()["env"] == "local"
         echo = httpx.post(
             f"http://127.0.0.1:{port}/dispatch",
@@ -464,10 +492,6 @@ def test_serve_runs_the_configured_server_until_interrupted(tmp_path):
         assert echo.json()["result"]["sum"] == 5
         proc.send_signal(signal.SIGINT)
         code, _, err = finished(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert code == 0
     assert f"everreach: EVERREACH_ENV=local serving at http://127.0.0.1:{port}" in err
 

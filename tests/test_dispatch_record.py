@@ -56,6 +56,22 @@ def test_one_record_feeds_metrics_the_log_line_and_the_counts(
     assert (line.request_id, line.outcome, line.env) == ("r-1", "ok", "cloud")  # type: ignore[attr-defined]
 
 
+def test_log_dispatch_off_writes_no_line_and_still_counts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    metrics = Metrics(["dm.send"])
+    observer = DispatchObserver(
+        metrics=metrics, logger=logging.getLogger("test.dispatch"), log_lines=False
+    )
+    failed = Envelope.failure("dm.send", Offline("x"), source=Source.CLOUD, request_id="r")
+    with caplog.at_level(logging.DEBUG, logger="test.dispatch"):
+        observer.observe(_record(_ok()))
+        observer.observe(_record(failed))
+    assert caplog.records == []
+    assert observer.snapshot() == {"dm.send": {"cloud": 1, "offline": 1}}
+    assert 'source="cloud"} 1.0' in metrics.render()[0].decode()
+
+
 def test_failures_are_counted_by_error_and_unknown_actions_fold_into_other() -> None:
     observer = DispatchObserver()
     failed = Envelope.failure("dm.send", Offline("x"), source=Source.CLOUD, request_id="r")

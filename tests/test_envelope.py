@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from decimal import Decimal
 from typing import Any
 
 import pytest
 
 import errors
-from envelope import Envelope, new_request_id
+from envelope import Envelope, check_idempotency_key, new_request_id
 from errors import (
     HTTP_STATUS_BY_CODE,
     ActionError,
@@ -180,6 +181,12 @@ def test_the_body_is_json() -> None:
 def test_request_ids_are_fresh() -> None:
     assert new_request_id() != new_request_id()
     assert _envelope().request_id != _envelope().request_id
+
+
+def test_request_ids_are_32_lowercase_hex_digits_and_pass_as_idempotency_keys() -> None:
+    ids = {new_request_id() for _ in range(1_000)}
+    assert len(ids) == 1_000
+    assert all(re.fullmatch("[0-9a-f]{32}", rid) and check_idempotency_key(rid) for rid in ids)
 
 
 def test_never_ran_defaults_per_exception() -> None:

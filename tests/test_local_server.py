@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ from errors import ConfigError
 from idempotency import Holder, IdempotencyStore
 from local_server import create_app
 from params_digest import params_hash
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.prd200
 
@@ -396,3 +400,31 @@ def test_served_and_dispatched_calls_are_counted_once_in_status_and_metrics(clou
     metrics = cloud_client.get("/metrics").text
     series = 'everreach_dispatch_total{action="claude.complete",outcome="ok",source="cloud"} 2.0'
     assert series in metrics
+
+
+def test_importing_the_server_loads_no_cli_rich_or_optional_database_clients() -> None:
+    probe = (
+        "import sys, local_server; "
+        "print(' '.join(sorted({m.split('.')[0] for m, v in sys.modules.items() if v})))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    loaded = set(done.stdout.split())
+    assert "httpx" in loaded and "fastapi" in loaded
+    unwanted = {"rich", "pygments", "click", "supabase", "psycopg", "cli", "cli_commands"}
+    assert loaded & unwanted == set()
+
+
+@pytest.mark.parametrize(("setting", "lines"), [("true", 1), ("false", 0)])
+def test_log_dispatch_turns_the_dispatch_line_on_or_off(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, setting: str, lines: int
+) -> None:
+    config = HybridConfig.from_mapping(
+        {"DATA_DIR": str(tmp_path / "data"), "LOG_DISPATCH": setting, **IN_PROCESS}
+    )
+    with TestClient(create_app(config)) as test_client:
+        with caplog.at_level(logging.INFO, logger="everreach.dispatch"):
+            answer = test_client.post("/dispatch", json={"action": "system.heartbeat"})
+        assert answer.json()["ok"] is True
+    assert len([r for r in caplog.records if r.name == "everreach.dispatch"]) == lines

@@ -188,6 +188,25 @@ def test_uvicorn_records_come_out_as_json(stream: io.StringIO) -> None:
     assert "color_message" not in line
 
 
+def test_an_access_log_uvicorn_was_told_to_drop_stays_off(stream: io.StringIO) -> None:
+    access = logging.getLogger("uvicorn.access")
+    access.handlers[:] = []  # what uvicorn --no-access-log (access_log=False) leaves
+    access.propagate = False
+    configure_logging("DEBUG", stream=stream)
+    assert not access.hasHandlers()  # uvicorn then skips building the line at all
+    access.info('127.0.0.1:5000 - "GET /health HTTP/1.1" 200')
+    assert lines(stream) == []
+
+
+def test_a_secret_json_escapes_is_redacted_in_json_lines(stream: io.StringIO) -> None:
+    secret = 'pa"ss\\word-0123'
+    configure_logging("INFO", fmt="json", secrets=[secret], stream=stream)
+    logging.getLogger("everreach.test").warning("failed with %s", secret, extra={"dsn": secret})
+    [line] = lines(stream)
+    assert (line["msg"], line["dsn"]) == ("failed with ***", "***")
+    assert "word-0123" not in stream.getvalue()
+
+
 def test_an_unknown_level_is_refused(stream: io.StringIO) -> None:
     with pytest.raises(ValueError, match="log level"):
         configure_logging("CHATTY", stream=stream)
