@@ -396,3 +396,24 @@ def test_served_and_dispatched_calls_are_counted_once_in_status_and_metrics(clou
     metrics = cloud_client.get("/metrics").text
     series = 'everreach_dispatch_total{action="claude.complete",outcome="ok",source="cloud"} 2.0'
     assert series in metrics
+
+
+def _batch_bound(tmp_path: Path, **variables: str) -> TestClient:
+    config = HybridConfig.from_mapping(
+        {"DATA_DIR": str(tmp_path / "data"), **IN_PROCESS, **variables}
+    )
+    return TestClient(create_app(config), raise_server_exceptions=False)
+
+
+def test_batch_accepts_256_in_flight_by_default(tmp_path: Path) -> None:
+    with _batch_bound(tmp_path) as client:
+        assert client.post("/batch", json={"items": [], "max_concurrent": 256}).status_code == 200
+        refused = client.post("/batch", json={"items": [], "max_concurrent": 257})
+    assert refused.status_code == 422 and "between 1 and 256" in refused.text
+
+
+def test_batch_max_concurrent_bounds_what_a_batch_may_ask_for(tmp_path: Path) -> None:
+    with _batch_bound(tmp_path, BATCH_MAX_CONCURRENT="4") as client:
+        assert client.post("/batch", json={"items": [], "max_concurrent": 4}).status_code == 200
+        refused = client.post("/batch", json={"items": [], "max_concurrent": 5})
+    assert refused.status_code == 422 and "between 1 and 4" in refused.text
