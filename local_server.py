@@ -272,7 +272,11 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         ) -> Envelope:
             return await _route(runtime, action, params or {}, force_env, new_request_id())
 
-        return _json(await batch_execute(items, max_concurrent, route=route), 200)
+        limit = runtime.config.batch_max_concurrent
+        outcome = await batch_execute(
+            items, max_concurrent, route=route, max_concurrent_limit=limit
+        )
+        return _json(outcome, 200)
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:

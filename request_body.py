@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from envelope import IDEMPOTENCY_KEY_RULE, check_idempotency_key
 from errors import InvalidParams, UnsupportedMediaType
-from local_batch import MAX_BATCH_ITEMS, MAX_CONCURRENT_LIMIT
+from local_batch import MAX_BATCH_ITEMS, MAX_CONCURRENT_CEILING
 from service_registry import check_action_name
 
 MAX_DEPTH = 64
@@ -156,7 +156,7 @@ class BatchBody(_Body):
     """
 
     items: list[Any] = Field(max_length=MAX_BATCH_ITEMS)
-    max_concurrent: int = Field(default=3, ge=1, le=MAX_CONCURRENT_LIMIT, strict=True)
+    max_concurrent: int = Field(default=3, ge=1, le=MAX_CONCURRENT_CEILING, strict=True)
 
 
 class ServeBody(_Body):

@@ -196,8 +196,15 @@ class Runtime:
             self._on_close(lambda: close_redis(redis))
 
     def _open_http_client(self) -> None:
+        # As many connections as a /batch may keep in flight (BATCH_MAX_CONCURRENT), all kept
+        # alive: with 20 kept alive, every burst past 20 closed its extra connections after.
+        connections = max(100, self.config.batch_max_concurrent)
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        # Imported here: aiohttp is for the cloud calls, not for answering the first request.
+        from cloud_transport import CloudTransport
+
         self.client = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+            transport=CloudTransport(limits=limits),
             timeout=httpx.Timeout(self.config.cloud_timeout_sec),
         )
         self._on_close(self.client.aclose)

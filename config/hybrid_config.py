@@ -111,6 +111,8 @@ class HybridConfig(BaseSettings):
     cloud_timeout_sec: float = Field(default=30.0, gt=0)
     cloud_retries: int = Field(default=3, ge=0, le=10)
     cloud_backoff_sec: float = Field(default=1.0, ge=0)
+    # A batch holds at most 1,000 items, so more in flight than that means nothing.
+    batch_max_concurrent: int = Field(default=256, ge=1, le=1000)
     connectivity_interval_sec: float = Field(default=30.0, gt=0)
     offline_after_failures: int = Field(default=3, ge=1)
     offline_mode: bool = False

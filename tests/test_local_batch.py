@@ -230,3 +230,10 @@ async def test_max_concurrent_at_the_bounds_is_accepted(
     )
     assert out["summary"]["ok"] == MAX_CONCURRENT_LIMIT + 4
     assert gauge.peak == max_concurrent
+
+
+async def test_a_lower_configured_limit_refuses_what_the_default_accepts(tmp_path: Path) -> None:
+    route = _router(tmp_path, Gauge())
+    await batch_execute(_pieces(2), 3, route=route, max_concurrent_limit=3)
+    with pytest.raises(InvalidParams, match="between 1 and 2"):
+        await batch_execute(_pieces(2), 3, route=route, max_concurrent_limit=2)

@@ -428,3 +428,24 @@ def test_log_dispatch_turns_the_dispatch_line_on_or_off(
             answer = test_client.post("/dispatch", json={"action": "system.heartbeat"})
         assert answer.json()["ok"] is True
     assert len([r for r in caplog.records if r.name == "everreach.dispatch"]) == lines
+
+
+def _batch_bound(tmp_path: Path, **variables: str) -> TestClient:
+    config = HybridConfig.from_mapping(
+        {"DATA_DIR": str(tmp_path / "data"), **IN_PROCESS, **variables}
+    )
+    return TestClient(create_app(config), raise_server_exceptions=False)
+
+
+def test_batch_accepts_256_in_flight_by_default(tmp_path: Path) -> None:
+    with _batch_bound(tmp_path) as client:
+        assert client.post("/batch", json={"items": [], "max_concurrent": 256}).status_code == 200
+        refused = client.post("/batch", json={"items": [], "max_concurrent": 257})
+    assert refused.status_code == 422 and "between 1 and 256" in refused.text
+
+
+def test_batch_max_concurrent_bounds_what_a_batch_may_ask_for(tmp_path: Path) -> None:
+    with _batch_bound(tmp_path, BATCH_MAX_CONCURRENT="4") as client:
+        assert client.post("/batch", json={"items": [], "max_concurrent": 4}).status_code == 200
+        refused = client.post("/batch", json={"items": [], "max_concurrent": 5})
+    assert refused.status_code == 422 and "between 1 and 4" in refused.text

@@ -66,3 +66,56 @@ async def test_a_closer_that_fails_is_logged_and_the_others_still_run(tmp_path, 
         runtime._on_close(broken)
     assert runtime.client.is_closed
     assert "closing a resource failed" in caplog.text
+
+
+class HeldServer:
+    """HTTP/1.1 on loopback that answers no request until ``hold`` of them are waiting at once."""
+
+    def __init__(self, hold: int) -> None:
+        self.hold = hold
+        self.handlers: set[asyncio.Task[None]] = set()
+        self._waiting = 0
+        self._release = asyncio.Event()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):
+                self._waiting += 1
+                if self._waiting == self.hold:
+                    self._release.set()
+                await self._release.wait()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def next_round(self) -> None:
+        self._waiting = 0
+        self._release = asyncio.Event()
+
+
+async def test_the_http_client_holds_batch_max_concurrent_requests_in_flight(tmp_path):
+    # 150 at once: past the 100 connections the pool used to cap, so with that cap the server
+    # would never see 150 waiting and the rounds would not finish.
+    hold = 150
+    server = HeldServer(hold)
+    listener = await asyncio.start_server(server.serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}/"
+    config = _config(tmp_path, BATCH_MAX_CONCURRENT=str(hold))
+    try:
+        async with Runtime.open(config) as runtime:
+            for _ in range(2):
+                answers = await asyncio.wait_for(
+                    asyncio.gather(*(runtime.client.get(url) for _ in range(hold))), 30
+                )
+                assert [a.status_code for a in answers] == [200] * hold
+                server.next_round()
+    finally:
+        listener.close()
+        await listener.wait_closed()
+        await asyncio.gather(*server.handlers)  # the client closed: each sees its EOF
