@@ -56,7 +56,7 @@ CLOUD_PREFERRED = frozenset(
     }
 )
 # Families: content generation, evaluation and embedding are compute; research, messaging,
-# publishing, the hosted model APIs and the marketplaces are api (FEATURES.md 005).
+# publishing, the hosted model APIs and the marketplaces are api (docs/routing.md).
 COMPUTE_FAMILIES = frozenset(
     {"content", "feedback", "embedding", "evaluation", "eval", "system", "blotato", "twitter"}
 )

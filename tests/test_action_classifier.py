@@ -73,7 +73,7 @@ def test_cloud_preferred_is_api(action: str) -> None:
 @pytest.mark.parametrize(
     ("action", "kind"),
     [
-        # FEATURES.md 005: content generation, evaluation, embedding are compute ...
+        # Content generation, evaluation and embedding are compute ...
         ("content.anything", ActionKind.COMPUTE),
         ("content.generate", ActionKind.COMPUTE),
         ("content.embed", ActionKind.COMPUTE),

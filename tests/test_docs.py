@@ -137,6 +137,14 @@ def test_no_doc_line_refers_to_anything_outside_the_project(path: Path) -> None:
             )
 
 
+def test_no_code_comment_names_a_document_outside_the_project() -> None:
+    shipped = project_markdown_names()
+    for path in project_files(".py"):
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for name in MARKDOWN_NAME.findall(line):
+                assert name in shipped, f"{path.relative_to(ROOT)}:{number} names {name}"
+
+
 # -- every code block is run, or says why not --------------------------------------------------
 
 
