@@ -12,10 +12,14 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pacing import Op, Outcome, PacingUnavailable, Rule, Slot, SlotStatus, decide
+from redis_client import RedisRef
 from sqlite_file import SqliteFile, Synchronous, transaction
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 _SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS pace_slots (
@@ -327,30 +331,28 @@ class RedisPaceStore:
     name = "redis"
 
     def __init__(
-        self, redis_url: str, *, prefix: str = "everreach:pace:", socket_timeout_s: float = 1.0
+        self,
+        redis_url: str | None,
+        *,
+        prefix: str = "everreach:pace:",
+        socket_timeout_s: float = 1.0,
+        redis: aioredis.Redis | None = None,
     ) -> None:
-        self._url = redis_url
+        """``redis`` is the process's shared client (borrowed, never closed here); without
+        it, ``open()`` opens one of ``redis_url``."""
+        self._ref = RedisRef(redis_url, redis, socket_timeout_s=socket_timeout_s, block_s=0.0)
         self._prefix = prefix
-        self._timeout_s = socket_timeout_s
         self._redis: Any = None
         self._script: Any = None
 
     async def open(self) -> None:
-        import redis.asyncio as aioredis
-
         if self._redis is None:
-            self._redis = aioredis.Redis.from_url(
-                self._url,
-                socket_timeout=self._timeout_s,
-                socket_connect_timeout=self._timeout_s,
-                decode_responses=True,
-            )
+            self._redis = self._ref.open()
             self._script = self._redis.register_script(_DECIDE_LUA)
 
     async def aclose(self) -> None:
-        client, self._redis = self._redis, None
-        if client is not None:
-            await client.aclose()
+        self._redis = None
+        await self._ref.close()
 
     async def _call(self, make: Callable[[Any], Any]) -> Any:
         import redis

@@ -165,8 +165,9 @@ class RequestGuardMiddleware:
             return str(server[0])
         if not self._listen_known:
             addresses = listening_addresses()
-            # The sockets are all bound before the first request; an in-process test has none.
-            self._listen_known = bool(addresses)
+            # Uvicorn binds every socket before it serves the first request, so one look is
+            # enough (an in-process app has none): no /proc scan on later requests.
+            self._listen_known = True
             for address in addresses or ():
                 if is_public_ip(address):
                     self._public_listen = address
