@@ -6,6 +6,7 @@ closed --(N consecutive failures)--> open --(reset_after_s)--> half_open --succe
 
 Half-open lets one trial call through at a time. A trial that never reports back (its task was
 cancelled) expires after another ``reset_after_s``, so a lost trial cannot wedge the breaker open.
+``on_change(opened)`` hears of each opening (True) and each closing after one (False).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class CircuitBreaker:
         "_opened_at",
         "_trial_at",
         "failure_threshold",
+        "on_change",
         "reset_after_s",
     )
 
@@ -39,7 +41,9 @@ class CircuitBreaker:
         failure_threshold: int = 3,
         reset_after_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[bool], None] | None = None,
     ) -> None:
+        self.on_change = on_change
         self.failure_threshold = failure_threshold
         self.reset_after_s = reset_after_s
         self._clock = clock
@@ -84,9 +88,12 @@ class CircuitBreaker:
             self._trial_at = None
 
     def record_success(self) -> None:
+        was_open = self._opened_at is not None
         self._failures = 0
         self._opened_at = None
         self._trial_at = None
+        if was_open and self.on_change is not None:
+            self.on_change(False)
 
     def record_failure(self) -> bool:
         """Count a failure; return True when this failure opened the circuit."""
@@ -97,5 +104,7 @@ class CircuitBreaker:
             return False
         if self._failures >= self.failure_threshold:
             self._opened_at = self._clock()
+            if self.on_change is not None:
+                self.on_change(True)
             return True
         return False

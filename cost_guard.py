@@ -126,6 +126,7 @@ class CostGuard:
         self.request_state = request_state
         self._overruns: dict[str, LoggedCall] = {}  # this month's, by reservation id
         self.on_overrun: Callable[[], None] | None = None
+        self.on_totals: Callable[[MonthTotals], None] | None = None  # each fresh total (no I/O)
 
     @classmethod
     def from_config(
@@ -408,6 +409,8 @@ class CostGuard:
     def _apply(self, totals: MonthTotals) -> None:
         if totals.month == self.month():
             self._totals = totals
+            if self.on_totals is not None:
+                self.on_totals(totals)
 
     # -- reporting ----------------------------------------------------------------------------
 

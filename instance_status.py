@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from alerts import Alerter
 from background_task import BackgroundTask
 from cloud_executor import CloudExecutor
 from config.hybrid_config import HybridConfig
@@ -57,6 +58,7 @@ class Parts:
     cron: LocalCron
     sync: SyncLoop
     data_dir_shared_with: Mapping[str, Any] | None = None
+    alerts: Alerter | None = None
 
     def is_cloud_reachable(self) -> bool:
         """Is the cloud reachable now? (never with OFFLINE_MODE, never without an endpoint)"""
@@ -196,7 +198,13 @@ class InstanceStatus:
             "routes": {"source": p.route_table.source, "entries": len(p.route_table.names())},
             "actions": p.registry.actions(),
             "data_dir_shared_with": p.data_dir_shared_with,
+            "alerts": self.alerts(),
         }
+
+    def alerts(self) -> dict[str, Any] | None:
+        """``/status``'s ``alerts``: the sinks set (names only: the webhook URL is a secret), the
+        last events newest first, and the deliveries that failed."""
+        return self.parts.alerts.snapshot() if self.parts.alerts is not None else None
 
     # -- system.self_test -----------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 Three consecutive handler failures mark an action degraded (a warning is logged) and further
 calls fail fast with ``circuit_open`` until ``reset_after_s`` (60 s) has passed; then one trial
 call decides. Bad input (unknown action, invalid params) is the caller's fault and does not count.
+``on_circuit(name, opened)`` hears of each breaker opening and closing (name ``local:<action>``).
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ class LocalExecutor:
         failure_threshold: int = 3,
         reset_after_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        on_circuit: Callable[[str, bool], None] | None = None,
     ) -> None:
         self.registry = registry
+        self._on_circuit = on_circuit
         self.routes = routes or LocalRoutes(registry)
         self._failure_threshold = failure_threshold
         self._reset_after_s = reset_after_s
@@ -73,6 +76,7 @@ class LocalExecutor:
                 failure_threshold=self._failure_threshold,
                 reset_after_s=self._reset_after_s,
                 clock=self._clock,
+                on_change=self._circuit_observer(action),
             )
         if breaker.record_failure():
             log.warning(
@@ -83,6 +87,12 @@ class LocalExecutor:
                     "reset_after_s": self._reset_after_s,
                 },
             )
+
+    def _circuit_observer(self, action: str) -> Callable[[bool], None] | None:
+        on_circuit = self._on_circuit
+        if on_circuit is None:
+            return None
+        return lambda opened: on_circuit(f"local:{action}", opened)
 
     async def execute(
         self, action: str, params: dict[str, Any], *, request_id: str | None = None

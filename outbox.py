@@ -13,6 +13,9 @@ An *indeterminate* dead letter is an item the cloud may have run: the process th
 mid-handler. Replaying its key would never run it again, and running it again might do it twice,
 so a person decides: ``retry_dead(id, rerun=True)`` sends it again under a fresh key derived from
 the old one (``rerun_key``), or ``drop(id)`` forgets it.
+
+``on_dead_letter(id, action, error, indeterminate)``, when set, hears of each item that
+``fail()`` or ``park()`` makes a dead letter.
 """
 
 from __future__ import annotations
@@ -176,6 +179,7 @@ class Outbox:
         self.max_attempts = max_attempts
         self._clock = clock
         self._db = SqliteFile(self.path, synchronous=Synchronous.FULL, name="outbox")
+        self.on_dead_letter: Callable[[str, str, str, bool], None] | None = None
 
     @classmethod
     def from_config(cls, config: HybridConfig) -> Outbox:
@@ -276,9 +280,9 @@ class Outbox:
         """
         now = utc_iso(self._clock())
 
-        def write(conn: sqlite3.Connection) -> OutboxStatus | None:
+        def write(conn: sqlite3.Connection) -> tuple[OutboxStatus, str] | None:
             row = conn.execute(
-                "SELECT attempts FROM hybrid_outbox WHERE id = ?", (item_id,)
+                "SELECT attempts, action FROM hybrid_outbox WHERE id = ?", (item_id,)
             ).fetchone()
             if row is None:
                 return None
@@ -290,9 +294,18 @@ class Outbox:
                 "updated_at = ? WHERE id = ?",
                 (attempts, status.value, error[:MAX_ERROR_CHARS], now, item_id),
             )
-            return status
+            return status, str(row[1])
 
-        return await self._db.run(lambda conn: transaction(conn, write))
+        outcome = await self._db.run(lambda conn: transaction(conn, write))
+        if outcome is None:
+            return None
+        if outcome[0] is OutboxStatus.DEAD:
+            self._dead_letter(item_id, outcome[1], error, indeterminate=False)
+        return outcome[0]
+
+    def _dead_letter(self, item_id: str, action: str, error: str, *, indeterminate: bool) -> None:
+        if self.on_dead_letter is not None:
+            self.on_dead_letter(item_id, action, error, indeterminate)
 
     async def depth(self) -> int:
         """Number of pending items."""
@@ -325,13 +338,15 @@ class Outbox:
 
     async def park(self, item_id: str, error: str) -> None:
         """Make an item an indeterminate dead letter: it may have run, a person decides."""
-        await self._db.run(
+        rows = await self._db.run(  # fetchall: the statement runs to its end, and commits
             lambda conn: conn.execute(
                 "UPDATE hybrid_outbox SET status = 'indeterminate', last_error = ?, "
-                "updated_at = ? WHERE id = ?",
+                "updated_at = ? WHERE id = ? RETURNING action",
                 (error[:MAX_ERROR_CHARS], utc_iso(self._clock()), item_id),
-            )
+            ).fetchall()
         )
+        for (action,) in rows:
+            self._dead_letter(item_id, str(action), error, indeterminate=True)
 
     async def retry_dead(self, item_id: str, *, rerun: bool = False) -> OutboxItem:
         """Put a dead letter back in the queue at its original place, attempts reset.

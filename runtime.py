@@ -18,10 +18,19 @@ import logging
 import socket
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from alert_sources import (
+    ALERT_DRAIN_S,
+    BacklogWatch,
+    CapWatch,
+    circuit_alerts,
+    cloud_online_alerts,
+    dead_letter_alerts,
+    open_alerter,
+)
 from circuit_breaker import CircuitBreaker
 from cloud_client import CloudClient
 from cloud_executor import CloudExecutor, RetryPolicy
@@ -50,6 +59,9 @@ from state_store import StateStore
 from state_sync import StateSync
 from sync_bus import SyncBus
 from sync_loop import SyncLoop
+
+if TYPE_CHECKING:
+    from pacing import Pacer
 
 __all__ = ["VERSION", "IdempotencyStores", "Runtime"]
 
@@ -96,7 +108,12 @@ class Runtime:
         self.route_table = RouteTable.load(config.route_table_path)
         self.rates = CostRates.load(config.cost_rates_file)
         self.metrics = Metrics([*self.route_table.names(), *self.registry.actions()])
-        self.local = LocalExecutor(self.registry)
+        self.instance_name = f"{socket.gethostname()}:{config.port}"
+        # ALERT_ACTION runs on this instance's registry, never over HTTP to itself.
+        self.alerter, self.alerts_client = open_alerter(
+            config, instance=self.instance_name, run_action=lambda a, p: self.local.run(a, p)
+        )
+        self.local = LocalExecutor(self.registry, on_circuit=circuit_alerts(self.alerter))
         self.cache = OfflineCache.from_config(config)
         self.outbox = Outbox.from_config(config)
         self.state_store = StateStore.from_config(config)
@@ -104,8 +121,7 @@ class Runtime:
         # creating it does no I/O, and _open() registers its closing first, so it closes last.
         self.redis = open_redis(config.redis_url) if config.redis_url else None
         self.idempotency = _idempotency_store(config, self.redis)
-        consumer = f"{socket.gethostname()}:{config.port}"
-        self.bus = SyncBus.from_config(config, consumer_name=consumer, redis=self.redis)
+        self.bus = SyncBus.from_config(config, consumer_name=self.instance_name, redis=self.redis)
         self.instance_lock = InstanceLock(config.data_dir, host=config.host, port=config.port)
         self.cloud_client = None
         self.connectivity = None
@@ -139,6 +155,7 @@ class Runtime:
         check_data_dir(self.config.data_dir)
         self._lock_data_dir()
         self._open_http_client()
+        self._open_alerts()
         await self._open_stores()
         self.cloud_client = CloudClient.from_config(self.config, self.client)
         if self.cloud_client is not None:
@@ -209,6 +226,32 @@ class Runtime:
         )
         self._on_close(self.client.aclose)
 
+    def _open_alerts(self) -> None:
+        """Deliver alerts from here on; at shutdown queued ones get ALERT_DRAIN_S to go out.
+
+        Opened before every part that emits, so it closes after all of them.
+        """
+        if self.alerts_client is not None:
+            self._on_close(self.alerts_client.aclose)
+        action = self.config.alert_action
+        if action and not self.local.has(action):
+            raise ConfigError(
+                f"ALERT_ACTION={action} has no handler on this instance; register it in a "
+                f"module of EVERREACH_SERVICES, or unset ALERT_ACTION"
+            )
+        alerter = self.alerter
+        alerter.start()
+        self._on_close(lambda: alerter.aclose(drain_s=ALERT_DRAIN_S))
+        self.outbox.on_dead_letter = dead_letter_alerts(alerter)
+
+    def watch_backlog(self, pacer: Pacer) -> BacklogWatch:
+        """Alert (``rate_limit_backlog``) when ``pacer``'s deferred work is over an hour behind;
+        the watch stops with the runtime. Call once, after the pacer is opened."""
+        watch = BacklogWatch(pacer, self.alerter)
+        watch.start()
+        self._on_close(watch.close)
+        return watch
+
     async def _open_stores(self) -> None:
         for store in (self.cache, self.outbox, self.state_store, self.idempotency):
             try:
@@ -220,14 +263,20 @@ class Runtime:
     def _open_cloud(self, cloud_client: CloudClient) -> None:
         config = self.config
         connectivity = ConnectivityChecker.from_config(config, cloud_client)
+        connectivity.on_transition(cloud_online_alerts(self.alerter, connectivity))
         self.connectivity = connectivity
+        on_circuit = circuit_alerts(self.alerter)
         self.cloud = CloudExecutor(
             endpoint=cloud_client.endpoint,
             api_key=None,
             client=cloud_client.http,
             cloud_client=cloud_client,
             policy=RetryPolicy(retries=config.cloud_retries, backoff_s=config.cloud_backoff_sec),
-            breaker=CircuitBreaker(failure_threshold=5, reset_after_s=30.0),
+            breaker=CircuitBreaker(
+                failure_threshold=5,
+                reset_after_s=30.0,
+                on_change=lambda opened: on_circuit("cloud", opened),
+            ),
             on_retry=self.metrics.inc_cloud_retry,
             on_outcome=lambda ok: (
                 connectivity.record_success() if ok else connectivity.record_failure()
@@ -240,6 +289,11 @@ class Runtime:
             # Unsettled reservations of a crashed process: ask the cloud whether they ran.
             self.cost_guard.request_state = self.cloud.request_state
         self.cost_guard.on_overrun = self.metrics.inc_cost_overrun
+        self.cost_guard.on_totals = CapWatch(
+            self.alerter,
+            soft_cap_usd=self.config.cost_soft_cap,
+            hard_cap_usd=self.config.monthly_cost_cap,
+        )
         await self.cost_guard.open()
         self._on_close(self.cost_guard.close)
 
@@ -311,6 +365,7 @@ class Runtime:
                 cron=self.cron,
                 sync=self.sync,
                 data_dir_shared_with=self.data_dir_shared_with,
+                alerts=self.alerter,
             )
         )
         self.instance_status.add_self_test_checks(self.registry)
