@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # An alert is a small POST to a service that answers at once, or not at all.
 ALERT_TIMEOUT_S = 5.0
+# The first wait between two attempts (then 2x, 4x, 8x, with jitter; 5 attempts per sink).
+ALERT_BACKOFF_S = 1.0
 # How long queued alerts get to go out when the server stops.
 ALERT_DRAIN_S = 2.0
 BACKLOG_THRESHOLD_S = 3600.0
@@ -68,6 +70,7 @@ def open_alerter(
         client=client,
         action=call_action if action_name else None,
         timeout_s=ALERT_TIMEOUT_S,
+        backoff_s=ALERT_BACKOFF_S,
     )
     return alerter, client
 
@@ -159,7 +162,7 @@ class CapWatch:
             self._month = totals.month
         spent = totals.total_usd
         for event, name, cap in self._caps:
-            if spent >= cap:
+            if cap > 0 and spent >= cap:  # a cap of 0 is a choice (no cloud spend), no news
                 self._alerter.emit(
                     event,
                     f"cloud spend of {totals.month} reached {name}: ${spent} "
