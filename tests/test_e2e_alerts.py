@@ -80,6 +80,14 @@ def probes(server: Any) -> int:
     return int(status(server)["connectivity"]["consecutive_failures"])
 
 
+def last_probe_at(server: Any) -> str | None:
+    return status(server)["connectivity"]["last_probe_at"]
+
+
+def probed_since(server: Any, seen: str | None) -> Callable[[], bool]:
+    return lambda: last_probe_at(server) != seen
+
+
 def start_cloud(server_factory: Callable[..., Any], port: int) -> Any:
     return server_factory(name="cloud", port=port, EVERREACH_ENV="cloud", EVERREACH_CLOUD_KEY=KEY)
 
@@ -113,11 +121,7 @@ def test_killing_the_cloud_sends_one_cloud_offline_and_its_return_one_cloud_onli
     start_cloud(server_factory, port)
     wait_for(lambda: "cloud_online" in hook.events(), what="the cloud_online alert")
     for _ in range(3):  # three more probes that found the cloud up
-        seen = status(term)["connectivity"]["last_probe_at"]
-        wait_for(
-            lambda seen=seen: status(term)["connectivity"]["last_probe_at"] != seen,
-            what="one more probe",
-        )
+        wait_for(probed_since(term, last_probe_at(term)), what="one more probe")
     assert [e for e in hook.events() if e.startswith("cloud_")] == ["cloud_offline", "cloud_online"]
 
     offline = next(b for b in hook.bodies if b["event"] == "cloud_offline")
