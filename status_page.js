@@ -316,9 +316,47 @@
     put("infra", ...nodes);
   }
 
+  // -- alerts: where they go, then the last events as a timeline, newest first ---------------
+  const ALERT_EVENTS = 20;
+  const ALERT_TONES = { cloud_online: "ok", soft_cap_reached: "warn", rate_limit_backlog: "warn" };
+  const DELIVERY_TONES = { sent: "ok", recorded: "muted", pending: "info", suppressed: "warn",
+                           failed: "bad" };
+  function renderAlerts(s) {
+    const a = s.alerts;
+    if (!a || typeof a !== "object") {
+      put("alerts", el("p", "muted", "This server does not report alerts."));
+      return;
+    }
+    const sinks = Array.isArray(a.sinks) ? a.sinks.map(String) : [];
+    const nodes = [el("p", "note muted", sinks.length ? "sent to the " + sinks.join(" and ")
+      : "No ALERT_WEBHOOK_URL or ALERT_ACTION is set: events are only recorded here.")];
+    const events = Array.isArray(a.events) ? a.events.slice(0, ALERT_EVENTS) : [];
+    if (events.length) nodes.push(el("ol", "timeline", ...events.map(alertItem)));
+    else nodes.push(el("p", "muted", "No alerts yet."));
+    const failures = Array.isArray(a.failures) ? a.failures : [];
+    if (failures.length) {
+      const f = obj(failures[0]);
+      nodes.push(el("p", "error", failures.length + (failures.length === 1 ? " delivery" :
+        " deliveries") + " failed; the last: " + String(f.event ?? "?") + " to the " +
+        String(f.sink ?? "?") + ": " + String(f.error ?? "")));
+    }
+    put("alerts", ...nodes);
+  }
+  function alertItem(e) {
+    e = obj(e);
+    const event = String(e.event ?? "?");
+    const tone = ALERT_TONES[event] || "bad";
+    const delivery = String(e.status ?? "?");
+    const head = el("div", "t-head", badge(event.replaceAll("_", " "), tone), when(e.at),
+                    e.subject ? shortId(e.subject) : null,
+                    badge(delivery, DELIVERY_TONES[delivery] || "muted"));
+    return el("li", "t-" + tone, head, el("div", "t-detail", String(e.detail ?? "")));
+  }
+
   function render(s) {
     renderHeader(s); renderCost(s); renderCounts(s); renderCircuits(s);
     renderOutbox(s); renderJobs(s); renderInfra(s);
+    renderAlerts(s);
     document.getElementById("main").hidden = false;
   }
 
