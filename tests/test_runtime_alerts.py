@@ -7,8 +7,11 @@ cloud endpoint nobody answers; the process-level test is in test_e2e_alerts.py.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
+import threading
 from decimal import Decimal
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from rate_limits import RateLimits
 from runtime import Runtime
 from tests import alert_services
 from tests.conftest import free_port, until
+from tests.doc_blocks import DOCS, blocks
 from tests.test_alerts import Listener, listener  # noqa: F401 (a fixture)
 
 
@@ -142,3 +146,49 @@ async def test_the_backlog_watch_is_started_for_a_pacer_and_stops_with_the_runti
         await pacer.aclose()
     event = status["alerts"]["events"][0]
     assert (event["event"], event["subject"]) == ("rate_limit_backlog", "dm.send")
+
+
+def _documented_body() -> dict[str, Any]:
+    """The sample webhook body of docs/pacing-and-alerts.md."""
+    (sample,) = [
+        b
+        for b in blocks(DOCS / "pacing-and-alerts.md")
+        if b.lang == "json" and "cloud_offline" in b.text
+    ]
+    return dict(json.loads(sample.text))
+
+
+async def test_the_documented_receiver_prints_the_documented_alert(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "alert_receiver", DOCS / "examples" / "alert_receiver.py"
+    )
+    assert spec is not None and spec.loader is not None
+    receiver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(receiver)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), receiver.AlertHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        hook = f"http://127.0.0.1:{httpd.server_address[1]}/alerts"
+        config = _config(tmp_path, **_dead_cloud(), ALERT_WEBHOOK_URL=hook)
+        async with Runtime.open(config) as runtime:
+            await until(
+                lambda: [e["status"] for e in runtime.alerter.snapshot()["events"]] == ["sent"],
+                what="the alert to be delivered",
+            )
+            (event,) = runtime.alerter.snapshot()["events"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [f"{event['at']} {runtime.instance_name} cloud_offline: {event['detail']}"]
+    endpoint = config.cloud_endpoint
+    assert event["detail"] == (
+        f"cloud {endpoint} stopped answering (3 failed probes or calls in a row)"
+    )
+    documented = _documented_body()
+    assert set(documented) == {"event", "at", "instance", "detail", *event["fields"]}
+    assert documented["detail"] == event["detail"].replace(str(endpoint), documented["endpoint"])
