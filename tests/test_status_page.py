@@ -7,6 +7,7 @@ real server processes; they skip without Chromium locally and fail under CI=true
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import re
@@ -339,15 +340,15 @@ def hostile_status() -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def hostile_server() -> Iterator[str]:
-    """A stand-in server whose /status carries HTML in every free-text field."""
+@contextlib.contextmanager
+def stand_in(status: dict[str, Any]) -> Iterator[str]:
+    """A stand-in server on loopback: the page at ``/``, ``status`` at every other path."""
     page = render_status_page().encode()
-    status = json.dumps(hostile_status()).encode()
+    answer = json.dumps(status).encode()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            body, kind = (page, "text/html") if self.path == "/" else (status, "application/json")
+            body, kind = (page, "text/html") if self.path == "/" else (answer, "application/json")
             self.send_response(200)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
@@ -360,10 +361,19 @@ def hostile_server() -> Iterator[str]:
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+@pytest.fixture
+def hostile_server() -> Iterator[str]:
+    """A stand-in server whose /status carries HTML in every free-text field."""
+    with stand_in(hostile_status()) as url:
+        yield url
 
 
 def test_page_shows_server_text_as_text_never_as_html(hostile_server, browser, tmp_path):

@@ -8,21 +8,23 @@ the timeline must show each event's dot in its tone. A real server process then 
 from __future__ import annotations
 
 import base64
-import json
 import struct
-import threading
 import zlib
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
 
-from status_page import render_status_page
 from tests.conftest import free_port
-from tests.test_status_page import HOSTILE, Chromium, browser, hostile_status  # noqa: F401
+from tests.test_status_page import (  # noqa: F401 (browser is a fixture)
+    HOSTILE,
+    Chromium,
+    browser,
+    hostile_status,
+    stand_in,
+)
 
 pytestmark = pytest.mark.prd200
 
@@ -52,28 +54,8 @@ def alerts_status() -> dict[str, Any]:
 
 @pytest.fixture
 def alerts_server() -> Iterator[str]:
-    page = render_status_page().encode()
-    status = json.dumps(alerts_status()).encode()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body, kind = (page, "text/html") if self.path == "/" else (status, "application/json")
-            self.send_response(200)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
+    with stand_in(alerts_status()) as url:
+        yield url
 
 
 def paeth(left: int, up: int, corner: int) -> int:
