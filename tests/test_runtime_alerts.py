@@ -102,9 +102,18 @@ async def test_an_undeliverable_alert_fails_no_dispatch_and_shows_in_status(
 
 
 async def test_without_sinks_events_are_recorded_for_the_timeline(tmp_path: Path) -> None:
-    config = _config(tmp_path, COST_SOFT_CAP="0.5", MONTHLY_COST_CAP="1")
+    config = _config(
+        tmp_path,
+        COST_SOFT_CAP="0.5",
+        MONTHLY_COST_CAP="1",
+        CLOUD_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+        CONNECTIVITY_INTERVAL_SEC="3600",  # one probe: offline needs three failures
+    )
     async with Runtime.open(config) as runtime:
         assert runtime.alerts_client is None
+        assert runtime.cloud is not None
+        for _ in range(runtime.cloud.breaker.failure_threshold):
+            runtime.cloud.breaker.record_failure()
         outbox = runtime.outbox
         item = await outbox.enqueue("dm.send", {"to": "a"}, "key-1")
         await outbox.fail(item.id, "cloud answered 422", permanent=True)
@@ -113,11 +122,11 @@ async def test_without_sinks_events_are_recorded_for_the_timeline(tmp_path: Path
         status = await runtime.instance_status.status()
     alerts = status["alerts"]
     assert alerts["sinks"] == []
-    assert [(e["event"], e["status"]) for e in reversed(alerts["events"])] == [
-        ("dead_letter", "recorded"),
-        ("soft_cap_reached", "recorded"),
+    assert [(e["event"], e["subject"], e["status"]) for e in reversed(alerts["events"])] == [
+        ("circuit_open", "cloud", "recorded"),
+        ("dead_letter", item.id, "recorded"),
+        ("soft_cap_reached", status["cost"]["month"], "recorded"),
     ]
-    assert alerts["events"][1]["subject"] == item.id
 
 
 async def test_an_alert_action_without_a_local_handler_stops_start_up(tmp_path: Path) -> None:
