@@ -9,7 +9,7 @@ Each part says what changed through a plain callback it was given (it never impo
     Outbox.on_dead_letter             -> dead_letter_alerts()   dead_letter
     Pacer.snapshot() every minute     -> BacklogWatch           rate_limit_backlog
 
-``open_alerter()`` builds the Alerter from the configuration. Every callback here is cheap,
+``alerter_from_config()`` builds the Alerter from the configuration. Every callback here is cheap,
 does no I/O and never raises: it runs on the request path of whatever noticed the change.
 """
 
@@ -47,7 +47,7 @@ BACKLOG_CHECK_S = 60.0
 RunAction = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 
-def open_alerter(
+def alerter_from_config(
     config: HybridConfig, *, instance: str, run_action: RunAction
 ) -> tuple[Alerter, httpx.AsyncClient | None]:
     """The Alerter ALERT_WEBHOOK_URL and ALERT_ACTION ask for, and the webhook's own client.

@@ -26,10 +26,10 @@ from alert_sources import (
     ALERT_DRAIN_S,
     BacklogWatch,
     CapWatch,
+    alerter_from_config,
     circuit_alerts,
     cloud_online_alerts,
     dead_letter_alerts,
-    open_alerter,
 )
 from circuit_breaker import CircuitBreaker
 from cloud_client import CloudClient
@@ -110,7 +110,7 @@ class Runtime:
         self.metrics = Metrics([*self.route_table.names(), *self.registry.actions()])
         self.instance_name = f"{socket.gethostname()}:{config.port}"
         # ALERT_ACTION runs on this instance's registry, never over HTTP to itself.
-        self.alerter, self.alerts_client = open_alerter(
+        self.alerter, self.alerts_client = alerter_from_config(
             config, instance=self.instance_name, run_action=lambda a, p: self.local.run(a, p)
         )
         self.local = LocalExecutor(self.registry, on_circuit=circuit_alerts(self.alerter))
