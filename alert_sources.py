@@ -153,6 +153,7 @@ class CapWatch:
             (AlertEvent.HARD_CAP_REACHED, "MONTHLY_COST_CAP", Decimal(hard_cap_usd)),
         )
         self._month: str | None = None
+        self._reached: set[AlertEvent] = set()  # this month's; called on every reserve: stay cheap
 
     def __call__(self, totals: MonthTotals) -> None:
         if totals.month != self._month:
@@ -160,9 +161,12 @@ class CapWatch:
                 for event, _, _ in self._caps:
                     self._alerter.resolve(event, self._month)
             self._month = totals.month
+            self._reached.clear()
         spent = totals.total_usd
         for event, name, cap in self._caps:
-            if cap > 0 and spent >= cap:  # a cap of 0 is a choice (no cloud spend), no news
+            # A cap of 0 is a choice (no cloud spend), not news.
+            if event not in self._reached and cap > 0 and spent >= cap:
+                self._reached.add(event)
                 self._alerter.emit(
                     event,
                     f"cloud spend of {totals.month} reached {name}: ${spent} "
