@@ -11,11 +11,12 @@ Three stores, one contract; each makes ``reserve`` atomic in the database itself
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
 from enum import StrEnum
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -159,6 +160,7 @@ class LedgerStore(Protocol):
     ) -> SettleResult: ...
     async def totals(self, month: str, now: datetime) -> MonthTotals: ...
     async def by_action(self, month: str) -> dict[str, ActionSpend]: ...
+    async def daily(self, month: str, day_starts: Sequence[datetime]) -> dict[int, Decimal]: ...
     async def overdue(self, created_before: datetime, limit: int) -> list[LoggedCall]: ...
     async def overruns(self, month: str) -> list[LoggedCall]: ...
 
@@ -381,6 +383,30 @@ class SqliteLedgerStore:
                 str(action): ActionSpend(from_micro(int(c)), from_micro(int(r)))
                 for action, c, r in rows
             }
+
+        return await self._run(work)
+
+    async def daily(self, month: str, day_starts: Sequence[datetime]) -> dict[int, Decimal]:
+        """Spend of ``month`` per day (committed + still reserved), in one query.
+
+        ``day_starts`` are the instants the month's days start, then the next month's first:
+        day ``n`` holds the calls made in ``[day_starts[n-1], day_starts[n])``. Days without
+        spend are left out.
+        """
+        bounds = pairwise(day_starts)
+        days = [(n, _iso(start), _iso(stop)) for n, (start, stop) in enumerate(bounds, 1)]
+        if not days:
+            return {}
+        sql = (
+            f"WITH days(day, start, stop) AS (VALUES {', '.join(['(?, ?, ?)'] * len(days))}) "
+            "SELECT days.day, SUM(log.cost_micro_usd) FROM days JOIN actp_cost_log AS log "
+            "ON log.created_at >= days.start AND log.created_at < days.stop "
+            "WHERE log.month = ? AND log.status <> 'released' GROUP BY days.day"
+        )
+        args = [value for day in days for value in day] + [month]
+
+        def work(conn: sqlite3.Connection) -> dict[int, Decimal]:
+            return {int(d): from_micro(int(micro)) for d, micro in conn.execute(sql, args)}
 
         return await self._run(work)
 

@@ -34,8 +34,10 @@ from tests.test_cost_guard import (
     FakeClock,
     WatchedStore,
     Worker,
+    assert_march_forecast,
     burst,
     cloud_never_saw_it,
+    forecast_scenario,
     kill_between_reserve_and_commit,
     never_ran_sweep,
     opened,
@@ -165,6 +167,10 @@ async def test_postgres_snapshot_per_action(postgres_dsn: str) -> None:
     assert snap["store"] == "postgres" and snap["healthy"] is True
 
 
+async def test_postgres_forecast_counts_spend_per_local_day(postgres_dsn: str) -> None:
+    assert_march_forecast(await forecast_scenario(PostgresLedgerStore(postgres_dsn)))
+
+
 # -- Supabase REST ---------------------------------------------------------------------------
 
 
@@ -268,6 +274,13 @@ async def test_supabase_and_postgres_stores_share_one_ledger(
         await direct.commit(await direct.reserve("dm.send", Decimal("2"), "r2"))
         await rest.refresh()
         assert rest.current_totals().committed_usd == Decimal("2")
+
+
+async def test_supabase_rest_forecast_counts_spend_per_local_day(
+    postgres_dsn: str, supabase_http: httpx.AsyncClient
+) -> None:
+    apply_migration(postgres_dsn)
+    assert_march_forecast(await forecast_scenario(supabase_store(supabase_http)))
 
 
 async def test_postgres_late_commit_is_recorded_and_release_is_idempotent(
