@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
 from enum import StrEnum
-from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -393,20 +392,21 @@ class SqliteLedgerStore:
         day ``n`` holds the calls made in ``[day_starts[n-1], day_starts[n])``. Days without
         spend are left out.
         """
-        bounds = pairwise(day_starts)
-        days = [(n, _iso(start), _iso(stop)) for n, (start, stop) in enumerate(bounds, 1)]
-        if not days:
+        # One pass over the month's rows (its index): each row finds its day in a CASE ladder.
+        stops = [_iso(stop) for stop in day_starts[1:]]
+        if not stops:
             return {}
+        ladder = " ".join(f"WHEN created_at < ? THEN {n}" for n in range(1, len(stops) + 1))
         sql = (
-            f"WITH days(day, start, stop) AS (VALUES {', '.join(['(?, ?, ?)'] * len(days))}) "
-            "SELECT days.day, SUM(log.cost_micro_usd) FROM days JOIN actp_cost_log AS log "
-            "ON log.created_at >= days.start AND log.created_at < days.stop "
-            "WHERE log.month = ? AND log.status <> 'released' GROUP BY days.day"
+            f"SELECT CASE WHEN created_at < ? THEN 0 {ladder} ELSE 0 END AS day, "
+            "SUM(cost_micro_usd) FROM actp_cost_log "
+            "WHERE month = ? AND status <> 'released' GROUP BY day"
         )
-        args = [value for day in days for value in day] + [month]
+        args = [_iso(day_starts[0]), *stops, month]
 
         def work(conn: sqlite3.Connection) -> dict[int, Decimal]:
-            return {int(d): from_micro(int(micro)) for d, micro in conn.execute(sql, args)}
+            rows = conn.execute(sql, args)
+            return {int(d): from_micro(int(micro)) for d, micro in rows if int(d) > 0}
 
         return await self._run(work)
 

@@ -16,8 +16,9 @@ from spend_forecast import sparkline
 async def main(data_dir: str) -> None:
     now = datetime(2026, 3, 2, 12, tzinfo=UTC)  # the guard reads this clock
     store = SqliteLedgerStore(Path(data_dir) / "cost_ledger.sqlite3")
-    caps = {"monthly_cap_usd": Decimal("60"), "soft_cap_usd": Decimal("50")}
-    guard = CostGuard(store, **caps, tz=UTC, clock=lambda: now)
+    guard = CostGuard(
+        store, monthly_cap_usd=Decimal("60"), soft_cap_usd=Decimal("50"), tz=UTC, clock=lambda: now
+    )
     await guard.open()
     try:
         for day, usd in ((2, "10"), (3, "20"), (9, "6")):  # three cloud calls in March

@@ -198,13 +198,16 @@ $$;
 -- p_day_starts: the instants the month's local days start, then the next month's first (the
 -- caller's EVERREACH_TZ decides them); day n holds the calls made in [start n, start n+1).
 CREATE OR REPLACE FUNCTION actp_cost_daily(p_month text, p_day_starts text[]) RETURNS jsonb
-LANGUAGE sql STABLE AS $$
-    SELECT coalesce(jsonb_object_agg(day, usd::text), '{}'::jsonb)
-      FROM (SELECT width_bucket(created_at, p_day_starts::timestamptz[]) AS day,
-                   sum(cost_usd) AS usd
-              FROM actp_cost_log
-             WHERE month = p_month AND status <> 'released'
-             GROUP BY 1) AS per_day
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_starts timestamptz[] := p_day_starts::timestamptz[];  -- cast once, not per row
+BEGIN
+    RETURN (SELECT coalesce(jsonb_object_agg(day, usd::text), '{}'::jsonb)
+              FROM (SELECT width_bucket(created_at, v_starts) AS day, sum(cost_usd) AS usd
+                      FROM actp_cost_log
+                     WHERE month = p_month AND status <> 'released'
+                     GROUP BY 1) AS per_day);
+END
 $$;
 
 -- A log row as the guard's sweep and reports read it; money as text, like the totals.
