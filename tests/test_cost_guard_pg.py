@@ -276,6 +276,31 @@ async def test_supabase_and_postgres_stores_share_one_ledger(
         assert rest.current_totals().committed_usd == Decimal("2")
 
 
+def make_it_a_version_2_ledger(dsn: str) -> None:
+    """The ledger as the previous release left it: no spend-per-day function."""
+    apply_migration(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP FUNCTION actp_cost_daily(text, text[])")
+        conn.execute(
+            "CREATE OR REPLACE FUNCTION actp_cost_schema_version() RETURNS integer "
+            "LANGUAGE sql IMMUTABLE AS $$ SELECT 2 $$"
+        )
+
+
+async def test_a_version_2_ledger_upgrades_itself_over_postgres(postgres_dsn: str) -> None:
+    make_it_a_version_2_ledger(postgres_dsn)
+    assert_march_forecast(await forecast_scenario(PostgresLedgerStore(postgres_dsn)))
+
+
+async def test_a_version_2_ledger_over_supabase_rest_asks_for_the_migration(
+    postgres_dsn: str, supabase_http: httpx.AsyncClient
+) -> None:
+    make_it_a_version_2_ledger(postgres_dsn)
+    with pytest.raises(ConfigError, match=r"schema version 2, this program needs 3: apply"):
+        async with opened(supabase_store(supabase_http)):
+            pass
+
+
 async def test_supabase_rest_forecast_counts_spend_per_local_day(
     postgres_dsn: str, supabase_http: httpx.AsyncClient
 ) -> None:
