@@ -7,7 +7,8 @@ text such as ``[bold]`` in an error message is shown as written, never interpret
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from rich.console import RenderableType
@@ -261,11 +262,46 @@ def outbox_view(status: Mapping[str, Any], now: datetime | None = None) -> list[
     return parts
 
 
+def _day(iso: Any) -> str:
+    try:
+        day = date.fromisoformat(str(iso))
+    except ValueError:
+        return str(iso)
+    return f"{day.day} {day:%b}"
+
+
+def forecast_lines(forecast: Mapping[str, Any]) -> list[RenderableType]:
+    """``cost.forecast`` in two lines: the month's daily spend as a sparkline, and where the
+    month is heading at the current pace (projected month-end, the days the caps are reached).
+    """
+    from spend_forecast import sparkline
+
+    try:
+        daily = [Decimal(str(usd)) for usd in forecast.get("daily_usd") or []]
+    except InvalidOperation:
+        daily = []
+
+    def cap(name: str) -> str:
+        iso = forecast.get(f"{name}_cap_date")
+        return f"{name} cap {_day(iso) if iso else 'not this month'}"
+
+    spark = Text("daily spend ") + Text(sparkline(daily), style="cyan")
+    spark += Text(f" 1-{_day(forecast.get('as_of'))}, max {_usd(str(max(daily, default=0)))}")
+    sentence = (
+        f"Projected {_usd(forecast.get('projected_usd'))} by {_day(forecast.get('month_end'))} "
+        f"at {_usd(forecast.get('pace_usd_per_day'))}/day (the last "
+        f"{forecast.get('pace_days', 7)} days' pace); {cap('soft')}; {cap('hard')}."
+    )
+    return [spark, Text(sentence)]
+
+
 def cost_view(cost: Mapping[str, Any] | None, rates: Mapping[str, str]) -> list[RenderableType]:
-    """The cost section of /status (if known) and the $/call table."""
+    """The cost section of /status (if known), its forecast and the $/call table."""
     parts: list[RenderableType] = []
     if cost is not None:
         parts.append(_cost_table(cost))
+        if isinstance(cost.get("forecast"), Mapping):
+            parts.extend(forecast_lines(cost["forecast"]))
         by_action = cost.get("by_action") or {}
         if by_action:
             spend = Table(title="Spent by action", title_justify="left")

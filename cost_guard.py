@@ -53,6 +53,7 @@ from cost_reservation import (
     usd,
 )
 from errors import ConfigError, CostCapReached
+from spend_forecast import day_starts, report
 
 __all__ = ["CostGuard", "Reservation", "Spend", "month_of", "usd"]
 
@@ -418,11 +419,19 @@ class CostGuard:
         """Month-to-date spend for /status and /health; money as exact decimal strings."""
         by_action: dict[str, str] = {}
         reserved_by_action: dict[str, str] = {}
-        month = self.month()
+        now = self._clock()
+        month = month_of(now, self._tz)
+        forecast = None  # needs the ledger's spend per day: none while it is unreachable
         if self._healthy:
             try:
-                now = self._clock()
                 self._apply(await self._store.totals(month, now))
+                per_day = await self._store.daily(month, day_starts(month, self._tz))
+                forecast = report(
+                    per_day,
+                    today=now.astimezone(self._tz).date(),
+                    soft_cap_usd=self._soft_cap_usd,
+                    hard_cap_usd=self._hard_cap_usd,
+                )
                 for action, spend in sorted((await self._store.by_action(month)).items()):
                     if spend.committed_usd:
                         by_action[action] = usd(spend.committed_usd)
@@ -452,4 +461,5 @@ class CostGuard:
             "reservation_ttl_s": self._ttl_s,
             "budget_closed": self.budget_closed(),
             "overruns": [overrun_report(call) for call in self.overruns()],
+            "forecast": forecast,
         }

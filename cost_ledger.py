@@ -11,7 +11,7 @@ Three stores, one contract; each makes ``reserve`` atomic in the database itself
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
@@ -159,6 +159,7 @@ class LedgerStore(Protocol):
     ) -> SettleResult: ...
     async def totals(self, month: str, now: datetime) -> MonthTotals: ...
     async def by_action(self, month: str) -> dict[str, ActionSpend]: ...
+    async def daily(self, month: str, day_starts: Sequence[datetime]) -> dict[int, Decimal]: ...
     async def overdue(self, created_before: datetime, limit: int) -> list[LoggedCall]: ...
     async def overruns(self, month: str) -> list[LoggedCall]: ...
 
@@ -381,6 +382,31 @@ class SqliteLedgerStore:
                 str(action): ActionSpend(from_micro(int(c)), from_micro(int(r)))
                 for action, c, r in rows
             }
+
+        return await self._run(work)
+
+    async def daily(self, month: str, day_starts: Sequence[datetime]) -> dict[int, Decimal]:
+        """Spend of ``month`` per day (committed + still reserved), in one query.
+
+        ``day_starts`` are the instants the month's days start, then the next month's first:
+        day ``n`` holds the calls made in ``[day_starts[n-1], day_starts[n])``. Days without
+        spend are left out.
+        """
+        # One pass over the month's rows (its index): each row finds its day in a CASE ladder.
+        stops = [_iso(stop) for stop in day_starts[1:]]
+        if not stops:
+            return {}
+        ladder = " ".join(f"WHEN created_at < ? THEN {n}" for n in range(1, len(stops) + 1))
+        sql = (
+            f"SELECT CASE WHEN created_at < ? THEN 0 {ladder} ELSE 0 END AS day, "
+            "SUM(cost_micro_usd) FROM actp_cost_log "
+            "WHERE month = ? AND status <> 'released' GROUP BY day"
+        )
+        args = [_iso(day_starts[0]), *stops, month]
+
+        def work(conn: sqlite3.Connection) -> dict[int, Decimal]:
+            rows = conn.execute(sql, args)
+            return {int(d): from_micro(int(micro)) for d, micro in rows if int(d) > 0}
 
         return await self._run(work)
 

@@ -11,6 +11,7 @@ psycopg and supabase are imported inside the methods that use them, never at imp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
     from config.hybrid_config import HybridConfig
 
-SCHEMA_VERSION = 2  # 2: actp_cost_overdue, actp_cost_overruns
+SCHEMA_VERSION = 3  # 2: actp_cost_overdue, actp_cost_overruns; 3: actp_cost_daily
 MIGRATION_FILE = "20260501000000_actp_cost_ledger.sql"
 MIGRATION_NAME = f"supabase/migrations/{MIGRATION_FILE}"
 LEDGER_FILENAME = "cost_ledger.sqlite3"
@@ -98,6 +99,17 @@ class _FunctionLedger:
                 Decimal(spend.get("committed_usd") or 0), Decimal(spend.get("reserved_usd") or 0)
             )
             for action, spend in (data or {}).items()
+        }
+
+    async def daily(self, month: str, day_starts: Sequence[datetime]) -> dict[int, Decimal]:
+        # Timestamps as ISO text: one parameter type for psycopg and for PostgREST's JSON.
+        data = await self._call(
+            "actp_cost_daily",
+            {"p_month": month, "p_day_starts": [start.isoformat() for start in day_starts]},
+        )
+        days = len(day_starts) - 1
+        return {
+            int(day): Decimal(usd) for day, usd in (data or {}).items() if 1 <= int(day) <= days
         }
 
 

@@ -4,19 +4,23 @@
 and projects the month-end total at the current pace (the mean of the last ``pace_days`` days,
 today included) and the dates the soft and hard caps would be reached. ``render_svg`` draws it
 as a self-contained inline SVG (cumulative spend, the projection dashed, the caps as lines);
-``sparkline`` is the one-line picture for a terminal. All pure; money is ``Decimal``.
+``sparkline`` is the one-line picture for a terminal. ``day_starts`` gives the ledger the
+instants a month's local days start; ``report`` is the ``cost.forecast`` of ``/status``.
+All pure; money is ``Decimal``.
 """
 
 from __future__ import annotations
 
 import calendar
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 from xml.sax.saxutils import escape
+
+from cost_reservation import usd as money_text
 
 CENT = Decimal("0.01")
 SPARKS = "▁▂▃▄▅▆▇█"
@@ -38,17 +42,19 @@ class Forecast:
     hard_cap_date: date | None
 
     def as_json(self) -> dict[str, Any]:
+        """Dates as ISO text, money as exact decimal text, as everywhere in /status."""
+
         def day(value: date | None) -> str | None:
             return value.isoformat() if value else None
 
         return {
             "as_of": self.as_of.isoformat(),
             "month_end": self.month_end.isoformat(),
-            "spent_usd": str(self.spent_usd),
-            "pace_usd_per_day": str(self.pace_usd_per_day),
-            "projected_usd": str(self.projected_usd),
-            "soft_cap_usd": str(self.soft_cap_usd),
-            "hard_cap_usd": str(self.hard_cap_usd),
+            "spent_usd": money_text(self.spent_usd),
+            "pace_usd_per_day": money_text(self.pace_usd_per_day),
+            "projected_usd": money_text(self.projected_usd),
+            "soft_cap_usd": money_text(self.soft_cap_usd),
+            "hard_cap_usd": money_text(self.hard_cap_usd),
             "soft_cap_date": day(self.soft_cap_date),
             "hard_cap_date": day(self.hard_cap_date),
         }
@@ -56,6 +62,34 @@ class Forecast:
 
 def month_end(day: date) -> date:
     return day.replace(day=calendar.monthrange(day.year, day.month)[1])
+
+
+def day_starts(month: str, tz: tzinfo) -> list[datetime]:
+    """The UTC instants the days of ``month`` ('YYYY-MM') start in ``tz``, then the next month's.
+
+    Local midnight, as ``month_of`` rolls months over; a day is ``[start n, start n+1)``.
+    """
+    year, number = (int(part) for part in month.split("-"))
+    first = date(year, number, 1)
+    days = [first + timedelta(days=n) for n in range(month_end(first).day + 1)]
+    return [datetime(d.year, d.month, d.day, tzinfo=tz).astimezone(UTC) for d in days]
+
+
+def report(
+    per_day: Mapping[int, Decimal], *, today: date, soft_cap_usd: Decimal, hard_cap_usd: Decimal
+) -> dict[str, Any]:
+    """``cost.forecast`` of /status: the forecast and the spend of each day, 1st to ``today``.
+
+    ``per_day`` maps a day of ``today``'s month to its spend (the ledger's ``daily``).
+    """
+    daily = [(today.replace(day=day), usd) for day, usd in per_day.items() if day <= today.day]
+    result = forecast(daily, today=today, soft_cap_usd=soft_cap_usd, hard_cap_usd=hard_cap_usd)
+    series = daily_series(daily, today)
+    return {
+        **result.as_json(),
+        "pace_days": PACE_DAYS,
+        "daily_usd": [money_text(spend) for spend in series],
+    }
 
 
 def daily_series(daily: Iterable[tuple[date, Decimal]], today: date) -> list[Decimal]:

@@ -131,6 +131,7 @@
       bar,
       el("div", "muted", "soft cap " + usd(c.soft_cap_usd) + " · reserved " +
          usd(c.reserved_usd) + " · remaining " + usd(c.remaining_usd) + " · " + state),
+      ...spendForecast(c.forecast),
       kv([["month", (c.month || "-") + " (" + (c.timezone || "UTC") + ")"],
           ["ledger", (c.store || "-") + (c.healthy === false ? " (unhealthy)" : "")]]),
     ];

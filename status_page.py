@@ -1,7 +1,8 @@
 """The browser status page served at ``/``: one self-contained HTML document that reads /status.
 
 Everything is inline (no CDN, fonts or images), so the page works on an air-gapped terminal;
-the CSS, script and body are kept in status_page.css, .js and .html beside this module.
+the CSS, script and body are kept in status_page.css, .js and .html beside this module, and
+the spend forecast chart in status_forecast.js (appended to the one inline script).
 The script fetches ``status`` relative to the page (``/status`` when served at ``/``; a path
 prefix behind a proxy keeps working), re-renders every 5 s, and on a 401 asks for the
 LOCAL_API_TOKEN, which it keeps in ``sessionStorage`` (gone when the tab closes) and sends as
@@ -40,6 +41,7 @@ def render_status_page() -> str:
     """Return the status page: one HTML document with its CSS and JavaScript inline."""
     style = "\n" + _asset("status_page.css")
     script = "\n" + _asset("status_page.js").replace("__REFRESH_MS__", str(REFRESH_S * 1000))
+    script += _asset("status_forecast.js")
     body = _asset("status_page.html")
     csp = (
         f"default-src 'none'; script-src {_csp_hash(script)}; style-src {_csp_hash(style)}; "

@@ -293,6 +293,40 @@ def test_cost_shows_the_spend_against_the_caps_and_the_configured_rates(
     assert body["cost"]["hard_cap_usd"] == "400.00" and body["rates"]["dm.send"] == "0.0015"
 
 
+def test_cost_shows_the_months_daily_spend_as_a_sparkline_and_the_forecast(
+    app_server, capsys, tmp_path
+):
+    from datetime import UTC, datetime, timedelta
+    from decimal import Decimal
+
+    from tests.test_cost_ledger import seed_ledger
+
+    now = datetime.now(UTC)
+    today = now.date()
+    data = tmp_path / "seeded" / "data"
+    seed_ledger(data, [(now, Decimal("30"))], f"{today:%Y-%m}")  # $30 today, nothing before
+    server = app_server(
+        DATA_DIR=str(data), EVERREACH_TZ="UTC", MONTHLY_COST_CAP="1000", COST_SOFT_CAP="20"
+    )
+    code, out, _ = run(capsys, "cost", "--url", server.url)
+    assert code == ExitCode.OK
+    spark = next(line for line in out.splitlines() if line.startswith("daily spend "))
+    assert spark.split()[2] == "▁" * (today.day - 1) + "█"  # one character a day, 1st to today
+    last = (today.replace(day=28) + timedelta(days=4)).replace(day=1) - timedelta(days=1)
+    pace = Decimal(30) / min(7, today.day)
+    projected = (30 + pace * (last - today).days).quantize(Decimal("0.01"))
+    pace_text = pace.quantize(Decimal("0.01"))
+    # $30 passed the $20 soft cap today; at most $30 a day never reaches $1000 this month
+    assert (
+        f"Projected ${projected} by {last.day} {last:%b} at ${pace_text}/day (the last 7 days' "
+        f"pace); soft cap {today.day} {today:%b}; hard cap not this month."
+    ) in " ".join(out.split())
+
+    code, out, _ = run(capsys, "cost", "--url", server.url, "--json")
+    forecast = json.loads(out)["cost"]["forecast"]
+    assert forecast["daily_usd"][-1] == "30.00" and len(forecast["daily_usd"]) == today.day
+
+
 def test_cost_without_a_server_prints_the_rates_and_exits_1(capsys):
     url = f"http://127.0.0.1:{free_port()}"
     code, out, err = run(capsys, "cost", "--url", url, "--json")

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from cli_views import cost_bar, outbox_view, status_view
+from cli_views import cost_bar, forecast_lines, outbox_view, status_view
 
 pytestmark = pytest.mark.prd200
 
@@ -161,3 +161,15 @@ def test_set_up_mistakes_are_pointed_out():
     )
     assert "pid 4242" in text and "own DATA_DIR" in text
     assert "the cloud has no handler for research.keyword (3 calls)" in text
+
+
+def test_forecast_lines_draw_each_day_and_say_where_the_month_is_heading():
+    from tests.test_status_page import march_forecast
+
+    text = render(forecast_lines(march_forecast() | {"hard_cap_date": None}))
+    lines = text.splitlines()
+    assert lines[0] == "daily spend ▁▅█▁▁▁▁▁▃ 1-9 Mar, max $20.00"
+    assert " ".join(lines[1:]) == (
+        "Projected $117.71 by 31 Mar at $3.71/day (the last 7 days' pace); "
+        "soft cap 13 Mar; hard cap not this month."
+    )

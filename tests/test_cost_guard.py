@@ -115,6 +115,10 @@ class WatchedStore:
         self._check()
         return await self.inner.by_action(month)
 
+    async def daily(self, month: str, day_starts: Any) -> Any:
+        self._check()
+        return await self.inner.daily(month, day_starts)
+
     async def overdue(self, created_before: datetime, limit: int) -> Any:
         self._check()
         return await self.inner.overdue(created_before, limit)
@@ -298,6 +302,48 @@ def kill_between_reserve_and_commit(
     worker.proc.wait(timeout=10)
 
 
+NEW_YORK = ZoneInfo("America/New_York")  # summer time starts 8 March 2026 at 02:00
+
+
+async def forecast_scenario(store: LedgerStore) -> dict[str, Any]:
+    """Spend on local days of March 2026 in New York, then return the guard's forecast.
+
+    The month's spend per day follows EVERREACH_TZ, not UTC, across the summer-time change;
+    what is still reserved counts, what was released does not, February's last evening is out.
+    """
+
+    def at(day: int, hour: int, minute: int = 0, month: int = 3) -> datetime:
+        return datetime(2026, month, day, hour, minute, tzinfo=NEW_YORK)
+
+    clock = FakeClock(at(28, 20, month=2))  # 1 March, 01:00 UTC: still February here
+    caps = {"monthly_cap_usd": Decimal("60"), "soft_cap_usd": Decimal("50")}
+    async with opened(store, clock=clock, tz=NEW_YORK, **caps) as guard:
+        await spend(guard, Decimal("40"))
+        for day, hour, minute, amount in ((2, 12, 0, "10"), (3, 23, 30, "20"), (9, 0, 30, "5")):
+            clock.now = at(day, hour, minute)  # 3 March 23:30 is already the 4th in UTC
+            await spend(guard, Decimal(amount))
+        await guard.reserve("dm.send", Decimal("1"), "still-open")
+        await guard.release(await guard.reserve("dm.send", Decimal("7"), "never-ran"))
+        snap = await guard.snapshot()
+    assert snap["month"] == "2026-03"
+    return dict(snap["forecast"])
+
+
+def assert_march_forecast(forecast: dict[str, Any]) -> None:
+    """What ``forecast_scenario`` must give, worked out by hand."""
+    daily = ["0.00", "10.00", "20.00", "0.00", "0.00", "0.00", "0.00", "0.00", "6.00"]
+    assert forecast["daily_usd"] == daily
+    assert forecast["as_of"] == "2026-03-09" and forecast["month_end"] == "2026-03-31"
+    pace = Decimal(26) / 7  # the last 7 days, the 3rd to the 9th
+    assert forecast["spent_usd"] == "36.00"
+    assert forecast["pace_usd_per_day"] == "3.71"
+    assert Decimal(forecast["projected_usd"]) == (36 + pace * 22).quantize(CENT)
+    # 14 more dollars at 26/7 a day: 4 days; 24 more: 7 days.
+    assert forecast["soft_cap_date"] == "2026-03-13"
+    assert forecast["hard_cap_date"] == "2026-03-16"
+    assert forecast["soft_cap_usd"] == "50.00" and forecast["hard_cap_usd"] == "60.00"
+
+
 # -- SQLite --------------------------------------------------------------------------------------
 
 
@@ -442,6 +488,23 @@ async def test_month_rolls_over_at_the_first_in_everreach_tz(ledger_path: Path) 
         await guard.commit(reservation)
         snap = await guard.snapshot()
     assert snap["month"] == "2026-02" and snap["spent_usd"] == "50.00"
+
+
+async def test_snapshot_forecasts_the_month_from_its_spend_per_local_day(
+    ledger_path: Path,
+) -> None:
+    assert_march_forecast(await forecast_scenario(SqliteLedgerStore(ledger_path)))
+
+
+async def test_snapshot_has_no_forecast_while_the_ledger_is_down(ledger_path: Path) -> None:
+    store = WatchedStore(SqliteLedgerStore(ledger_path))
+    async with opened(store) as guard:
+        await spend(guard, CENT)
+        assert (await guard.snapshot())["forecast"]["spent_usd"] == "0.01"
+        store.down = True
+        await guard.refresh()
+        snap = await guard.snapshot()
+    assert snap["healthy"] is False and snap["forecast"] is None
 
 
 def test_month_of_uses_the_zone() -> None:

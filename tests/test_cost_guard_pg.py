@@ -34,8 +34,10 @@ from tests.test_cost_guard import (
     FakeClock,
     WatchedStore,
     Worker,
+    assert_march_forecast,
     burst,
     cloud_never_saw_it,
+    forecast_scenario,
     kill_between_reserve_and_commit,
     never_ran_sweep,
     opened,
@@ -165,6 +167,10 @@ async def test_postgres_snapshot_per_action(postgres_dsn: str) -> None:
     assert snap["store"] == "postgres" and snap["healthy"] is True
 
 
+async def test_postgres_forecast_counts_spend_per_local_day(postgres_dsn: str) -> None:
+    assert_march_forecast(await forecast_scenario(PostgresLedgerStore(postgres_dsn)))
+
+
 # -- Supabase REST ---------------------------------------------------------------------------
 
 
@@ -268,6 +274,38 @@ async def test_supabase_and_postgres_stores_share_one_ledger(
         await direct.commit(await direct.reserve("dm.send", Decimal("2"), "r2"))
         await rest.refresh()
         assert rest.current_totals().committed_usd == Decimal("2")
+
+
+def make_it_a_version_2_ledger(dsn: str) -> None:
+    """The ledger as the previous release left it: no spend-per-day function."""
+    apply_migration(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP FUNCTION actp_cost_daily(text, text[])")
+        conn.execute(
+            "CREATE OR REPLACE FUNCTION actp_cost_schema_version() RETURNS integer "
+            "LANGUAGE sql IMMUTABLE AS $$ SELECT 2 $$"
+        )
+
+
+async def test_a_version_2_ledger_upgrades_itself_over_postgres(postgres_dsn: str) -> None:
+    make_it_a_version_2_ledger(postgres_dsn)
+    assert_march_forecast(await forecast_scenario(PostgresLedgerStore(postgres_dsn)))
+
+
+async def test_a_version_2_ledger_over_supabase_rest_asks_for_the_migration(
+    postgres_dsn: str, supabase_http: httpx.AsyncClient
+) -> None:
+    make_it_a_version_2_ledger(postgres_dsn)
+    with pytest.raises(ConfigError, match=r"schema version 2, this program needs 3: apply"):
+        async with opened(supabase_store(supabase_http)):
+            pass
+
+
+async def test_supabase_rest_forecast_counts_spend_per_local_day(
+    postgres_dsn: str, supabase_http: httpx.AsyncClient
+) -> None:
+    apply_migration(postgres_dsn)
+    assert_march_forecast(await forecast_scenario(supabase_store(supabase_http)))
 
 
 async def test_postgres_late_commit_is_recorded_and_release_is_idempotent(

@@ -129,3 +129,41 @@ async def test_the_ledger_survives_a_reopen(store, tmp_path: Path) -> None:
         assert (await reopened.totals(MONTH, NOW)).committed_usd == Decimal("0.3")
     finally:
         await reopened.close()
+
+
+def seed_ledger(data_dir: Path, spends: list[tuple[datetime, Decimal]], month: str) -> None:
+    """Commit ``spends`` (made at, cost) of ``month`` into DATA_DIR's ledger, before a server runs.
+
+    For tests of what a server shows about money already spent.
+    """
+
+    async def seed() -> None:
+        ledger = SqliteLedgerStore(data_dir / "cost_ledger.sqlite3")
+        await ledger.open()
+        try:
+            for n, (at, usd) in enumerate(spends):
+                cap = Decimal("1000000")
+                reserve = ReserveRequest(
+                    f"seed-{n}", month, "claude.complete", usd, f"s{n}", cap, at, 60.0
+                )
+                assert (await ledger.reserve(reserve)).accepted
+                assert (await ledger.settle(f"seed-{n}", usd, at)).changed
+        finally:
+            await ledger.close()
+
+    asyncio.run(seed())
+
+
+async def test_daily_sums_one_month_per_day_in_one_query(store) -> None:
+    starts = [datetime(2026, 3, day, tzinfo=UTC) for day in range(1, 32)]
+    starts.append(datetime(2026, 4, 1, tzinfo=UTC))
+    for rid, amount, at in [
+        ("a", "0.10", NOW),
+        ("b", "0.20", NOW),
+        ("c", "0.30", NOW + timedelta(days=1)),
+    ]:
+        assert (await store.reserve(request(rid, amount, now=at, ttl_s=7 * 86400))).accepted
+    await store.settle("a", Decimal("0.10"), NOW)  # committed
+    await store.settle("c", None, NOW)  # released: never ran, not spent
+    assert await store.daily(MONTH, starts) == {15: Decimal("0.300000")}  # b: still reserved
+    assert await store.daily("2026-04", starts) == {}

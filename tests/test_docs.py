@@ -468,7 +468,7 @@ def test_where_does_x_live_names_no_file_that_does_not_exist() -> None:
     assert not gone, f"index.md's Where does X live table names files that do not exist: {gone}"
 
 
-NOT_WIRED = {"rate_limits.py", "pacing.py", "pacing_stores.py", "spend_forecast.py"}
+NOT_WIRED = {"rate_limits.py", "pacing.py", "pacing_stores.py"}
 
 
 def dependency_rows() -> list[set[str]]:

@@ -8,7 +8,7 @@ from decimal import Decimal as D
 
 import pytest
 
-from spend_forecast import forecast, render_svg, sparkline
+from spend_forecast import day_starts, forecast, render_svg, report, sparkline
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -150,3 +150,27 @@ def test_the_svg_of_an_empty_month_is_well_formed() -> None:
     result = forecast([], today=date(2026, 2, 1), soft_cap_usd=D(0), hard_cap_usd=D(0))
     root = ET.fromstring(render_svg([], result))
     assert {line.get("class") for line in root.iter(f"{SVG}line")} >= {"cap soft", "cap hard"}
+
+
+def test_day_starts_are_local_midnights_across_the_summer_time_change() -> None:
+    from datetime import UTC, datetime
+    from zoneinfo import ZoneInfo
+
+    starts = day_starts("2026-03", ZoneInfo("America/New_York"))
+    assert len(starts) == 32  # the 31 days of March, then 1 April
+    assert starts[0] == datetime(2026, 3, 1, 5, tzinfo=UTC)  # EST, UTC-5
+    assert starts[8] == datetime(2026, 3, 9, 4, tzinfo=UTC)  # EDT from the 8th, UTC-4
+    assert starts[31] == datetime(2026, 4, 1, 4, tzinfo=UTC)
+    assert day_starts("2026-02", UTC)[-1] == datetime(2026, 3, 1, tzinfo=UTC)
+
+
+def test_report_lists_every_day_to_today_and_the_forecast() -> None:
+    body = report(
+        {2: D("1.5"), 4: D("0.000001"), 20: D("9")},  # the 20th is after today: left out
+        today=date(2026, 3, 4),
+        soft_cap_usd=D("3"),
+        hard_cap_usd=D("400"),
+    )
+    assert body["daily_usd"] == ["0.00", "1.50", "0.00", "0.000001"]
+    assert body["spent_usd"] == "1.500001" and body["pace_days"] == 7
+    assert body["soft_cap_date"] == "2026-03-08" and body["hard_cap_date"] is None

@@ -40,7 +40,9 @@ def test_page_is_one_self_contained_document():
     assert html.startswith("<!doctype html>") and html.rstrip().endswith("</html>")
     assert not re.search(r"<link|<iframe|<img|@import|url\(", html)
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
-    assert "http://" not in html and "https://" not in html
+    # The SVG namespace is a name (createElementNS), never fetched; no other URL is in the page.
+    names = html.replace('"http://www.w3.org/2000/svg"', "")
+    assert "http://" not in names and "https://" not in names
     assert html.count("<script>") == 1 and html.count("<style>") == 1
 
 
@@ -535,3 +537,194 @@ def test_dead_letter_buttons_ask_first_then_call_the_outbox_endpoints(busy_serve
         ("POST", f"/outbox/{DEAD_ID}/retry", f"Bearer {TOKEN}"),
         ("DELETE", f"/outbox/{DEAD_ID}", f"Bearer {TOKEN}"),
     ]
+
+
+# -- the spend forecast chart ---------------------------------------------------------------------
+
+SOFT_CAP_RGB = (0x9A, 0x67, 0x00)  # --warn and --bad of the light theme
+HARD_CAP_RGB = (0xCF, 0x22, 0x2E)
+CHART = "#cost svg.forecast"
+
+
+def png_pixels(data: bytes) -> tuple[int, list[list[tuple[int, int, int]]]]:
+    """Width and RGB rows of an 8-bit, non-interlaced RGB or RGBA PNG (what Chromium writes)."""
+    import struct
+    import zlib
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, header = 8, b"", b""
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        header, idat = (
+            (body, idat) if kind == b"IHDR" else (header, idat + body * (kind == b"IDAT"))
+        )
+        pos += 12 + length
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", header)
+    assert depth == 8 and colour in (2, 6) and interlace == 0, (depth, colour, interlace)
+    size = 3 if colour == 2 else 4
+    raw, stride, prev = zlib.decompress(idat), width * size, bytearray(width * size)
+    rows = []
+    for y in range(height):
+        kind, line = (
+            raw[y * (stride + 1)],
+            bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)]),
+        )
+        for i in range(stride):
+            a, b = line[i - size] if i >= size else 0, prev[i]
+            c = prev[i - size] if i >= size else 0
+            p = a + b - c
+            pred = (
+                a
+                if abs(p - a) <= min(abs(p - b), abs(p - c))
+                else b
+                if abs(p - b) <= abs(p - c)
+                else c
+            )
+            line[i] = (line[i] + (0, a, b, (a + b) // 2, pred)[kind]) & 0xFF
+        rows.append([tuple(line[i : i + 3]) for i in range(0, stride, size)])
+        prev = line
+    return width, rows  # type: ignore[return-value]
+
+
+def coloured(row: list[tuple[int, int, int]], rgb: tuple[int, int, int], x0: int, x1: int) -> int:
+    """How many pixels of ``row[x0:x1]`` are ``rgb`` (give or take 6 per channel)."""
+    return sum(all(abs(p - q) <= 6 for p, q in zip(px, rgb, strict=True)) for px in row[x0:x1])
+
+
+def march_forecast() -> dict[str, Any]:
+    """cost.forecast as /status gives it: 9 days of March, 3 with spend, both caps this month."""
+    daily = ["0.00", "10.00", "20.00", "0.00", "0.00", "0.00", "0.00", "0.00", "6.00"]
+    return {
+        "as_of": "2026-03-09",
+        "month_end": "2026-03-31",
+        "spent_usd": "36.00",
+        "pace_usd_per_day": "3.71",
+        "projected_usd": "117.71",
+        "soft_cap_usd": "50.00",
+        "hard_cap_usd": "60.00",
+        "soft_cap_date": "2026-03-13",
+        "hard_cap_date": "2026-03-16",
+        "pace_days": 7,
+        "daily_usd": daily,
+    }
+
+
+@pytest.fixture
+def forecast_server() -> Iterator[str]:
+    """A stand-in server whose /status carries a March forecast that passes both caps."""
+    status = busy_status()
+    status["cost"] |= {
+        "spent_usd": "36.00",
+        "reserved_usd": "0.00",
+        "remaining_usd": "24.00",
+        "soft_cap_usd": "50.00",
+        "hard_cap_usd": "60.00",
+        "soft_cap_reached": False,
+        "by_action": {"research.keyword": "36.00"},
+        "forecast": march_forecast(),
+    }
+    page, body = render_status_page().encode(), json.dumps(status).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            data, kind = (page, "text/html") if self.path == "/" else (body, "application/json")
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+def chart_facts(browser: Chromium) -> dict[str, Any]:
+    return dict(
+        browser.eval(f"""(() => {{
+        const svg = document.querySelector({json.dumps(CHART)});
+        const box = (n) => {{ const r = n.getBoundingClientRect();
+                             return [r.left, r.top, r.right, r.bottom]; }};
+        return {{
+            bars: svg.querySelectorAll("rect.day").length,
+            points: svg.querySelector("polyline.spent").getAttribute("points").split(" ").length,
+            caps: [...svg.querySelectorAll("line.cap")].map((l) =>
+                [l.getAttribute("class"), l.dataset.usd, box(l)]),
+            chart: box(svg),
+            card: document.querySelector("#cost").clientWidth,
+            text: document.querySelector("#cost .forecast-text").textContent,
+        }};
+    }})()""")
+    )
+
+
+def test_page_draws_the_forecast_with_both_caps_as_lines(forecast_server, browser, tmp_path):
+    browser.open(f"{forecast_server}/")
+    browser.wait_for(f"document.querySelector({json.dumps(CHART)}) !== null", what="the chart")
+    facts = chart_facts(browser)
+    assert facts["bars"] == 3  # the three days with spend
+    assert facts["points"] == 10  # the 1st's start, then the end of each of the 9 days
+    assert [(cls, usd) for cls, usd, _ in facts["caps"]] == [("cap soft", "50"), ("cap hard", "60")]
+    soft_box, hard_box = facts["caps"][0][2], facts["caps"][1][2]
+    assert hard_box[1] < soft_box[1]  # the higher cap is drawn higher
+    assert facts["chart"][2] - facts["chart"][0] <= facts["card"]  # fits its card
+    assert facts["text"] == (
+        "Projected $117.71 by 31 Mar at $3.71/day (the last 7 days' pace); "
+        "soft cap 13 Mar; hard cap 16 Mar."
+    )
+    assert browser.eval("window.__pwned === undefined") is True
+
+    width, rows = png_pixels(browser.screenshot(tmp_path / "status-page-forecast.png").read_bytes())
+    assert width == 1280  # one CSS pixel per screenshot pixel
+    for rgb, (left, top, right, bottom) in ((SOFT_CAP_RGB, soft_box), (HARD_CAP_RGB, hard_box)):
+        x0, x1 = round(left), round(right)
+        on_line = max(coloured(rows[y], rgb, x0, x1) for y in range(int(top), int(bottom) + 1))
+        assert on_line >= (x1 - x0) // 3, f"too few {rgb} pixels along the cap line: {on_line}"
+        above = coloured(rows[int(top) - 8], rgb, x0, x1)
+        assert above == 0, f"{rgb} pixels away from the line: {above}"
+
+
+def test_page_without_a_forecast_draws_no_chart(hostile_server, browser):
+    browser.open(f"{hostile_server}/")
+    browser.wait_for("!document.getElementById('main').hidden", what="the status to render")
+    assert browser.eval(f"document.querySelector({json.dumps(CHART)}) === null") is True
+    assert "$391.50" in browser.text("#cost")
+
+
+@pytest.mark.e2e
+def test_page_draws_the_ledgers_spend_of_today_against_the_caps(server_factory, browser, tmp_path):
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    from tests.test_cost_ledger import seed_ledger
+
+    now = datetime.now(UTC)
+    data = tmp_path / "seeded" / "data"
+    seed_ledger(
+        data, [(now, Decimal("20")), (now, Decimal("10"))], f"{now:%Y-%m}"
+    )  # at most $30 a day: never $1000 this month
+    server = server_factory(
+        DATA_DIR=str(data), EVERREACH_TZ="UTC", MONTHLY_COST_CAP="1000", COST_SOFT_CAP="20"
+    )
+    browser.open(f"{server.url}/")
+    browser.wait_for(f"document.querySelector({json.dumps(CHART)}) !== null", what="the chart")
+    facts = chart_facts(browser)
+    assert facts["bars"] == 1  # only today has spend
+    assert facts["points"] == now.day + 1
+    assert [(cls, usd) for cls, usd, _ in facts["caps"]] == [
+        ("cap soft", "20"),
+        ("cap hard", "1000"),
+    ]
+    assert f"soft cap {now.day} {now:%b}; hard cap not this month." in facts["text"]
+    assert browser.eval(f"document.querySelector('{CHART} rect.day title').textContent") == (
+        f"day {now.day}: $30.00"
+    )
+    browser.screenshot(tmp_path / "status-page-forecast-live.png")

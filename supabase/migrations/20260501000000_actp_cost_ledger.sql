@@ -42,7 +42,7 @@ ALTER TABLE actp_cost_log ENABLE ROW LEVEL SECURITY;
 ALTER TABLE actp_cost_month ENABLE ROW LEVEL SECURITY;
 
 CREATE OR REPLACE FUNCTION actp_cost_schema_version() RETURNS integer
-LANGUAGE sql IMMUTABLE AS $$ SELECT 2 $$;
+LANGUAGE sql IMMUTABLE AS $$ SELECT 3 $$;
 
 CREATE OR REPLACE FUNCTION actp_cost_totals_json(p_month text, p_committed numeric,
                                                  p_reserved numeric) RETURNS jsonb
@@ -194,6 +194,22 @@ LANGUAGE sql STABLE AS $$
              GROUP BY action) AS per_action
 $$;
 
+-- Month-to-date spend per day (committed, plus what is still reserved), for the forecast.
+-- p_day_starts: the instants the month's local days start, then the next month's first (the
+-- caller's EVERREACH_TZ decides them); day n holds the calls made in [start n, start n+1).
+CREATE OR REPLACE FUNCTION actp_cost_daily(p_month text, p_day_starts text[]) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_starts timestamptz[] := p_day_starts::timestamptz[];  -- cast once, not per row
+BEGIN
+    RETURN (SELECT coalesce(jsonb_object_agg(day, usd::text), '{}'::jsonb)
+              FROM (SELECT width_bucket(created_at, v_starts) AS day, sum(cost_usd) AS usd
+                      FROM actp_cost_log
+                     WHERE month = p_month AND status <> 'released'
+                     GROUP BY 1) AS per_day);
+END
+$$;
+
 -- A log row as the guard's sweep and reports read it; money as text, like the totals.
 CREATE OR REPLACE FUNCTION actp_cost_row_json(r actp_cost_log) RETURNS jsonb
 LANGUAGE sql IMMUTABLE AS $$
@@ -226,6 +242,7 @@ REVOKE ALL ON FUNCTION actp_cost_settle(text, numeric, timestamptz) FROM PUBLIC;
 REVOKE ALL ON FUNCTION actp_cost_totals(text, timestamptz) FROM PUBLIC;
 REVOKE ALL ON FUNCTION actp_cost_expire_month(text, timestamptz) FROM PUBLIC;
 REVOKE ALL ON FUNCTION actp_cost_by_action(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION actp_cost_daily(text, text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION actp_cost_overdue(timestamptz, integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION actp_cost_overruns(text) FROM PUBLIC;
 
@@ -242,6 +259,7 @@ BEGIN
                            'actp_cost_totals(text, timestamptz), '
                            'actp_cost_expire_month(text, timestamptz), '
                            'actp_cost_by_action(text), '
+                           'actp_cost_daily(text, text[]), '
                            'actp_cost_overdue(timestamptz, integer), '
                            'actp_cost_overruns(text) FROM %I', v_role);
         END IF;
@@ -254,6 +272,7 @@ BEGIN
                                   actp_cost_totals(text, timestamptz),
                                   actp_cost_expire_month(text, timestamptz),
                                   actp_cost_by_action(text),
+                                  actp_cost_daily(text, text[]),
                                   actp_cost_overdue(timestamptz, integer),
                                   actp_cost_overruns(text) TO service_role;
     END IF;
