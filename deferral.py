@@ -136,15 +136,16 @@ class Deferral:
     def schedule_time(self, not_before: datetime | None, delay_s: float | None) -> datetime | None:
         """When a scheduled call runs (None: now); ``InvalidParams`` past the horizon."""
         now = self._clock()
-        when = now + timedelta(seconds=delay_s) if delay_s is not None else not_before
-        if when is None or when <= now:
-            return None
-        if (when - now).total_seconds() > self.horizon_s:
+        ahead_s = delay_s if delay_s is not None else 0.0
+        if not_before is not None:
+            ahead_s = (not_before - now).total_seconds()
+        if ahead_s > self.horizon_s:
+            when = not_before or f"{delay_s:g} s from now"
             raise InvalidParams(
                 f"an action may be scheduled at most {self.horizon_s / 86400:g} days ahead; "
-                f"{when.isoformat()} is further"
+                f"{when} is further"
             )
-        return when
+        return None if ahead_s <= 0 else now + timedelta(seconds=ahead_s)
 
     async def gate(
         self,
@@ -240,9 +241,13 @@ class Deferral:
             await self.pacer.release(item.action, item.pace_slot)
         return item
 
-    async def snapshot(self) -> list[dict[str, Any]]:
-        """Each limit for ``/status``: used / max, next free slot, deferred items, backlog."""
-        return [limit.as_json() for limit in await self.pacer.snapshot()]
+    async def snapshot(self) -> dict[str, Any]:
+        """``/status`` ``rate_limits``: the file, the store, and each limit's window."""
+        return {
+            "file": self.pacer.limits.source,
+            "store": self.pacer.store.name,
+            "limits": [limit.as_json() for limit in await self.pacer.snapshot()],
+        }
 
 
 class DueLoop:

@@ -178,6 +178,7 @@ class InstanceStatus:
             "circuits": {"local": p.local.circuits(), "cloud": p.cloud_circuit()},
             "cost": await p.cost_guard.snapshot(),
             "outbox": await p.outbox.snapshot(),
+            "rate_limits": await self._rate_limits(),
             "dead_letters": [
                 {
                     "id": i.id,
@@ -197,6 +198,11 @@ class InstanceStatus:
             "actions": p.registry.actions(),
             "data_dir_shared_with": p.data_dir_shared_with,
         }
+
+    async def _rate_limits(self) -> dict[str, Any] | None:
+        """Each pacing limit: used / max now, next free slot, deferred items, backlog."""
+        deferral = self.parts.orchestrator.deferral
+        return None if deferral is None else await deferral.snapshot()
 
     # -- system.self_test -----------------------------------------------------------------------
 
