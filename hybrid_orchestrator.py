@@ -205,7 +205,10 @@ class HybridOrchestrator:
                 route = self.route_table.get(action)
                 ladder = plan(action, route, self._state(action, route, force_env))
                 call = _Call(action, params, request_id, route, ladder.env, started)
-                envelope = await self._gate(call, not_before) or await self._walk(ladder, call)
+                kept = self.deferral and await self.deferral.answer(  # pacing, schedules
+                    action, params, request_id, route.side_effect, not_before, started=started
+                )
+                envelope = kept or await self._walk(ladder, call)
         except ActionError as exc:
             envelope = self._fault(action, exc, request_id, started)
         except Exception as exc:
@@ -350,13 +353,6 @@ class HybridOrchestrator:
     async def _serve_here(self, call: _Call) -> Envelope:
         result = await self.local.run(call.action, call.params)
         return call.success(result, Source.CLOUD, attempts=1, cost_usd=self._rate(call.action))
-
-    async def _gate(self, call: _Call, not_before: datetime | None) -> Envelope | None:
-        """Pacing and schedules (deferral.py): None to run now, else the 202 of a kept item."""
-        if self.deferral is None:
-            return None
-        args = call.action, call.params, call.request_id, call.route.side_effect, not_before
-        return await self.deferral.answer(*args, started=call.started)
 
     async def _queue(self, call: _Call, cause: ActionError) -> Envelope:
         """Keep a side effect the cloud could not take in the outbox, to send it later."""

@@ -321,3 +321,22 @@ async def test_cancelling_gives_the_slot_back(tmp_path):
         await pacer.aclose()
         await outbox.close()
     await asyncio.sleep(0)
+
+
+def test_cron_jobs_are_paced_like_dispatches(app_client, tmp_path):
+    log = tmp_path / "runs.jsonl"
+    schedules = tmp_path / "schedules.json"
+    job = {"id": "dm", "action": "dm.send", "params": {"log": str(log)}, "interval_sec": 1}
+    schedules.write_text(json.dumps([job]))
+    client = _local(
+        app_client,
+        tmp_path,
+        {"dm.send": {"max": 1, "per_sec": 3600}},
+        SCHEDULES_PATH=str(schedules),
+    )
+
+    def deferred() -> int:
+        return int(client.get("/status").json()["outbox"]["deferred"])
+
+    _poll(lambda: deferred() >= 2, "two fires of the job to be deferred")
+    assert len(_lines(log)) == 1  # one run in the window; the later fires wait their turn
