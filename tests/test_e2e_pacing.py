@@ -165,3 +165,25 @@ def test_a_scheduled_action_cancelled_before_its_time_never_runs(server_factory,
     assert [r["id"] for r in runs(log)] == ["kept"]
     again = httpx.delete(f"{terminal.url}/outbox/{kept['outbox_id']}", timeout=10)
     assert again.status_code == 404 and "sent already" in again.json()["detail"]
+
+
+def test_the_clouds_own_limit_defers_on_the_terminal_and_never_runs_twice(server_factory, tmp_path):
+    log = tmp_path / "cloud-runs.jsonl"
+    limits = tmp_path / "cloud-limits.json"
+    limits.write_text(json.dumps({"dm.send": {"max": 1, "per_sec": 3}}))
+    cloud = server_factory(
+        name="cloud",
+        EVERREACH_ENV="cloud",
+        EVERREACH_CLOUD_KEY=KEY,
+        RATE_LIMITS_PATH=str(limits),
+    )
+    terminal = start_terminal(server_factory, tmp_path, cloud, {})  # no limits of its own
+    answers = [send(terminal, f"c{i}", log) for i in range(3)]
+    assert [a.status_code for a in answers] == [200, 202, 202]
+    assert all(a.json()["deferred_until"] for a in answers[1:])
+    wait_for(lambda: len(runs(log)) >= 3, what="the sends the cloud deferred")
+    wait_for(lambda: status(terminal)["outbox"]["depth"] == 0, what="the outbox to empty")
+    done = runs(log)
+    assert Counter(r["id"] for r in done) == Counter(["c0", "c1", "c2"])
+    assert most_in_a_window([r["at"] for r in done], 3) == 1
+    assert status(terminal)["circuits"]["cloud"] == "closed"
