@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from background_task import BackgroundTask
 from envelope import Envelope, rfc3339
 from errors import Indeterminate, InvalidParams, KeyBusy, RateLimited
-from pacing import Decision, Op, Outcome, Pacer, PaceStore, Slot
+from pacing import Decision, Op, Outcome, Pacer, PaceReason, PaceStore, Slot
 from params_digest import params_hash
 from rate_limits import RateLimits
 from service_registry import idempotency_key_scope
@@ -106,7 +106,7 @@ def _rate_limited(action: str, decision: Decision) -> RateLimited:
     assert decision.not_before is not None
     why = (
         "the pacing store is not answering (fail closed)"
-        if decision.reason.value == "store_unavailable"
+        if decision.reason is PaceReason.STORE_UNAVAILABLE
         else f"over the rate limit {decision.limit}"
     )
     return RateLimited(
@@ -273,6 +273,9 @@ class DueLoop:
     def poke(self) -> None:
         self._wake.set()
 
+    async def _has_due(self) -> bool:
+        return bool(await self._outbox.pending(limit=1))
+
     def start(self) -> None:
         self._task.start(self._run)
 
@@ -283,13 +286,13 @@ class DueLoop:
         backoff_s = 0.0
         while True:
             self._wake.clear()
-            if self._is_online() and await self._outbox.has_due():
+            if self._is_online() and await self._has_due():
                 try:
                     await self._replay()
                 except Exception:
                     log.exception("sending due outbox items failed")
                 # Still due: the cloud refused or is down; do not spin on it.
-                blocked = await self._outbox.has_due()
+                blocked = await self._has_due()
                 backoff_s = min(max(1.0, backoff_s * 2), self._max_backoff_s) if blocked else 0.0
             nxt = await self._outbox.next_due()
             wait_s = self._idle_s

@@ -354,15 +354,6 @@ class Outbox:
         )
         return _when(due)
 
-    async def has_due(self) -> bool:
-        """Whether a pending item is due now."""
-        row = await self._db.run(
-            lambda conn: conn.execute(
-                f"SELECT 1 FROM hybrid_outbox WHERE {_DUE} LIMIT 1", (self._clock(),)
-            ).fetchone()
-        )
-        return row is not None
-
     async def depth(self) -> int:
         """Number of pending items."""
         return await self._count(OutboxStatus.PENDING)

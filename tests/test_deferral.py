@@ -9,13 +9,16 @@ import asyncio
 import itertools
 import json
 import sqlite3
+import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import service_registry
 from deferral import Deferral
 from errors import ConfigError, RateLimited
 from outbox import Outbox
@@ -23,6 +26,24 @@ from pacing import Pacer
 from pacing_stores import RedisPaceStore
 from rate_limits import RateLimits
 from tests.conftest import free_port
+
+SERVICES = ("tests.e2e_services",)
+
+
+@pytest.fixture(autouse=True)
+def _private_registry() -> Iterator[None]:
+    """The apps here import tests.e2e_services into a @register table of their own, so that
+    its actions do not clash with the modules later tests import (the table is put back)."""
+    table = service_registry._DECLARED
+    saved = {name: sys.modules.pop(name) for name in SERVICES if name in sys.modules}
+    service_registry._DECLARED = {}
+    try:
+        yield
+    finally:
+        service_registry._DECLARED = table
+        for name in SERVICES:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
 
 
 def _limits(tmp_path: Path, limits: dict[str, Any]) -> str:
