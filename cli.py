@@ -6,6 +6,7 @@
     everreach status | cost | outbox [--json]      GET /status as tables (or raw JSON)
     everreach outbox retry ID|--all [--yes]        queue dead letters again (POST /outbox/ID/retry)
     everreach outbox drop ID [--yes]               drop a dead letter or cancel a queued item
+    everreach outbox cancel ID                     cancel a deferred or scheduled item
     everreach routes [--json]                      the route table; needs no server
 
 Exit codes (``ExitCode``): 0 ok; 1 the action failed or no server answered; 2 bad usage or bad
@@ -23,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from cli_client import CliFailure, ExitCode
+from cli_client import CliFailure, ExitCode, parse_duration
 from cli_commands import (
     Io,
     cmd_batch,
@@ -168,6 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="8-200 characters; a repeat returns the first answer",
     )
+    when = dispatch.add_mutually_exclusive_group()
+    when.add_argument(
+        "--at", metavar="TIME", help="run it at this RFC 3339 time, e.g. 2030-01-02T09:00:00Z"
+    )
+    when.add_argument(
+        "--in",
+        dest="delay",
+        metavar="DURATION",
+        type=parse_duration,
+        help="run it after this long: 90s, 10m, 2h, 1d, 1h30m",
+    )
     dispatch.set_defaults(handler=cmd_dispatch)
 
     batch = _command(sub, "batch", [client])
@@ -191,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         _command(sub, name, [client, as_json]).set_defaults(handler=handler)
     outbox = _command(sub, "outbox", [client, as_json])
     outbox.set_defaults(handler=cmd_outbox, outbox_command=None)
-    outbox_sub = outbox.add_subparsers(dest="outbox_command", metavar="retry|drop")
+    outbox_sub = outbox.add_subparsers(dest="outbox_command", metavar="retry|drop|cancel")
     yes = argparse.ArgumentParser(add_help=False)
     yes.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     retry = outbox_sub.add_parser(
@@ -207,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
         "drop", parents=[client, yes], help="drop a dead letter, or cancel a queued item"
     )
     drop.add_argument("item_id", metavar="ID", help="the outbox item's id")
+    cancel = outbox_sub.add_parser(
+        "cancel", parents=[client], help="cancel a deferred or scheduled item before it runs"
+    )
+    cancel.add_argument("item_id", metavar="ID", help="the outbox_id its dispatch answered")
     routes = _command(sub, "routes", [as_json])
     routes.set_defaults(handler=cmd_routes)
     return parser

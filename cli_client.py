@@ -7,9 +7,12 @@ the server is almost always on loopback, and an HTTP_PROXY from the environment 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
+import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -207,3 +210,24 @@ def summarize(results: Sequence[Mapping[str, Any]], duration_ms: float) -> dict[
         "by_source": by_source,
         "duration_ms": round(duration_ms, 3),
     }
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of ``90s``, ``10m``, ``2h``, ``1d``, ``1h30m`` (or a bare number of seconds)."""
+    value = text.strip().lower()
+    try:
+        seconds = float(value)
+    except ValueError:
+        parts = _DURATION_RE.findall(value)
+        if not parts or "".join(n + u for n, u in parts) != value:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a duration: use e.g. 90s, 10m, 2h, 1d or 1h30m"
+            ) from None
+        seconds = sum(float(n) * _UNIT_S[u] for n, u in parts)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration must be 0 or more seconds")
+    return seconds

@@ -90,6 +90,10 @@ def cmd_dispatch(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
         body["force_env"] = args.force_env
     if args.idempotency_key:
         body["idempotency_key"] = args.idempotency_key
+    if getattr(args, "at", None):
+        body["not_before"] = args.at
+    if getattr(args, "delay", None) is not None:
+        body["delay_sec"] = args.delay
     response = request(server, "POST", "/dispatch", body)
     envelope = json_body(response)
     io.json(envelope)
@@ -97,7 +101,14 @@ def cmd_dispatch(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
         raise CliFailure(token_problem(server, envelope))
     if response.status_code == 202:
         outbox_id = envelope.get("outbox_id") if isinstance(envelope, dict) else None
-        io.say(f"queued in the outbox (id {outbox_id}); it is sent when the cloud is reachable")
+        until = envelope.get("deferred_until") if isinstance(envelope, dict) else None
+        if until:
+            io.say(
+                f"kept in the outbox (id {outbox_id}) until {until}; "
+                f"cancel it with: everreach outbox cancel {outbox_id}"
+            )
+        else:
+            io.say(f"queued in the outbox (id {outbox_id}); it is sent when the cloud is reachable")
         return ExitCode.QUEUED
     if response.status_code == 200 and isinstance(envelope, dict) and envelope.get("ok"):
         return ExitCode.OK
@@ -268,6 +279,8 @@ def cmd_outbox(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
         return _outbox_retry(args, config, io)
     if args.outbox_command == "drop":
         return _outbox_drop(args, config, io)
+    if args.outbox_command == "cancel":
+        return _outbox_cancel(args, config, io)
     status = fetch_status(_server(args, config, VIEW_TIMEOUT_S))
     if args.json:
         io.json({"outbox": status.get("outbox"), "dead_letters": status.get("dead_letters")})
@@ -328,6 +341,13 @@ def _outbox_drop(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
         raise CliFailure(f"outbox item {args.item_id} left as it is", ExitCode.FAILED)
     body = json_body(_outbox_call(server, "DELETE", f"/outbox/{args.item_id}"))
     io.say(f"outbox item {args.item_id} ({body.get('action')}) dropped")
+    return ExitCode.OK
+
+
+def _outbox_cancel(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
+    server = _server(args, config, VIEW_TIMEOUT_S)
+    body = json_body(_outbox_call(server, "DELETE", f"/outbox/{args.item_id}"))
+    io.say(f"outbox item {args.item_id} ({body.get('action')}) cancelled: it will not run")
     return ExitCode.OK
 
 

@@ -166,6 +166,7 @@ def status_view(status: Mapping[str, Any], now: datetime | None = None) -> list[
         circuit_rows.append(("local", "every handler closed"))
     parts.append(_kv("Circuits", circuit_rows))
     parts.extend(outbox_view(status, now))
+    parts.extend(rate_limits_view(status.get("rate_limits"), now))
     parts.append(_jobs_table(status.get("scheduler"), now))
     bus = status.get("bus") or {}
     cache = status.get("cache") or {}
@@ -227,6 +228,26 @@ def _jobs_table(scheduler: Any, now: datetime | None) -> RenderableType:
     return table
 
 
+def rate_limits_view(pacing: Any, now: datetime | None = None) -> list[RenderableType]:
+    """Each pacing limit: used / max in its window, next free slot, deferred items, backlog."""
+    if not isinstance(pacing, dict) or not pacing.get("limits"):
+        return []
+    table = Table(title=f"Rate limits ({pacing.get('store', '?')} store)", title_justify="left")
+    for column in ("limit", "used / max", "window", "next free", "deferred", "backlog"):
+        table.add_column(column, justify="left" if column in ("limit", "next free") else "right")
+    for limit in pacing["limits"]:
+        up = limit.get("available", True)
+        table.add_row(
+            str(limit.get("key")),
+            f"{limit.get('used', 0)} / {limit.get('max', '?')}" if up else "store down",
+            _duration(_num(limit.get("per_sec"))),
+            _when(limit.get("next_free_at"), now) if limit.get("next_free_at") else "now",
+            str(limit.get("deferred", 0)),
+            _duration(_num(limit.get("backlog_s"))),
+        )
+    return [table]
+
+
 def outbox_view(status: Mapping[str, Any], now: datetime | None = None) -> list[RenderableType]:
     """The outbox: pending depth, dead letters and their errors."""
     outbox = status.get("outbox") or {}
@@ -235,6 +256,7 @@ def outbox_view(status: Mapping[str, Any], now: datetime | None = None) -> list[
             "Outbox",
             [
                 ("pending", str(outbox.get("depth", 0))),
+                ("waiting for their time", str(outbox.get("deferred", 0))),
                 ("dead letters", str(outbox.get("dead_letters", 0))),
                 ("oldest pending", _when(outbox.get("oldest_pending_at"), now)),
             ],

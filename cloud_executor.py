@@ -30,6 +30,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -50,6 +51,7 @@ from errors import (
     Indeterminate,
     InvalidParams,
     KeyBusy,
+    RateLimited,
     Source,
     UnknownAction,
 )
@@ -292,6 +294,10 @@ class CloudExecutor:
                     never_ran=False,
                 )
             return body["result"], _cost(body.get("cost_usd"))
+        if status == 429 and isinstance(body, dict) and body.get("error") == "rate_limited":
+            # Over the cloud's pacing limit: a definite answer, not a fault (no retry, and the
+            # breaker hears the cloud is up); the caller defers a side effect until then.
+            raise RateLimited(f"the cloud: {detail}", not_before=_not_before(body, response))
         if status == 429:
             raise _Retry(
                 CloudUnavailable(f"the cloud is rate limiting (429): {detail}", never_ran=True),
@@ -384,6 +390,17 @@ def _cost(value: Any) -> Decimal | None:
     except InvalidOperation:
         return None
     return cost if cost.is_finite() and 0 <= cost <= MAX_RATE_USD else None
+
+
+def _not_before(body: dict[str, Any], response: httpx.Response) -> datetime:
+    """When the cloud says a rate-limited call may run: ``deferred_until``, else Retry-After."""
+    try:
+        when = datetime.fromisoformat(str(body.get("deferred_until")))
+        if when.tzinfo is not None:
+            return when
+    except ValueError:
+        pass
+    return datetime.now(UTC) + timedelta(seconds=_retry_after_s(response) or 1.0)
 
 
 def _retry_after_s(response: httpx.Response) -> float | None:

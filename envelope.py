@@ -1,16 +1,19 @@
 """The result envelope every path returns, built in this one place.
 
 An ``Envelope`` is frozen: the named constructors (``success``, ``failure``, ``queued_in_outbox``,
-``conflict``, ``too_large``) take every field the outcome has, so nothing changes it afterwards.
+``deferred``, ``conflict``, ``too_large``) take every field the outcome has, so nothing changes
+it afterwards.
 ``outcome`` is the one short word a dispatch ended with (``ok``, ``queued`` or the error code),
 shared by the log line, the metrics and the ``/status`` counts.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -23,6 +26,7 @@ from errors import (
     InvalidParams,
     KeyBusy,
     PayloadTooLarge,
+    RateLimited,
     Source,
 )
 
@@ -81,6 +85,8 @@ class Envelope:
     outbox_id: str | None = None
     # The serving instance's price when it refused a call over the caller's Cost-Limit.
     price_usd: Decimal | None = None
+    # When a deferred (or scheduled) action is sent, or when a rate-limited one may be asked again.
+    deferred_until: datetime | None = None
     # Where the router sent the call; for logs and metrics, not part of the JSON body.
     env: Env | None = None
 
@@ -148,6 +154,7 @@ class Envelope:
             cached=cached,
             cached_at=cached_at,
             price_usd=exc.price_usd if isinstance(exc, CostLimitExceeded) else None,
+            deferred_until=exc.not_before if isinstance(exc, RateLimited) else None,
             env=env,
         )
 
@@ -176,6 +183,33 @@ class Envelope:
             cost_guard_triggered=cost_guard_triggered,
             queued=True,
             outbox_id=outbox_id,
+            env=env,
+        )
+
+    @classmethod
+    def deferred(
+        cls,
+        action: str,
+        *,
+        outbox_id: str,
+        request_id: str,
+        deferred_until: datetime,
+        detail: str,
+        duration_ms: float = 0.0,
+        env: Env | None = None,
+    ) -> Envelope:
+        """Build the 202 envelope of an action kept in the outbox until ``deferred_until``
+        (over a pacing limit, or scheduled)."""
+        return cls(
+            ok=False,
+            action=action,
+            source=Source.OUTBOX,
+            detail=detail,
+            duration_ms=duration_ms,
+            request_id=request_id,
+            queued=True,
+            outbox_id=outbox_id,
+            deferred_until=deferred_until,
             env=env,
         )
 
@@ -232,4 +266,18 @@ class Envelope:
         if self.queued:
             body["queued"] = True
             body["outbox_id"] = self.outbox_id
+        if self.deferred_until is not None:
+            body["deferred_until"] = rfc3339(self.deferred_until)
         return body
+
+    def retry_after(self) -> str | None:
+        """The ``Retry-After`` header value of a rate-limited answer (whole seconds)."""
+        if self.error is not ErrorCode.RATE_LIMITED or self.deferred_until is None:
+            return None
+        wait = (self.deferred_until - datetime.now(UTC)).total_seconds()
+        return str(max(1, math.ceil(wait)))
+
+
+def rfc3339(when: datetime) -> str:
+    """``when`` in UTC as RFC 3339 with milliseconds: ``2026-01-02T03:04:05.678Z``."""
+    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -14,6 +14,7 @@
         │   └── Forbidden                403  unauthorized (cross-site, or public without a token)
         ├── PayloadTooLarge              413  payload_too_large
         ├── CostCapReached               429  cost_cap_reached
+        ├── RateLimited                  429  rate_limited (over a pacing limit; Retry-After)
         ├── CostLimitExceeded            402  cost_limit_exceeded (the call's price > Cost-Limit)
         ├── StorageUnavailable           503  storage_unavailable (disk full, a store not answering)
         ├── CircuitOpen                  503  circuit_open
@@ -30,6 +31,7 @@ result envelope; these exceptions are faults, turned into envelopes and HTTP sta
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -71,6 +73,7 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     STORAGE_UNAVAILABLE = "storage_unavailable"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    RATE_LIMITED = "rate_limited"
 
 
 class EverReachError(Exception):
@@ -158,6 +161,21 @@ class CostCapReached(ActionError):
     code = ErrorCode.COST_CAP_REACHED
     http_status = 429
     NEVER_RAN = True
+
+
+class RateLimited(ActionError):
+    """Over a pacing limit (``RATE_LIMITS_PATH``): nothing ran; ask again at ``not_before``.
+
+    Never counted against a circuit: it says nothing about the health of whoever answers it.
+    """
+
+    code = ErrorCode.RATE_LIMITED
+    http_status = 429
+    NEVER_RAN = True
+
+    def __init__(self, detail: str, *, not_before: datetime, **kwargs: Any) -> None:
+        super().__init__(detail, **kwargs)
+        self.not_before = not_before
 
 
 class CostLimitExceeded(ActionError):
@@ -276,6 +294,7 @@ HTTP_STATUS_BY_CODE: dict[ErrorCode, int] = {
         Unauthorized,
         PayloadTooLarge,
         CostCapReached,
+        RateLimited,
         CostLimitExceeded,
         StorageUnavailable,
         CircuitOpen,

@@ -15,6 +15,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ from errors import (
     InvalidParams,
     KeyBusy,
     Offline,
+    RateLimited,
     Source,
     UnknownAction,
     storage_fault,
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
     from connectivity_check import ConnectivityChecker
     from cost_guard import CostGuard, Spend
     from cost_rates import CostRates
+    from deferral import Deferral
     from offline_cache import OfflineCache
     from outbox import Outbox
 
@@ -118,6 +121,7 @@ class HybridOrchestrator:
         cache: OfflineCache | None = None,
         outbox: Outbox | None = None,
         observer: DispatchObserver | None = None,
+        deferral: Deferral | None = None,
     ) -> None:
         self.config = config
         self.env = config.everreach_env
@@ -132,6 +136,7 @@ class HybridOrchestrator:
         self.cache = cache
         self.outbox = outbox
         self.observer = observer or DispatchObserver()
+        self.deferral = deferral  # pacing and schedules (deferral.py)
         # Read-only actions the cloud answered 404 unknown_action for and that ran here instead:
         # a pair deployed with the handler on one side only, which would otherwise go unseen.
         self.cloud_missing_handlers: defaultdict[str, int] = defaultdict(int)
@@ -184,8 +189,9 @@ class HybridOrchestrator:
         force_env: str | None = None,
         *,
         request_id: str | None = None,
+        not_before: datetime | None = None,
     ) -> Envelope:
-        """Run ``action`` where the rules say; always return an envelope, never raise."""
+        """Run ``action`` where the rules say (or after ``not_before``); always an envelope."""
         started = time.perf_counter()
         request_id = request_id or new_request_id()
         params = {} if params is None else params
@@ -199,7 +205,10 @@ class HybridOrchestrator:
                 route = self.route_table.get(action)
                 ladder = plan(action, route, self._state(action, route, force_env))
                 call = _Call(action, params, request_id, route, ladder.env, started)
-                envelope = await self._walk(ladder, call)
+                kept = self.deferral and await self.deferral.answer(  # pacing, schedules
+                    action, params, request_id, route.side_effect, not_before, started=started
+                )
+                envelope = kept or await self._walk(ladder, call)
         except ActionError as exc:
             envelope = self._fault(action, exc, request_id, started)
         except Exception as exc:
@@ -217,6 +226,8 @@ class HybridOrchestrator:
         call.started = time.perf_counter()
         with idempotency_key_scope(request_id):
             try:
+                if self.deferral is not None:
+                    await self.deferral.serve_gate(action)
                 envelope = await self._serve_here(call)
             except ActionError as exc:
                 envelope = call.failure(exc, Source.CLOUD)
@@ -346,6 +357,9 @@ class HybridOrchestrator:
     async def _queue(self, call: _Call, cause: ActionError) -> Envelope:
         """Keep a side effect the cloud could not take in the outbox, to send it later."""
         assert self.outbox is not None
+        if isinstance(cause, RateLimited) and self.deferral is not None:  # the cloud's limit
+            args = call.action, call.params, call.request_id, False, cause.not_before
+            return await self.deferral.answer(*args, started=call.started)  # type: ignore[return-value]
         item = await self.outbox.enqueue(call.action, call.params, call.request_id)
         then = "queued and sent to the cloud once it answers"
         if isinstance(cause, Indeterminate):

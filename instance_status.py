@@ -180,6 +180,7 @@ class InstanceStatus:
             "circuits": {"local": p.local.circuits(), "cloud": p.cloud_circuit()},
             "cost": await p.cost_guard.snapshot(),
             "outbox": await p.outbox.snapshot(),
+            "rate_limits": await self._rate_limits(),
             "dead_letters": [
                 {
                     "id": i.id,
@@ -205,6 +206,11 @@ class InstanceStatus:
         """``/status``'s ``alerts``: the sinks set (names only: the webhook URL is a secret), the
         last events newest first, and the deliveries that failed."""
         return self.parts.alerts.snapshot() if self.parts.alerts is not None else None
+
+    async def _rate_limits(self) -> dict[str, Any] | None:
+        """Each pacing limit: used / max now, next free slot, deferred items, backlog."""
+        deferral = self.parts.orchestrator.deferral
+        return None if deferral is None else await deferral.snapshot()
 
     # -- system.self_test -----------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -73,7 +74,13 @@ from structured_log import (
 BUSY_WAIT_S = 2.0
 # Failures that prove the handler was never reached: the key is forgotten, not kept as "ran".
 _NEVER_REACHED = frozenset(
-    {ErrorCode.UNKNOWN_ACTION, ErrorCode.CIRCUIT_OPEN, ErrorCode.OFFLINE, ErrorCode.UNAUTHORIZED}
+    {
+        ErrorCode.UNKNOWN_ACTION,
+        ErrorCode.CIRCUIT_OPEN,
+        ErrorCode.OFFLINE,
+        ErrorCode.UNAUTHORIZED,
+        ErrorCode.RATE_LIMITED,
+    }
 )
 _fault_log = logging.getLogger("everreach.server")
 
@@ -100,14 +107,19 @@ def _json(
     )
 
 
+def _retry_after(envelope: Envelope) -> dict[str, str] | None:
+    retry_after = envelope.retry_after()  # rate_limited: when to ask again
+    return None if retry_after is None else {"Retry-After": retry_after}
+
+
 def _envelope_response(envelope: Envelope) -> Response:
-    return _json(envelope.to_dict(), envelope.http_status)
+    return _json(envelope.to_dict(), envelope.http_status, _retry_after(envelope))
 
 
 def _error_response(action: str, exc: ActionError, request_id: str | None = None) -> Response:
     # The exception's own status: several statuses share a code (403 and 401 are unauthorized).
     envelope = Envelope.failure(action, exc, source=None, request_id=request_id or new_request_id())
-    return _json(envelope.to_dict(), exc.http_status)
+    return _json(envelope.to_dict(), exc.http_status, _retry_after(envelope))
 
 
 async def _read(request: Request, model: type[Body]) -> Body:
@@ -233,19 +245,31 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         params = body.params or {}
         force_env = body.force_env
         key = body.idempotency_key
+        at = runtime.deferral.schedule_time(body.not_before, body.delay_sec)
         if key is None:
-            envelope = await _route(runtime, action, params, force_env, new_request_id())
+            envelope = await _route(runtime, action, params, force_env, new_request_id(), at)
             return _envelope_response(envelope)
-        return await _route_once(runtime, action, params, force_env, key)
+        return await _route_once(runtime, action, params, force_env, key, at)
 
     async def _route(
-        runtime: Runtime, action: str, params: dict[str, Any], force_env: Any, request_id: str
+        runtime: Runtime,
+        action: str,
+        params: dict[str, Any],
+        force_env: Any,
+        request_id: str,
+        not_before: datetime | None = None,
     ) -> Envelope:
         assert runtime.orchestrator is not None
-        return await runtime.orchestrator.route(action, params, force_env, request_id=request_id)
+        route = runtime.orchestrator.route
+        return await route(action, params, force_env, request_id=request_id, not_before=not_before)
 
     async def _route_once(
-        runtime: Runtime, action: str, params: dict[str, Any], force_env: Any, key: str
+        runtime: Runtime,
+        action: str,
+        params: dict[str, Any],
+        force_env: Any,
+        key: str,
+        not_before: datetime | None,
     ) -> Response:
         """Route under an idempotency key: a repeated key answers what the first call did."""
         return await _once(
@@ -255,7 +279,7 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
             params_hash({"force_env": force_env, "params": params}),
             timeout_s=runtime.config.cloud_timeout_sec,
             rerun_if_dead=runtime.route_table.get(action).idempotent,
-            run=lambda: _route(runtime, action, params, force_env, key),
+            run=lambda: _route(runtime, action, params, force_env, key, not_before),
             keep=lambda envelope: envelope.ok or envelope.queued,
             what="idempotency_key",
         )
@@ -376,13 +400,16 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
 
     @app.delete("/outbox/{item_id}")
     async def drop_outbox_item(item_id: str, request: Request) -> dict[str, Any]:
-        """Drop a dead letter, or cancel a queued item before it is sent."""
+        """Drop a dead letter, or cancel a queued (deferred, scheduled) item before it is sent."""
         check_local_token(request)
         runtime = rt(request)
         try:
-            item = await runtime.outbox.drop(item_id)
+            item = await runtime.deferral.cancel(item_id)  # gives its pacing slot back
         except KeyError:
-            raise NotFound(f"no item with id {item_id!r} in the outbox") from None
+            raise NotFound(
+                f"no item with id {item_id!r} in the outbox: it was sent already, or dropped, "
+                f"or never queued here"
+            ) from None
         await runtime.instance_status.refresh_gauges()
         return {"ok": True, "id": item.id, "action": item.action, "dropped": item.status.value}
 

@@ -91,9 +91,15 @@ CREATE TABLE IF NOT EXISTS hybrid_outbox (
 );
 CREATE INDEX IF NOT EXISTS hybrid_outbox_status_seq ON hybrid_outbox (status, seq);
 """
+# Added after the first release: an outbox file of an older version gets them when opened.
+# not_before: Unix seconds before which the item is not sent (NULL: at once); pace_slot: the
+# pacing slot booked for it (claimed when it is sent, released when it is cancelled).
+_ADDED_COLUMNS = {"not_before": "REAL", "pace_slot": "TEXT"}
 _OUTBOX_COLUMNS = (
-    "id, seq, action, params_json, idempotency_key, created_at, attempts, status, last_error"
+    "id, seq, action, params_json, idempotency_key, created_at, attempts, status, last_error, "
+    "not_before, pace_slot"
 )
+_DUE = "status = 'pending' AND (not_before IS NULL OR not_before <= ?)"
 
 
 @dataclass(frozen=True)
@@ -109,11 +115,17 @@ class OutboxItem:
     attempts: int
     status: OutboxStatus
     last_error: str | None
+    not_before: datetime | None = None  # not sent before this (deferred or scheduled)
+    pace_slot: str | None = None  # the pacing slot booked for it
+
+
+def _when(value: Any) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(float(value), UTC)
 
 
 def _decode_item(row: tuple[Any, ...]) -> OutboxItem:
     """Build an item from a row; raise ValueError naming what is unreadable."""
-    item_id, seq, action, params_json, key, created_at, attempts, status, last_error = row
+    item_id, seq, action, params_json, key, created_at, attempts, status, last_error = row[:9]
     try:
         params = json.loads(params_json)
     except (TypeError, ValueError) as exc:
@@ -124,7 +136,8 @@ def _decode_item(row: tuple[Any, ...]) -> OutboxItem:
         created = parse_timestamp(created_at)
         status_value = OutboxStatus(status)
         attempts_count = int(attempts)
-    except (TypeError, ValueError) as exc:
+        not_before = _when(row[9])
+    except (TypeError, ValueError, OverflowError, OSError) as exc:
         raise ValueError(str(exc)) from None
     return OutboxItem(
         id=str(item_id),
@@ -136,12 +149,14 @@ def _decode_item(row: tuple[Any, ...]) -> OutboxItem:
         attempts=attempts_count,
         status=status_value,
         last_error=last_error,
+        not_before=not_before,
+        pace_slot=None if row[10] is None else str(row[10]),
     )
 
 
 def _lenient_item(row: tuple[Any, ...], reason: str) -> OutboxItem:
     """An unreadable row, shown as well as it can be (for the dead-letter list)."""
-    item_id, seq, action, _params, key, created_at, attempts, status, last_error = row
+    item_id, seq, action, _params, key, created_at, attempts, status, last_error = row[:9]
     try:
         created = parse_timestamp(created_at)
     except (TypeError, ValueError):
@@ -189,13 +204,30 @@ class Outbox:
     async def open(self) -> None:
         await self._db.open(_OUTBOX_SCHEMA)
 
+        def add_columns(conn: sqlite3.Connection) -> None:
+            have = {row[1] for row in conn.execute("PRAGMA table_info(hybrid_outbox)")}
+            for name, kind in _ADDED_COLUMNS.items():
+                if name not in have:
+                    conn.execute(f"ALTER TABLE hybrid_outbox ADD COLUMN {name} {kind}")
+
+        await self._db.run(lambda conn: transaction(conn, add_columns))
+
     async def close(self) -> None:
         await self._db.close()
 
     async def enqueue(
-        self, action: str, params: dict[str, Any], idempotency_key: str
+        self,
+        action: str,
+        params: dict[str, Any],
+        idempotency_key: str,
+        *,
+        not_before: datetime | None = None,
+        pace_slot: str | None = None,
     ) -> OutboxItem:
         """Queue ``action``; committed and fsync'd before this returns.
+
+        ``not_before``: not sent before then (a deferred or scheduled item); ``pace_slot``: the
+        pacing slot booked for it.
 
         Enqueueing an idempotency key that is already queued returns the queued item (a
         client's retry is not queued twice); the same key with another action or other params
@@ -207,6 +239,7 @@ class Outbox:
             raise InvalidParams(f"params of {action} are not JSON-serialisable: {exc}") from exc
         now = utc_iso(self._clock())
         new_id = uuid.uuid4().hex
+        due = None if not_before is None else not_before.timestamp()
 
         def write(conn: sqlite3.Connection) -> tuple[Any, ...]:
             row = conn.execute(
@@ -216,8 +249,9 @@ class Outbox:
             if row is None:
                 conn.execute(
                     "INSERT INTO hybrid_outbox (id, action, params_json, idempotency_key, "
-                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (new_id, action, params_json, idempotency_key, now, now),
+                    "created_at, updated_at, not_before, pace_slot) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (new_id, action, params_json, idempotency_key, now, now, due, pace_slot),
                 )
                 row = conn.execute(
                     f"SELECT {_OUTBOX_COLUMNS} FROM hybrid_outbox WHERE id = ?", (new_id,)
@@ -233,7 +267,9 @@ class Outbox:
         return _decode_item(row)
 
     async def pending(self, limit: int = 100) -> list[OutboxItem]:
-        """Up to ``limit`` pending items in enqueue order; unreadable rows become dead letters."""
+        """Up to ``limit`` pending items that are due (``not_before`` passed, or none), in
+        enqueue order; unreadable rows become dead letters."""
+        now = self._clock()
 
         def read(conn: sqlite3.Connection) -> list[OutboxItem]:
             items: list[OutboxItem] = []
@@ -241,8 +277,8 @@ class Outbox:
             while len(items) < limit:
                 rows = conn.execute(
                     f"SELECT {_OUTBOX_COLUMNS} FROM hybrid_outbox "
-                    "WHERE status = 'pending' AND seq > ? ORDER BY seq LIMIT ?",
-                    (after, limit - len(items)),
+                    f"WHERE {_DUE} AND seq > ? ORDER BY seq LIMIT ?",
+                    (now, after, limit - len(items)),
                 ).fetchall()
                 if not rows:
                     break
@@ -306,6 +342,30 @@ class Outbox:
     def _dead_letter(self, item_id: str, action: str, error: str, *, indeterminate: bool) -> None:
         if self.on_dead_letter is not None:
             self.on_dead_letter(item_id, action, error, indeterminate)
+
+    async def reschedule(
+        self, item_id: str, not_before: datetime | None, pace_slot: str | None
+    ) -> None:
+        """Move a pending item to ``not_before`` with its new pacing slot (no attempt spent)."""
+        due = None if not_before is None else not_before.timestamp()
+        await self._db.run(
+            lambda conn: conn.execute(
+                "UPDATE hybrid_outbox SET not_before = ?, pace_slot = ?, updated_at = ? "
+                "WHERE id = ? AND status = 'pending'",
+                (due, pace_slot, utc_iso(self._clock()), item_id),
+            )
+        )
+
+    async def next_due(self) -> datetime | None:
+        """The earliest ``not_before`` of a pending item still ahead; None if there is none."""
+        (due,) = await self._db.run(
+            lambda conn: conn.execute(
+                "SELECT min(not_before) FROM hybrid_outbox "
+                "WHERE status = 'pending' AND not_before > ?",
+                (self._clock(),),
+            ).fetchone()
+        )
+        return _when(due)
 
     async def depth(self) -> int:
         """Number of pending items."""
@@ -414,8 +474,13 @@ class Outbox:
             (oldest,) = conn.execute(
                 "SELECT min(created_at) FROM hybrid_outbox WHERE status = 'pending'"
             ).fetchone()
+            (deferred,) = conn.execute(
+                "SELECT count(*) FROM hybrid_outbox WHERE status = 'pending' AND not_before > ?",
+                (self._clock(),),
+            ).fetchone()
             return {
                 "depth": int(counts.get("pending", 0)),
+                "deferred": int(deferred),
                 "dead_letters": sum(int(counts.get(state, 0)) for state in _DEAD_STATES),
                 "oldest_pending_at": oldest,
             }

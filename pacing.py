@@ -42,6 +42,10 @@ NO_HORIZON_S = 1e300
 # How long an overdue slot is kept for its claim (a restart after an outage): claimed within this
 # it keeps its place in the queue; later it is booked anew at the end.
 OVERDUE_GRACE_S = 3600.0
+# A hold claimed this late (at most, and at most a tenth of the window) runs as booked: its run
+# is recorded at the slot time, so the holds booked after it stay valid. Later than that, the
+# claim is checked against the runs and holds around "now" (after an outage).
+LATE_GRACE_S = 2.0
 
 
 class PacingUnavailable(EverReachError):
@@ -85,6 +89,7 @@ class Rule:
     trim_s: float = 0.0  # ... and are deleted past now - trim_s (a late claim finds its own)
     quiet: tuple[tuple[float, float], ...] = ()  # sorted, disjoint quiet spans in Unix seconds
     horizon_s: float = NO_HORIZON_S
+    late_s: float = 0.0  # a hold claimed at most this late runs at its own slot time
 
 
 class Slot(NamedTuple):
@@ -162,6 +167,8 @@ def decide(entries: Sequence[Slot], op: Op, rule: Rule, now_s: float, slot_id: s
         if held is not None:
             if held > now_s:
                 return Outcome(SlotStatus.EARLY, held)
+            if now_s - held <= rule.late_s:  # on time (give or take a timer's delay)
+                return Outcome(SlotStatus.OK, held, remove=slot_id, add=Slot(held, slot_id))
             others = [e for e in entries if not (e.slot_id == slot_id and e.hold)]
             counted = [e.at_s for e in others if not (e.hold and e.at_s <= now_s)]
             if fits(counted, now_s, rule):
@@ -300,6 +307,7 @@ class Pacer:
             trim_s=keep_s + OVERDUE_GRACE_S,
             quiet=quiet,
             horizon_s=horizon_s,
+            late_s=min(LATE_GRACE_S, limit.per_sec / 10),
         )
 
     async def _decide(

@@ -243,11 +243,12 @@ local hold_m, run_m = 'h:' .. slot, 'r:' .. slot
 local now, max, per = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local gap, jitter = tonumber(ARGV[5]), tonumber(ARGV[6])
 local keep, horizon, trim = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[10])
+local late = tonumber(ARGV[11])
 
 local function fmt(t) return string.format('%.17g', t) end
 
 local function leave_quiet(t)
-  for i = 11, #ARGV, 2 do
+  for i = 12, #ARGV, 2 do
     local s, e = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
     if t >= s and t < e then t = e end
   end
@@ -308,6 +309,7 @@ if op == 'claim' then
     held = tonumber(held)
     if held > now then return {'early', fmt(held)} end
     redis.call('ZREM', key, hold_m)
+    if now - held <= late then book(run_m, held); return {'ok', fmt(held)} end
     if fits(now) then book(run_m, now); return {'ok', fmt(now)} end
     local t = next_slot()
     if not t then return {'far', ''} end
@@ -371,6 +373,7 @@ class RedisPaceStore:
             *(repr(float(v)) for v in (rule.jitter_s, rule.keep_s, rule.horizon_s)),
             slot_id,
             repr(float(rule.trim_s)),
+            repr(float(rule.late_s)),
             *(repr(float(v)) for span in rule.quiet for v in span),
         ]
         status, at = await self._call(

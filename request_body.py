@@ -18,9 +18,17 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from envelope import IDEMPOTENCY_KEY_RULE, check_idempotency_key
 from errors import InvalidParams, UnsupportedMediaType
@@ -134,10 +142,52 @@ class DispatchBody(_Body):
         description=f"a repeat answers what the first call did; {IDEMPOTENCY_KEY_RULE}",
     )
 
+    not_before: datetime | None = Field(
+        default=None,
+        description="run it at (not before) this RFC 3339 time with a time zone; kept until then",
+        examples=["2030-01-02T09:00:00Z"],
+    )
+    delay_sec: float | None = Field(
+        default=None,
+        ge=0,
+        allow_inf_nan=False,
+        strict=True,
+        description="run it this many seconds from now (instead of not_before)",
+    )
+
     @field_validator("idempotency_key")
     @classmethod
     def _key(cls, value: str | None) -> str | None:
         return None if value is None else check_idempotency_key(value)
+
+    @field_validator("not_before", mode="before")
+    @classmethod
+    def _not_before(cls, value: Any) -> datetime | None:
+        return None if value is None else parse_rfc3339(value)
+
+    @model_validator(mode="after")
+    def _one_time(self) -> DispatchBody:
+        if self.not_before is not None and self.delay_sec is not None:
+            raise ValueError("give not_before or delay_sec, not both")
+        return self
+
+
+def parse_rfc3339(value: Any) -> datetime:
+    """An RFC 3339 date-time with a time zone (``2030-01-02T09:00:00Z``), in UTC."""
+    if not isinstance(value, str):
+        raise ValueError("must be an RFC 3339 date-time string, e.g. 2030-01-02T09:00:00Z")
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(
+            f"{value[:40]!r} is not an RFC 3339 date-time, e.g. 2030-01-02T09:00:00Z"
+        ) from None
+    if when.tzinfo is None or "T" not in value.upper():
+        raise ValueError(f"{value[:40]!r} needs a date, a time and a time zone (Z or +01:00)")
+    try:
+        return when.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{value[:40]!r} is out of range") from None
 
 
 class BatchItem(_Body):

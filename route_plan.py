@@ -29,6 +29,7 @@ from errors import (
     Env,
     HandlerError,
     InvalidParams,
+    RateLimited,
     Source,
     Unauthorized,
     UnknownAction,
@@ -207,7 +208,10 @@ def admits(
     if isinstance(cause, _NO_FALLBACK):
         return False
     if step.kind is StepKind.LOCAL_FALLBACK:
-        return cause.never_ran or not route.side_effect
+        # Over the cloud's rate limit, a side effect waits for its slot: running it here
+        # instead would pass the limit the cloud keeps.
+        limited = isinstance(cause, RateLimited)
+        return (cause.never_ran and not limited) or not route.side_effect
     if step.kind is StepKind.OUTBOX:
         return not isinstance(cause, _DEFINITE)
     return True

@@ -38,6 +38,7 @@ from config.hybrid_config import HybridConfig, redact_url
 from connectivity_check import ConnectivityChecker, cloud_reachable
 from cost_guard import CostGuard
 from cost_rates import CostRates
+from deferral import Deferral, DueLoop, open_pacer, run_here_once
 from dispatch_record import DispatchObserver
 from errors import ConfigError
 from hybrid_orchestrator import HybridOrchestrator
@@ -121,6 +122,9 @@ class Runtime:
         # creating it does no I/O, and _open() registers its closing first, so it closes last.
         self.redis = open_redis(config.redis_url) if config.redis_url else None
         self.idempotency = _idempotency_store(config, self.redis)
+        # RATE_LIMITS_PATH is read here, like the route table: a malformed file stops start-up.
+        self.pacer = open_pacer(config, self.redis)
+        self.deferral = Deferral(self.pacer, self.outbox)
         self.bus = SyncBus.from_config(config, consumer_name=self.instance_name, redis=self.redis)
         self.instance_lock = InstanceLock(config.data_dir, host=config.host, port=config.port)
         self.cloud_client = None
@@ -157,6 +161,7 @@ class Runtime:
         self._open_http_client()
         self._open_alerts()
         await self._open_stores()
+        await self._open_pacing()
         self.cloud_client = CloudClient.from_config(self.config, self.client)
         if self.cloud_client is not None:
             self._open_cloud(self.cloud_client)
@@ -168,6 +173,7 @@ class Runtime:
         await self._open_cron()
         await self._open_status()
         await self._watch_cloud()
+        self._open_due_loop()
         log.info(
             "started",
             extra={
@@ -260,6 +266,32 @@ class Runtime:
                 raise data_dir_error(self.config.data_dir, exc) from exc
             self._on_close(store.close)
 
+    async def _open_pacing(self) -> None:
+        """The pacing store (a store that is down now is not fatal: limited calls defer)."""
+        await self.pacer.open()
+        self._on_close(self.pacer.aclose)
+        self.watch_backlog(self.pacer)
+
+    def _open_due_loop(self) -> None:
+        """Send deferred and scheduled outbox items when their time comes."""
+        self.due_loop = DueLoop(
+            self.outbox,
+            self.state_sync.replay_outbox,
+            is_online=self._is_cloud_reachable if self.cloud is not None else lambda: True,
+        )
+        self.deferral.on_deferred = self.due_loop.poke
+        self.due_loop.start()
+        self._on_close(self.due_loop.close)
+
+    async def _send_queued(self, action: str, params: dict[str, Any], key: str) -> Any:
+        """Send an outbox item to the cloud; without a cloud, run it here (once per key)."""
+        if self.cloud is not None:
+            return await self.orchestrator.send_queued(action, params, key)
+        rerun = self.route_table.get(action).idempotent
+        return await run_here_once(
+            self.idempotency, self.local, action, params, key, rerun_if_dead=rerun
+        )
+
     def _open_cloud(self, cloud_client: CloudClient) -> None:
         config = self.config
         connectivity = ConnectivityChecker.from_config(config, cloud_client)
@@ -309,6 +341,7 @@ class Runtime:
             cache=self.cache,
             outbox=self.outbox,
             observer=DispatchObserver(metrics=self.metrics, log_lines=self.config.log_dispatch),
+            deferral=self.deferral,
         )
         self._on_close(self.orchestrator.drain)
 
@@ -334,8 +367,9 @@ class Runtime:
             self.config,
             outbox=self.outbox,
             store=self.state_store,
-            send=self.orchestrator.send_queued,
+            send=self._send_queued,
             cloud=self.cloud_client,
+            deferral=self.deferral,
         )
         cloud = self.cloud
         self.sync = SyncLoop(

@@ -30,6 +30,7 @@ from errors import (
     InvalidParams,
     KeyBusy,
     Offline,
+    RateLimited,
     Unauthorized,
 )
 from outbox import Outbox, OutboxItem, OutboxStatus
@@ -38,6 +39,7 @@ from state_store import WELL_KNOWN_KEYS, StateKind, StateOrigin, StateStore, res
 
 if TYPE_CHECKING:
     from config.hybrid_config import HybridConfig
+    from deferral import Deferral
 
 __all__ = [
     "WELL_KNOWN_KEYS",
@@ -75,7 +77,7 @@ def _classify(exc: Exception) -> _Failure:
         return _Failure.BUSY
     if isinstance(exc, Indeterminate):
         return _Failure.MAY_HAVE_RUN
-    if isinstance(exc, Unauthorized | CostCapReached | CircuitOpen | Offline):
+    if isinstance(exc, Unauthorized | CostCapReached | CircuitOpen | Offline | RateLimited):
         return _Failure.BLOCKED  # about this instance (key, budget, circuit), not the item
     if isinstance(exc, CloudUnavailable) and exc.never_ran:
         return _Failure.BLOCKED
@@ -120,6 +122,7 @@ class StateSync:
         send: SendFn,
         cloud: CloudClient | None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        deferral: Deferral | None = None,
     ) -> None:
         self.outbox = outbox
         self.store = store
@@ -127,6 +130,7 @@ class StateSync:
         self.cloud = cloud
         self.endpoint = cloud.endpoint if cloud is not None else None
         self.timeout_s = timeout_s
+        self.deferral = deferral  # pacing: a due item claims its slot, or waits for another
         self._push_lock = asyncio.Lock()
 
     @classmethod
@@ -138,6 +142,7 @@ class StateSync:
         store: StateStore,
         send: SendFn,
         cloud: CloudClient | None,
+        deferral: Deferral | None = None,
     ) -> StateSync:
         """Sync through ``cloud`` (CLOUD_ENDPOINT's client), within CLOUD_TIMEOUT_SEC."""
         return cls(
@@ -146,6 +151,7 @@ class StateSync:
             send=send,
             cloud=cloud,
             timeout_s=min(DEFAULT_TIMEOUT_S, config.cloud_timeout_sec),
+            deferral=deferral,
         )
 
     async def push_pending_sync(self) -> dict[str, int]:
@@ -164,6 +170,13 @@ class StateSync:
             counts["remaining"] = await self.outbox.depth()
             return counts
 
+    async def replay_outbox(self) -> dict[str, int]:
+        """Replay the due outbox items only (``DueLoop``: an item's time has come)."""
+        async with self._push_lock:
+            counts = {"sent": 0, "dead": 0, "failed": 0, "deferred": 0}
+            await self._replay_outbox(counts)
+            return counts
+
     async def _replay_outbox(self, counts: dict[str, int]) -> None:
         skipped: set[str] = set()  # busy keys: tried once this pass
         while True:
@@ -172,11 +185,18 @@ class StateSync:
             if not batch:
                 return
             for item in batch:
+                if self.deferral is not None and not await self.deferral.admit(item):
+                    counts["deferred"] = counts.get("deferred", 0) + 1  # waits for its slot
+                    continue
                 try:
                     result = await self._send(item.action, item.params, item.idempotency_key)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
+                    if isinstance(exc, RateLimited) and self.deferral is not None:
+                        await self.deferral.reschedule(item, exc.not_before, None)
+                        counts["deferred"] = counts.get("deferred", 0) + 1  # the cloud's limit
+                        continue
                     if _classify(exc) is _Failure.BUSY:
                         skipped.add(item.id)
                     if await self._failed(item, exc, counts):

@@ -274,6 +274,28 @@
     refresh();
   }
 
+  // Pacing: each limit's use of its window, the next free slot and the work waiting for it.
+  function renderRateLimits(s) {
+    const pacing = obj(s.rate_limits);
+    const limits = Array.isArray(pacing.limits) ? pacing.limits : [];
+    if (!limits.length) {
+      put("rate-limits", el("p", "muted", "No rate limits (" + (pacing.file || "no file") + ")."));
+      return;
+    }
+    const rows = limits.map((l) => { l = obj(l); return [
+      String(l.key ?? ""),
+      l.available === false ? badge("store down", "bad")
+        : num(l.used) + " / " + num(l.max),
+      duration(num(l.per_sec)),
+      l.next_free_at ? when(l.next_free_at) : "now",
+      num(l.deferred) ? badge(String(num(l.deferred)), "warn") : "0",
+      duration(num(l.backlog_s))]; });
+    put("rate-limits",
+      table(["limit", "used / max", "window", "next free", "deferred", "backlog"], rows,
+            [false, true, true, false, true, true]),
+      el("p", "note muted", "store " + (pacing.store || "-")));
+  }
+
   function renderJobs(s) {
     const sched = s.scheduler;
     if (!sched || typeof sched !== "object") {
@@ -356,7 +378,7 @@
 
   function render(s) {
     renderHeader(s); renderCost(s); renderCounts(s); renderCircuits(s);
-    renderOutbox(s); renderJobs(s); renderInfra(s);
+    renderOutbox(s); renderRateLimits(s); renderJobs(s); renderInfra(s);
     renderAlerts(s);
     document.getElementById("main").hidden = false;
   }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,9 @@ from service_registry import register
 def _record(params: dict[str, Any], action: str) -> None:
     log = params.get("log")
     if log:
-        line = json.dumps({"action": action, "id": params.get("id"), "pid": os.getpid()})
+        line = json.dumps(
+            {"action": action, "id": params.get("id"), "pid": os.getpid(), "at": time.time()}
+        )
         with Path(log).open("a", encoding="utf-8") as fh:
             fh.write(line + "\n")
             fh.flush()

@@ -47,7 +47,15 @@ def test_the_dispatch_body_names_its_fields_and_the_bearer_schemes_are_declared(
     document: dict[str, Any],
 ) -> None:
     fields = document["components"]["schemas"]["DispatchBody"]["properties"]
-    assert set(fields) == {"action", "params", "force_env", "idempotency_key"}
+    assert set(fields) == {
+        "action",
+        "params",
+        "force_env",
+        "idempotency_key",
+        "not_before",
+        "delay_sec",
+    }
+    assert fields["not_before"]["anyOf"][0]["format"] == "date-time"
     assert document["components"]["schemas"]["DispatchBody"]["required"] == ["action"]
     schemes = document["components"]["securitySchemes"]
     assert schemes["localApiToken"] == {

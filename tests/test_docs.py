@@ -16,6 +16,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -379,6 +380,16 @@ def test_the_sync_state_examples_are_what_the_endpoints_take_and_give(client: Te
             Envelope(ok=True, action="dm.send", source=Source.OUTBOX, queued=True, outbox_id="x"),
         ),
         (
+            "envelope_deferred.json",
+            Envelope.deferred(
+                "dm.send",
+                outbox_id="x",
+                request_id="r",
+                deferred_until=datetime.now(UTC),
+                detail="kept",
+            ),
+        ),
+        (
             "envelope_error.json",
             dataclasses.replace(
                 Envelope.failure("a.b", Offline("x"), source=None, request_id="r"),
@@ -468,7 +479,7 @@ def test_where_does_x_live_names_no_file_that_does_not_exist() -> None:
     assert not gone, f"index.md's Where does X live table names files that do not exist: {gone}"
 
 
-NOT_WIRED = {"rate_limits.py", "pacing.py", "pacing_stores.py"}
+NOT_WIRED: set[str] = set()
 
 
 def dependency_rows() -> list[set[str]]:

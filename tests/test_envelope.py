@@ -47,6 +47,7 @@ CONTRACT_STATUS = {
     ErrorCode.CLOUD_UNAVAILABLE: 502,
     ErrorCode.OFFLINE: 503,
     ErrorCode.COST_CAP_REACHED: 429,
+    ErrorCode.RATE_LIMITED: 429,
     ErrorCode.CIRCUIT_OPEN: 503,
     ErrorCode.UNAUTHORIZED: 401,
     # The serving side prices the call above the caller's Cost-Limit: not retried as is.

@@ -258,6 +258,7 @@ async def test_snapshot_counts_pending_and_dead(open_outbox: Any) -> None:
     await outbox.fail(ids[2], "unknown_action", permanent=True)
     assert await outbox.snapshot() == {
         "depth": 2,
+        "deferred": 0,
         "dead_letters": 1,
         "oldest_pending_at": "1970-01-01T00:00:00+00:00",
     }

@@ -227,6 +227,21 @@ async def test_a_claim_at_its_slot_runs_and_a_claim_before_it_waits(
     assert (await pacer.claim("dm.send", "outbox-7", T0 + timedelta(seconds=5))).allowed
 
 
+async def test_claims_a_little_late_run_as_booked_in_order(
+    pacers: Callable[..., Awaitable[Pacer]],
+) -> None:
+    # Each claim comes a few ms after its slot (a timer's delay): running "now" would overlap
+    # the next hold by those ms; the run is recorded at its slot, and no item leapfrogs another.
+    pacer = await pacers({"dm.send": {"max": 1, "per_sec": 5}})
+    ids = [(await pacer.reserve_slot("dm.send", T0)).slot_id for _ in range(4)]
+    for n in (1, 2, 3):
+        late = T0 + timedelta(seconds=5 * n, milliseconds=4 * n)
+        assert (await pacer.claim("dm.send", ids[n], late)).allowed, n
+    (snapshot,) = await pacer.snapshot(T0 + timedelta(seconds=15.1))
+    assert (snapshot.used, snapshot.deferred) == (1, 0)
+    assert snapshot.next_free_at == T0 + timedelta(seconds=20)
+
+
 async def test_late_claims_after_a_restart_never_run_together(
     pacers: Callable[..., Awaitable[Pacer]],
 ) -> None:

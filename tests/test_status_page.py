@@ -728,3 +728,29 @@ def test_page_draws_the_ledgers_spend_of_today_against_the_caps(server_factory, 
         f"day {now.day}: $30.00"
     )
     browser.screenshot(tmp_path / "status-page-forecast-live.png")
+
+
+@pytest.mark.e2e
+def test_page_shows_each_rate_limit_and_its_deferred_work(server_factory, browser, tmp_path):
+    limits = tmp_path / "limits.json"
+    limits.write_text(json.dumps({"dm.send": {"max": 1, "per_sec": 3600}}))
+    server = server_factory(RATE_LIMITS_PATH=str(limits), EVERREACH_SERVICES="tests.e2e_services")
+    codes = [
+        httpx.post(f"{server.url}/dispatch", json={"action": "dm.send"}, timeout=10).status_code
+        for _ in range(3)
+    ]
+    assert codes == [200, 202, 202]
+    browser.open(f"{server.url}/")
+    browser.wait_for("!document.getElementById('main').hidden", what="the status to render")
+    row = browser.eval("""(() => {
+        const heads = [...document.querySelectorAll("#rate-limits th")].map((th) => th.textContent);
+        const tr = document.querySelector("#rate-limits tbody tr");
+        return tr ? Object.fromEntries([...tr.cells].map((td, i) => [heads[i], td.textContent]))
+                  : null;
+    })()""")
+    assert row["limit"] == "dm.send"
+    assert row["used / max"] == "1 / 1"
+    assert row["window"] == "1 h"
+    assert row["deferred"] == "2"
+    assert row["next free"].startswith("in ")
+    browser.screenshot(tmp_path / "status-page-rate-limits.png")
