@@ -30,7 +30,7 @@ from envelope import Envelope, rfc3339
 from errors import Indeterminate, InvalidParams, KeyBusy, RateLimited
 from pacing import Decision, Op, Outcome, Pacer, PaceReason, PaceStore, Slot
 from params_digest import params_hash
-from rate_limits import RateLimits
+from rate_limits import RateLimit, RateLimits
 from service_registry import idempotency_key_scope
 
 if TYPE_CHECKING:
@@ -89,15 +89,23 @@ class PrefixedStore:
         return await self._store.slots(self._prefix + bucket, since_s)
 
 
-def deferred_envelope(item: OutboxItem, request_id: str, started: float) -> Envelope:
-    """The 202 answer of a call kept in the outbox until ``item.not_before``."""
+def deferred_envelope(
+    item: OutboxItem, request_id: str, started: float, limit: RateLimit | None = None
+) -> Envelope:
+    """The 202 answer of a call kept in the outbox until ``item.not_before``: over ``limit``
+    when its slot was booked by pacing, else scheduled by the caller."""
     assert item.not_before is not None
+    why = (
+        f"over its rate limit {limit.key!r} ({limit.max} per {limit.per_sec:g} s)"
+        if item.pace_slot is not None and limit is not None
+        else "scheduled"
+    )
     return Envelope.deferred(
         item.action,
         outbox_id=item.id,
         request_id=request_id,
         deferred_until=item.not_before,
-        detail=f"kept in the outbox until {rfc3339(item.not_before)} (pacing or schedule)",
+        detail=f"{why}: kept in the outbox, to be sent at {rfc3339(item.not_before)}",
         duration_ms=(time.perf_counter() - started) * 1000,
     )
 
@@ -186,7 +194,9 @@ class Deferral:
     ) -> Envelope | None:
         """``gate()`` as the router needs it: None to run now, else the 202 envelope."""
         item = await self.gate(action, params, key, side_effect=side_effect, not_before=not_before)
-        return None if item is None else deferred_envelope(item, key, started)
+        if item is None:
+            return None
+        return deferred_envelope(item, key, started, self.pacer.limits.limit_for(action))
 
     async def _keep(
         self,

@@ -83,6 +83,7 @@ def test_a_side_effect_over_its_limit_is_deferred_with_a_202(app_client, tmp_pat
     body = answers[2].json()
     assert body["queued"] is True and body["source"] == "outbox" and body["ok"] is False
     assert body["outbox_id"]
+    assert body["detail"].startswith("over its rate limit 'dm.send' (2 per 3600 s)")
     until = datetime.fromisoformat(body["deferred_until"])
     assert until.tzinfo is not None
     assert timedelta(minutes=59) < until - datetime.now(UTC) <= timedelta(hours=1)
@@ -174,6 +175,7 @@ def test_a_scheduled_action_is_kept_and_can_be_cancelled(app_client, tmp_path):
     assert answer.status_code == 202
     body = answer.json()
     assert body["queued"] is True and body["deferred_until"]
+    assert body["detail"].startswith("scheduled: kept in the outbox")
     cancelled = client.delete(f"/outbox/{body['outbox_id']}")
     assert cancelled.status_code == 200 and cancelled.json()["id"] == body["outbox_id"]
     again = client.delete(f"/outbox/{body['outbox_id']}")

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.prd200
 EXAMPLES = DOCS / "examples"
 README = ROOT / "README.md"
 # Pages whose sh and text blocks a test runs word for word (tests/test_tutorial.py).
-RUN_WORD_FOR_WORD = {DOCS / "tutorial.md"}
+RUN_WORD_FOR_WORD = {DOCS / "tutorial.md", DOCS / "pacing-and-alerts.md"}
 
 
 def page(name: str) -> str:
