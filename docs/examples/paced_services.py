@@ -1,4 +1,4 @@
-"""paced_services.py: one action with a side effect, loaded with EVERREACH_SERVICES=paced_services."""
+"""paced_services.py: an action with a side effect (EVERREACH_SERVICES=paced_services)."""
 
 from __future__ import annotations
 
