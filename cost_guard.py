@@ -48,8 +48,8 @@ from cost_reservation import (
     log_overrun,
     money,
     overdue_verdicts,
+    left_without_running,
     overrun_report,
-    settled,
     usd,
 )
 from errors import ConfigError, CostCapReached
@@ -355,12 +355,22 @@ class CostGuard:
         """Reserve ``estimate_usd`` for one call and settle it however the block is left.
 
         Raises ``CostCapReached`` (nothing reserved) if the cap does not allow it; see
-        ``cost_reservation.settled`` for how the reservation is settled on the way out.
+        ``Spend.take`` for what the reservation is settled at on the way out.
         """
-        async with settled(
-            Spend(self, await self.reserve(action, estimate_usd, request_id))
-        ) as spend:
+        spend = Spend(self, await self.reserve(action, estimate_usd, request_id))
+        never_ran = False
+        try:
             yield spend
+        except BaseException as exc:
+            never_ran = left_without_running(spend, exc)
+            raise
+        finally:
+            settlement = spend.take(never_ran=never_ran)
+            if settlement is not None:
+                reservation, cost = settlement  # cost None: released
+                await (
+                    self.release(reservation) if cost is None else self.commit(reservation, cost)
+                )
 
     def _note_overrun(self, call: LoggedCall) -> None:
         if call.id in self._overruns:

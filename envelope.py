@@ -8,6 +8,7 @@ shared by the log line, the metrics and the ``/status`` counts.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -233,3 +234,13 @@ class Envelope:
             body["queued"] = True
             body["outbox_id"] = self.outbox_id
         return body
+
+
+def envelope_bytes(body: dict[str, Any]) -> bytes:
+    """Encode an envelope dict as ASCII JSON, which no lone surrogate or NaN can break."""
+    try:
+        return json.dumps(body, ensure_ascii=True, allow_nan=False).encode("ascii")
+    except ValueError:
+        # NaN or Infinity in a result: answer with the envelope's fields but no result.
+        safe = {**body, "result": None, "detail": "the answer held a value that is not JSON"}
+        return json.dumps(safe, ensure_ascii=True, default=str).encode("ascii")
