@@ -54,6 +54,7 @@ def between(text: str, begin: str, end: str) -> str:
 # -- the site ---------------------------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_the_site_builds_strictly_so_a_broken_link_or_anchor_fails(tmp_path: Path) -> None:
     mkdocs = Path(sys.executable).with_name("mkdocs")
     if not mkdocs.exists():
@@ -198,6 +199,7 @@ def test_the_tutorials_files_are_the_tested_examples() -> None:
         assert titled[name] == (EXAMPLES / name).read_text(encoding="utf-8")
 
 
+@pytest.mark.process
 def test_the_output_blocks_are_what_their_examples_print(tmp_path: Path) -> None:
     checked = 0
     for block in all_blocks():
@@ -305,6 +307,7 @@ def test_the_schedules_example_loads() -> None:
     assert [s.id for s in schedules] == ["morning-research", "dm-poll"]
 
 
+@pytest.mark.process
 def test_the_backup_example_copies_a_live_wal_database(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
