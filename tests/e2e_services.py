@@ -51,7 +51,11 @@ async def research_platform(params: dict[str, Any]) -> dict[str, Any]:
 
 @register("dm.send")
 async def dm_send(params: dict[str, Any]) -> dict[str, Any]:
-    await asyncio.sleep(float(params.get("sleep_s", 0)))
+    # ``sleep_while``: sleep only while that file exists (a burst's handlers are slow, so a
+    # kill lands mid-handler; the replays after it need not be).
+    gate = params.get("sleep_while")
+    if gate is None or Path(gate).exists():
+        await asyncio.sleep(float(params.get("sleep_s", 0)))
     _record(params, "dm.send")
     return {"sent_to": params.get("to"), "id": params.get("id"), "pid": os.getpid()}
 
