@@ -160,6 +160,15 @@ async def until(predicate: Callable[[], bool], *, what: str, timeout_s: float = 
         await asyncio.sleep(0.01)
 
 
+def wait_until(predicate: Callable[[], bool], *, what: str, timeout_s: float = 15.0) -> None:
+    """``until`` for tests outside an event loop (those that talk to real servers)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for: {what}")
+        time.sleep(0.01)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
