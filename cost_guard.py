@@ -45,10 +45,11 @@ from cost_reservation import (
     budget_closed,
     cap_reached,
     ledger_unreachable,
+    left_without_running,
     log_overrun,
     money,
+    month_of,
     overdue_verdicts,
-    left_without_running,
     overrun_report,
     usd,
 )
@@ -68,12 +69,6 @@ _NOT_OPENED = "not opened yet"
 # month an unsettled reservation is resolved by the guard's sweep, which asks the cloud first.
 STORE_EXPIRY_S = 40 * 86400.0
 SWEEP_BATCH = 20  # asked of the cloud together, once per refresh pass
-
-
-def month_of(moment: datetime, tz: tzinfo) -> str:
-    """Return 'YYYY-MM' of ``moment`` in ``tz``: months roll over at local midnight of the 1st."""
-    local = moment.astimezone(tz)
-    return f"{local.year:04d}-{local.month:02d}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import tzinfo
+from datetime import datetime, tzinfo
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
@@ -63,6 +63,12 @@ def money(amount: Decimal | int | float | str, name: str) -> Decimal:
             f"{name} must be a finite amount from 0 to {MAX_LEDGER_USD}, got {amount!r}"
         )
     return from_micro(to_micro(value))
+
+
+def month_of(moment: datetime, tz: tzinfo) -> str:
+    """Return 'YYYY-MM' of ``moment`` in ``tz``: months roll over at local midnight of the 1st."""
+    local = moment.astimezone(tz)
+    return f"{local.year:04d}-{local.month:02d}"
 
 
 def next_month(month: str) -> str:
