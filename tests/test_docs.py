@@ -161,10 +161,15 @@ def output_of(block: Block) -> str | None:
     return found[1] if found else None
 
 
+def example_files() -> list[Path]:
+    """The files of docs/examples/ (not the __pycache__ that importing one leaves there)."""
+    return sorted(path for path in EXAMPLES.iterdir() if path.is_file())
+
+
 def test_every_code_block_is_run_by_a_test_or_marked_not_run() -> None:
     # tests/test_readme.py runs the README's sh blocks; a page may show the same commands.
     readme_runs = {b.text for b in blocks(README) if b.lang == "sh" and b.not_run is None}
-    examples = {path.read_text(encoding="utf-8") for path in EXAMPLES.iterdir()}
+    examples = {path.read_text(encoding="utf-8") for path in example_files()}
     unaccounted = [
         f"{block.page.relative_to(ROOT)}:{block.line}"
         for block in all_blocks()
@@ -186,7 +191,7 @@ def test_every_example_file_is_shown_in_a_page_and_every_included_file_exists() 
     for path in included:
         assert (ROOT / path).is_file(), f"a page includes {path}, which does not exist"
     shown_inline = {block.text for block in all_blocks()}
-    for example in EXAMPLES.iterdir():
+    for example in example_files():
         name = example.relative_to(ROOT).as_posix()
         assert name in included or example.read_text(encoding="utf-8") in shown_inline, (
             f"no page shows {name}"
