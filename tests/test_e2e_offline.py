@@ -70,7 +70,7 @@ def start_terminal(server_factory, cloud_url: str, **variables):
         "CLOUD_RETRIES": "1",
         "CLOUD_BACKOFF_SEC": "0.05",
         "CONNECTIVITY_INTERVAL_SEC": "0.3",
-        "SYNC_INTERVAL_SEC": "1",
+        "SYNC_INTERVAL_SEC": "0.3",
     }
     settings.update(variables)
     return server_factory(name="terminal", **settings)
