@@ -136,7 +136,9 @@ def test_a_retried_side_effect_runs_exactly_once_on_the_cloud(server_factory, cl
 
 
 def test_answer_after_client_timeout_still_runs_once(server_factory, cloud, tmp_path):
-    proxy = FaultProxy(cloud.url, free_port(), ["slow_after"], slow_s=2.0).start()
+    # The answer comes back 1 s after the cloud ran the call: always past the 0.5 s timeout,
+    # however slow the machine (stopping the proxy waits out that second too).
+    proxy = FaultProxy(cloud.url, free_port(), ["slow_after"], slow_s=1.0).start()
     try:
         term = terminal(server_factory, proxy.url, CLOUD_TIMEOUT_SEC="0.5")
         log = tmp_path / "dm.log"
