@@ -81,14 +81,17 @@ def alerter_from_config(
 def cloud_online_alerts(alerter: Alerter, checker: ConnectivityChecker) -> Callable[[bool], None]:
     """The ``on_transition`` callback: ``cloud_offline``, then ``cloud_online`` when it is back."""
 
+    # Read once here, not from inside the checker's own call: the cloud endpoint never changes,
+    # and the checker goes offline exactly when its failures in a row reach ``offline_after``.
+    endpoint = redact_url(checker.endpoint)
+    failures = checker.offline_after
+
     def on_transition(online: bool) -> None:
-        endpoint = redact_url(checker.endpoint)
         if online:
             alerter.emit(
                 AlertEvent.CLOUD_ONLINE, f"cloud {endpoint} answers again", endpoint=endpoint
             )
         else:
-            failures = checker.consecutive_failures
             alerter.emit(
                 AlertEvent.CLOUD_OFFLINE,
                 f"cloud {endpoint} stopped answering ({failures} failed probes or calls in a row)",

@@ -1,32 +1,19 @@
 """ASGI middleware that refuses request bodies over a size limit with a 413 envelope.
 
 The limit is checked twice: against ``Content-Length`` before anything is read, and while the
-body streams in (a chunked upload has no length). Either way the answer is the result envelope
+body streams in (a chunked upload has no length); the app runs only once the whole body is in,
+and reads it from a replay of what came. Either way the answer is the result envelope
 with ``error: "payload_too_large"``, like every other refusal of the server.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 from typing import Any
 
-from envelope import Envelope
+from envelope import Envelope, envelope_bytes
 
 MAX_BODY_BYTES = 1024 * 1024
-
-
-class _BodyTooLarge(Exception):
-    """Raised inside ``receive`` once the streamed body passes the limit."""
-
-
-def envelope_bytes(body: dict[str, Any]) -> bytes:
-    """Encode an envelope dict as ASCII JSON, which no lone surrogate or NaN can break."""
-    try:
-        return json.dumps(body, ensure_ascii=True, allow_nan=False).encode("ascii")
-    except ValueError:
-        # NaN or Infinity in a result: answer with the envelope's fields but no result.
-        safe = {**body, "result": None, "detail": "the answer held a value that is not JSON"}
-        return json.dumps(safe, ensure_ascii=True, default=str).encode("ascii")
 
 
 async def send_envelope(send: Any, status: int, body: dict[str, Any]) -> None:
@@ -60,28 +47,35 @@ class BodyLimitMiddleware:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
                 await self._refuse(send)
                 return
+        messages = await self._read(receive)
+        if messages is None:
+            await self._refuse(send)
+            return
+        # The app reads the messages back from a queue, not through a function of this module:
+        # the request goes down once, and nothing below calls back up into the middleware.
+        replay: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        for message in messages:
+            replay.put_nowait(message)
+        await self.app(scope, replay.get, send)
+
+    async def _read(self, receive: Any) -> list[dict[str, Any]] | None:
+        """The body's messages as they came, or None once it passes the limit.
+
+        A chunked body has no length, so it is counted as it streams in. The read ends with
+        the last chunk, or with ``http.disconnect`` (the app sees that as before).
+        """
+        messages: list[dict[str, Any]] = []
         seen = 0
-        started = False
-
-        async def limited() -> Any:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _BodyTooLarge
-            return message
-
-        async def tracked(message: Any) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited, tracked)
-        except _BodyTooLarge:
-            if not started:
-                await self._refuse(send)
+            messages.append(message)
+            if message["type"] != "http.request":
+                return messages
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                return None
+            if not message.get("more_body", False):
+                return messages
 
     async def _refuse(self, send: Any) -> None:
         envelope = Envelope.too_large(

@@ -45,11 +45,12 @@ from cost_reservation import (
     budget_closed,
     cap_reached,
     ledger_unreachable,
+    left_without_running,
     log_overrun,
     money,
+    month_of,
     overdue_verdicts,
     overrun_report,
-    settled,
     usd,
 )
 from errors import ConfigError, CostCapReached
@@ -69,12 +70,6 @@ _NOT_OPENED = "not opened yet"
 # month an unsettled reservation is resolved by the guard's sweep, which asks the cloud first.
 STORE_EXPIRY_S = 40 * 86400.0
 SWEEP_BATCH = 20  # asked of the cloud together, once per refresh pass
-
-
-def month_of(moment: datetime, tz: tzinfo) -> str:
-    """Return 'YYYY-MM' of ``moment`` in ``tz``: months roll over at local midnight of the 1st."""
-    local = moment.astimezone(tz)
-    return f"{local.year:04d}-{local.month:02d}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,12 +352,22 @@ class CostGuard:
         """Reserve ``estimate_usd`` for one call and settle it however the block is left.
 
         Raises ``CostCapReached`` (nothing reserved) if the cap does not allow it; see
-        ``cost_reservation.settled`` for how the reservation is settled on the way out.
+        ``Spend.take`` for what the reservation is settled at on the way out.
         """
-        async with settled(
-            Spend(self, await self.reserve(action, estimate_usd, request_id))
-        ) as spend:
+        spend = Spend(self, await self.reserve(action, estimate_usd, request_id))
+        never_ran = False
+        try:
             yield spend
+        except BaseException as exc:
+            never_ran = left_without_running(spend, exc)
+            raise
+        finally:
+            settlement = spend.take(never_ran=never_ran)
+            if settlement is not None:
+                reservation, cost = settlement  # cost None: released
+                await (
+                    self.release(reservation) if cost is None else self.commit(reservation, cost)
+                )
 
     def _note_overrun(self, call: LoggedCall) -> None:
         if call.id in self._overruns:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from errors import EverReachError
-from sqlite_file import SqliteFile, Synchronous, transaction
+from sqlite_file import SqliteFile, Synchronous
 
 if TYPE_CHECKING:
     pass
@@ -212,15 +212,15 @@ class SqliteLedgerStore:
     def describe(self) -> str:
         return f"SQLite file {self.path}"
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+    async def _run(self, fn: Callable[[sqlite3.Connection], _T], *, write: bool = False) -> _T:
         try:
-            return await self._file.run(fn)
+            return await (self._file.write(fn) if write else self._file.run(fn))
         except (sqlite3.Error, OSError, RuntimeError) as exc:  # RuntimeError: not open
             raise LedgerUnavailable(f"{self.describe()}: {exc}") from exc
 
     async def _write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``fn`` in one ``BEGIN IMMEDIATE`` transaction: one writer at a time, any process."""
-        return await self._run(lambda conn: transaction(conn, fn))
+        return await self._run(fn, write=True)
 
     async def open(self) -> None:
         try:

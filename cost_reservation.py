@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import tzinfo
+from datetime import datetime, tzinfo
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
@@ -64,6 +63,12 @@ def money(amount: Decimal | int | float | str, name: str) -> Decimal:
             f"{name} must be a finite amount from 0 to {MAX_LEDGER_USD}, got {amount!r}"
         )
     return from_micro(to_micro(value))
+
+
+def month_of(moment: datetime, tz: tzinfo) -> str:
+    """Return 'YYYY-MM' of ``moment`` in ``tz``: months roll over at local midnight of the 1st."""
+    local = moment.astimezone(tz)
+    return f"{local.year:04d}-{local.month:02d}"
 
 
 def next_month(month: str) -> str:
@@ -125,43 +130,49 @@ class Spend:
         await self._guard.release(old)
         self.reservation = await self._guard.reserve(old.action, price_usd, old.request_id)
 
-    async def settle(self, *, never_ran: bool) -> None:
-        """Commit or release the reservation (once); ``CostGuard.spend`` calls this on exit."""
+    def take(self, *, never_ran: bool) -> tuple[Reservation, Decimal | None] | None:
+        """What settles the reservation, once: (it, the cost to commit or None to release it).
+
+        The cost given to ``ran()``; else None (release) if the call provably never ran; else
+        the amount reserved (it may have run). None when it was settled already.
+        """
         reservation, self.reservation = self.reservation, None
         if reservation is None:
-            return
+            return None
         if self.cost_usd is not None:
-            await self._guard.commit(reservation, self.cost_usd)
-        elif never_ran:
-            await self._guard.release(reservation)
-        else:
-            await self._guard.commit(reservation)
+            return reservation, self.cost_usd
+        return reservation, None if never_ran else reservation.amount_usd
+
+    async def settle(self, *, never_ran: bool) -> None:
+        """Commit or release the reservation now (once), before the bracket is left."""
+        settlement = self.take(never_ran=never_ran)
+        if settlement is None:
+            return
+        reservation, cost = settlement
+        await (
+            self._guard.release(reservation)
+            if cost is None
+            else self._guard.commit(reservation, cost)
+        )
 
 
-@asynccontextmanager
-async def settled(spend: Spend) -> AsyncIterator[Spend]:
-    """Settle ``spend`` however the block is left.
+def left_without_running(spend: Spend, exc: BaseException) -> bool:
+    """Whether ``exc``, leaving the bracket, proves the call never ran (``CostGuard.spend``).
 
-    On the way out: the cost given to ``spend.ran()``; else released for an ``ActionError``
-    proving the call never ran; else committed at the amount reserved (it may have run).
+    Only an ``ActionError`` saying so does; any other exception counts as "it may have run",
+    and leaving with a reservation and no cost is logged.
     """
-    try:
-        yield spend
-    except ActionError as exc:
-        await spend.settle(never_ran=exc.never_ran)
-        raise
-    except BaseException as exc:
-        if spend.reservation is not None and spend.cost_usd is None:
-            log.warning(
-                "a %s call left its cost bracket with %s; its reservation of $%s counts "
-                "as spent (it may have run)",
-                spend.reservation.action,
-                type(exc).__name__,
-                usd(spend.reservation.amount_usd),
-            )
-        await spend.settle(never_ran=False)
-        raise
-    await spend.settle(never_ran=False)
+    if isinstance(exc, ActionError):
+        return exc.never_ran
+    if spend.reservation is not None and spend.cost_usd is None:
+        log.warning(
+            "a %s call left its cost bracket with %s; its reservation of $%s counts "
+            "as spent (it may have run)",
+            spend.reservation.action,
+            type(exc).__name__,
+            usd(spend.reservation.amount_usd),
+        )
+    return False
 
 
 async def overdue_verdicts(

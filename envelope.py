@@ -9,6 +9,7 @@ shared by the log line, the metrics and the ``/status`` counts.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -281,3 +282,13 @@ class Envelope:
 def rfc3339(when: datetime) -> str:
     """``when`` in UTC as RFC 3339 with milliseconds: ``2026-01-02T03:04:05.678Z``."""
     return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def envelope_bytes(body: dict[str, Any]) -> bytes:
+    """Encode an envelope dict as ASCII JSON, which no lone surrogate or NaN can break."""
+    try:
+        return json.dumps(body, ensure_ascii=True, allow_nan=False).encode("ascii")
+    except ValueError:
+        # NaN or Infinity in a result: answer with the envelope's fields but no result.
+        safe = {**body, "result": None, "detail": "the answer held a value that is not JSON"}
+        return json.dumps(safe, ensure_ascii=True, default=str).encode("ascii")

@@ -40,7 +40,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from sqlite_file import HYBRID_DB_FILENAME, SqliteFile, Synchronous, transaction
+from sqlite_file import HYBRID_DB_FILENAME, SqliteFile, Synchronous
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ class IdempotencyStore(ClaimStore):
                 if name not in have:
                     conn.execute(f"ALTER TABLE hybrid_idempotency ADD COLUMN {name} {kind}")
 
-        await self._db.run(lambda conn: transaction(conn, add_columns))
+        await self._db.write(add_columns)
         self._heartbeat.start()
 
     async def close(self) -> None:
@@ -367,7 +367,7 @@ class IdempotencyStore(ClaimStore):
                 return Claim(ClaimState.INDETERMINATE)
             return verdict
 
-        claim = await self._db.run(lambda conn: transaction(conn, work))
+        claim = await self._db.write(work)
         if claim.state is ClaimState.NEW:
             self._heartbeat.held += 1
         if now - self._last_prune > 3600:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from params_digest import params_hash
-from sqlite_file import HYBRID_DB_FILENAME, SqliteFile, Synchronous, transaction
+from sqlite_file import HYBRID_DB_FILENAME, SqliteFile, Synchronous
 
 if TYPE_CHECKING:
     from config.hybrid_config import HybridConfig
@@ -119,7 +119,7 @@ class OfflineCache:
                     (rows - self.max_rows,),
                 )
 
-        await self._db.run(lambda conn: transaction(conn, write))
+        await self._db.write(write)
 
     async def get(self, action: str, params: Mapping[str, Any]) -> CacheEntry | None:
         """Return the entry for ``action(params)`` if it is younger than the TTL."""

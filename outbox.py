@@ -40,7 +40,6 @@ from sqlite_file import (
     SqliteFile,
     Synchronous,
     parse_timestamp,
-    transaction,
     utc_iso,
 )
 
@@ -210,7 +209,7 @@ class Outbox:
                 if name not in have:
                     conn.execute(f"ALTER TABLE hybrid_outbox ADD COLUMN {name} {kind}")
 
-        await self._db.run(lambda conn: transaction(conn, add_columns))
+        await self._db.write(add_columns)
 
     async def close(self) -> None:
         await self._db.close()
@@ -258,7 +257,7 @@ class Outbox:
                 ).fetchone()
             return tuple(row)
 
-        row = await self._db.run(lambda conn: transaction(conn, write))
+        row = await self._db.write(write)
         if row[0] != new_id and (row[2] != action or row[3] != params_json):
             raise InvalidParams(
                 f"idempotency key {idempotency_key!r} is already queued for another action "
@@ -332,7 +331,7 @@ class Outbox:
             )
             return status, str(row[1])
 
-        outcome = await self._db.run(lambda conn: transaction(conn, write))
+        outcome = await self._db.write(write)
         if outcome is None:
             return None
         if outcome[0] is OutboxStatus.DEAD:
@@ -443,7 +442,7 @@ class Outbox:
                 ).fetchone()
             )
 
-        return _decode_item(await self._db.run(lambda conn: transaction(conn, write)))
+        return _decode_item(await self._db.write(write))
 
     async def drop(self, item_id: str) -> OutboxItem:
         """Delete a dead letter, or cancel a queued item before it is sent; ``KeyError`` if
@@ -458,7 +457,7 @@ class Outbox:
             conn.execute("DELETE FROM hybrid_outbox WHERE id = ?", (item_id,))
             return tuple(row)
 
-        row = await self._db.run(lambda conn: transaction(conn, write))
+        row = await self._db.write(write)
         try:
             return _decode_item(row)
         except ValueError as exc:

@@ -10,6 +10,7 @@ crosses threads, and the event loop never blocks on disk.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sqlite3
@@ -99,6 +100,14 @@ class SqliteFile:
             raise RuntimeError(f"{self.name}: {self.path} is not open; call open() first")
         conn = self._conn
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, conn)
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(connection)`` on the worker thread inside one ``transaction``.
+
+        The transaction is begun and ended here, so the caller's ``fn`` is the only code of
+        its module on the worker's stack (not called back from ``transaction``).
+        """
+        return await self.run(functools.partial(transaction, fn=fn))
 
     async def close(self) -> None:
         """Close the connection and stop the worker thread (idempotent)."""

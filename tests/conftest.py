@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -51,6 +52,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--forbid-processes"):
         sys.addaudithook(_refuse_child_processes)
+    _temp_files_in_memory()
+
+
+# A RAM file system for tmp_path when the machine has one and TMPDIR does not say otherwise.
+MEMORY_TEMP_ROOT = Path("/dev/shm")
+
+
+def _temp_files_in_memory() -> None:
+    """Put ``tmp_path`` (and the servers' DATA_DIRs under it) on tmpfs when there is one.
+
+    The tests' SQLite files are real files all the same; only their fsyncs (``synchronous=FULL``
+    on every commit) stop waiting for the disk, which other work on the machine shares. What a
+    killed process leaves behind is the same on tmpfs; a power cut is not something a test can
+    show either way. ``TMPDIR`` (or ``--basetemp``) chooses another place.
+    """
+    if "TMPDIR" in os.environ or not MEMORY_TEMP_ROOT.is_dir():
+        return
+    if os.access(MEMORY_TEMP_ROOT, os.W_OK | os.X_OK):
+        tempfile.tempdir = str(MEMORY_TEMP_ROOT)
 
 
 def _refuse_child_processes(event: str, args: tuple[Any, ...]) -> None:
@@ -64,6 +84,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         fixtures = set(getattr(item, "fixturenames", ()))
         if item.get_closest_marker("e2e") is not None or fixtures & PROCESS_FIXTURES:
             item.add_marker(pytest.mark.process)
+
+
+@pytest.fixture(autouse=True)
+def _declarations_of_this_test_only() -> Iterator[None]:
+    """Forget the handlers a test's services modules declared with ``@register``, and the modules.
+
+    ``@register`` fills one table per process, read when an app is built. A test that builds an
+    app with ``EVERREACH_SERVICES=tests.e2e_services`` would otherwise leave its handlers there
+    for the next test, whose own example module declaring the same action (the docs' ``dm.send``)
+    would then be refused as a second handler. The next test that needs the module imports it
+    afresh, as a new server process would.
+    """
+    import service_registry
+
+    declared = service_registry._DECLARED
+    before = dict(declared)
+    yield
+    added = [handler for action, handler in declared.items() if before.get(action) is not handler]
+    declared.clear()
+    declared.update(before)
+    for module in {getattr(handler, "__module__", None) for handler in added}:
+        if module:
+            sys.modules.pop(module, None)
 
 
 def service_missing(what: str) -> None:
@@ -115,6 +158,15 @@ async def until(predicate: Callable[[], bool], *, what: str, timeout_s: float = 
         if time.monotonic() > deadline:
             pytest.fail(f"gave up waiting for: {what}")
         await asyncio.sleep(0.01)
+
+
+def wait_until(predicate: Callable[[], bool], *, what: str, timeout_s: float = 15.0) -> None:
+    """``until`` for tests outside an event loop (those that talk to real servers)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for: {what}")
+        time.sleep(0.01)
 
 
 def free_port() -> int:

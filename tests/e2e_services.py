@@ -29,6 +29,23 @@ def _record(params: dict[str, Any], action: str) -> None:
             os.fsync(fh.fileno())
 
 
+async def _hold(params: dict[str, Any]) -> None:
+    """Sleep ``sleep_s``; with ``sleep_while``, only while that file exists (at most ``sleep_s``).
+
+    A test holds a handler mid-call as long as it needs (a kill lands mid-handler, a second
+    call finds the key running) and lets it go by removing the file, instead of guessing a time.
+    """
+    sleep_s = float(params.get("sleep_s", 0))
+    gate = params.get("sleep_while")
+    if gate is None:
+        await asyncio.sleep(sleep_s)
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + sleep_s
+    while Path(gate).exists() and loop.time() < deadline:  # noqa: ASYNC110 (a file: another process)
+        await asyncio.sleep(0.01)
+
+
 @register("content.analyze_video")
 async def analyze_video(params: dict[str, Any]) -> dict[str, Any]:
     await asyncio.sleep(float(params.get("sleep_s", 0)))
@@ -54,7 +71,7 @@ async def research_platform(params: dict[str, Any]) -> dict[str, Any]:
 
 @register("dm.send")
 async def dm_send(params: dict[str, Any]) -> dict[str, Any]:
-    await asyncio.sleep(float(params.get("sleep_s", 0)))
+    await _hold(params)
     _record(params, "dm.send")
     return {"sent_to": params.get("to"), "id": params.get("id"), "pid": os.getpid()}
 

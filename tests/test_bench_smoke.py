@@ -181,6 +181,7 @@ def test_table_aligns_numbers_right_and_the_first_column_left() -> None:
     ]
 
 
+@pytest.mark.process
 def test_bench_runner_writes_the_selected_tables_with_their_commands(tmp_path: Path) -> None:
     output = tmp_path / "results" / "latest.md"
     status = bench_main.main(["--quick", "--only", "routing", "--output", str(output)])
@@ -198,6 +199,7 @@ def test_bench_runner_refuses_an_unknown_bench_name(capsys: pytest.CaptureFixtur
     assert "no bench 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.process
 def test_bench_runner_reports_a_failing_bench_and_exits_1(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -315,6 +317,7 @@ def test_serve_command_starts_each_app_as_the_project_ships() -> None:
         common.serve_command("local_server:app", 9000, "gunicorn")
 
 
+@pytest.mark.process
 def test_process_cpu_s_counts_a_busy_childs_cpu_time() -> None:
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
@@ -336,6 +339,7 @@ def test_summary_and_spread_report_the_median_and_the_range_of_rounds() -> None:
     assert common.spread(row, "ratio", "{:.0%}") == "50% (25%..75%)"
 
 
+@pytest.mark.process
 def test_bench_runner_header_names_the_commit_and_the_load(tmp_path: Path) -> None:
     output = tmp_path / "latest.md"
     assert bench_main.main(["--quick", "--only", "routing", "--output", str(output)]) == 0

@@ -55,6 +55,7 @@ def between(text: str, begin: str, end: str) -> str:
 # -- the site ---------------------------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_the_site_builds_strictly_so_a_broken_link_or_anchor_fails(tmp_path: Path) -> None:
     mkdocs = Path(sys.executable).with_name("mkdocs")
     if not mkdocs.exists():
@@ -161,10 +162,15 @@ def output_of(block: Block) -> str | None:
     return found[1] if found else None
 
 
+def example_files() -> list[Path]:
+    """The files of docs/examples/ (not the __pycache__ that importing one leaves there)."""
+    return sorted(path for path in EXAMPLES.iterdir() if path.is_file())
+
+
 def test_every_code_block_is_run_by_a_test_or_marked_not_run() -> None:
     # tests/test_readme.py runs the README's sh blocks; a page may show the same commands.
     readme_runs = {b.text for b in blocks(README) if b.lang == "sh" and b.not_run is None}
-    examples = {path.read_text(encoding="utf-8") for path in EXAMPLES.iterdir()}
+    examples = {path.read_text(encoding="utf-8") for path in example_files()}
     unaccounted = [
         f"{block.page.relative_to(ROOT)}:{block.line}"
         for block in all_blocks()
@@ -186,7 +192,7 @@ def test_every_example_file_is_shown_in_a_page_and_every_included_file_exists() 
     for path in included:
         assert (ROOT / path).is_file(), f"a page includes {path}, which does not exist"
     shown_inline = {block.text for block in all_blocks()}
-    for example in EXAMPLES.iterdir():
+    for example in example_files():
         name = example.relative_to(ROOT).as_posix()
         assert name in included or example.read_text(encoding="utf-8") in shown_inline, (
             f"no page shows {name}"
@@ -199,6 +205,7 @@ def test_the_tutorials_files_are_the_tested_examples() -> None:
         assert titled[name] == (EXAMPLES / name).read_text(encoding="utf-8")
 
 
+@pytest.mark.process
 def test_the_output_blocks_are_what_their_examples_print(tmp_path: Path) -> None:
     checked = 0
     for block in all_blocks():
@@ -306,6 +313,7 @@ def test_the_schedules_example_loads() -> None:
     assert [s.id for s in schedules] == ["morning-research", "dm-poll"]
 
 
+@pytest.mark.process
 def test_the_backup_example_copies_a_live_wal_database(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 from tests.fault_proxy import FaultProxy
 
 pytestmark = [pytest.mark.prd200, pytest.mark.e2e]
@@ -137,7 +136,9 @@ def test_a_retried_side_effect_runs_exactly_once_on_the_cloud(server_factory, cl
 
 
 def test_answer_after_client_timeout_still_runs_once(server_factory, cloud, tmp_path):
-    proxy = FaultProxy(cloud.url, free_port(), ["slow_after"], slow_s=2.0).start()
+    # The answer comes back 1 s after the cloud ran the call: always past the 0.5 s timeout,
+    # however slow the machine (stopping the proxy waits out that second too).
+    proxy = FaultProxy(cloud.url, free_port(), ["slow_after"], slow_s=1.0).start()
     try:
         term = terminal(server_factory, proxy.url, CLOUD_TIMEOUT_SEC="0.5")
         log = tmp_path / "dm.log"
@@ -196,12 +197,21 @@ def test_same_key_while_the_first_call_runs_is_409_with_retry_after(server_facto
     log = tmp_path / "dm.log"
     url = f"{cloud.url}/api/services/dm/send"
     headers = {"Authorization": f"Bearer {KEY}", "Idempotency-Key": "busy-key-0001"}
-    body = {"params": {"id": "slow", "log": str(log), "sleep_s": 1.5}}
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        first = pool.submit(httpx.post, url, json=body, headers=headers, timeout=30)
-        time.sleep(0.3)
-        second = pool.submit(httpx.post, url, json=body, headers=headers, timeout=30)
-        answers = [first.result(), second.result()]
+    held = tmp_path / "held"  # the first call's handler runs until the file goes
+    held.touch()
+    params = {"id": "slow", "log": str(log), "sleep_s": 30, "sleep_while": str(held)}
+    state = f"{cloud.url}/api/idempotency/busy-key-0001"
+
+    def running() -> bool:
+        answer = httpx.get(state, headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+        return bool(answer.json()["state"] == "running")
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(httpx.post, url, json={"params": params}, headers=headers, timeout=60)
+        wait_until(running, what="the first call holds the key")
+        second = httpx.post(url, json={"params": params}, headers=headers, timeout=30)
+        held.unlink()
+        answers = [first.result(), second]
     assert sorted(a.status_code for a in answers) == [200, 409]
     busy = next(a for a in answers if a.status_code == 409)
     assert busy.headers["Retry-After"] == "1"

@@ -70,7 +70,7 @@ def start_terminal(server_factory, cloud_url: str, **variables):
         "CLOUD_RETRIES": "1",
         "CLOUD_BACKOFF_SEC": "0.05",
         "CONNECTIVITY_INTERVAL_SEC": "0.3",
-        "SYNC_INTERVAL_SEC": "1",
+        "SYNC_INTERVAL_SEC": "0.3",
     }
     settings.update(variables)
     return server_factory(name="terminal", **settings)
@@ -231,6 +231,8 @@ def test_a_cloud_killed_mid_burst_leaves_every_dm_delivered_or_parked_and_none_t
     total = 200
     answers: dict[str, int] = {}
     restarted_at: list[float] = []
+    bursting = tmp_path / "bursting"  # handlers sleep 0.1 s while it exists: the burst's only
+    bursting.touch()
 
     async def burst() -> None:
         limit = asyncio.Semaphore(20)
@@ -238,7 +240,13 @@ def test_a_cloud_killed_mid_burst_leaves_every_dm_delivered_or_parked_and_none_t
 
             async def send(n: int) -> None:
                 dm = f"m{n:03d}"
-                params = {"to": "x", "id": dm, "log": str(log), "sleep_s": 0.1}
+                params = {
+                    "to": "x",
+                    "id": dm,
+                    "log": str(log),
+                    "sleep_s": 0.1,
+                    "sleep_while": str(bursting),
+                }
                 async with limit:
                     answer = await client.post(
                         f"{term.url}/dispatch", json={"action": "dm.send", "params": params}
@@ -255,6 +263,7 @@ def test_a_cloud_killed_mid_burst_leaves_every_dm_delivered_or_parked_and_none_t
             await asyncio.gather(kill_and_restart(), *(send(n) for n in range(total)))
 
     asyncio.run(burst())
+    bursting.unlink()  # the outbox's replays need not be slow
     acknowledged = {dm for dm, code in answers.items() if code in (200, 202)}
     assert len(acknowledged) == total, Counter(answers.values())
 

@@ -124,7 +124,7 @@ async def test_an_unreachable_database_is_storage_unavailable_not_a_crash() -> N
     from errors import StorageUnavailable
 
     store = PostgresIdempotencyStore(
-        "postgresql://postgres@127.0.0.1:1/test", connect_timeout_s=0.5, statement_timeout_s=0.5
+        "postgresql://postgres@127.0.0.1:1/test", connect_timeout_s=0.1, statement_timeout_s=0.1
     )
     await store.open()
     try:

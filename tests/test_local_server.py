@@ -402,6 +402,7 @@ def test_served_and_dispatched_calls_are_counted_once_in_status_and_metrics(clou
     assert series in metrics
 
 
+@pytest.mark.process
 def test_importing_the_server_loads_no_cli_rich_or_optional_database_clients() -> None:
     probe = (
         "import sys, local_server; "

@@ -448,6 +448,7 @@ async def _answers(pacer: Pacer) -> bool:
     return (await pacer.snapshot())[0].available
 
 
+@pytest.mark.process
 @pytest.mark.redis
 async def test_redis_going_down_defers_and_coming_back_resumes() -> None:
     if shutil.which("redis-server") is None:

@@ -104,7 +104,9 @@ async def test_the_http_client_holds_batch_max_concurrent_requests_in_flight(tmp
     # would never see 150 waiting and the rounds would not finish.
     hold = 150
     server = HeldServer(hold)
-    listener = await asyncio.start_server(server.serve, "127.0.0.1", 0)
+    # A backlog for all of them: past the default 100, the kernel drops SYNs and each dropped
+    # connect waits a second for its retry.
+    listener = await asyncio.start_server(server.serve, "127.0.0.1", 0, backlog=hold)
     url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}/"
     config = _config(tmp_path, BATCH_MAX_CONCURRENT=str(hold))
     try:

@@ -551,6 +551,7 @@ def test_serve_loads_a_services_module_from_the_current_directory(tmp_path: Path
         proc.communicate(timeout=30)
 
 
+@pytest.mark.process
 @pytest.mark.skipif(not EVERREACH.exists(), reason="the everreach console script is not installed")
 def test_serve_with_a_missing_services_module_says_where_it_looked(tmp_path: Path) -> None:
     proc = serve_in(tmp_path, free_port(), EVERREACH_SERVICES="my_servces")
