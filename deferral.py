@@ -36,7 +36,8 @@ from service_registry import idempotency_key_scope
 if TYPE_CHECKING:
     from config.hybrid_config import HybridConfig
     from local_executor import LocalExecutor
-    from outbox import Outbox, OutboxItem
+    from outbox import Outbox
+    from outbox_rows import OutboxItem
 
 log = logging.getLogger("everreach.pacing")
 

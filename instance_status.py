@@ -27,7 +27,8 @@ from local_cron import LocalCron
 from local_executor import LocalExecutor
 from metrics import Metrics
 from offline_cache import OfflineCache
-from outbox import Outbox, OutboxStatus
+from outbox import Outbox
+from outbox_rows import OutboxStatus
 from route_table import RouteTable
 from service_registry import ServiceRegistry
 from sync_bus import SyncBus

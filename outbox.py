@@ -20,26 +20,35 @@ the old one (``rerun_key``), or ``drop(id)`` forgets it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import sqlite3
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from enum import StrEnum
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from errors import Indeterminate, InvalidParams
+from outbox_rows import (
+    ADDED_COLUMNS,
+    DEAD_STATES,
+    DUE,
+    MAX_ERROR_CHARS,
+    OUTBOX_COLUMNS,
+    OUTBOX_SCHEMA,
+    OutboxItem,
+    OutboxStatus,
+    decode_item,
+    lenient_item,
+    rerun_key,
+    when,
+)
 from params_digest import canonical_json
 from sqlite_file import (
     HYBRID_DB_FILENAME,
     SqliteFile,
     Synchronous,
-    parse_timestamp,
     utc_iso,
 )
 
@@ -47,138 +56,6 @@ if TYPE_CHECKING:
     from config.hybrid_config import HybridConfig
 
 log = logging.getLogger(__name__)
-
-MAX_ERROR_CHARS = 1000
-MAX_KEY_CHARS = 200
-
-
-class OutboxStatus(StrEnum):
-    PENDING = "pending"
-    DEAD = "dead"
-    INDETERMINATE = "indeterminate"  # a dead letter that may have run: a person decides
-
-
-_DEAD_STATES = (OutboxStatus.DEAD.value, OutboxStatus.INDETERMINATE.value)
-
-
-def rerun_key(key: str) -> str:
-    """A fresh idempotency key for running ``key``'s action again: ``<key>~r1``, ``~r2`` …
-
-    Derived, not random, so that the re-run itself is replayed under one key.
-    """
-    base, sep, count = key.rpartition("~r")
-    if not (sep and count.isdigit()):
-        base, count = key, "0"
-    fresh = f"{base}~r{int(count) + 1}"
-    if len(fresh) > MAX_KEY_CHARS:
-        fresh = f"{hashlib.sha256(base.encode()).hexdigest()}~r{int(count) + 1}"
-    return fresh
-
-
-_OUTBOX_SCHEMA = """
-CREATE TABLE IF NOT EXISTS hybrid_outbox (
-    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
-    id              TEXT NOT NULL UNIQUE,
-    action          TEXT NOT NULL,
-    params_json     TEXT NOT NULL,
-    idempotency_key TEXT NOT NULL UNIQUE,
-    created_at      TEXT NOT NULL,
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    status          TEXT NOT NULL DEFAULT 'pending',
-    last_error      TEXT,
-    updated_at      TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS hybrid_outbox_status_seq ON hybrid_outbox (status, seq);
-"""
-# Added after the first release: an outbox file of an older version gets them when opened.
-# not_before: Unix seconds before which the item is not sent (NULL: at once); pace_slot: the
-# pacing slot booked for it (claimed when it is sent, released when it is cancelled).
-_ADDED_COLUMNS = {"not_before": "REAL", "pace_slot": "TEXT"}
-_OUTBOX_COLUMNS = (
-    "id, seq, action, params_json, idempotency_key, created_at, attempts, status, last_error, "
-    "not_before, pace_slot"
-)
-_DUE = "status = 'pending' AND (not_before IS NULL OR not_before <= ?)"
-
-
-@dataclass(frozen=True)
-class OutboxItem:
-    """One queued side-effect action."""
-
-    id: str
-    seq: int
-    action: str
-    params: dict[str, Any]
-    idempotency_key: str
-    created_at: datetime
-    attempts: int
-    status: OutboxStatus
-    last_error: str | None
-    not_before: datetime | None = None  # not sent before this (deferred or scheduled)
-    pace_slot: str | None = None  # the pacing slot booked for it
-
-
-def _when(value: Any) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(float(value), UTC)
-
-
-def _decode_item(row: tuple[Any, ...]) -> OutboxItem:
-    """Build an item from a row; raise ValueError naming what is unreadable."""
-    item_id, seq, action, params_json, key, created_at, attempts, status, last_error = row[:9]
-    try:
-        params = json.loads(params_json)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"params_json is not valid JSON ({exc})") from None
-    if not isinstance(params, dict):
-        raise ValueError(f"params_json is a {type(params).__name__}, not an object")
-    try:
-        created = parse_timestamp(created_at)
-        status_value = OutboxStatus(status)
-        attempts_count = int(attempts)
-        not_before = _when(row[9])
-    except (TypeError, ValueError, OverflowError, OSError) as exc:
-        raise ValueError(str(exc)) from None
-    return OutboxItem(
-        id=str(item_id),
-        seq=int(seq),
-        action=str(action),
-        params=params,
-        idempotency_key=str(key),
-        created_at=created,
-        attempts=attempts_count,
-        status=status_value,
-        last_error=last_error,
-        not_before=not_before,
-        pace_slot=None if row[10] is None else str(row[10]),
-    )
-
-
-def _lenient_item(row: tuple[Any, ...], reason: str) -> OutboxItem:
-    """An unreadable row, shown as well as it can be (for the dead-letter list)."""
-    item_id, seq, action, _params, key, created_at, attempts, status, last_error = row[:9]
-    try:
-        created = parse_timestamp(created_at)
-    except (TypeError, ValueError):
-        created = datetime.min.replace(tzinfo=UTC)
-    try:
-        status_value = OutboxStatus(status)
-    except ValueError:
-        status_value = OutboxStatus.DEAD
-    try:
-        attempts_count = int(attempts)
-    except (TypeError, ValueError):
-        attempts_count = 0
-    return OutboxItem(
-        id=str(item_id),
-        seq=int(seq),
-        action=str(action),
-        params={},
-        idempotency_key=str(key),
-        created_at=created,
-        attempts=attempts_count,
-        status=status_value,
-        last_error=last_error or reason,
-    )
 
 
 class Outbox:
@@ -201,11 +78,11 @@ class Outbox:
         return cls(config.data_dir / HYBRID_DB_FILENAME)
 
     async def open(self) -> None:
-        await self._db.open(_OUTBOX_SCHEMA)
+        await self._db.open(OUTBOX_SCHEMA)
 
         def add_columns(conn: sqlite3.Connection) -> None:
             have = {row[1] for row in conn.execute("PRAGMA table_info(hybrid_outbox)")}
-            for name, kind in _ADDED_COLUMNS.items():
+            for name, kind in ADDED_COLUMNS.items():
                 if name not in have:
                     conn.execute(f"ALTER TABLE hybrid_outbox ADD COLUMN {name} {kind}")
 
@@ -242,7 +119,7 @@ class Outbox:
 
         def write(conn: sqlite3.Connection) -> tuple[Any, ...]:
             row = conn.execute(
-                f"SELECT {_OUTBOX_COLUMNS} FROM hybrid_outbox WHERE idempotency_key = ?",
+                f"SELECT {OUTBOX_COLUMNS} FROM hybrid_outbox WHERE idempotency_key = ?",
                 (idempotency_key,),
             ).fetchone()
             if row is None:
@@ -253,7 +130,7 @@ class Outbox:
                     (new_id, action, params_json, idempotency_key, now, now, due, pace_slot),
                 )
                 row = conn.execute(
-                    f"SELECT {_OUTBOX_COLUMNS} FROM hybrid_outbox WHERE id = ?", (new_id,)
+                    f"SELECT {OUTBOX_COLUMNS} FROM hybrid_outbox WHERE id = ?", (new_id,)
                 ).fetchone()
             return tuple(row)
 
@@ -263,7 +140,7 @@ class Outbox:
                 f"idempotency key {idempotency_key!r} is already queued for another action "
                 f"or other params (outbox item {row[0]})"
             )
-        return _decode_item(row)
+        return decode_item(row)
 
     async def pending(self, limit: int = 100) -> list[OutboxItem]:
         """Up to ``limit`` pending items that are due (``not_before`` passed, or none), in
@@ -275,8 +152,8 @@ class Outbox:
             after = -1
             while len(items) < limit:
                 rows = conn.execute(
-                    f"SELECT {_OUTBOX_COLUMNS} FROM hybrid_outbox "
-                    f"WHERE {_DUE} AND seq > ? ORDER BY seq LIMIT ?",
+                    f"SELECT {OUTBOX_COLUMNS} FROM hybrid_outbox "
+                    f"WHERE {DUE} AND seq > ? ORDER BY seq LIMIT ?",
                     (now, after, limit - len(items)),
                 ).fetchall()
                 if not rows:
@@ -284,7 +161,7 @@ class Outbox:
                 for row in rows:
                     after = row[1]
                     try:
-                        items.append(_decode_item(row))
+                        items.append(decode_item(row))
                     except ValueError as exc:
                         self._bury_corrupt(conn, row[0], str(exc))
             return items
@@ -364,7 +241,7 @@ class Outbox:
                 (self._clock(),),
             ).fetchone()
         )
-        return _when(due)
+        return when(due)
 
     async def depth(self) -> int:
         """Number of pending items."""
@@ -383,16 +260,16 @@ class Outbox:
         with empty params)."""
         rows = await self._db.run(
             lambda conn: conn.execute(
-                f"SELECT {_OUTBOX_COLUMNS} FROM hybrid_outbox WHERE status IN (?, ?) ORDER BY seq",
-                _DEAD_STATES,
+                f"SELECT {OUTBOX_COLUMNS} FROM hybrid_outbox WHERE status IN (?, ?) ORDER BY seq",
+                DEAD_STATES,
             ).fetchall()
         )
         items = []
         for row in rows:
             try:
-                items.append(_decode_item(row))
+                items.append(decode_item(row))
             except ValueError as exc:
-                items.append(_lenient_item(row, f"corrupt row: {exc}"))
+                items.append(lenient_item(row, f"corrupt row: {exc}"))
         return items
 
     async def park(self, item_id: str, error: str) -> None:
@@ -418,8 +295,8 @@ class Outbox:
 
         def write(conn: sqlite3.Connection) -> tuple[Any, ...]:
             row = conn.execute(
-                f"SELECT {_OUTBOX_COLUMNS} FROM hybrid_outbox WHERE id = ? AND status IN (?, ?)",
-                (item_id, *_DEAD_STATES),
+                f"SELECT {OUTBOX_COLUMNS} FROM hybrid_outbox WHERE id = ? AND status IN (?, ?)",
+                (item_id, *DEAD_STATES),
             ).fetchone()
             if row is None:
                 raise KeyError(f"no dead letter with id {item_id!r}")
@@ -438,11 +315,11 @@ class Outbox:
             )
             return tuple(
                 conn.execute(
-                    f"SELECT {_OUTBOX_COLUMNS} FROM hybrid_outbox WHERE id = ?", (item_id,)
+                    f"SELECT {OUTBOX_COLUMNS} FROM hybrid_outbox WHERE id = ?", (item_id,)
                 ).fetchone()
             )
 
-        return _decode_item(await self._db.write(write))
+        return decode_item(await self._db.write(write))
 
     async def drop(self, item_id: str) -> OutboxItem:
         """Delete a dead letter, or cancel a queued item before it is sent; ``KeyError`` if
@@ -450,7 +327,7 @@ class Outbox:
 
         def write(conn: sqlite3.Connection) -> tuple[Any, ...]:
             row = conn.execute(
-                f"SELECT {_OUTBOX_COLUMNS} FROM hybrid_outbox WHERE id = ?", (item_id,)
+                f"SELECT {OUTBOX_COLUMNS} FROM hybrid_outbox WHERE id = ?", (item_id,)
             ).fetchone()
             if row is None:
                 raise KeyError(f"no outbox item with id {item_id!r}")
@@ -459,9 +336,9 @@ class Outbox:
 
         row = await self._db.write(write)
         try:
-            return _decode_item(row)
+            return decode_item(row)
         except ValueError as exc:
-            return _lenient_item(row, f"corrupt row: {exc}")
+            return lenient_item(row, f"corrupt row: {exc}")
 
     async def snapshot(self) -> dict[str, Any]:
         """Counts for ``/status``: pending depth, dead letters, oldest pending enqueue time."""
@@ -480,7 +357,7 @@ class Outbox:
             return {
                 "depth": int(counts.get("pending", 0)),
                 "deferred": int(deferred),
-                "dead_letters": sum(int(counts.get(state, 0)) for state in _DEAD_STATES),
+                "dead_letters": sum(int(counts.get(state, 0)) for state in DEAD_STATES),
                 "oldest_pending_at": oldest,
             }
 

@@ -33,7 +33,8 @@ from errors import (
     RateLimited,
     Unauthorized,
 )
-from outbox import Outbox, OutboxItem, OutboxStatus
+from outbox import Outbox
+from outbox_rows import OutboxItem, OutboxStatus
 from sqlite_file import parse_timestamp
 from state_store import WELL_KNOWN_KEYS, StateKind, StateOrigin, StateStore, resolve_conflict
 

@@ -30,7 +30,8 @@ from errors import CloudUnavailable, Env, ErrorCode, InvalidParams, Source
 from hybrid_orchestrator import HybridOrchestrator
 from local_executor import LocalExecutor
 from offline_cache import OfflineCache
-from outbox import Outbox, OutboxStatus
+from outbox import Outbox
+from outbox_rows import OutboxStatus
 from route_table import RouteTable
 from service_registry import ServiceRegistry
 

@@ -17,7 +17,8 @@ import pytest
 
 from config.hybrid_config import HybridConfig
 from errors import Indeterminate, InvalidParams
-from outbox import Outbox, OutboxStatus, rerun_key
+from outbox import Outbox
+from outbox_rows import OutboxStatus, rerun_key
 
 pytestmark = pytest.mark.prd200
 
