@@ -412,8 +412,36 @@ def test_importing_the_server_loads_no_cli_rich_or_optional_database_clients() -
     )
     loaded = set(done.stdout.split())
     assert "httpx" in loaded and "fastapi" in loaded
-    unwanted = {"rich", "pygments", "click", "supabase", "psycopg", "cli", "cli_commands"}
+    unwanted = {"rich", "pygments", "click", "supabase", "psycopg", "cli", "cli_commands", "redis"}
     assert loaded & unwanted == set()
+
+
+_OPEN_AND_LIST = """
+import asyncio, sys
+from config.hybrid_config import HybridConfig
+from local_server import create_app
+
+app = create_app(HybridConfig.from_mapping({"DATA_DIR": sys.argv[1], "EVERREACH_ENV": "local"}))
+
+async def main() -> None:
+    async with app.router.lifespan_context(app):
+        print(" ".join(sorted({m.split(".")[0] for m, v in sys.modules.items() if v})))
+
+asyncio.run(main())
+"""
+
+
+def test_a_server_without_redis_or_a_cloud_does_not_load_their_clients(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _OPEN_AND_LIST, str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    loaded = set(done.stdout.split())
+    assert {"local_server", "runtime", "httpx"} <= loaded  # the lifespan did run
+    assert loaded & {"redis", "aiohttp", "httpx_aiohttp"} == set()
 
 
 @pytest.mark.parametrize(("setting", "lines"), [("true", 1), ("false", 0)])
