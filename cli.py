@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=3,
         metavar="N",
-        help="items in flight at once (1-32, default 3)",
+        help="items in flight at once (default 3; at most BATCH_MAX_CONCURRENT: the server's "
+        "with --server-side, else this environment's)",
     )
     batch.add_argument(
         "--server-side",

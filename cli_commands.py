@@ -43,7 +43,6 @@ from cli_client import (
 )
 from cli_views import cost_view, outbox_view, routes_view, status_view
 from config.hybrid_config import HybridConfig
-from local_batch import MAX_CONCURRENT_LIMIT  # the server's /batch bound; the client keeps it
 
 
 @dataclass(slots=True)
@@ -111,10 +110,12 @@ def cmd_dispatch(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
 
 
 def cmd_batch(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
-    if not 1 <= args.max_concurrent <= MAX_CONCURRENT_LIMIT:
-        raise CliFailure(
-            f"--max-concurrent must be between 1 and {MAX_CONCURRENT_LIMIT}", ExitCode.USAGE
-        )
+    # --server-side: the server's BATCH_MAX_CONCURRENT decides (it answers 422 above it, and
+    # that message is shown); one /dispatch per item: this environment's bounds the CLI's own.
+    bound = None if args.server_side else config.batch_max_concurrent
+    if args.max_concurrent < 1 or (bound is not None and args.max_concurrent > bound):
+        within = f"between 1 and {bound} (BATCH_MAX_CONCURRENT)" if bound else "at least 1"
+        raise CliFailure(f"--max-concurrent must be {within}", ExitCode.USAGE)
     items = read_items(args.file)
     server = _server(args, config, DISPATCH_TIMEOUT_S)
     started = time.perf_counter()
@@ -194,6 +195,8 @@ def _server_side_batch(
     if response.status_code == 401:
         raise CliFailure(token_problem(server))
     body = json_body(response)
+    if response.status_code == 422 and isinstance(body, dict) and body.get("detail"):
+        raise CliFailure(f"POST /batch refused the batch (HTTP 422): {body['detail']}")
     if response.status_code != 200 or not isinstance(body, dict) or "results" not in body:
         raise CliFailure(
             f"POST /batch answered HTTP {response.status_code}: {json.dumps(body)[:300]}"
