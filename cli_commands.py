@@ -12,13 +12,10 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-from rich.console import Console, RenderableType
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -33,6 +30,7 @@ from cli_client import (
     VIEW_TIMEOUT_S,
     CliFailure,
     ExitCode,
+    Io,
     Server,
     fetch_status,
     json_body,
@@ -43,41 +41,6 @@ from cli_client import (
 )
 from cli_views import cost_view, outbox_view, routes_view, status_view
 from config.hybrid_config import HybridConfig
-
-
-@dataclass(slots=True)
-class Io:
-    """The streams of one CLI run (looked up at call time, so tests can capture them)."""
-
-    out: Console
-    err: Console
-
-    @classmethod
-    def system(cls) -> Io:
-        out = Console(file=sys.stdout, markup=False, highlight=False, emoji=False)
-        if not out.is_terminal:
-            out.width = max(out.width, 120)  # piped tables: wide rows rather than folded words
-        err = Console(file=sys.stderr, markup=False, highlight=False, emoji=False)
-        return cls(out, err)
-
-    def json(self, data: Any) -> None:
-        print(json.dumps(data, indent=2, ensure_ascii=False), file=self.out.file, flush=True)
-
-    def show(self, parts: Sequence[RenderableType]) -> None:
-        for index, part in enumerate(parts):
-            if index:
-                self.out.print()
-            self.out.print(part)
-
-    def say(self, message: str) -> None:
-        print(f"everreach: {message}", file=self.err.file, flush=True)
-
-    def confirm(self, question: str) -> bool:
-        """Ask on stderr, read a yes from stdin; anything else (or no input) is no."""
-        print(f"everreach: {question} [y/N] ", end="", file=self.err.file, flush=True)
-        answer = sys.stdin.readline()
-        return answer.strip().lower() in ("y", "yes")
-
 
 # -- commands --------------------------------------------------------------------------------------
 

@@ -613,6 +613,19 @@ def test_make_without_a_target_lists_every_target_with_its_comment():
     assert all(comment.strip() for comment in listed.values())
 
 
+def test_the_command_line_loads_rich_only_for_the_commands_that_draw():
+    probe = (
+        "import sys, cli; "
+        "print(' '.join(sorted({m.split('.')[0] for m, v in sys.modules.items() if v})))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    loaded = set(done.stdout.split())
+    assert {"cli", "cli_serve", "cli_client"} <= loaded
+    assert loaded & {"rich", "pygments", "cli_commands", "cli_views"} == set()
+
+
 @pytest.mark.process
 def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
