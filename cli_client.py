@@ -1,8 +1,9 @@
 """The command line's client of a running server: where it is, the calls, the batch sender.
 
 Failures the user must see become ``CliFailure`` with the exit code the command line returns
-(``ExitCode``); nothing here prints. httpx clients are opened per command with ``trust_env=False``:
-the server is almost always on loopback, and an HTTP_PROXY from the environment must not catch it.
+(``ExitCode``); nothing here prints but ``Io``, the streams the commands write to. httpx
+clients are opened per command with ``trust_env=False``: the server is almost always on
+loopback, and an HTTP_PROXY from the environment must not catch it.
 """
 
 from __future__ import annotations
