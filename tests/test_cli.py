@@ -25,7 +25,7 @@ import pytest
 import service_registry
 from cli import ExitCode, main
 from config.hybrid_config import HybridConfig
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, modules_loaded_by
 
 pytestmark = pytest.mark.prd200
 e2e = pytest.mark.e2e
@@ -613,15 +613,9 @@ def test_make_without_a_target_lists_every_target_with_its_comment():
     assert all(comment.strip() for comment in listed.values())
 
 
+@pytest.mark.process
 def test_the_command_line_loads_rich_only_for_the_commands_that_draw():
-    probe = (
-        "import sys, cli; "
-        "print(' '.join(sorted({m.split('.')[0] for m, v in sys.modules.items() if v})))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
-    )
-    loaded = set(done.stdout.split())
+    loaded = modules_loaded_by("import cli")
     assert {"cli", "cli_serve", "cli_client"} <= loaded
     assert loaded & {"rich", "pygments", "cli_commands", "cli_views"} == set()
 
