@@ -16,13 +16,14 @@ import json
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
-
-import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from typing import TYPE_CHECKING, Any
 
 from bus_store import BacklogRow
 from bus_subscription import READ_COUNT, Subscription, log, short
+from redis_client import response_error
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 STREAM_PREFIX = "everreach:bus:"
 DEAD_SUFFIX = ":dead"
@@ -95,7 +96,7 @@ class RedisStreamsBackend:
     async def ensure_group(self, sub: Subscription) -> None:
         try:
             await self._redis.xgroup_create(sub.stream, sub.group, id="$", mkstream=True)
-        except ResponseError as exc:
+        except response_error() as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
         sub.group_ready = True
@@ -205,4 +206,4 @@ class RedisStreamsBackend:
         )
 
 
-__all__ = ["DEAD_SUFFIX", "STREAM_PREFIX", "RedisStreamsBackend", "ResponseError", "stream_key"]
+__all__ = ["DEAD_SUFFIX", "STREAM_PREFIX", "RedisStreamsBackend", "stream_key"]

@@ -19,26 +19,35 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
-from typing import Any
 
-import httpx
+# As in local_server: httpx's package imports its own command-line client (click, pygments)
+# whenever rich is installed; ours needs neither, and ``everreach serve`` starts lighter.
+sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
-from cli_client import CliFailure, ExitCode, parse_duration
-from cli_commands import (
-    Io,
-    cmd_batch,
-    cmd_cost,
-    cmd_dispatch,
-    cmd_outbox,
-    cmd_routes,
-    cmd_status,
-)
-from cli_serve import cmd_serve
-from config.hybrid_config import HybridConfig
-from errors import ConfigError
+from collections.abc import Callable, Sequence  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
+
+from cli_client import CliFailure, ExitCode, Io, parse_duration  # noqa: E402
+from cli_serve import cmd_serve  # noqa: E402
+from config.hybrid_config import HybridConfig  # noqa: E402
+from errors import ConfigError  # noqa: E402
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["ExitCode", "build_parser", "main"]
+
+
+def _command_of(name: str) -> Callable[[argparse.Namespace, HybridConfig, Io], int]:
+    """``cli_commands.<name>``, imported when the command runs: ``serve`` needs none of it."""
+
+    def run(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
+        import cli_commands
+
+        command: Callable[[argparse.Namespace, HybridConfig, Io], int] = getattr(cli_commands, name)
+        return command(args, config, io)
+
+    return run
 
 
 # -- the parser and main ---------------------------------------------------------------------------
@@ -180,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_duration,
         help="run it after this long: 90s, 10m, 2h, 1d, 1h30m",
     )
-    dispatch.set_defaults(handler=cmd_dispatch)
+    dispatch.set_defaults(handler=_command_of("cmd_dispatch"))
 
     batch = _command(sub, "batch", [client])
     batch.add_argument("file", metavar="FILE.json|-", help="[{action, params}, ...]; - is stdin")
@@ -189,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=3,
         metavar="N",
-        help="items in flight at once (1-32, default 3)",
+        help="items in flight at once (default 3; at most BATCH_MAX_CONCURRENT: the server's "
+        "with --server-side, else this environment's)",
     )
     batch.add_argument(
         "--server-side",
@@ -197,12 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="send one POST /batch instead of one /dispatch per item",
     )
     batch.add_argument("--no-progress", action="store_true", help="no progress bar")
-    batch.set_defaults(handler=cmd_batch)
+    batch.set_defaults(handler=_command_of("cmd_batch"))
 
-    for name, handler in (("status", cmd_status), ("cost", cmd_cost)):
-        _command(sub, name, [client, as_json]).set_defaults(handler=handler)
+    for name in ("status", "cost"):
+        _command(sub, name, [client, as_json]).set_defaults(handler=_command_of(f"cmd_{name}"))
     outbox = _command(sub, "outbox", [client, as_json])
-    outbox.set_defaults(handler=cmd_outbox, outbox_command=None)
+    outbox.set_defaults(handler=_command_of("cmd_outbox"), outbox_command=None)
     outbox_sub = outbox.add_subparsers(dest="outbox_command", metavar="retry|drop|cancel")
     yes = argparse.ArgumentParser(add_help=False)
     yes.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
@@ -224,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cancel.add_argument("item_id", metavar="ID", help="the outbox_id its dispatch answered")
     routes = _command(sub, "routes", [as_json])
-    routes.set_defaults(handler=cmd_routes)
+    routes.set_defaults(handler=_command_of("cmd_routes"))
     return parser
 
 

@@ -1,8 +1,9 @@
 """The command line's client of a running server: where it is, the calls, the batch sender.
 
 Failures the user must see become ``CliFailure`` with the exit code the command line returns
-(``ExitCode``); nothing here prints. httpx clients are opened per command with ``trust_env=False``:
-the server is almost always on loopback, and an HTTP_PROXY from the environment must not catch it.
+(``ExitCode``); nothing here prints but ``Io``, the streams the commands write to. httpx
+clients are opened per command with ``trust_env=False``: the server is almost always on
+loopback, and an HTTP_PROXY from the environment must not catch it.
 """
 
 from __future__ import annotations
@@ -13,19 +14,83 @@ import contextlib
 import json
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 import httpx
 
 from config.hybrid_config import HybridConfig
 from errors import Source
 
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+
 NO_RESPONSE = "no_response"  # the client's own error code: the server gave no usable answer
 DISPATCH_TIMEOUT_S = 120.0  # covers a cloud call with its retries (4 x 30 s by default)
 VIEW_TIMEOUT_S = 10.0
+
+
+class Io:
+    """The streams of one CLI run (looked up at call time, so tests can capture them).
+
+    rich's consoles are made when a table or a progress bar first needs them: ``serve`` and
+    the JSON printers write plain lines and never load rich.
+    """
+
+    __slots__ = ("_err", "_out")
+
+    def __init__(self, out: Console | None = None, err: Console | None = None) -> None:
+        self._out = out
+        self._err = err
+
+    @classmethod
+    def system(cls) -> Io:
+        return cls()
+
+    @property
+    def out(self) -> Console:
+        if self._out is None:
+            self._out = _console(sys.stdout)
+            if not self._out.is_terminal:
+                self._out.width = max(self._out.width, 120)  # piped tables: wide, not folded
+        return self._out
+
+    @property
+    def err(self) -> Console:
+        if self._err is None:
+            self._err = _console(sys.stderr)
+        return self._err
+
+    def json(self, data: Any) -> None:
+        out = self._out.file if self._out is not None else sys.stdout
+        print(json.dumps(data, indent=2, ensure_ascii=False), file=out, flush=True)
+
+    def show(self, parts: Sequence[RenderableType]) -> None:
+        for index, part in enumerate(parts):
+            if index:
+                self.out.print()
+            self.out.print(part)
+
+    def say(self, message: str) -> None:
+        print(f"everreach: {message}", file=self._err_file(), flush=True)
+
+    def confirm(self, question: str) -> bool:
+        """Ask on stderr, read a yes from stdin; anything else (or no input) is no."""
+        print(f"everreach: {question} [y/N] ", end="", file=self._err_file(), flush=True)
+        answer = sys.stdin.readline()
+        return answer.strip().lower() in ("y", "yes")
+
+    def _err_file(self) -> IO[str]:
+        return self._err.file if self._err is not None else sys.stderr
+
+
+def _console(file: IO[str]) -> Console:
+    from rich.console import Console
+
+    return Console(file=file, markup=False, highlight=False, emoji=False)
 
 
 class ExitCode(IntEnum):

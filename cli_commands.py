@@ -12,13 +12,10 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-from rich.console import Console, RenderableType
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -33,6 +30,7 @@ from cli_client import (
     VIEW_TIMEOUT_S,
     CliFailure,
     ExitCode,
+    Io,
     Server,
     fetch_status,
     json_body,
@@ -43,42 +41,6 @@ from cli_client import (
 )
 from cli_views import cost_view, outbox_view, routes_view, status_view
 from config.hybrid_config import HybridConfig
-from local_batch import MAX_CONCURRENT_LIMIT  # the server's /batch bound; the client keeps it
-
-
-@dataclass(slots=True)
-class Io:
-    """The streams of one CLI run (looked up at call time, so tests can capture them)."""
-
-    out: Console
-    err: Console
-
-    @classmethod
-    def system(cls) -> Io:
-        out = Console(file=sys.stdout, markup=False, highlight=False, emoji=False)
-        if not out.is_terminal:
-            out.width = max(out.width, 120)  # piped tables: wide rows rather than folded words
-        err = Console(file=sys.stderr, markup=False, highlight=False, emoji=False)
-        return cls(out, err)
-
-    def json(self, data: Any) -> None:
-        print(json.dumps(data, indent=2, ensure_ascii=False), file=self.out.file, flush=True)
-
-    def show(self, parts: Sequence[RenderableType]) -> None:
-        for index, part in enumerate(parts):
-            if index:
-                self.out.print()
-            self.out.print(part)
-
-    def say(self, message: str) -> None:
-        print(f"everreach: {message}", file=self.err.file, flush=True)
-
-    def confirm(self, question: str) -> bool:
-        """Ask on stderr, read a yes from stdin; anything else (or no input) is no."""
-        print(f"everreach: {question} [y/N] ", end="", file=self.err.file, flush=True)
-        answer = sys.stdin.readline()
-        return answer.strip().lower() in ("y", "yes")
-
 
 # -- commands --------------------------------------------------------------------------------------
 
@@ -122,10 +84,12 @@ def cmd_dispatch(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
 
 
 def cmd_batch(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
-    if not 1 <= args.max_concurrent <= MAX_CONCURRENT_LIMIT:
-        raise CliFailure(
-            f"--max-concurrent must be between 1 and {MAX_CONCURRENT_LIMIT}", ExitCode.USAGE
-        )
+    # --server-side: the server's BATCH_MAX_CONCURRENT decides (it answers 422 above it, and
+    # that message is shown); one /dispatch per item: this environment's bounds the CLI's own.
+    bound = None if args.server_side else config.batch_max_concurrent
+    if args.max_concurrent < 1 or (bound is not None and args.max_concurrent > bound):
+        within = f"between 1 and {bound} (BATCH_MAX_CONCURRENT)" if bound else "at least 1"
+        raise CliFailure(f"--max-concurrent must be {within}", ExitCode.USAGE)
     items = read_items(args.file)
     server = _server(args, config, DISPATCH_TIMEOUT_S)
     started = time.perf_counter()
@@ -205,6 +169,8 @@ def _server_side_batch(
     if response.status_code == 401:
         raise CliFailure(token_problem(server))
     body = json_body(response)
+    if response.status_code == 422 and isinstance(body, dict) and body.get("detail"):
+        raise CliFailure(f"POST /batch refused the batch (HTTP 422): {body['detail']}")
     if response.status_code != 200 or not isinstance(body, dict) or "results" not in body:
         raise CliFailure(
             f"POST /batch answered HTTP {response.status_code}: {json.dumps(body)[:300]}"

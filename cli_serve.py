@@ -15,8 +15,7 @@ import socket
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from cli_client import CliFailure, ExitCode, default_url
-from cli_commands import Io
+from cli_client import CliFailure, ExitCode, Io, default_url
 from config.hybrid_config import HybridConfig
 from errors import ConfigError
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from errors import EverReachError
-from sqlite_file import SqliteFile, Synchronous
+from sqlite_file import GroupCommit, SqliteFile, Synchronous
 
 if TYPE_CHECKING:
     pass
@@ -208,6 +208,8 @@ class SqliteLedgerStore:
         self.path = Path(path)
         # FULL: a committed spend survives a power cut too, not only a killed process.
         self._file = SqliteFile(self.path, synchronous=Synchronous.FULL, name="cost-ledger")
+        # Reservations and commits made at the same time share one transaction (one fsync).
+        self._writes = GroupCommit(self._file)
 
     def describe(self) -> str:
         return f"SQLite file {self.path}"
@@ -219,8 +221,15 @@ class SqliteLedgerStore:
             raise LedgerUnavailable(f"{self.describe()}: {exc}") from exc
 
     async def _write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run ``fn`` in one ``BEGIN IMMEDIATE`` transaction: one writer at a time, any process."""
-        return await self._run(fn, write=True)
+        """Run ``fn`` in a ``BEGIN IMMEDIATE`` transaction: one writer at a time, any process.
+
+        The transaction is shared with the writes made at the same time (``GroupCommit``): each
+        runs after the one before it, so every reservation checks the cap against all of them.
+        """
+        try:
+            return await self._writes.run(fn)
+        except (sqlite3.Error, OSError, RuntimeError) as exc:  # RuntimeError: not open
+            raise LedgerUnavailable(f"{self.describe()}: {exc}") from exc
 
     async def open(self) -> None:
         try:

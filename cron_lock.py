@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-import redis.asyncio as aioredis
+from redis_client import RedisRef, raise_if_cancelling, redis_failed
 
-from redis_client import REDIS_FAILED, RedisRef, raise_if_cancelling
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 log = logging.getLogger("local_cron")
 
@@ -54,7 +56,7 @@ class FireTimeLock:
                 lock_key(job_id, fire_time), self.instance_id, nx=True, px=int(ttl_s * 1000)
             )
             raise_if_cancelling()  # a cancel redis-py swallowed must not start the job
-        except REDIS_FAILED as exc:
+        except redis_failed() as exc:
             log.warning("LocalCron: no replica lock for %s (%s); running anyway", job_id, exc)
             return True
         return bool(taken)

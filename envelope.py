@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import orjson
+
 from errors import (
     HTTP_STATUS_BY_CODE,
     ActionError,
@@ -90,6 +92,8 @@ class Envelope:
     deferred_until: datetime | None = None
     # Where the router sent the call; for logs and metrics, not part of the JSON body.
     env: Env | None = None
+    # ``result`` as JSON text, when the registry encoded it already (``ServiceRegistry.call``).
+    result_json: bytes | None = field(default=None, repr=False, compare=False)
 
     def __getitem__(self, key: str) -> Any:
         """Read a field as in the JSON body (``envelope["source"]``), as the PRD's dicts did."""
@@ -110,8 +114,12 @@ class Envelope:
         detail: str | None = None,
         cost_guard_triggered: bool = False,
         env: Env | None = None,
+        result_json: bytes | None = None,
     ) -> Envelope:
-        """Build the envelope of an action that ran (or was served) successfully."""
+        """Build the envelope of an action that ran (or was served) successfully.
+
+        ``result_json`` is ``result`` already encoded (by the registry): the body embeds it.
+        """
         return cls(
             ok=True,
             action=action,
@@ -125,6 +133,7 @@ class Envelope:
             cost_guard_triggered=cost_guard_triggered,
             cached_at=cached_at,
             env=env,
+            result_json=result_json,
         )
 
     @classmethod
@@ -277,6 +286,24 @@ class Envelope:
             return None
         wait = (self.deferred_until - datetime.now(UTC)).total_seconds()
         return str(max(1, math.ceil(wait)))
+
+    def to_json(self) -> bytes:
+        """The JSON body of ``to_dict()``, encoded once; no input can make it fail or hold NaN.
+
+        Every field but ``result`` and ``cached`` has a type that cannot hold NaN, so when the
+        result was encoded by the registry (or is None) and nothing is cached, orjson writes the
+        body around the registry's text (0.3 µs instead of 4 µs); other bodies, and a detail
+        with a lone surrogate (which orjson refuses), take ``envelope_bytes``.
+        """
+        body = self.to_dict()
+        if self.cached is _MISSING and (self.result_json is not None or self.result is None):
+            if self.result_json is not None:
+                body["result"] = orjson.Fragment(self.result_json)
+            try:
+                return orjson.dumps(body)
+            except orjson.JSONEncodeError:
+                body["result"] = self.result
+        return envelope_bytes(body)
 
 
 def rfc3339(when: datetime) -> str:

@@ -50,7 +50,7 @@ from route_plan import (
     select_env,
 )
 from route_table import Preferred, Route, RouteTable
-from service_registry import check_action_name, idempotency_key_scope
+from service_registry import Ran, check_action_name, idempotency_key_scope
 
 if TYPE_CHECKING:
     from cloud_executor import CloudExecutor, CloudResult
@@ -80,6 +80,8 @@ class _Call:
     triggered: bool = False
 
     def success(self, result: Any, source: Source, **fields: Any) -> Envelope:
+        if isinstance(result, Ran):  # a local run: the body embeds the registry's JSON text
+            result, fields["result_json"] = result.value, result.json
         return Envelope.success(
             self.action,
             result,
@@ -322,7 +324,7 @@ class HybridOrchestrator:
         """Run one step: its envelope, None when it has nothing (a cache miss), or raise."""
         action, params = call.action, call.params
         if step.kind is StepKind.LOCAL:
-            return call.success(await self.local.run(action, params), Source.LOCAL, attempts=1)
+            return call.success(await self.local.ran(action, params), Source.LOCAL, attempts=1)
         if step.kind is StepKind.SERVE:
             return await self._serve_here(call)
         if step.kind is StepKind.CLOUD:
@@ -332,7 +334,7 @@ class HybridOrchestrator:
             return call.success(done.result, Source.CLOUD, attempts=done.attempts, cost_usd=cost)
         assert cause is not None  # the remaining steps answer a failure
         if step.kind is StepKind.LOCAL_FALLBACK:
-            result = await self.local.run(action, params)
+            result = await self.local.ran(action, params)
             detail = self._cloud_lacks(action) if isinstance(cause, UnknownAction) else None
             return call.success(
                 result, Source.LOCAL_FALLBACK, attempts=cause.attempts + 1, detail=detail
@@ -351,7 +353,7 @@ class HybridOrchestrator:
         return await self._queue(call, cause)
 
     async def _serve_here(self, call: _Call) -> Envelope:
-        result = await self.local.run(call.action, call.params)
+        result = await self.local.ran(call.action, call.params)
         return call.success(result, Source.CLOUD, attempts=1, cost_usd=self._rate(call.action))
 
     async def _queue(self, call: _Call, cause: ActionError) -> Envelope:

@@ -10,9 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
-
-import redis.asyncio as aioredis
+from typing import TYPE_CHECKING, Any
 
 from idempotency import (
     KEEP_S,
@@ -27,7 +25,10 @@ from idempotency import (
     StoredKey,
     Verdict,
 )
-from redis_client import REDIS_FAILED, RedisRef
+from redis_client import RedisRef, redis_failed
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 log = logging.getLogger("idempotency")
 
@@ -100,7 +101,7 @@ class RedisIdempotencyStore(ClaimStore):
             return claim
         try:
             shared = await self._shared_claim(key, action, params_hash, rerun_if_dead)
-        except REDIS_FAILED:
+        except redis_failed():
             return claim  # Redis down: this instance's durable record is the guarantee
         if shared.state is not ClaimState.NEW:
             await self._durable.release(key, ran=False)  # another replica has the key
@@ -162,7 +163,7 @@ class RedisIdempotencyStore(ClaimStore):
             record.update(action=held["action"], params_hash=held["params_hash"])
         try:
             await self._swap(key, self.holder.token, record)
-        except REDIS_FAILED:
+        except redis_failed():
             log.warning("idempotency key %s: Redis did not take its outcome", key)
 
     async def complete(self, key: str, status_code: int, body: Any) -> None:
@@ -181,7 +182,7 @@ class RedisIdempotencyStore(ClaimStore):
             return state
         try:
             raw = await self._redis.get(self._prefix + key)
-        except REDIS_FAILED:
+        except redis_failed():
             return state
         if raw is None:
             return state

@@ -68,7 +68,8 @@ async def batch_execute(
     """
     if not 1 <= max_concurrent <= max_concurrent_limit:
         raise InvalidParams(
-            f"max_concurrent must be between 1 and {max_concurrent_limit}; got {max_concurrent}"
+            f"max_concurrent must be between 1 and {max_concurrent_limit} (this server's "
+            f"BATCH_MAX_CONCURRENT); got {max_concurrent}: ask for fewer, or raise the setting"
         )
     parsed = parse_items(items)
     started = time.perf_counter()

@@ -30,7 +30,6 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import redis.asyncio as aioredis
 from apscheduler.events import (
     EVENT_JOB_MISSED,
     EVENT_JOB_SUBMITTED,
@@ -56,6 +55,8 @@ from schedules import (
 from sync_bus import SyncBus
 
 if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
     from config.hybrid_config import HybridConfig
 
 log = logging.getLogger(__name__)

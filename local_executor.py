@@ -17,7 +17,7 @@ from circuit_breaker import BreakerState, CircuitBreaker
 from envelope import Envelope, new_request_id
 from errors import ActionError, CircuitOpen, HandlerError, Source
 from local_routes import LocalRoutes
-from service_registry import ServiceRegistry
+from service_registry import Ran, ServiceRegistry
 
 log = logging.getLogger("everreach.local")
 
@@ -53,6 +53,10 @@ class LocalExecutor:
 
     async def run(self, action: str, params: dict[str, Any]) -> Any:
         """Run the handler and return its result; raise an ``ActionError`` on failure."""
+        return (await self.ran(action, params)).value
+
+    async def ran(self, action: str, params: dict[str, Any]) -> Ran:
+        """Run the handler; its result and the result's JSON text (``ServiceRegistry.call``)."""
         breaker = self._breakers.get(action)
         if breaker is not None and not breaker.allow():
             raise CircuitOpen(
@@ -61,13 +65,13 @@ class LocalExecutor:
                 never_ran=True,
             )
         try:
-            result = await self.registry.dispatch(self.routes.topic(action), params)
+            ran = await self.registry.call(self.routes.topic(action), params)
         except HandlerError:
             self._failed(action)
             raise
         if breaker is not None:
             breaker.record_success()
-        return result
+        return ran
 
     def _failed(self, action: str) -> None:
         breaker = self._breakers.get(action)
@@ -101,7 +105,7 @@ class LocalExecutor:
         request_id = request_id or new_request_id()
         started = time.perf_counter()
         try:
-            result = await self.run(action, params)
+            ran = await self.ran(action, params)
         except ActionError as exc:
             return Envelope.failure(
                 action,
@@ -112,11 +116,12 @@ class LocalExecutor:
             )
         return Envelope.success(
             action,
-            result,
+            ran.value,
             source=Source.LOCAL,
             request_id=request_id,
             duration_ms=(time.perf_counter() - started) * 1000,
             attempts=1,
+            result_json=ran.json,
         )
 
     def circuits(self) -> dict[str, str]:

@@ -33,9 +33,9 @@ from fastapi.responses import HTMLResponse, Response
 from fastapi_offline import FastAPIOffline
 
 from api_docs import install_openapi
-from body_limit import BodyLimitMiddleware, envelope_bytes
+from body_limit import BodyLimitMiddleware
 from config.hybrid_config import HybridConfig
-from envelope import Envelope, check_idempotency_key, new_request_id
+from envelope import Envelope, check_idempotency_key, envelope_bytes, new_request_id
 from errors import (
     ActionError,
     ErrorCode,
@@ -99,11 +99,12 @@ def _bearer_matches(request: Request, expected: str) -> bool:
 def _json(
     body: dict[str, Any], status_code: int, headers: dict[str, str] | None = None
 ) -> Response:
+    return _bytes(envelope_bytes(body), status_code, headers)
+
+
+def _bytes(payload: bytes, status_code: int, headers: dict[str, str] | None = None) -> Response:
     return Response(
-        envelope_bytes(body),
-        status_code=status_code,
-        headers=headers,
-        media_type="application/json",
+        payload, status_code=status_code, headers=headers, media_type="application/json"
     )
 
 
@@ -113,7 +114,7 @@ def _retry_after(envelope: Envelope) -> dict[str, str] | None:
 
 
 def _envelope_response(envelope: Envelope) -> Response:
-    return _json(envelope.to_dict(), envelope.http_status, _retry_after(envelope))
+    return _bytes(envelope.to_json(), envelope.http_status, _retry_after(envelope))
 
 
 def _error_response(action: str, exc: ActionError, request_id: str | None = None) -> Response:

@@ -133,6 +133,84 @@ def transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T])
     return result
 
 
+class GroupCommit:
+    """Write transactions of one ``SqliteFile``, those that arrive together sharing one commit.
+
+    Calls made while a group is being written wait and form the next group: one
+    ``BEGIN IMMEDIATE`` … ``COMMIT`` (one fsync) for all of them. Each ``fn`` runs in
+    submission order inside its own savepoint, so it sees the writes of those before it, as if
+    they had run one after another, and one that raises is rolled back alone. No caller hears
+    its result before the group's COMMIT, and a failed BEGIN or COMMIT fails the whole group.
+    The write lock is held for the group as it was for one call: other processes on the same
+    file still wait their turn. A call that finds nothing running starts a group at once.
+    """
+
+    def __init__(self, file: SqliteFile) -> None:
+        self._file = file
+        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in a write transaction (shared with the calls made at the same time)."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((fn, future))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_groups())
+        return await future
+
+    async def _write_groups(self) -> None:
+        try:
+            while self._pending:
+                group, self._pending = self._pending, []
+                fns = [fn for fn, _ in group]
+                try:
+                    outcomes = await self._file.run(functools.partial(_in_one_transaction, fns=fns))
+                except BaseException as exc:  # BEGIN or COMMIT failed, or the file is closed
+                    _fail(group, exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (_, future), (ok, value) in zip(group, outcomes, strict=True):
+                    if not future.done():  # done: its caller was cancelled meanwhile
+                        future.set_result(value) if ok else future.set_exception(value)
+        except BaseException as exc:
+            _fail(self._pending, exc)
+            self._pending = []
+            raise
+        finally:
+            self._writer = None
+
+
+def _fail(group: list[tuple[Any, asyncio.Future[Any]]], exc: BaseException) -> None:
+    for _, future in group:
+        if not future.done():
+            future.set_exception(exc)
+
+
+def _in_one_transaction(
+    conn: sqlite3.Connection, fns: list[Callable[[sqlite3.Connection], Any]]
+) -> list[tuple[bool, Any]]:
+    if len(fns) == 1:  # alone: no savepoint needed, and its failure is the group's
+        return [(True, transaction(conn, fns[0]))]
+    outcomes: list[tuple[bool, Any]] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for fn in fns:
+            conn.execute("SAVEPOINT one_call")
+            try:
+                outcomes.append((True, fn(conn)))
+            except Exception as exc:
+                conn.execute("ROLLBACK TO one_call")
+                outcomes.append((False, exc))
+            conn.execute("RELEASE one_call")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return outcomes
+
+
 def utc_iso(unix_s: float) -> str:
     """Unix time as the ISO 8601 UTC text our tables store (``2025-01-31T12:00:00+00:00``)."""
     return datetime.fromtimestamp(unix_s, UTC).isoformat()

@@ -25,18 +25,17 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
-
 import bus_store
 from bus_redis import DEAD_SUFFIX, STREAM_PREFIX, RedisStreamsBackend, stream_key
 from bus_store import SqliteQueue
 from bus_subscription import Handler, Subscription, check_name, short
 from config.hybrid_config import redact_url
-from redis_client import REDIS_DOWN, RedisRef, raise_if_cancelling
+from redis_client import RedisRef, raise_if_cancelling, redis_down, response_error
 from sqlite_file import utc_iso
 
 if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
     from config.hybrid_config import HybridConfig
 
 log = logging.getLogger(__name__)
@@ -164,7 +163,7 @@ class SyncBus:
             )
             try:
                 await self._switch_to_redis(initial=True)
-            except REDIS_DOWN as exc:
+            except redis_down() as exc:
                 self._redis_failed(exc)
         self._housekeeper = asyncio.create_task(self._housekeep_loop(), name="sync-bus-housekeep")
         for sub in self._subs.values():
@@ -185,7 +184,7 @@ class SyncBus:
             if sub.durable:
                 continue
             if self._streams is not None and self._redis_up:
-                with contextlib.suppress(*REDIS_DOWN, ResponseError):
+                with contextlib.suppress(*redis_down(), response_error()):
                     await self._streams.destroy_group(sub)
             await self._sql(bus_store.drop_cursor, sub.topic, sub.group)
         await self._sql(bus_store.release_leases, self.consumer_name)
@@ -207,7 +206,7 @@ class SyncBus:
                 entry_id = await self._streams.publish(topic, data)
                 self._published += 1
                 return entry_id
-            except REDIS_DOWN as exc:
+            except redis_down() as exc:
                 self._redis_failed(exc)
         async with self._publish_lock:  # the forwarder's final "backlog empty" check waits here
             entry_id = await self._sqlite.publish(topic, data)
@@ -251,7 +250,7 @@ class SyncBus:
         for sub in self._subs.values():
             info = sub.view()
             if self._streams is not None and self._redis_up and not self._closed:
-                with contextlib.suppress(*REDIS_DOWN, ResponseError):
+                with contextlib.suppress(*redis_down(), response_error()):
                     info.update(await self._streams.group_info(sub))
                     dead_by_stream[sub.stream] = info["dead"]
             subs.append(info)
@@ -309,9 +308,9 @@ class SyncBus:
             try:
                 await self._switch_to_redis()
                 return
-            except REDIS_DOWN as exc:
+            except redis_down() as exc:
                 self._redis_failed(exc)
-            except ResponseError as exc:  # e.g. a wrong password; keep probing, say why
+            except response_error() as exc:  # e.g. a wrong password; keep probing, say why
                 self._last_error = short(exc)
                 log.error("SyncBus: Redis refused the switch back: %s", self._last_error)
 
@@ -385,9 +384,9 @@ class SyncBus:
                     await self._streams.step(sub)
                 else:
                     await self._sqlite.step(sub)
-            except REDIS_DOWN as exc:
+            except redis_down() as exc:
                 self._redis_failed(exc)
-            except ResponseError as exc:
+            except response_error() as exc:
                 if "NOGROUP" not in str(exc):  # Redis restarted empty: make the group again
                     log.exception("SyncBus: Redis refused a command for %s", sub.topic)
                     await asyncio.sleep(self.poll_interval_s)

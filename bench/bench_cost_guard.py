@@ -2,10 +2,11 @@
 
     python -m bench.bench_cost_guard [--quick] [--dir PATH] [--dsn POSTGRES_DSN]
 
-For each store and 1 and 32 concurrent callers, measures reservations per second and the p50/p99
-latency of one ``reserve()`` + ``commit()`` pair (two atomic round trips to the ledger), and, in
-the same run on the same database, a bare one-row ``INSERT`` through the same access path (SQLite:
-the same WAL file settings and worker thread; PostgreSQL: a pool of the same size, autocommit).
+For each store and 1, 32 and 256 concurrent callers, measures reservations per second and the
+p50/p99 latency of one ``reserve()`` + ``commit()`` pair (two atomic round trips to the ledger),
+and, in the same run on the same database, a bare one-row ``INSERT`` through the same access
+path (SQLite: the same WAL file settings and worker thread; PostgreSQL: a pool of the same size,
+autocommit).
 ``ratio`` is how many times slower reserve+commit is than the bare INSERT by throughput.
 
 PostgreSQL: ``--dsn``, else DATABASE_URL / SUPABASE_DB_URL from the configuration, else the
@@ -32,7 +33,7 @@ from cost_ledger_pg import PostgresLedgerStore
 from sqlite_file import SqliteFile, Synchronous, transaction
 
 LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/test"
-CALLERS = (1, 32)
+CALLERS = (1, 32, 256)
 BARE_TABLE = """
 CREATE TABLE IF NOT EXISTS bench_bare_insert (
     id TEXT PRIMARY KEY, created_at TEXT NOT NULL, month TEXT NOT NULL, action TEXT NOT NULL,

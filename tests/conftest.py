@@ -169,6 +169,22 @@ def wait_until(predicate: Callable[[], bool], *, what: str, timeout_s: float = 1
         time.sleep(0.01)
 
 
+LIST_MODULES = "print(' '.join(sorted({m.split('.')[0] for m, v in sys.modules.items() if v})))"
+
+
+def modules_loaded_by(code: str, *args: str) -> set[str]:
+    """The top-level modules a fresh interpreter has loaded after running ``code`` (with
+    ``sys`` imported) and then ``LIST_MODULES``, from the repository root."""
+    done = subprocess.run(
+        [sys.executable, "-c", f"import sys\n{code}\n{LIST_MODULES}", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    return set(done.stdout.split())
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

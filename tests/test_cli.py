@@ -25,7 +25,7 @@ import pytest
 import service_registry
 from cli import ExitCode, main
 from config.hybrid_config import HybridConfig
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, modules_loaded_by
 
 pytestmark = pytest.mark.prd200
 e2e = pytest.mark.e2e
@@ -235,6 +235,30 @@ def test_batch_reads_stdin_and_can_run_on_the_server(local_server, capsys, monke
     assert code == ExitCode.OK
     assert [r["result"]["sum"] for r in body["results"]] == [1, 2, 3, 4]
     assert body["summary"]["ok"] == 4 and "4 items, 4 ok" in err
+
+
+def test_batch_server_side_takes_the_servers_bound_not_a_fixed_one(app_server, capsys, tmp_path):
+    server = app_server(BATCH_MAX_CONCURRENT="512")
+    path = tmp_path / "items.json"
+    path.write_text(json.dumps([{"action": "system.echo", "params": {"n": 1}}]))
+    argv = ("batch", str(path), "--url", server.url, "--server-side", "--no-progress")
+    code, out, _ = run(capsys, *argv, "--max-concurrent", "300")  # over the default 256
+    assert code == ExitCode.OK and json.loads(out)["summary"]["ok"] == 1
+    code, _, err = run(capsys, *argv, "--max-concurrent", "513")
+    assert code == ExitCode.FAILED
+    assert "refused the batch (HTTP 422)" in err and "between 1 and 512" in err
+    assert "BATCH_MAX_CONCURRENT" in err
+
+
+def test_batch_one_dispatch_per_item_is_bounded_by_this_environments_setting(capsys, tmp_path):
+    path = tmp_path / "items.json"
+    path.write_text("[]")
+    config = HybridConfig.from_mapping({"BATCH_MAX_CONCURRENT": "8"})
+    argv = ("batch", str(path), "--url", "http://127.0.0.1:9", "--max-concurrent", "9")
+    code, _, err = run(capsys, *argv, config=config)
+    assert code == ExitCode.USAGE and "between 1 and 8 (BATCH_MAX_CONCURRENT)" in err
+    code, _, err = run(capsys, "batch", str(path), "--server-side", "--max-concurrent", "0")
+    assert code == ExitCode.USAGE and "at least 1" in err
 
 
 @pytest.mark.parametrize(
@@ -621,6 +645,13 @@ def test_make_without_a_target_lists_every_target_with_its_comment():
     )
     assert set(listed) == set(targets)
     assert all(comment.strip() for comment in listed.values())
+
+
+@pytest.mark.process
+def test_the_command_line_loads_rich_only_for_the_commands_that_draw():
+    loaded = modules_loaded_by("import cli")
+    assert {"cli", "cli_serve", "cli_client"} <= loaded
+    assert loaded & {"rich", "pygments", "cli_commands", "cli_views"} == set()
 
 
 @pytest.mark.process

@@ -265,3 +265,32 @@ def test_a_queued_envelope_is_202_from_the_outbox() -> None:
     body = queued.to_dict()
     assert queued.http_status == 202
     assert (body["source"], body["queued"], body["outbox_id"]) == ("outbox", True, "o1")
+
+
+_RESULTS = [None, {"a": [1, 2.5, None, "é"]}, "\ud800 lone", [True, {"n": 10**30}]]
+
+
+@pytest.mark.parametrize("result", _RESULTS, ids=["none", "nested", "surrogate", "bigint"])
+@pytest.mark.parametrize("detail", [None, "plain", "\udfff lone"], ids=["no", "plain", "lone"])
+def test_to_json_is_the_body_of_to_dict_with_or_without_the_registry_text(
+    result: Any, detail: str | None
+) -> None:
+    text = json.dumps(result, allow_nan=False).encode("ascii")  # as ServiceRegistry.call
+    for result_json in (None, text):
+        envelope = Envelope.success(
+            "system.echo",
+            result,
+            source=Source.LOCAL,
+            request_id="r" * 32,
+            detail=detail,
+            result_json=result_json,
+        )
+        assert json.loads(envelope.to_json()) == envelope.to_dict()
+
+
+@pytest.mark.parametrize("result", [float("nan"), {"x": float("-inf")}], ids=["nan", "inf"])
+def test_to_json_never_writes_nan_or_infinity(result: Any) -> None:
+    envelope = Envelope.success("system.echo", result, source=Source.LOCAL, request_id="r" * 32)
+    body = envelope.to_json()
+    assert b"NaN" not in body and b"Infinity" not in body
+    assert json.loads(body)["result"] is None

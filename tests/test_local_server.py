@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ from errors import ConfigError
 from idempotency import Holder, IdempotencyStore
 from local_server import create_app
 from params_digest import params_hash
-from tests.conftest import ROOT
+from tests.conftest import modules_loaded_by
 
 pytestmark = pytest.mark.prd200
 
@@ -404,17 +402,33 @@ def test_served_and_dispatched_calls_are_counted_once_in_status_and_metrics(clou
 
 @pytest.mark.process
 def test_importing_the_server_loads_no_cli_rich_or_optional_database_clients() -> None:
-    probe = (
-        "import sys, local_server; "
-        "print(' '.join(sorted({m.split('.')[0] for m, v in sys.modules.items() if v})))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
-    )
-    loaded = set(done.stdout.split())
+    loaded = modules_loaded_by("import local_server")
     assert "httpx" in loaded and "fastapi" in loaded
-    unwanted = {"rich", "pygments", "click", "supabase", "psycopg", "cli", "cli_commands"}
+    unwanted = {"rich", "pygments", "click", "supabase", "psycopg", "cli", "cli_commands", "redis"}
     assert loaded & unwanted == set()
+
+
+# Opens and closes the lifespan; modules loaded meanwhile stay in sys.modules to be listed.
+_OPEN_AND_CLOSE = """
+import asyncio
+from config.hybrid_config import HybridConfig
+from local_server import create_app
+
+app = create_app(HybridConfig.from_mapping({"DATA_DIR": sys.argv[1], "EVERREACH_ENV": "local"}))
+
+async def main() -> None:
+    async with app.router.lifespan_context(app):
+        pass
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.process
+def test_a_server_without_redis_or_a_cloud_does_not_load_their_clients(tmp_path: Path) -> None:
+    loaded = modules_loaded_by(_OPEN_AND_CLOSE, str(tmp_path / "data"))
+    assert {"local_server", "runtime", "httpx"} <= loaded  # the lifespan did run
+    assert loaded & {"redis", "aiohttp", "httpx_aiohttp"} == set()
 
 
 @pytest.mark.parametrize(("setting", "lines"), [("true", 1), ("false", 0)])

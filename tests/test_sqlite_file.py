@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -12,6 +13,7 @@ import pytest
 
 from errors import ConfigError
 from sqlite_file import (
+    GroupCommit,
     SqliteFile,
     Synchronous,
     check_data_dir,
@@ -59,6 +61,70 @@ async def test_a_failing_transaction_is_rolled_back(tmp_path: Path) -> None:
         assert await db.run(lambda c: c.execute("SELECT count(*) FROM t").fetchone()[0]) == 0
     finally:
         await db.close()
+
+
+async def _group_file(tmp_path: Path) -> tuple[SqliteFile, list[str]]:
+    db = SqliteFile(tmp_path / "x.sqlite3")
+    await db.open("CREATE TABLE t (n INTEGER);")
+    statements: list[str] = []
+    await db.run(lambda c: c.set_trace_callback(statements.append))
+    return db, statements
+
+
+def _append_count(conn: sqlite3.Connection) -> int:
+    """Insert how many rows there are: each call sees the writes of the calls before it."""
+    seen = int(conn.execute("SELECT count(*) FROM t").fetchone()[0])
+    conn.execute("INSERT INTO t VALUES (?)", (seen,))
+    return seen
+
+
+async def test_writes_made_together_share_one_commit_in_order(tmp_path: Path) -> None:
+    db, statements = await _group_file(tmp_path)
+    writes = GroupCommit(db)
+    try:
+        seen = await asyncio.gather(*(writes.run(_append_count) for _ in range(20)))
+        assert seen == list(range(20))
+        assert statements.count("COMMIT") == 1
+        assert await writes.run(_append_count) == 20  # a later call: a group of its own
+        assert statements.count("COMMIT") == 2
+        rows = await db.run(lambda c: c.execute("SELECT n FROM t ORDER BY n").fetchall())
+        assert [n for (n,) in rows] == list(range(21))
+    finally:
+        await db.close()
+
+
+async def test_a_failing_write_in_a_group_is_rolled_back_alone(tmp_path: Path) -> None:
+    db, statements = await _group_file(tmp_path)
+    writes = GroupCommit(db)
+
+    def insert_then_fail(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO t VALUES (99)")
+        raise ValueError("boom")
+
+    try:
+        first, failed, last = await asyncio.gather(
+            writes.run(_append_count),
+            writes.run(insert_then_fail),
+            writes.run(_append_count),
+            return_exceptions=True,
+        )
+        assert (first, last) == (0, 1)  # the failed one's row was never seen
+        assert isinstance(failed, ValueError) and str(failed) == "boom"
+        assert statements.count("COMMIT") == 1
+        rows = await db.run(lambda c: c.execute("SELECT n FROM t ORDER BY n").fetchall())
+        assert rows == [(0,), (1,)]
+    finally:
+        await db.close()
+
+
+async def test_a_group_on_a_closed_file_fails_every_call(tmp_path: Path) -> None:
+    db, _ = await _group_file(tmp_path)
+    await db.close()
+    writes = GroupCommit(db)
+    outcomes = await asyncio.gather(
+        *(writes.run(_append_count) for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(o, RuntimeError) and "not open" in str(o) for o in outcomes)
 
 
 async def test_run_after_close_is_an_error_and_close_is_idempotent(tmp_path: Path) -> None:
