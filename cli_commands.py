@@ -249,7 +249,13 @@ def cmd_outbox(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
         return _outbox_cancel(args, config, io)
     status = fetch_status(_server(args, config, VIEW_TIMEOUT_S))
     if args.json:
-        io.json({"outbox": status.get("outbox"), "dead_letters": status.get("dead_letters")})
+        io.json(
+            {
+                "outbox": status.get("outbox"),
+                "waiting": status.get("waiting"),
+                "dead_letters": status.get("dead_letters"),
+            }
+        )
     else:
         io.show(outbox_view(status))
     return ExitCode.OK

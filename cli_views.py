@@ -249,7 +249,8 @@ def rate_limits_view(pacing: Any, now: datetime | None = None) -> list[Renderabl
 
 
 def outbox_view(status: Mapping[str, Any], now: datetime | None = None) -> list[RenderableType]:
-    """The outbox: pending depth, dead letters and their errors."""
+    """The outbox: pending depth, the items waiting for their time (with the ids to cancel
+    them by), dead letters and their errors."""
     outbox = status.get("outbox") or {}
     parts: list[RenderableType] = [
         _kv(
@@ -262,6 +263,17 @@ def outbox_view(status: Mapping[str, Any], now: datetime | None = None) -> list[
             ],
         )
     ]
+    waiting = status.get("waiting") or []
+    if waiting:
+        table = Table(title="Waiting for their time", title_justify="left")
+        for column in ("id", "action", "sent at"):
+            table.add_column(column, no_wrap=True)
+        for item in waiting:
+            table.add_row(
+                str(item.get("id")), str(item.get("action")), _when(item.get("not_before"), now)
+            )
+        table.caption = "cancel one before its time: everreach outbox cancel ID"
+        parts.append(table)
     dead = status.get("dead_letters") or []
     if dead:
         table = Table(title="Dead letters", title_justify="left")

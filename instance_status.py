@@ -22,6 +22,7 @@ from cloud_executor import CloudExecutor
 from config.hybrid_config import HybridConfig
 from connectivity_check import ConnectivityChecker, cloud_reachable
 from cost_guard import CostGuard
+from envelope import rfc3339
 from hybrid_orchestrator import HybridOrchestrator
 from local_cron import LocalCron
 from local_executor import LocalExecutor
@@ -33,6 +34,9 @@ from route_table import RouteTable
 from service_registry import ServiceRegistry
 from sync_bus import SyncBus
 from sync_loop import SyncLoop
+
+# /status lists this many outbox items waiting for their time (soonest first).
+WAITING_SHOWN = 50
 
 log = logging.getLogger("everreach.runtime")
 
@@ -192,6 +196,15 @@ class InstanceStatus:
                     "indeterminate": i.status is OutboxStatus.INDETERMINATE,
                 }
                 for i in await p.outbox.dead_letters()
+            ],
+            # not sent before their time (deferred by pacing, or scheduled): cancellable
+            "waiting": [
+                {
+                    "id": i.id,
+                    "action": i.action,
+                    "not_before": rfc3339(i.not_before) if i.not_before else None,
+                }
+                for i in await p.outbox.waiting(WAITING_SHOWN)
             ],
             "cache": {"entries": await p.cache.size(), "ttl_sec": p.config.cache_ttl_sec},
             "sync": p.sync.snapshot(),

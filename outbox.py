@@ -243,6 +243,24 @@ class Outbox:
         )
         return when(due)
 
+    async def waiting(self, limit: int = 50) -> list[OutboxItem]:
+        """Up to ``limit`` pending items whose time has not come (deferred by pacing, or
+        scheduled), soonest first: what a person may still cancel."""
+        rows = await self._db.run(
+            lambda conn: conn.execute(
+                f"SELECT {OUTBOX_COLUMNS} FROM hybrid_outbox "
+                "WHERE status = 'pending' AND not_before > ? ORDER BY not_before, seq LIMIT ?",
+                (self._clock(), limit),
+            ).fetchall()
+        )
+        items = []
+        for row in rows:
+            try:
+                items.append(decode_item(row))
+            except ValueError as exc:  # shown as well as it can be; the replay buries it
+                items.append(lenient_item(row, f"corrupt row: {exc}"))
+        return items
+
     async def depth(self) -> int:
         """Number of pending items."""
         return await self._count(OutboxStatus.PENDING)

@@ -207,6 +207,8 @@
       ["dead letters", num(o.dead_letters) ? badge(String(o.dead_letters), "bad") : "0"],
       ["oldest pending", o.oldest_pending_at ? when(o.oldest_pending_at) : "-"],
     ])];
+    const waiting = Array.isArray(s.waiting) ? s.waiting : [];
+    if (waiting.length) nodes.push(waitingItems(waiting));
     if (dead.length) nodes.push(deadLetters(dead));
     const sync = obj(s.sync);
     if (sync.error) nodes.push(el("p", "error", "last sync: " + sync.error));
@@ -238,10 +240,29 @@
     return el("table", "dead", el("thead", null, head), el("tbody", null, ...rows));
   }
 
+  // Items kept until their time (over a rate limit, or scheduled): each can be cancelled.
+  function waitingItems(waiting) {
+    const head = el("tr", null, el("th", null, "waiting"), el("th", null, "action"),
+                    el("th", null, "sent at"), el("th", null, ""));
+    const rows = waiting.map((w) => {
+      w = obj(w);
+      const id = String(w.id ?? "");
+      const cancel = el("button", "drop", "cancel");
+      cancel.type = "button";
+      cancel.title = "cancel it before its time: it will never run";
+      cancel.addEventListener("click", () => outboxAction("cancel", id, String(w.action ?? "")));
+      return el("tr", null, el("td", null, shortId(id)), el("td", null, String(w.action ?? "")),
+                el("td", null, w.not_before ? when(w.not_before) : "-"), el("td", "acts", cancel));
+    });
+    return el("table", "waiting", el("thead", null, head), el("tbody", null, ...rows));
+  }
+
   async function outboxAction(verb, id, action) {
     const question = verb === "retry"
       ? "Retry dead letter " + id + " (" + action + ") now?"
-      : "Drop dead letter " + id + " (" + action + ")? It will never run.";
+      : verb === "cancel"
+        ? "Cancel " + id + " (" + action + ") before its time? It will never run."
+        : "Drop dead letter " + id + " (" + action + ")? It will never run.";
     if (!window.confirm(question)) return;
     const token = sessionStorage.getItem(TOKEN_KEY);
     const headers = { "Accept": "application/json" };
@@ -252,7 +273,7 @@
                                            cache: "no-store", credentials: "omit" });
       if (response.status === 401) {
         if (token) sessionStorage.removeItem(TOKEN_KEY);
-        askForToken("The server wants its LOCAL_API_TOKEN to " + verb + " a dead letter.");
+        askForToken("The server wants its LOCAL_API_TOKEN to " + verb + " an outbox item.");
         return;
       }
       if (!response.ok) {

@@ -34,8 +34,17 @@ def test_dispatch_in_keeps_it_and_outbox_cancel_cancels_it(app_server, capsys): 
     assert code == ExitCode.QUEUED
     assert envelope["deferred_until"] and envelope["outbox_id"]
     assert f"everreach outbox cancel {envelope['outbox_id']}" in err
+    code, out, _ = run(capsys, "outbox", "--url", server.url)
+    assert code == ExitCode.OK
+    assert "Waiting for their time" in out and envelope["outbox_id"] in out  # the whole id
+    code, out, _ = run(capsys, "outbox", "--url", server.url, "--json")
+    (waiting,) = json.loads(out)["waiting"]
+    assert waiting["id"] == envelope["outbox_id"] and waiting["action"] == "dm.send"
+    assert waiting["not_before"] == envelope["deferred_until"]
     code, _, err = run(capsys, "outbox", "cancel", envelope["outbox_id"], "--url", server.url)
     assert code == ExitCode.OK and "cancelled" in err
+    code, out, _ = run(capsys, "outbox", "--url", server.url, "--json")
+    assert json.loads(out)["waiting"] == []
     code, _, err = run(capsys, "outbox", "cancel", envelope["outbox_id"], "--url", server.url)
     assert code != ExitCode.OK and "sent already" in err
 

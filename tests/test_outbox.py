@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,25 @@ async def test_pending_is_in_enqueue_order(open_outbox: Any) -> None:
     assert [item.id for item in pending] == ids
     assert [item.seq for item in pending] == sorted(item.seq for item in pending)
     assert [item.id for item in await outbox.pending(limit=3)] == ids[:3]
+
+
+async def test_waiting_lists_the_items_whose_time_has_not_come_soonest_first(
+    open_outbox: Any,
+) -> None:
+    now = [1_000_000.0]
+    outbox = await open_outbox(clock=lambda: now[0])
+    at = lambda s: datetime.fromtimestamp(now[0] + s, UTC)  # noqa: E731
+    late = await outbox.enqueue("dm.send", {"n": 1}, "key-late", not_before=at(600))
+    due = await outbox.enqueue("dm.send", {"n": 2}, "key-due", not_before=at(-1))
+    soon = await outbox.enqueue("dm.send", {"n": 3}, "key-soon", not_before=at(60))
+    await outbox.enqueue("dm.send", {"n": 4}, "key-now")
+    dead = await outbox.enqueue("dm.send", {"n": 5}, "key-dead", not_before=at(30))
+    await outbox.fail(dead.id, "HTTP 400", permanent=True)
+    assert [i.id for i in await outbox.waiting()] == [soon.id, late.id]
+    assert [i.id for i in await outbox.waiting(limit=1)] == [soon.id]
+    assert due.id in [i.id for i in await outbox.pending()]
+    now[0] += 120  # soon's time has come: it is due, no longer waiting
+    assert [i.id for i in await outbox.waiting()] == [late.id]
 
 
 async def test_items_survive_closing_and_reopening_the_file(open_outbox: Any) -> None:
