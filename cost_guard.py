@@ -38,6 +38,7 @@ from cost_ledger import (
     ReserveRequest,
 )
 from cost_ledger_pg import ledger_store_for
+from cost_report import read_report
 from cost_reservation import (
     RequestState,
     Reservation,
@@ -54,7 +55,6 @@ from cost_reservation import (
     usd,
 )
 from errors import ConfigError, CostCapReached
-from spend_forecast import day_starts, report
 
 __all__ = ["CostGuard", "Reservation", "Spend", "month_of", "usd"]
 
@@ -422,26 +422,20 @@ class CostGuard:
 
     async def snapshot(self) -> dict[str, Any]:
         """Month-to-date spend for /status and /health; money as exact decimal strings."""
-        by_action: dict[str, str] = {}
-        reserved_by_action: dict[str, str] = {}
         now = self._clock()
         month = month_of(now, self._tz)
-        forecast = None  # needs the ledger's spend per day: none while it is unreachable
+        ledger = None  # by action and the forecast: none while the ledger is unreachable
         if self._healthy:
             try:
                 self._apply(await self._store.totals(month, now))
-                per_day = await self._store.daily(month, day_starts(month, self._tz))
-                forecast = report(
-                    per_day,
-                    today=now.astimezone(self._tz).date(),
+                ledger = await read_report(
+                    self._store,
+                    month,
+                    now,
+                    self._tz,
                     soft_cap_usd=self._soft_cap_usd,
                     hard_cap_usd=self._hard_cap_usd,
                 )
-                for action, spend in sorted((await self._store.by_action(month)).items()):
-                    if spend.committed_usd:
-                        by_action[action] = usd(spend.committed_usd)
-                    if spend.reserved_usd:
-                        reserved_by_action[action] = usd(spend.reserved_usd)
             except LedgerUnavailable as exc:
                 self._mark_unhealthy(str(exc))
         totals = self.current_totals()
@@ -456,8 +450,8 @@ class CostGuard:
             "hard_cap_usd": usd(self._hard_cap_usd),
             "soft_cap_reached": self.is_soft_cap_reached(),
             "hard_cap_reached": self.is_hard_cap_reached(),
-            "by_action": by_action,
-            "reserved_by_action": reserved_by_action,
+            "by_action": ledger.by_action if ledger else {},
+            "reserved_by_action": ledger.reserved_by_action if ledger else {},
             "store": self._store.kind.value,
             "ledger": self._store.describe(),
             "healthy": self._healthy,
@@ -466,5 +460,5 @@ class CostGuard:
             "reservation_ttl_s": self._ttl_s,
             "budget_closed": self.budget_closed(),
             "overruns": [overrun_report(call) for call in self.overruns()],
-            "forecast": forecast,
+            "forecast": ledger.forecast if ledger else None,
         }
