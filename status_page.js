@@ -223,14 +223,9 @@
     const rows = dead.flatMap((d) => {
       d = obj(d);
       const id = String(d.id ?? "");
-      const retry = el("button", "retry", "retry");
-      retry.type = "button";
-      retry.title = "send it to the cloud again";
-      retry.addEventListener("click", () => outboxAction("retry", id, String(d.action ?? "")));
-      const drop = el("button", "drop", "drop");
-      drop.type = "button";
-      drop.title = "delete it: it will never run";
-      drop.addEventListener("click", () => outboxAction("drop", id, String(d.action ?? "")));
+      const action = String(d.action ?? "");
+      const retry = outboxButton("retry", "retry", "send it to the cloud again", id, action);
+      const drop = outboxButton("drop", "drop", "delete it: it will never run", id, action);
       const error = el("td", "err", String(d.error ?? ""));
       error.colSpan = 4;
       return [el("tr", "head", el("td", null, shortId(id)), el("td", null, String(d.action ?? "")),
@@ -247,14 +242,20 @@
     const rows = waiting.map((w) => {
       w = obj(w);
       const id = String(w.id ?? "");
-      const cancel = el("button", "drop", "cancel");
-      cancel.type = "button";
-      cancel.title = "cancel it before its time: it will never run";
-      cancel.addEventListener("click", () => outboxAction("cancel", id, String(w.action ?? "")));
+      const cancel = outboxButton("cancel", "drop", "cancel it before its time: it will never run",
+                                  id, String(w.action ?? ""));
       return el("tr", null, el("td", null, shortId(id)), el("td", null, String(w.action ?? "")),
                 el("td", null, w.not_before ? when(w.not_before) : "-"), el("td", "acts", cancel));
     });
     return el("table", "waiting", el("thead", null, head), el("tbody", null, ...rows));
+  }
+
+  function outboxButton(verb, cls, title, id, action) {
+    const button = el("button", cls, verb);
+    button.type = "button";
+    button.title = title;
+    button.addEventListener("click", () => outboxAction(verb, id, action));
+    return button;
   }
 
   async function outboxAction(verb, id, action) {
