@@ -168,7 +168,14 @@ class HybridOrchestrator:
             cloud=self.cloud is not None,
             serving_cloud=self._serving_cloud,
             offline_reason=self._offline_reason(),
-            soft_cap=guard is not None and guard.is_soft_cap_reached(),
+            # Rule 4 reads it only for an unforced call on a hybrid instance: no ledger
+            # totals (a month computed, three sums compared) on other calls.
+            soft_cap=(
+                guard is not None
+                and force_env is None
+                and self.env is Env.HYBRID
+                and guard.is_soft_cap_reached()
+            ),
             cache=self.cache is not None,
             outbox=self.outbox is not None,
         )
