@@ -234,28 +234,19 @@ def log_dispatch(
 
     Takes no params or result on purpose: they are user data and can carry credentials.
     """
-    env_v = _enum_value(env)
-    source_v = _enum_value(source)
-    outcome_v = _enum_value(outcome)
     error_v = _enum_value(error)
-    action_v = action if len(action) <= _MAX_ACTION_CHARS else action[:_MAX_ACTION_CHARS] + "…"
-    fields: Mapping[str, Any] = {
-        "event": "dispatch",
-        "request_id": request_id,
-        "action": action_v,
-        "env": env_v,
-        "source": source_v,
-        "outcome": outcome_v,
-        "duration_ms": round(float(duration_ms), 3),
-        "attempts": attempts,
-        "error": error_v,
-    }
     level = logging.INFO if error_v is None else logging.WARNING
     if not logger.isEnabledFor(level):
         return
-    # makeRecord + handle is what logger.log does, less its findCaller stack walk (the file and
-    # line of this function, which no formatter of ours prints): about 2 µs per line.
-    record = logger.makeRecord(
+    env_v = _enum_value(env)
+    source_v = _enum_value(source)
+    outcome_v = _enum_value(outcome)
+    action_v = action if len(action) <= _MAX_ACTION_CHARS else action[:_MAX_ACTION_CHARS] + "…"
+    # What logger.log does, less its findCaller stack walk (the file and line of this function,
+    # which no formatter of ours prints) and makeRecord's check of each extra name against the
+    # record's own (these nine are not among them): about 3 µs per line. The record factory is
+    # still the one logging is configured with.
+    record = logging.getLogRecordFactory()(
         logger.name,
         level,
         __file__,
@@ -263,8 +254,19 @@ def log_dispatch(
         "dispatch %s -> %s %s",
         (action_v, source_v or env_v, outcome_v),
         None,
-        func="log_dispatch",
-        extra=dict(fields),
+        "log_dispatch",
+        None,
+    )
+    record.__dict__.update(
+        event="dispatch",
+        request_id=request_id,
+        action=action_v,
+        env=env_v,
+        source=source_v,
+        outcome=outcome_v,
+        duration_ms=round(float(duration_ms), 3),
+        attempts=attempts,
+        error=error_v,
     )
     logger.handle(record)
 
