@@ -267,7 +267,8 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         key = body.idempotency_key
         at = runtime.deferral.schedule_time(body.not_before, body.delay_sec)
         if key is None:
-            envelope = await _route(runtime, action, params, force_env, new_request_id(), at)
+            request_id = new_request_id()
+            envelope = await _route(runtime, action, params, force_env, request_id, at, True)
             return _envelope_response(envelope)
         return await _route_once(runtime, action, params, force_env, key, at)
 
@@ -278,10 +279,18 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         force_env: Any,
         request_id: str,
         not_before: datetime | None = None,
+        json_params: bool = False,
     ) -> Envelope:
         assert runtime.orchestrator is not None
         route = runtime.orchestrator.route
-        return await route(action, params, force_env, request_id=request_id, not_before=not_before)
+        return await route(
+            action,
+            params,
+            force_env,
+            request_id=request_id,
+            not_before=not_before,
+            json_params=json_params,
+        )
 
     async def _route_once(
         runtime: Runtime,
@@ -299,7 +308,7 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
             params_hash({"force_env": force_env, "params": params}),
             timeout_s=runtime.config.cloud_timeout_sec,
             rerun_if_dead=runtime.route_table.get(action).idempotent,
-            run=lambda: _route(runtime, action, params, force_env, key, not_before),
+            run=lambda: _route(runtime, action, params, force_env, key, not_before, True),
             keep=lambda envelope: envelope.ok or envelope.queued,
             what="idempotency_key",
         )
