@@ -1,9 +1,10 @@
 """ASGI middleware that refuses request bodies over a size limit with a 413 envelope.
 
-The limit is checked twice: against ``Content-Length`` before anything is read, and while the
-body streams in (a chunked upload has no length); the app runs only once the whole body is in,
-and reads it from a replay of what came. Either way the answer is the result envelope
-with ``error: "payload_too_large"``, like every other refusal of the server.
+The limit is checked against ``Content-Length`` before anything is read (the HTTP server reads
+that many bytes and no more, so a body within the limit by its length goes straight to the
+app), or, for a body without a length (a chunked upload), while it streams in: the app then
+runs only once the whole body is in, and reads it from a replay of what came. Either way the
+answer is the result envelope with ``error: "payload_too_large"``, like every other refusal.
 """
 
 from __future__ import annotations
@@ -43,10 +44,21 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        length = None
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await self._refuse(send)
-                return
+            if name == b"content-length" and value.isdigit():
+                if int(value) > self.max_bytes:
+                    await self._refuse(send)
+                    return
+                length = value
+            elif name == b"transfer-encoding":  # it frames the body, whatever the length says
+                length = None
+                break
+        if length is not None:
+            # The HTTP server frames the body by its Content-Length (it reads that many bytes
+            # and no more), so a body within the limit by its length is within it.
+            await self.app(scope, receive, send)
+            return
         messages = await self._read(receive)
         if messages is None:
             await self._refuse(send)

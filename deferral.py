@@ -144,6 +144,8 @@ class Deferral:
 
     def schedule_time(self, not_before: datetime | None, delay_s: float | None) -> datetime | None:
         """When a scheduled call runs (None: now); ``InvalidParams`` past the horizon."""
+        if not_before is None and delay_s is None:  # most calls: no clock read
+            return None
         now = self._clock()
         ahead_s = delay_s if delay_s is not None else 0.0
         if not_before is not None:

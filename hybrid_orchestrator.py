@@ -78,6 +78,7 @@ class _Call:
     env: Env | None
     started: float
     triggered: bool = False
+    json_params: bool = False  # params read by the strict JSON parser: not checked again
 
     def success(self, result: Any, source: Source, **fields: Any) -> Envelope:
         if isinstance(result, Ran):  # a local run: the body embeds the registry's JSON text
@@ -168,7 +169,14 @@ class HybridOrchestrator:
             cloud=self.cloud is not None,
             serving_cloud=self._serving_cloud,
             offline_reason=self._offline_reason(),
-            soft_cap=guard is not None and guard.is_soft_cap_reached(),
+            # Rule 4 reads it only for an unforced call on a hybrid instance: no ledger
+            # totals (a month computed, three sums compared) on other calls.
+            soft_cap=(
+                guard is not None
+                and force_env is None
+                and self.env is Env.HYBRID
+                and guard.is_soft_cap_reached()
+            ),
             cache=self.cache is not None,
             outbox=self.outbox is not None,
         )
@@ -192,8 +200,13 @@ class HybridOrchestrator:
         *,
         request_id: str | None = None,
         not_before: datetime | None = None,
+        json_params: bool = False,
     ) -> Envelope:
-        """Run ``action`` where the rules say (or after ``not_before``); always an envelope."""
+        """Run ``action`` where the rules say (or after ``not_before``); always an envelope.
+
+        ``json_params``: ``params`` came from the strict JSON parser (``request_body``), which
+        already refused what the registry's params check refuses (NaN, lone surrogates).
+        """
         started = time.perf_counter()
         request_id = request_id or new_request_id()
         params = {} if params is None else params
@@ -207,6 +220,7 @@ class HybridOrchestrator:
                 route = self.route_table.get(action)
                 ladder = plan(action, route, self._state(action, route, force_env))
                 call = _Call(action, params, request_id, route, ladder.env, started)
+                call.json_params = json_params
                 kept = self.deferral and await self.deferral.answer(  # pacing, schedules
                     action, params, request_id, route.side_effect, not_before, started=started
                 )
@@ -324,7 +338,8 @@ class HybridOrchestrator:
         """Run one step: its envelope, None when it has nothing (a cache miss), or raise."""
         action, params = call.action, call.params
         if step.kind is StepKind.LOCAL:
-            return call.success(await self.local.ran(action, params), Source.LOCAL, attempts=1)
+            ran = await self.local.ran(action, params, json_params=call.json_params)
+            return call.success(ran, Source.LOCAL, attempts=1)
         if step.kind is StepKind.SERVE:
             return await self._serve_here(call)
         if step.kind is StepKind.CLOUD:
@@ -334,7 +349,7 @@ class HybridOrchestrator:
             return call.success(done.result, Source.CLOUD, attempts=done.attempts, cost_usd=cost)
         assert cause is not None  # the remaining steps answer a failure
         if step.kind is StepKind.LOCAL_FALLBACK:
-            result = await self.local.ran(action, params)
+            result = await self.local.ran(action, params, json_params=call.json_params)
             detail = self._cloud_lacks(action) if isinstance(cause, UnknownAction) else None
             return call.success(
                 result, Source.LOCAL_FALLBACK, attempts=cause.attempts + 1, detail=detail

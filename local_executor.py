@@ -55,7 +55,7 @@ class LocalExecutor:
         """Run the handler and return its result; raise an ``ActionError`` on failure."""
         return (await self.ran(action, params)).value
 
-    async def ran(self, action: str, params: dict[str, Any]) -> Ran:
+    async def ran(self, action: str, params: dict[str, Any], *, json_params: bool = False) -> Ran:
         """Run the handler; its result and the result's JSON text (``ServiceRegistry.call``)."""
         breaker = self._breakers.get(action)
         if breaker is not None and not breaker.allow():
@@ -65,7 +65,9 @@ class LocalExecutor:
                 never_ran=True,
             )
         try:
-            ran = await self.registry.call(self.routes.topic(action), params)
+            ran = await self.registry.call(
+                self.routes.topic(action), params, json_params=json_params
+            )
         except HandlerError:
             self._failed(action)
             raise

@@ -30,7 +30,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
+from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
+from starlette.requests import ClientDisconnect
+from starlette.routing import request_response
 
 from api_docs import install_openapi
 from body_limit import BodyLimitMiddleware
@@ -124,7 +127,23 @@ def _error_response(action: str, exc: ActionError, request_id: str | None = None
 
 
 async def _read(request: Request, model: type[Body]) -> Body:
-    return read_body(await request.body(), request.headers.get("content-type"), model)
+    return read_body(await _body_of(request), request.headers.get("content-type"), model)
+
+
+async def _body_of(request: Request) -> bytes:
+    """The whole body, as ``Request.body()`` reads it, without its async generator (~3 µs).
+
+    ``BodyLimitMiddleware`` has collected the body already: usually one message.
+    """
+    chunks = []
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.request":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        elif message["type"] == "http.disconnect":
+            raise ClientDisconnect()
 
 
 async def _once(
@@ -248,7 +267,8 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         key = body.idempotency_key
         at = runtime.deferral.schedule_time(body.not_before, body.delay_sec)
         if key is None:
-            envelope = await _route(runtime, action, params, force_env, new_request_id(), at)
+            request_id = new_request_id()
+            envelope = await _route(runtime, action, params, force_env, request_id, at, True)
             return _envelope_response(envelope)
         return await _route_once(runtime, action, params, force_env, key, at)
 
@@ -259,10 +279,18 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         force_env: Any,
         request_id: str,
         not_before: datetime | None = None,
+        json_params: bool = False,
     ) -> Envelope:
         assert runtime.orchestrator is not None
         route = runtime.orchestrator.route
-        return await route(action, params, force_env, request_id=request_id, not_before=not_before)
+        return await route(
+            action,
+            params,
+            force_env,
+            request_id=request_id,
+            not_before=not_before,
+            json_params=json_params,
+        )
 
     async def _route_once(
         runtime: Runtime,
@@ -280,7 +308,7 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
             params_hash({"force_env": force_env, "params": params}),
             timeout_s=runtime.config.cloud_timeout_sec,
             rerun_if_dead=runtime.route_table.get(action).idempotent,
-            run=lambda: _route(runtime, action, params, force_env, key, not_before),
+            run=lambda: _route(runtime, action, params, force_env, key, not_before, True),
             keep=lambda envelope: envelope.ok or envelope.queued,
             what="idempotency_key",
         )
@@ -359,7 +387,7 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
     @app.post("/api/sync/state")
     async def post_state(request: Request) -> dict[str, Any]:
         check_cloud_key(request)
-        state = parse_json(await request.body())
+        state = parse_json(await _body_of(request))
         if not isinstance(state, dict):
             raise InvalidParams("the body must be a JSON object of state entries")
         return await rt(request).state_sync.accept_state(state)
@@ -414,7 +442,27 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         await runtime.instance_status.refresh_gauges()
         return {"ok": True, "id": item.id, "action": item.action, "dropped": item.status.value}
 
+    _serve_plainly(app, "/dispatch", "/batch")
     return app
+
+
+def _serve_plainly(app: FastAPI, *paths: str) -> None:
+    """Serve these routes through Starlette's plain request/response wrapper, first in line.
+
+    Their endpoints take the ``Request`` alone, read the body themselves and return a
+    ``Response``: FastAPI's dependency solving, parameter parsing (query string, cookies) and
+    response serialisation do nothing for them but cost ~15 µs of CPU per call. They stay
+    ``APIRoute``s, so the OpenAPI document and the endpoint reference still describe them, and
+    errors still reach the app's exception handlers. Matched before the docs routes: the
+    router tries routes in order, and these are the hot ones.
+    """
+    plain = [
+        route for route in app.router.routes if isinstance(route, APIRoute) and route.path in paths
+    ]
+    for route in plain:
+        route.app = request_response(route.endpoint)
+        app.router.routes.remove(route)
+    app.router.routes[:0] = plain
 
 
 app = create_app()

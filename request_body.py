@@ -86,6 +86,12 @@ def _depth(text: str) -> int:
     return deepest
 
 
+# One decoder, built once: ``json.loads`` with hooks builds a decoder and its scanner per call.
+_DECODER = json.JSONDecoder(
+    parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_bounded_int
+)
+
+
 def parse_json(raw: bytes) -> Any:
     """Parse ``raw`` as strict RFC 8259 JSON in UTF-8; raise ``InvalidParams`` otherwise."""
     if not raw:
@@ -95,25 +101,25 @@ def parse_json(raw: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise InvalidParams(f"the body is not UTF-8: {exc}") from None
     try:
-        value = json.loads(
-            text,
-            parse_constant=_refuse_constant,
-            parse_float=_finite_float,
-            parse_int=_bounded_int,
-        )
+        if text.startswith("\ufeff"):  # as json.loads refuses it
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        value = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise InvalidParams(f"the body is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidParams(f"the body is nested deeper than {MAX_DEPTH} levels") from None
-    # Only now, on valid JSON, is the string-skipping scan linear (every string is closed).
-    if _depth(text) > MAX_DEPTH:
+    # Nesting is never deeper than the count of brackets (in strings or not), counted in C: the
+    # string-skipping scan runs only past that, and only now, on valid JSON, is it linear.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(text) > MAX_DEPTH:
         raise InvalidParams(f"the body is nested deeper than {MAX_DEPTH} levels")
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidParams(
-            "the body holds a lone UTF-16 surrogate (e.g. \\ud800), which is not Unicode text"
-        ) from None
+    # UTF-8 cannot carry a surrogate (the decode above refuses one), so only a \u escape can.
+    if b"\\u" in raw:
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidParams(
+                "the body holds a lone UTF-16 surrogate (e.g. \\ud800), which is not Unicode text"
+            ) from None
     return value
 
 

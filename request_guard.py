@@ -135,10 +135,17 @@ class RequestGuardMiddleware:
 
     def check(self, scope: Any, config: Any) -> None:
         """Raise the ``ActionError`` that refuses this request, if any."""
-        headers = {
-            name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
-        }
-        host = headers.get("host", "")
+        # The three headers read here, not a dict of all of them (the last of a repeated one
+        # counts, as in a dict).
+        host_raw = origin = site = None
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host_raw = value
+            elif name == b"origin":
+                origin = value
+            elif name == b"sec-fetch-site":
+                site = value
+        host = "" if host_raw is None else host_raw.decode("latin-1")
         if not host_allowed(host, self._allowed_for(config)):
             raise BadRequest(
                 f"Host {host[:100]!r} is not served here; add it to ALLOWED_HOSTS "
@@ -152,7 +159,11 @@ class RequestGuardMiddleware:
                     f"is not set; set LOCAL_API_TOKEN or listen on 127.0.0.1 only"
                 )
         if scope["method"] not in _SAFE_METHODS:
-            _check_same_origin(headers, host)
+            _check_same_origin(
+                "" if site is None else site.decode("latin-1"),
+                None if origin is None else origin.decode("latin-1"),
+                host,
+            )
 
     def _allowed_for(self, config: Any) -> frozenset[str]:
         if self._allowed is None or self._allowed[0] is not config:
@@ -179,14 +190,13 @@ class RequestGuardMiddleware:
         return self._public_listen
 
 
-def _check_same_origin(headers: dict[str, str], host: str) -> None:
-    site = headers.get("sec-fetch-site", "").strip().lower()
+def _check_same_origin(site: str, origin: str | None, host: str) -> None:
+    site = site.strip().lower()
     if site in ("cross-site", "same-site"):
         raise Forbidden(
             f"refused a {site} request from a web page (Sec-Fetch-Site); call this server from "
             f"its own pages or from a program"
         )
-    origin = headers.get("origin")
     # Host part only: behind a TLS proxy the page is https:// while this server sees http://.
     if (
         origin is not None

@@ -29,6 +29,7 @@ import re
 import sys
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import IO, Any
 from urllib.parse import urlsplit
 
@@ -51,6 +52,15 @@ QUIET_LOGGERS = ("apscheduler", "httpx", "httpcore", "uvicorn.access")
 _HTTPX_HINT = re.compile(r"\s*For more information check: \S+")
 LOG_FORMATS = ("console", "json")
 _SCALARS = frozenset({int, float, bool, type(None)})
+_HTTPX_HINT_TEXT = "For more information"
+_FLAT_TYPES = _SCALARS | {str}
+# json.dumps(ensure_ascii=False, separators=(", ", ": ")) without its cycle check; None where
+# the interpreter has no C accelerator (then json.dumps writes every line).
+_FLAT_ENCODER = (
+    None
+    if c_make_encoder is None
+    else c_make_encoder(None, str, encode_basestring, None, ": ", ", ", False, False, True)
+)
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
@@ -111,21 +121,23 @@ class JsonFormatter(logging.Formatter):
         """The record's fields: ts, level, logger, msg, the ``extra=`` keys, exc, stack."""
         payload: dict[str, Any] = {
             "ts": _iso_utc(record.created),
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
+            "level": _tidy_tree(record.levelname),
+            "logger": _tidy_tree(record.name),
+            "msg": _tidy_tree(record.getMessage()),
         }
         for key, value in record.__dict__.items():
             if key not in _RECORD_ATTRS and key[0] != "_" and key not in payload:
+                kind = type(value)  # tidied here, inline for the usual scalars and plain text
+                if kind not in _SCALARS and (kind is not str or _HTTPX_HINT_TEXT in value):
+                    value = _tidy_tree(value)
                 payload[key] = value
         if record.exc_info:
-            payload["exc"] = self.formatException(record.exc_info)
+            payload["exc"] = _tidy_tree(self.formatException(record.exc_info))
         elif record.exc_text:
-            payload["exc"] = record.exc_text
+            payload["exc"] = _tidy_tree(record.exc_text)
         if record.stack_info:
-            payload["stack"] = self.formatStack(record.stack_info)
-        tidy = _tidy_tree(payload)
-        return _redact_tree(tidy, self.secrets) if self.secrets and redacted else tidy
+            payload["stack"] = _tidy_tree(self.formatStack(record.stack_info))
+        return _redact_tree(payload, self.secrets) if self.secrets and redacted else payload
 
     def format(self, record: logging.LogRecord) -> str:
         # Encode first and search the line once for any secret (1 µs): only a line that holds
@@ -137,6 +149,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def _encode(payload: dict[str, Any]) -> str:
+    # A payload of plain values holds no container, hence no cycle: the C encoder built once
+    # writes the same text as ``json.dumps`` (which builds one per call) in half the time.
+    if _FLAT_ENCODER is not None and _FLAT_TYPES.issuperset(map(type, payload.values())):
+        return "".join(_FLAT_ENCODER(payload, 0))
     return json.dumps(payload, ensure_ascii=False, default=str, separators=(", ", ": "))
 
 
@@ -218,28 +234,19 @@ def log_dispatch(
 
     Takes no params or result on purpose: they are user data and can carry credentials.
     """
-    env_v = _enum_value(env)
-    source_v = _enum_value(source)
-    outcome_v = _enum_value(outcome)
     error_v = _enum_value(error)
-    action_v = action if len(action) <= _MAX_ACTION_CHARS else action[:_MAX_ACTION_CHARS] + "…"
-    fields: Mapping[str, Any] = {
-        "event": "dispatch",
-        "request_id": request_id,
-        "action": action_v,
-        "env": env_v,
-        "source": source_v,
-        "outcome": outcome_v,
-        "duration_ms": round(float(duration_ms), 3),
-        "attempts": attempts,
-        "error": error_v,
-    }
     level = logging.INFO if error_v is None else logging.WARNING
     if not logger.isEnabledFor(level):
         return
-    # makeRecord + handle is what logger.log does, less its findCaller stack walk (the file and
-    # line of this function, which no formatter of ours prints): about 2 µs per line.
-    record = logger.makeRecord(
+    env_v = _enum_value(env)
+    source_v = _enum_value(source)
+    outcome_v = _enum_value(outcome)
+    action_v = action if len(action) <= _MAX_ACTION_CHARS else action[:_MAX_ACTION_CHARS] + "…"
+    # What logger.log does, less its findCaller stack walk (the file and line of this function,
+    # which no formatter of ours prints) and makeRecord's check of each extra name against the
+    # record's own (these nine are not among them): about 3 µs per line. The record factory is
+    # still the one logging is configured with.
+    record = logging.getLogRecordFactory()(
         logger.name,
         level,
         __file__,
@@ -247,8 +254,19 @@ def log_dispatch(
         "dispatch %s -> %s %s",
         (action_v, source_v or env_v, outcome_v),
         None,
-        func="log_dispatch",
-        extra=dict(fields),
+        "log_dispatch",
+        None,
+    )
+    record.__dict__.update(
+        event="dispatch",
+        request_id=request_id,
+        action=action_v,
+        env=env_v,
+        source=source_v,
+        outcome=outcome_v,
+        duration_ms=round(float(duration_ms), 3),
+        attempts=attempts,
+        error=error_v,
     )
     logger.handle(record)
 
@@ -275,7 +293,7 @@ def _tidy_tree(value: Any) -> Any:
     if type(value) in _SCALARS:  # most fields: nothing to tidy, no isinstance chain
         return value
     if isinstance(value, str):
-        return _HTTPX_HINT.sub("", value) if "For more information" in value else value
+        return _HTTPX_HINT.sub("", value) if _HTTPX_HINT_TEXT in value else value
     if isinstance(value, Mapping):
         return {key: _tidy_tree(item) for key, item in value.items()}
     if isinstance(value, list | tuple):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from body_limit import MAX_BODY_BYTES
+from body_limit import MAX_BODY_BYTES, BodyLimitMiddleware
 
 
 @pytest.fixture
@@ -39,3 +40,22 @@ def test_a_body_at_the_limit_is_read(client: TestClient) -> None:
     head, tail = b'{"action": "system.echo", "params": {"x": "', b'"}}'
     body = head + b"a" * (MAX_BODY_BYTES - len(head) - len(tail)) + tail
     assert client.post("/dispatch", content=body).status_code == 200
+
+
+async def test_a_chunked_body_over_the_limit_is_refused_whatever_its_content_length() -> None:
+    sent: list[dict[str, Any]] = []
+    chunks = [b"x" * (MAX_BODY_BYTES // 2 + 1)] * 2 + [b""]
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("the app must not run")
+
+    headers = [(b"content-length", b"10"), (b"transfer-encoding", b"chunked")]
+    scope = {"type": "http", "method": "POST", "path": "/dispatch", "headers": headers}
+    await BodyLimitMiddleware(app)(scope, receive, send)
+    assert sent[0]["status"] == 413

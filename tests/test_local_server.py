@@ -464,3 +464,25 @@ def test_batch_max_concurrent_bounds_what_a_batch_may_ask_for(tmp_path: Path) ->
         assert client.post("/batch", json={"items": [], "max_concurrent": 4}).status_code == 200
         refused = client.post("/batch", json={"items": [], "max_concurrent": 5})
     assert refused.status_code == 422 and "between 1 and 4" in refused.text
+
+
+@pytest.mark.parametrize(
+    ("authorization", "status"),
+    [
+        ("Bearer local-token-123", 200),
+        ("bearer local-token-123", 200),
+        ("BEARER   local-token-123  ", 200),
+        ("Bearer local-token-12", 401),
+        ("Bearer local-token-1234", 401),
+        ("Bearer ", 401),
+        ("Basic local-token-123", 401),
+        ("local-token-123", 401),
+        (None, 401),
+    ],
+)
+def test_the_local_token_is_read_in_any_spelling_of_the_bearer_scheme(
+    tmp_path: Path, authorization: str | None, status: int
+) -> None:
+    headers = {} if authorization is None else {"Authorization": authorization}
+    with _cloud(tmp_path, LOCAL_API_TOKEN="local-token-123") as client:
+        assert client.get("/status", headers=headers).status_code == status

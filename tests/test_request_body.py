@@ -38,6 +38,9 @@ def _nested(depth: int) -> list[Any]:
         (b'{"x": -1e999}', "out of range"),
         (b'{"x": ' + b"9" * 5000 + b"}", "5000 digits"),
         (b'{"x": ' + DEEP + b"}", "nested deeper than 64"),
+        (b"[" * 65 + b"]" * 65, "nested deeper than 64"),
+        (b'{"s": "' + b"[" * 100 + b'", "x": ' + b"[" * 65 + b"]" * 65 + b"}", "deeper than 64"),
+        (b'\xef\xbb\xbf{"x": 1}', "Unexpected UTF-8 BOM"),
         (b'{"x": "\\ud800"}', "lone UTF-16 surrogate"),
         (b'{"\\udfff": 1}', "lone UTF-16 surrogate"),
         (b"\xff\xfe{}", "not UTF-8"),
@@ -57,6 +60,7 @@ def test_parse_json_refuses_what_rfc_8259_or_utf_8_does_not_allow(raw: bytes, wh
     [
         (b'{"x": 1.5, "y": -2, "z": "\\ud83d\\ude00"}', {"x": 1.5, "y": -2, "z": "\U0001f600"}),
         (b'{"s": "[[[[{{{{"}', {"s": "[[[[{{{{"}),  # brackets in strings are not nesting
+        (b'{"s": "' + b"{" * 100 + b'"}', {"s": "{" * 100}),  # more than 64, all in a string
         (b'"\\\\"', "\\"),
         (b"[" * 64 + b"]" * 64, _nested(64)),
         (b"", None),

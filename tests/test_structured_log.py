@@ -12,6 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from config.hybrid_config import HybridConfig
 from errors import Env, ErrorCode, Source
@@ -20,6 +22,7 @@ from structured_log import (
     QUIET_LOGGERS,
     REDACTED,
     JsonFormatter,
+    _encode,
     config_secrets,
     configure_logging,
     log_dispatch,
@@ -324,6 +327,23 @@ def test_httpx_hint_links_are_dropped_from_our_lines(stream: io.StringIO, fmt: s
     text = stream.getvalue()
     assert "401 Unauthorized" in text and "/api/schedules" in text
     assert "For more information" not in text and "developer.mozilla" not in text
+
+
+def test_a_hint_inside_a_nested_field_is_dropped_too(stream: io.StringIO) -> None:
+    configure_logging("INFO", fmt="json", stream=stream)
+    hint = "401 Unauthorized\nFor more information check: https://example.test/401"
+    logging.getLogger("everreach.test").warning("x", extra={"errors": [hint], "e": {"a": hint}})
+    line = lines(stream)[-1]
+    assert line["errors"] == ["401 Unauthorized"] and line["e"] == {"a": "401 Unauthorized"}
+
+
+_PLAIN = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text())
+
+
+@given(st.dictionaries(st.text(), _PLAIN))
+def test_a_line_of_plain_values_is_written_as_json_dumps_writes_it(payload: dict[str, Any]) -> None:
+    expected = json.dumps(payload, ensure_ascii=False, default=str, separators=(", ", ": "))
+    assert _encode(payload) == expected
 
 
 @pytest.mark.e2e
