@@ -13,7 +13,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -210,18 +210,15 @@ class Envelope:
     ) -> Envelope:
         """Build the 202 envelope of an action kept in the outbox until ``deferred_until``
         (over a pacing limit, or scheduled)."""
-        return cls(
-            ok=False,
-            action=action,
-            source=Source.OUTBOX,
+        queued = cls.queued_in_outbox(
+            action,
+            outbox_id=outbox_id,
+            request_id=request_id,
             detail=detail,
             duration_ms=duration_ms,
-            request_id=request_id,
-            queued=True,
-            outbox_id=outbox_id,
-            deferred_until=deferred_until,
             env=env,
         )
+        return replace(queued, deferred_until=deferred_until)
 
     @classmethod
     def conflict(cls, action: str, *, request_id: str, detail: str) -> Envelope:
