@@ -20,11 +20,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING
 
 from cost_ledger import MICRO_USD, LoggedCall, MonthTotals, from_micro, to_micro
-from errors import ActionError, CostCapReached
+from errors import ActionError, CostCapReached, CostLimitExceeded, InvalidParams
 
 if TYPE_CHECKING:
     from cost_guard import CostGuard
@@ -287,3 +287,26 @@ def ledger_unreachable(ledger: str, reason: str | None) -> CostCapReached:
         f"run locally",
         ledger_healthy=False,
     )
+
+
+def check_cost_limit(action: str, header: str, price_usd: Decimal) -> None:
+    """Refuse a served call whose price here is above the caller's ``Cost-Limit`` header.
+
+    The caller reserved ``Cost-Limit`` against its monthly cap; running a dearer call would
+    pass it. The refusal (``CostLimitExceeded``) carries our price so the caller can reserve
+    that and ask again; a header that is no non-negative decimal is ``InvalidParams``.
+    """
+    try:
+        limit = Decimal(header.strip())
+    except InvalidOperation:
+        limit = Decimal("NaN")
+    if not limit.is_finite() or limit < 0:
+        raise InvalidParams(
+            f"Cost-Limit must be a non-negative decimal of US dollars; got {header[:40]!r}"
+        )
+    if price_usd > limit:
+        raise CostLimitExceeded(
+            f"{action} costs ${format(price_usd, 'f')} here, above the Cost-Limit of "
+            f"${format(limit, 'f')} the caller reserved; nothing ran",
+            price_usd=price_usd,
+        )

@@ -16,11 +16,12 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from action_classifier import ActionClassifier
 from connectivity_check import CloudLink, cloud_link
+from cost_reservation import check_cost_limit
 from dispatch_record import MAX_COUNTED_ACTIONS, DispatchObserver, DispatchRecord
 from envelope import Envelope, new_request_id
 from errors import (
@@ -258,29 +259,11 @@ class HybridOrchestrator:
         )
 
     def check_cost_limit(self, action: str, header: str | None) -> None:
-        """Refuse, before anything runs, a served call priced above the caller's Cost-Limit.
-
-        The caller reserved ``Cost-Limit`` against its monthly cap; running a dearer call would
-        pass it. The refusal carries our price so the caller can reserve that and ask again. An
-        action with no handler here is left to answer 404, whatever its price.
-        """
-        if header is None or not self.local.has(action):
-            return
-        try:
-            limit = Decimal(header.strip())
-        except InvalidOperation:
-            limit = Decimal("NaN")
-        if not limit.is_finite() or limit < 0:
-            raise InvalidParams(
-                f"Cost-Limit must be a non-negative decimal of US dollars; got {header[:40]!r}"
-            )
-        price_usd = self._rate(action)
-        if price_usd > limit:
-            raise CostLimitExceeded(
-                f"{action} costs ${format(price_usd, 'f')} here, above the Cost-Limit of "
-                f"${format(limit, 'f')} the caller reserved; nothing ran",
-                price_usd=price_usd,
-            )
+        """Refuse, before anything runs, a served call priced above the caller's Cost-Limit
+        (``cost_reservation.check_cost_limit``); an action with no handler here is left to
+        answer 404, whatever its price."""
+        if header is not None and self.local.has(action):
+            check_cost_limit(action, header, self._rate(action))
 
     def snapshot(self) -> dict[str, Any]:
         """Counts by action and source, for /status."""
