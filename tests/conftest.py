@@ -172,6 +172,12 @@ def wait_until(predicate: Callable[[], bool], *, what: str, timeout_s: float = 1
 LIST_MODULES = "print(' '.join(sorted({m.split('.')[0] for m, v in sys.modules.items() if v})))"
 
 
+def ready_together(servers: list[Any]) -> list[Any]:
+    """Wait for servers launched with ``server_factory(..., ready=False)``, which started side
+    by side (replicas of one store start at once in production too)."""
+    return [server.wait_ready() for server in servers]
+
+
 def wait_until_it_sees_its_cloud(terminal: Any) -> None:
     """Poll until a terminal counts its cloud online and the cloud's circuit is closed: the
     state a terminal started after its cloud is in, for one started beside it (a probe that
