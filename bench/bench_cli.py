@@ -102,8 +102,12 @@ def _batch_rows(url: str, items: int, rounds: int) -> list[dict[str, Any]]:
     ]
 
 
-def run(quick: bool = False, *, items: int = 200) -> list[dict[str, Any]]:
-    runs, rounds = (3, 2) if quick else (10, 5)
+def run(
+    quick: bool = False, *, items: int = 200, runs: int | None = None, rounds: int | None = None
+) -> list[dict[str, Any]]:
+    """Start-up rows (median of ``runs`` processes each) and batch rows (``rounds`` rounds)."""
+    runs = runs or (3 if quick else 10)
+    rounds = rounds or (2 if quick else 5)
     with (
         common.temp_folder("bench-cli-") as folder,
         common.uvicorn_server(

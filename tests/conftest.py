@@ -172,6 +172,24 @@ def wait_until(predicate: Callable[[], bool], *, what: str, timeout_s: float = 1
 LIST_MODULES = "print(' '.join(sorted({m.split('.')[0] for m, v in sys.modules.items() if v})))"
 
 
+def ready_together(servers: list[Any]) -> list[Any]:
+    """Wait for servers launched with ``server_factory(..., ready=False)``, which started side
+    by side (replicas of one store start at once in production too)."""
+    return [server.wait_ready() for server in servers]
+
+
+def wait_until_it_sees_its_cloud(terminal: Any) -> None:
+    """Poll until a terminal counts its cloud online and the cloud's circuit is closed: the
+    state a terminal started after its cloud is in, for one started beside it (a probe that
+    found the cloud still importing is forgotten by the next one that reaches it)."""
+
+    def sees_it() -> bool:
+        status = httpx.get(f"{terminal.url}/status", timeout=10).json()
+        return bool(status["online"] and status["circuits"]["cloud"] == "closed")
+
+    wait_until(sees_it, what="the terminal to see its cloud")
+
+
 def modules_loaded_by(code: str, *args: str) -> set[str]:
     """The top-level modules a fresh interpreter has loaded after running ``code`` (with
     ``sys`` imported) and then ``LIST_MODULES``, from the repository root."""
@@ -241,6 +259,10 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, *, wait_s: float = 30.0) -> ServerProcess:
+        return self.launch().wait_ready(wait_s=wait_s)
+
+    def launch(self) -> ServerProcess:
+        """Start the process and return at once: servers launched together import in parallel."""
         (self.log_path.parent / self.log_path.stem).mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -262,6 +284,11 @@ class ServerProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+        return self
+
+    def wait_ready(self, *, wait_s: float = 30.0) -> ServerProcess:
+        """Poll ``/health`` until it answers 200; the log's tail if the process exits first."""
+        assert self.proc is not None, "launch() the server first"
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -304,8 +331,11 @@ class ServerPool:
         name: str | None = None,
         port: int | None = None,
         args: Sequence[str] = (),
+        ready: bool = True,
         **variables: str,
     ) -> ServerProcess:
+        """Start a server and wait for it; ``ready=False`` returns once it is launched (call
+        ``wait_ready()`` before using it), so a test's servers start side by side."""
         name = name or f"srv{len(self.started)}"
         env = {
             key: value
@@ -328,11 +358,15 @@ class ServerPool:
             extra_args=list(args),  # e.g. ["--host", "0.0.0.0"]: uvicorn takes the last one
         )
         self.started.append(server)
-        return server.start()
+        return server.start() if ready else server.launch()
 
     def stop_all(self) -> None:
-        for server in self.started:
-            server.stop()
+        """SIGTERM every server first, then wait for each: they shut down side by side."""
+        running = [s.proc for s in self.started if s.proc and s.proc.poll() is None]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        for proc in running:
+            proc.wait(timeout=15)
 
 
 @pytest.fixture

@@ -79,6 +79,8 @@ OWN_TESTS = (
     "bench_pacing",
 )  # fmt: skip
 GENERIC = [name for name in bench_main.BENCHES if name not in OWN_TESTS]
+# Smaller than --quick where a bench takes a size: the smoke test runs each code path once.
+SMOKE_SIZES: dict[str, dict[str, Any]] = {"bench_cli": {"items": 20, "runs": 1, "rounds": 1}}
 
 
 # Left out of `make test-fast`: bench_sync_bus and bench_cli start processes, and the others
@@ -90,7 +92,7 @@ def test_bench_quick_run_returns_well_formed_rows(
 ) -> None:
     monkeypatch.chdir(tmp_path)  # the benches' SQLite files go under ./data
     module = importlib.import_module(f"bench.{name}")
-    _check_rows(module, module.run(quick=True))
+    _check_rows(module, module.run(quick=True, **SMOKE_SIZES.get(name, {})))
 
 
 def test_routing_bench_reports_route_against_the_direct_call() -> None:
@@ -111,12 +113,12 @@ def _within_rounds(row: dict[str, Any], key: str) -> None:
 def test_http_bench_loads_both_servers_without_errors() -> None:
     from bench import bench_http
 
-    rows = bench_http.run(quick=True, connections=4, rounds=3)
+    rows = bench_http.run(quick=True, connections=4, rounds=2)  # two: a spread to check
     dispatch, bare = _check_rows(bench_http, rows)
     assert dispatch["path"] == "POST /dispatch" and bare["path"] == "POST /echo"
     assert dispatch["errors"] == 0 and bare["errors"] == 0
     assert dispatch["requests"] > 0 and bare["requests"] > 0
-    assert dispatch["rounds"] == bare["rounds"] == 3
+    assert dispatch["rounds"] == bare["rounds"] == 2
     # A median over rounds of per-round ratios and CPU differences, with their spread.
     _within_rounds(dispatch, "ratio")
     _within_rounds(dispatch, "overhead_cpu_us")
@@ -218,7 +220,7 @@ def test_bench_runner_reports_a_failing_bench_and_exits_1(
 def test_cloud_cpu_bench_reads_the_terminals_cpu_per_cloud_call() -> None:
     from bench import bench_cloud_cpu
 
-    rows = bench_cloud_cpu.run(quick=True, connections=4, duration_s=1.0, rounds=3)
+    rows = bench_cloud_cpu.run(quick=True, connections=4, duration_s=1.0, rounds=2)
     hybrid, direct = _check_rows(bench_cloud_cpu, rows)
     assert hybrid["errors"] == 0 and direct["errors"] == 0
     assert hybrid["calls_per_s"] > 0 and direct["calls_per_s"] > 0
@@ -232,9 +234,9 @@ def test_cloud_cpu_bench_reads_the_terminals_cpu_per_cloud_call() -> None:
 def test_batch_bench_runs_cloud_batches_at_the_highest_accepted_concurrency() -> None:
     from bench import bench_batch
 
-    (row,) = _check_rows(bench_batch, bench_batch.run(quick=True, items=40, rounds=3))
-    assert row["items"] == 40 and row["rounds"] == 3
-    assert row["ideal_s"] == pytest.approx(40 * 0.020 / row["max_concurrent"])
+    (row,) = _check_rows(bench_batch, bench_batch.run(quick=True, items=20, rounds=2))
+    assert row["items"] == 20 and row["rounds"] == 2
+    assert row["ideal_s"] == pytest.approx(20 * 0.020 / row["max_concurrent"])
     _within_rounds(row, "wall_s")
     # A batch of sleeping handlers cannot beat its ideal wall time.
     assert row["wall_s_min"] >= row["ideal_s"] * 0.99

@@ -556,14 +556,18 @@ def test_serve_runs_the_configured_server_until_interrupted(tmp_path):
 
 def pair_with_a_wrong_cloud_key(server_factory: Any, **terminal: str) -> Any:
     """A cloud instance and a hybrid terminal whose EVERREACH_CLOUD_KEY the cloud refuses."""
-    cloud = server_factory(name="cloud", EVERREACH_ENV="cloud", EVERREACH_CLOUD_KEY="right-key-1")
-    return server_factory(
+    cloud = server_factory(
+        name="cloud", EVERREACH_ENV="cloud", EVERREACH_CLOUD_KEY="right-key-1", ready=False
+    )  # starts beside the terminal
+    term = server_factory(
         name="terminal",
         EVERREACH_ENV="hybrid",
         CLOUD_ENDPOINT=cloud.url,
         EVERREACH_CLOUD_KEY="wrong-key-2",
         **terminal,
     )
+    cloud.wait_ready()
+    return term
 
 
 @e2e

@@ -6,12 +6,14 @@ import asyncio
 import json
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from config.hybrid_config import HybridConfig
 from cost_guard import CostGuard
+from tests.conftest import wait_until_it_sees_its_cloud
 
 pytestmark = [pytest.mark.prd200, pytest.mark.e2e]
 
@@ -42,6 +44,20 @@ def count_runs(log: Path) -> int:
     return len([json.loads(line) for line in log.read_text().splitlines()])
 
 
+def start_cloud(server_factory: Any, **variables: str) -> Any:
+    """Launch the cloud without waiting: its terminals start beside it (``beside_its_cloud``)."""
+    return server_factory(
+        name="cloud", EVERREACH_ENV="cloud", EVERREACH_CLOUD_KEY=KEY, ready=False, **variables
+    )
+
+
+def beside_its_cloud(term: Any, cloud: Any) -> None:
+    """Wait for a terminal launched beside its cloud, the cloud, and the terminal to see it."""
+    term.wait_ready()
+    cloud.wait_ready()
+    wait_until_it_sees_its_cloud(term)
+
+
 def terminal_env(cloud_url: str, **variables: str) -> dict[str, str]:
     return {
         "EVERREACH_ENV": "hybrid",
@@ -57,11 +73,15 @@ async def test_two_terminals_on_one_postgres_ledger_never_pass_the_cap(
     server_factory, postgres_dsn, tmp_path
 ):
     await spend(HybridConfig.from_mapping({"DATABASE_URL": postgres_dsn}), "399.90")
-    cloud = server_factory(name="cloud", EVERREACH_ENV="cloud", EVERREACH_CLOUD_KEY=KEY)
+    cloud = start_cloud(server_factory)
     terminals = [
-        server_factory(name=f"t{i}", **terminal_env(cloud.url, DATABASE_URL=postgres_dsn))
+        server_factory(
+            name=f"t{i}", ready=False, **terminal_env(cloud.url, DATABASE_URL=postgres_dsn)
+        )
         for i in range(2)
     ]
+    for term in terminals:
+        beside_its_cloud(term, cloud)
     log = tmp_path / "claude.log"
 
     async def call(client: httpx.AsyncClient, n: int) -> httpx.Response:
@@ -89,8 +109,9 @@ async def test_two_terminals_on_one_postgres_ledger_never_pass_the_cap(
 async def test_at_the_soft_cap_the_next_auto_action_runs_locally(server_factory, tmp_path):
     data_dir = tmp_path / "term-data"
     await spend(HybridConfig.from_mapping({"DATA_DIR": str(data_dir)}), "380")
-    cloud = server_factory(name="cloud", EVERREACH_ENV="cloud", EVERREACH_CLOUD_KEY=KEY)
+    cloud = start_cloud(server_factory)
     term = server_factory(name="term", **terminal_env(cloud.url, DATA_DIR=str(data_dir)))
+    beside_its_cloud(term, cloud)
     async with httpx.AsyncClient(timeout=30) as client:
         answer = await client.post(
             f"{term.url}/dispatch", json={"action": "research.platform", "params": {}}
@@ -109,12 +130,7 @@ async def test_a_cloud_dearer_than_the_estimate_never_passes_the_cap(server_fact
     # re-reserved at $0.05 only while the cap allows, so exactly two run.
     (tmp_path / "cloud-rates.json").write_text('{"claude.*": "0.05"}')
     (tmp_path / "term-rates.json").write_text('{"claude.*": "0.01"}')
-    cloud = server_factory(
-        name="cloud",
-        EVERREACH_ENV="cloud",
-        EVERREACH_CLOUD_KEY=KEY,
-        COST_RATES_FILE=str(tmp_path / "cloud-rates.json"),
-    )
+    cloud = start_cloud(server_factory, COST_RATES_FILE=str(tmp_path / "cloud-rates.json"))
     data_dir = tmp_path / "term-data"
     term = server_factory(
         name="term",
@@ -126,6 +142,7 @@ async def test_a_cloud_dearer_than_the_estimate_never_passes_the_cap(server_fact
             COST_SOFT_CAP="0.10",
         ),
     )
+    beside_its_cloud(term, cloud)
     log = tmp_path / "claude.log"
     held: list[Decimal] = []
     burst_done = asyncio.Event()

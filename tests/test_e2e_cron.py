@@ -10,6 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import ready_together
+
 pytestmark = [pytest.mark.prd200, pytest.mark.e2e, pytest.mark.redis]
 
 
@@ -32,10 +34,14 @@ def test_two_replicas_fire_each_interval_job_once(server_factory, redis_url, tmp
             [{"id": "tick", "action": "test.tick", "params": {"log": str(log)}, "interval_sec": 1}]
         )
     )
-    replicas = [
-        server_factory(name=f"r{i}", REDIS_URL=redis_url, SCHEDULES_PATH=str(schedules))
-        for i in range(2)
-    ]
+    replicas = ready_together(
+        [
+            server_factory(
+                name=f"r{i}", REDIS_URL=redis_url, SCHEDULES_PATH=str(schedules), ready=False
+            )
+            for i in range(2)
+        ]
+    )
     both_up = int(time.time()) + 1
     wait_for_fire_seconds(log, since=both_up, count=4)  # both replicas raced for 4 fire times
     for replica in replicas:

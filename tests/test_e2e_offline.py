@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port, until
+from tests.conftest import free_port, until, wait_until_it_sees_its_cloud
 from tests.fault_proxy import FaultProxy
 
 pytestmark = [pytest.mark.prd200, pytest.mark.e2e]
@@ -56,8 +56,10 @@ def last_sync_at(server) -> float:
     return float((status.get("sync") or {}).get("at", 0))
 
 
-def start_cloud(server_factory, port: int):
-    return server_factory(name="cloud", port=port, EVERREACH_ENV="cloud", EVERREACH_CLOUD_KEY=KEY)
+def start_cloud(server_factory, port: int, *, ready: bool = True):
+    return server_factory(
+        name="cloud", port=port, EVERREACH_ENV="cloud", EVERREACH_CLOUD_KEY=KEY, ready=ready
+    )
 
 
 def start_terminal(server_factory, cloud_url: str, **variables):
@@ -76,10 +78,18 @@ def start_terminal(server_factory, cloud_url: str, **variables):
     return server_factory(name="terminal", **settings)
 
 
+def start_pair(server_factory, port: int, **variables):
+    """The cloud and its terminal, started side by side; the terminal has seen its cloud up."""
+    cloud = start_cloud(server_factory, port, ready=False)
+    term = start_terminal(server_factory, cloud.url, **variables)
+    cloud.wait_ready()
+    wait_until_it_sees_its_cloud(term)
+    return cloud, term
+
+
 def test_killed_cloud_serves_reads_queues_writes_and_delivers_each_once(server_factory, tmp_path):
     port = free_port()
-    cloud = start_cloud(server_factory, port)
-    term = start_terminal(server_factory, cloud.url)
+    cloud, term = start_pair(server_factory, port)
     log = tmp_path / "dm.log"
 
     warm = dispatch(term, "research.keyword", {"keyword": "ai"}).json()
@@ -122,8 +132,9 @@ def test_outbox_survives_sigkill_of_the_terminal(server_factory, tmp_path):
         assert answer.status_code == 202
     term.kill(signal.SIGKILL)
 
-    start_cloud(server_factory, port)
+    cloud = start_cloud(server_factory, port, ready=False)  # starts beside the terminal
     term.start()
+    cloud.wait_ready()
     wait_for(lambda: outbox_depth(term) == 0, what="the outbox to drain after restart")
     assert executions(log) == Counter({"k0": 1, "k1": 1, "k2": 1})
 
@@ -152,8 +163,9 @@ def test_corrupt_outbox_rows_are_reported_not_a_crash_loop(server_factory, tmp_p
     db = Path(term.env["DATA_DIR"]) / "hybrid.sqlite3"
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE hybrid_outbox SET params_json = '{not json'")
-    start_cloud(server_factory, port)
+    cloud = start_cloud(server_factory, port, ready=False)  # starts beside the terminal
     term.start()
+    cloud.wait_ready()
     wait_for(
         lambda: httpx.get(f"{term.url}/status", timeout=10).json()["outbox"]["dead_letters"] == 1,
         what="the corrupt row to become a dead letter",
@@ -165,8 +177,9 @@ def test_corrupt_outbox_rows_are_reported_not_a_crash_loop(server_factory, tmp_p
 
 def test_offline_mode_serves_local_and_queues_without_touching_the_cloud(server_factory, tmp_path):
     port = free_port()
-    cloud = start_cloud(server_factory, port)
+    cloud = start_cloud(server_factory, port, ready=False)  # the terminal never asks it
     term = start_terminal(server_factory, cloud.url, OFFLINE_MODE="true")
+    cloud.wait_ready()
     log = tmp_path / "dm.log"
     health = httpx.get(f"{term.url}/health", timeout=10).json()
     assert health["online"] is False and health["offline_mode"] is True
@@ -225,8 +238,7 @@ def test_a_cloud_killed_mid_burst_leaves_every_dm_delivered_or_parked_and_none_t
     server_factory, tmp_path
 ):
     port = free_port()
-    cloud = start_cloud(server_factory, port)
-    term = start_terminal(server_factory, cloud.url)
+    cloud, term = start_pair(server_factory, port)
     log = tmp_path / "dm.log"
     total = 200
     answers: dict[str, int] = {}

@@ -14,6 +14,7 @@ import pytest
 from idempotency import ClaimState, Holder, KeyState
 from idempotency_pg import TABLE, PostgresIdempotencyStore
 from params_digest import params_hash
+from tests.conftest import ready_together
 
 pytestmark = pytest.mark.postgres
 
@@ -139,15 +140,18 @@ def test_two_cloud_replicas_sharing_postgresql_run_a_key_once(
     server_factory: Any, postgres_dsn: str, tmp_path: Path
 ) -> None:
     key = "e2e-cloud-key-123"
-    replicas = [
-        server_factory(
-            name=f"cloud{i}",
-            EVERREACH_ENV="cloud",
-            EVERREACH_CLOUD_KEY=key,
-            DATABASE_URL=postgres_dsn,
-        )
-        for i in range(2)
-    ]
+    replicas = ready_together(
+        [
+            server_factory(
+                name=f"cloud{i}",
+                EVERREACH_ENV="cloud",
+                EVERREACH_CLOUD_KEY=key,
+                DATABASE_URL=postgres_dsn,
+                ready=False,
+            )
+            for i in range(2)
+        ]
+    )
     log = tmp_path / "dm.log"
     body = {"params": {"to": "x", "id": "shared", "log": str(log), "sleep_s": 0.3}}
     headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "pg-shared-key-01"}

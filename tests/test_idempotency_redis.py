@@ -18,7 +18,7 @@ import redis
 
 from idempotency import ClaimState, IdempotencyStore
 from idempotency_redis import RedisIdempotencyStore
-from tests.conftest import free_port
+from tests.conftest import free_port, ready_together
 
 pytestmark = [pytest.mark.prd200, pytest.mark.redis]
 
@@ -82,12 +82,18 @@ async def test_unreachable_redis_falls_back_to_the_local_store(tmp_path):
 
 @pytest.mark.e2e
 async def test_two_cloud_replicas_sharing_redis_run_a_key_once(server_factory, redis_url, tmp_path):
-    replicas = [
-        server_factory(
-            name=f"cloud{i}", EVERREACH_ENV="cloud", EVERREACH_CLOUD_KEY=KEY, REDIS_URL=redis_url
-        )
-        for i in range(2)
-    ]
+    replicas = ready_together(
+        [
+            server_factory(
+                name=f"cloud{i}",
+                EVERREACH_ENV="cloud",
+                EVERREACH_CLOUD_KEY=KEY,
+                REDIS_URL=redis_url,
+                ready=False,
+            )
+            for i in range(2)
+        ]
+    )
     log = tmp_path / "dm.log"
     body = {"params": {"to": "x", "id": "shared", "log": str(log), "sleep_s": 0.3}}
     headers = {"Authorization": f"Bearer {KEY}", "Idempotency-Key": "shared-key-0001"}
