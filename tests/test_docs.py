@@ -535,7 +535,8 @@ def test_the_dependency_picture_has_every_wired_module_and_no_import_points_up()
             assert not upward, f"{module} imports {sorted(upward)}, drawn above it in index.md"
 
 
-COMMITTED_RUNS = ("baseline.md", "before-a353ab0.md", "after.md", "third-pass.md")  # under bench/results/
+# The committed runs, under bench/results/.
+COMMITTED_RUNS = ("baseline.md", "before-a353ab0.md", "after.md", "third-pass.md")
 
 
 def test_every_benchmark_figure_is_from_a_committed_run_under_its_command() -> None:
