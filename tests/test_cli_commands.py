@@ -364,7 +364,8 @@ def test_outbox_json_lists_the_queue_and_dead_letters(app: Any, tmp_path: Path) 
     code, s, _ = command(app, *_url("outbox", "--json"))
     assert code == ExitCode.OK
     output = json.loads(s.out)
-    assert set(output) == {"outbox", "dead_letters"}
+    assert set(output) == {"outbox", "waiting", "dead_letters"}
+    assert output["waiting"] == []  # nothing scheduled or deferred
     assert [item["id"] for item in output["dead_letters"]] == [dead]
 
 

@@ -8,7 +8,11 @@ import time
 import httpx
 import pytest
 
-from tests.test_status_page import Chromium, browser  # noqa: F401 (browser is a fixture)
+from tests.test_status_page import (  # noqa: F401 (browser and chromium_process are fixtures)
+    Chromium,
+    browser,
+    chromium_process,
+)
 
 pytestmark = pytest.mark.e2e
 
