@@ -38,7 +38,7 @@ from starlette.routing import request_response
 from api_docs import install_openapi
 from body_limit import BodyLimitMiddleware
 from config.hybrid_config import HybridConfig
-from envelope import Envelope, check_idempotency_key, envelope_bytes, new_request_id
+from envelope import Envelope, check_idempotency_key, new_request_id
 from errors import (
     ActionError,
     ErrorCode,
@@ -49,6 +49,7 @@ from errors import (
     Unauthorized,
     storage_fault,
 )
+from http_responses import envelope_response, error_response, json_response
 from idempotency import ClaimState
 from instance_status import VERSION
 from local_batch import batch_execute
@@ -99,33 +100,6 @@ def _bearer_matches(request: Request, expected: str) -> bool:
     )
 
 
-def _json(
-    body: dict[str, Any], status_code: int, headers: dict[str, str] | None = None
-) -> Response:
-    return _bytes(envelope_bytes(body), status_code, headers)
-
-
-def _bytes(payload: bytes, status_code: int, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        payload, status_code=status_code, headers=headers, media_type="application/json"
-    )
-
-
-def _retry_after(envelope: Envelope) -> dict[str, str] | None:
-    retry_after = envelope.retry_after()  # rate_limited: when to ask again
-    return None if retry_after is None else {"Retry-After": retry_after}
-
-
-def _envelope_response(envelope: Envelope) -> Response:
-    return _bytes(envelope.to_json(), envelope.http_status, _retry_after(envelope))
-
-
-def _error_response(action: str, exc: ActionError, request_id: str | None = None) -> Response:
-    # The exception's own status: several statuses share a code (403 and 401 are unauthorized).
-    envelope = Envelope.failure(action, exc, source=None, request_id=request_id or new_request_id())
-    return _json(envelope.to_dict(), exc.http_status, _retry_after(envelope))
-
-
 async def _read(request: Request, model: type[Body]) -> Body:
     return read_body(await _body_of(request), request.headers.get("content-type"), model)
 
@@ -168,20 +142,20 @@ async def _once(
     """
     claim = await store.wait(key, action, digest, timeout_s=timeout_s, rerun_if_dead=rerun_if_dead)
     if claim.state is ClaimState.DONE:
-        return _json(claim.body, claim.status_code or 200, {"Idempotent-Replayed": "true"})
+        return json_response(claim.body, claim.status_code or 200, {"Idempotent-Replayed": "true"})
     if claim.state is ClaimState.MISMATCH:
         raise InvalidParams(f"{what} was already used for another action or other params")
     if claim.state is ClaimState.RUNNING:
         busy = Envelope.conflict(
             action, request_id=key, detail=f"a request with this {what} is still running"
         )
-        return _json(busy.to_dict(), busy.http_status, {"Retry-After": "1"})
+        return json_response(busy.to_dict(), busy.http_status, {"Retry-After": "1"})
     if claim.state is ClaimState.INDETERMINATE:
         exc = Indeterminate(
             f"the process that ran this {what} died mid-handler: {action} may have run; it is "
             f"not run again under this key (retry with a new key to run it again)"
         )
-        return _envelope_response(Envelope.failure(action, exc, source=None, request_id=key))
+        return envelope_response(Envelope.failure(action, exc, source=None, request_id=key))
     try:
         with idempotency_key_scope(key):
             envelope = await run()
@@ -192,7 +166,7 @@ async def _once(
         await store.complete(key, envelope.http_status, envelope.to_dict())
     else:
         await store.release(key, ran=envelope.error not in _NEVER_REACHED)
-    return _envelope_response(envelope)
+    return envelope_response(envelope)
 
 
 def create_app(config: HybridConfig | None = None) -> FastAPI:
@@ -243,7 +217,7 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
 
     @app.exception_handler(ActionError)
     async def on_action_error(request: Request, exc: ActionError) -> Response:
-        return _error_response(str(getattr(request.state, "action", "") or ""), exc)
+        return error_response(str(getattr(request.state, "action", "") or ""), exc)
 
     @app.exception_handler(Exception)
     async def on_fault(request: Request, exc: Exception) -> Response:
@@ -253,7 +227,7 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         # The text of an arbitrary exception may quote a DSN or URL: no secret leaves in it.
         text = redact(f"{type(exc).__name__}: {exc}", getattr(request.app.state, "secrets", ()))
         fault = storage_fault(exc) or HandlerError(f"internal error: {text}"[:300])
-        return _error_response(str(getattr(request.state, "action", "") or ""), fault)
+        return error_response(str(getattr(request.state, "action", "") or ""), fault)
 
     @app.post("/dispatch")
     async def dispatch(request: Request) -> Response:
@@ -269,7 +243,7 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         if key is None:
             request_id = new_request_id()
             envelope = await _route(runtime, action, params, force_env, request_id, at, True)
-            return _envelope_response(envelope)
+            return envelope_response(envelope)
         return await _route_once(runtime, action, params, force_env, key, at)
 
     async def _route(
@@ -329,7 +303,7 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         outcome = await batch_execute(
             items, max_concurrent, route=route, max_concurrent_limit=limit
         )
-        return _json(outcome, 200)
+        return json_response(outcome, 200)
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
@@ -365,7 +339,7 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         serve = runtime.orchestrator.serve
         key = request.headers.get("idempotency-key")
         if key is None:
-            return _envelope_response(await serve(action, params, new_request_id()))
+            return envelope_response(await serve(action, params, new_request_id()))
         check_idempotency_key(key, what="the Idempotency-Key header")
         return await _once(
             runtime.idempotency,

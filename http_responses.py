@@ -1,0 +1,48 @@
+"""Envelopes and errors as HTTP responses: the one place their JSON bodies and headers are made.
+
+``local_server.py`` answers every route through these: an ``Envelope`` (with ``Retry-After``
+when it is rate limited), an ``ActionError`` as the failure envelope with the exception's own
+status, or a ready JSON body (a stored idempotent answer, a conflict).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.responses import Response
+
+from envelope import Envelope, envelope_bytes, new_request_id
+from errors import ActionError
+
+
+def json_response(
+    body: dict[str, Any], status_code: int, headers: dict[str, str] | None = None
+) -> Response:
+    """``body`` as strict ASCII JSON (``envelope_bytes``)."""
+    return bytes_response(envelope_bytes(body), status_code, headers)
+
+
+def bytes_response(
+    payload: bytes, status_code: int, headers: dict[str, str] | None = None
+) -> Response:
+    """A JSON body encoded already."""
+    return Response(
+        payload, status_code=status_code, headers=headers, media_type="application/json"
+    )
+
+
+def _retry_after(envelope: Envelope) -> dict[str, str] | None:
+    retry_after = envelope.retry_after()  # rate_limited: when to ask again
+    return None if retry_after is None else {"Retry-After": retry_after}
+
+
+def envelope_response(envelope: Envelope) -> Response:
+    """``envelope`` with its own status, encoded once (``Envelope.to_json``)."""
+    return bytes_response(envelope.to_json(), envelope.http_status, _retry_after(envelope))
+
+
+def error_response(action: str, exc: ActionError, request_id: str | None = None) -> Response:
+    """The failure envelope of ``exc``, with the exception's own status: several statuses
+    share a code (403 and 401 are both ``unauthorized``)."""
+    envelope = Envelope.failure(action, exc, source=None, request_id=request_id or new_request_id())
+    return json_response(envelope.to_dict(), exc.http_status, _retry_after(envelope))

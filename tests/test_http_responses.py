@@ -1,0 +1,62 @@
+"""http_responses: an envelope or an error as the HTTP response the server sends."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fastapi.responses import Response
+
+from envelope import Envelope
+from errors import Forbidden, InvalidParams, RateLimited, Source
+from http_responses import bytes_response, envelope_response, error_response, json_response
+
+
+def body_of(response: Response) -> Any:
+    return json.loads(bytes(response.body))
+
+
+def test_an_envelope_keeps_its_status_and_body() -> None:
+    envelope = Envelope.success("system.echo", {"hi": 1}, source=Source.LOCAL, request_id="r1")
+    response = envelope_response(envelope)
+    assert response.status_code == 200
+    assert response.media_type == "application/json"
+    assert body_of(response) == envelope.to_dict()
+    assert "retry-after" not in response.headers
+
+
+def test_a_deferred_envelope_is_202_without_retry_after() -> None:
+    until = datetime.now(UTC) + timedelta(seconds=30)
+    envelope = Envelope.deferred(
+        "dm.send", outbox_id="o1", request_id="r2", deferred_until=until, detail="scheduled"
+    )
+    response = envelope_response(envelope)
+    assert response.status_code == 202
+    assert body_of(response)["deferred_until"]
+    assert "retry-after" not in response.headers
+
+
+def test_a_rate_limited_error_says_when_to_ask_again() -> None:
+    until = datetime.now(UTC) + timedelta(seconds=7.2)
+    response = error_response("research.keyword", RateLimited("over its limit", not_before=until))
+    assert response.status_code == 429
+    assert response.headers["retry-after"] in {"7", "8"}
+    body = body_of(response)
+    assert body["error"] == "rate_limited" and body["ok"] is False and body["request_id"]
+
+
+def test_an_error_keeps_the_exceptions_own_status() -> None:
+    response = error_response("x.y", Forbidden("cross-site request"), "r3")
+    assert response.status_code == 403
+    assert body_of(response)["error"] == "unauthorized"
+    assert error_response("x.y", InvalidParams("bad")).status_code == 422
+
+
+def test_json_bodies_are_strict_ascii_even_with_nan_or_lone_surrogates() -> None:
+    response = json_response({"result": float("nan"), "detail": "ok"}, 200, {"X-A": "1"})
+    body = body_of(response)  # parses: no NaN written
+    assert body["result"] is None and response.headers["x-a"] == "1"
+    text = bytes(json_response({"detail": "\ud800"}, 422).body)
+    assert text.isascii() and json.loads(text)["detail"] == "\ud800"
+    assert bytes_response(b'{"a": 1}', 201).status_code == 201
