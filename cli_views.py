@@ -141,7 +141,8 @@ def _counts_table(counts: Mapping[str, Any]) -> RenderableType:
 
 
 def status_view(status: Mapping[str, Any], now: datetime | None = None) -> list[RenderableType]:
-    """Tables of a /status body: env, online, cost vs caps, counts, circuits, outbox, jobs."""
+    """Tables of a /status body: env, online, cost vs caps, counts, circuits, outbox, rate
+    limits, the last alerts, jobs."""
     env = str(status.get("env", "?"))
     if status.get("connectivity"):
         online = "cloud online" if status.get("online") else "cloud offline"
@@ -167,6 +168,7 @@ def status_view(status: Mapping[str, Any], now: datetime | None = None) -> list[
     parts.append(_kv("Circuits", circuit_rows))
     parts.extend(outbox_view(status, now))
     parts.extend(rate_limits_view(status.get("rate_limits"), now))
+    parts.extend(alerts_view(status.get("alerts"), now))
     parts.append(_jobs_table(status.get("scheduler"), now))
     bus = status.get("bus") or {}
     cache = status.get("cache") or {}
@@ -226,6 +228,34 @@ def _jobs_table(scheduler: Any, now: datetime | None) -> RenderableType:
             str(job.get("last_outcome") or "-"),
         )
     return table
+
+
+ALERTS_SHOWN = 5
+
+
+def alerts_view(alerts: Any, now: datetime | None = None) -> list[RenderableType]:
+    """The last alerts, newest first, with how each was delivered, and the last failure."""
+    if not isinstance(alerts, dict) or not alerts.get("events"):
+        return []
+    sinks = " and ".join(str(sink) for sink in alerts.get("sinks") or []) or "no sink: recorded"
+    table = Table(title=f"Alerts (to {sinks})", title_justify="left")
+    for column in ("when", "event", "delivery", "detail"):
+        table.add_column(column, no_wrap=column != "detail", overflow="fold")
+    for event in alerts["events"][:ALERTS_SHOWN]:
+        table.add_row(
+            _when(event.get("at"), now),
+            str(event.get("event")),
+            str(event.get("status")),
+            str(event.get("detail")),
+        )
+    failures = alerts.get("failures") or []
+    if failures:
+        last = failures[0]
+        table.caption = (
+            f"{len(failures)} delivery failed; the last: {last.get('event')} to the "
+            f"{last.get('sink')}: {last.get('error')}"
+        )
+    return [table]
 
 
 def rate_limits_view(pacing: Any, now: datetime | None = None) -> list[RenderableType]:

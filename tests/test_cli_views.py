@@ -173,3 +173,24 @@ def test_forecast_lines_draw_each_day_and_say_where_the_month_is_heading():
         "Projected $117.71 by 31 Mar at $3.71/day (the last 7 days' pace); "
         "soft cap 13 Mar; hard cap not this month."
     )
+
+
+def test_status_shows_the_last_alerts_from_a_real_alerter_newest_first() -> None:
+    from alerts import Alerter, AlertEvent
+
+    clock = [datetime(2026, 3, 10, 12, 0, tzinfo=UTC)]
+    alerter = Alerter(instance="vm:8080", clock=lambda: clock[0])
+    for n in range(7):
+        alerter.emit(AlertEvent.CIRCUIT_OPEN, f"circuit of a.b{n} opened", subject=f"a.b{n}")
+        clock[0] = clock[0].replace(minute=n + 1)
+    alerter.emit(AlertEvent.CLOUD_OFFLINE, "cloud http://c:9090 stopped answering")
+    shown = render(status_view({"env": "hybrid", "alerts": alerter.snapshot()}, now=clock[0]))
+    assert "Alerts (to no sink: recorded)" in shown
+    lines = [line for line in shown.splitlines() if "circuit_open" in line or "offline" in line]
+    assert "cloud_offline" in lines[0] and "stopped answering" in lines[0]  # newest first
+    assert len(lines) == 5  # the last five of eight
+    assert "a.b6" in shown and "a.b2" not in shown
+
+
+def test_status_without_alerts_shows_no_alerts_table() -> None:
+    assert "Alerts" not in render(status_view({"env": "local", "alerts": {"events": []}}))
