@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from envelope import Envelope
     from metrics import Metrics
 
+# The routing logger: a cloud without a handler is a routing fact, logged where it always was.
+log = logging.getLogger("everreach.orchestrator")
+
 # Distinct actions counted by name in /status; beyond this many, new ones count as "other".
 MAX_COUNTED_ACTIONS = 1_000
 
@@ -68,6 +71,9 @@ class DispatchObserver:
         self.logger = logger or logging.getLogger(DISPATCH_LOGGER)
         self.log_lines = log_lines  # LOG_DISPATCH: the line costs ~20 µs of CPU per call
         self.counts: defaultdict[str, defaultdict[str, int]] = defaultdict(lambda: defaultdict(int))
+        # Read-only actions the cloud answered 404 unknown_action for and that ran here instead:
+        # a pair deployed with the handler on one side only, which would otherwise go unseen.
+        self.cloud_missing_handlers: defaultdict[str, int] = defaultdict(int)
 
     def observe(self, record: DispatchRecord) -> None:
         """Count, measure and log one finished call."""
@@ -101,6 +107,19 @@ class DispatchObserver:
         # Successes by the path they took; failures by what went wrong, whichever path.
         key = (record.source or "other") if record.ok_or_queued else (record.error or "failed")
         self.counts[action][key] += 1
+
+    def cloud_lacks(self, action: str) -> str:
+        """Count and log a cloud without a handler for ``action``; the envelope's detail."""
+        if action in self.cloud_missing_handlers or (
+            len(self.cloud_missing_handlers) < MAX_COUNTED_ACTIONS
+        ):
+            self.cloud_missing_handlers[action] += 1
+        detail = (
+            f"the cloud has no handler for {action}: it ran here instead; register it on the "
+            f"cloud instance too (EVERREACH_SERVICES)"
+        )
+        log.warning(detail, extra={"action": action, "event": "cloud_missing_handler"})
+        return detail
 
     def snapshot(self) -> dict[str, Any]:
         """Counts by action and source (or error), for ``/status``."""

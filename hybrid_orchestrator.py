@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from action_classifier import ActionClassifier
 from connectivity_check import CloudLink, cloud_link
 from cost_reservation import check_cost_limit
-from dispatch_record import MAX_COUNTED_ACTIONS, DispatchObserver, DispatchRecord
+from dispatch_record import DispatchObserver, DispatchRecord
 from envelope import Envelope, new_request_id
 from errors import (
     ActionError,
@@ -141,9 +140,6 @@ class HybridOrchestrator:
         self.outbox = outbox
         self.observer = observer or DispatchObserver()
         self.deferral = deferral  # pacing and schedules (deferral.py)
-        # Read-only actions the cloud answered 404 unknown_action for and that ran here instead:
-        # a pair deployed with the handler on one side only, which would otherwise go unseen.
-        self.cloud_missing_handlers: defaultdict[str, int] = defaultdict(int)
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- routing decisions ----------------------------------------------------------------------
@@ -269,6 +265,11 @@ class HybridOrchestrator:
         """Counts by action and source, for /status."""
         return self.observer.snapshot()
 
+    @property
+    def cloud_missing_handlers(self) -> dict[str, int]:
+        """Read-only actions the cloud had no handler for, and how often each ran here."""
+        return self.observer.cloud_missing_handlers
+
     # -- walking the ladder ---------------------------------------------------------------------
 
     async def _walk(self, ladder: Plan, call: _Call) -> Envelope:
@@ -333,7 +334,7 @@ class HybridOrchestrator:
         assert cause is not None  # the remaining steps answer a failure
         if step.kind is StepKind.LOCAL_FALLBACK:
             result = await self.local.ran(action, params, json_params=call.json_params)
-            detail = self._cloud_lacks(action) if isinstance(cause, UnknownAction) else None
+            detail = self.observer.cloud_lacks(action) if isinstance(cause, UnknownAction) else None
             return call.success(
                 result, Source.LOCAL_FALLBACK, attempts=cause.attempts + 1, detail=detail
             )
@@ -431,19 +432,6 @@ class HybridOrchestrator:
             # The key's first call holds (or held) its own reservation; this ask ran nothing.
             await spend.settle(never_ran=True)
             raise
-
-    def _cloud_lacks(self, action: str) -> str:
-        """Count and log a cloud without a handler for ``action``; the envelope's detail."""
-        if action in self.cloud_missing_handlers or (
-            len(self.cloud_missing_handlers) < MAX_COUNTED_ACTIONS
-        ):
-            self.cloud_missing_handlers[action] += 1
-        detail = (
-            f"the cloud has no handler for {action}: it ran here instead; register it on the "
-            f"cloud instance too (EVERREACH_SERVICES)"
-        )
-        log.warning(detail, extra={"action": action, "event": "cloud_missing_handler"})
-        return detail
 
     # -- outbox replay --------------------------------------------------------------------------
 

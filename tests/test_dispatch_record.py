@@ -129,3 +129,16 @@ async def test_route_and_serve_hand_exactly_one_record_per_call(tmp_path: Path) 
         ("none", None, "invalid_params"),
     ]
     assert orchestrator.snapshot() == {"svc.echo": {"local": 1, "cloud": 1, "invalid_params": 1}}
+
+
+def test_a_cloud_without_a_handler_is_counted_per_action_within_the_bound(caplog) -> None:
+    observer = DispatchObserver(log_lines=False)
+    detail = observer.cloud_lacks("research.keyword")
+    observer.cloud_lacks("research.keyword")
+    assert observer.cloud_missing_handlers == {"research.keyword": 2}
+    assert "register it on the cloud instance too" in detail
+    assert any(r.__dict__.get("event") == "cloud_missing_handler" for r in caplog.records)
+    for i in range(MAX_COUNTED_ACTIONS + 3):
+        observer.cloud_lacks(f"a.b{i}")
+    assert len(observer.cloud_missing_handlers) == MAX_COUNTED_ACTIONS  # new names stop counting
+    assert observer.cloud_missing_handlers["research.keyword"] == 2
