@@ -30,7 +30,7 @@ from envelope import Envelope, rfc3339
 from errors import Indeterminate, InvalidParams, KeyBusy, RateLimited
 from pacing import Decision, Op, Outcome, Pacer, PaceReason, PaceStore, Slot
 from params_digest import params_hash
-from rate_limits import RateLimit, RateLimits
+from rate_limits import RateLimits
 from service_registry import idempotency_key_scope
 
 if TYPE_CHECKING:
@@ -90,17 +90,9 @@ class PrefixedStore:
         return await self._store.slots(self._prefix + bucket, since_s)
 
 
-def deferred_envelope(
-    item: OutboxItem, request_id: str, started: float, limit: RateLimit | None = None
-) -> Envelope:
-    """The 202 answer of a call kept in the outbox until ``item.not_before``: over ``limit``
-    when its slot was booked by pacing, else scheduled by the caller."""
+def deferred_envelope(item: OutboxItem, request_id: str, started: float, why: str) -> Envelope:
+    """The 202 answer of a call kept in the outbox until ``item.not_before``, saying ``why``."""
     assert item.not_before is not None
-    why = (
-        f"over its rate limit {limit.key!r} ({limit.max} per {limit.per_sec:g} s)"
-        if item.pace_slot is not None and limit is not None
-        else "scheduled"
-    )
     return Envelope.deferred(
         item.action,
         outbox_id=item.id,
@@ -199,7 +191,20 @@ class Deferral:
         item = await self.gate(action, params, key, side_effect=side_effect, not_before=not_before)
         if item is None:
             return None
-        return deferred_envelope(item, key, started, self.pacer.limits.limit_for(action))
+        limit = self.pacer.limits.limit_for(action)
+        why = (
+            f"over its rate limit {limit.key!r} ({limit.max} per {limit.per_sec:g} s)"
+            if item.pace_slot is not None and limit is not None
+            else "scheduled"
+        )
+        return deferred_envelope(item, key, started, why)
+
+    async def keep_until(
+        self, action: str, params: dict[str, Any], key: str, not_before: datetime, *, started: float
+    ) -> Envelope:
+        """Keep a side effect the cloud refused as over its own limit until the time it gave."""
+        item = await self._keep(action, params, key, not_before, None)
+        return deferred_envelope(item, key, started, "over the cloud's rate limit")
 
     async def _keep(
         self,

@@ -359,8 +359,9 @@ class HybridOrchestrator:
         """Keep a side effect the cloud could not take in the outbox, to send it later."""
         assert self.outbox is not None
         if isinstance(cause, RateLimited) and self.deferral is not None:  # the cloud's limit
-            args = call.action, call.params, call.request_id, False, cause.not_before
-            return await self.deferral.answer(*args, started=call.started)  # type: ignore[return-value]
+            return await self.deferral.keep_until(
+                call.action, call.params, call.request_id, cause.not_before, started=call.started
+            )
         item = await self.outbox.enqueue(call.action, call.params, call.request_id)
         then = "queued and sent to the cloud once it answers"
         if isinstance(cause, Indeterminate):
