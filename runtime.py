@@ -270,7 +270,8 @@ class Runtime:
         """The pacing store (a store that is down now is not fatal: limited calls defer)."""
         await self.pacer.open()
         self._on_close(self.pacer.aclose)
-        self.watch_backlog(self.pacer)
+        if len(self.pacer.limits):  # no limits, no backlog to watch
+            self.watch_backlog(self.pacer)
 
     def _open_due_loop(self) -> None:
         """Send deferred and scheduled outbox items when their time comes."""
