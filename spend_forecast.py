@@ -1,10 +1,10 @@
-"""Spend forecast: where this month's cloud spend is heading, as numbers and as pictures.
+"""Spend forecast: where this month's cloud spend is heading, as numbers and a sparkline.
 
 ``forecast(daily, today=..., soft_cap_usd=..., hard_cap_usd=...)`` takes the month's spend per day
 and projects the month-end total at the current pace (the mean of the last ``pace_days`` days,
-today included) and the dates the soft and hard caps would be reached. ``render_svg`` draws it
-as a self-contained inline SVG (cumulative spend, the projection dashed, the caps as lines);
-``sparkline`` is the one-line picture for a terminal. ``day_starts`` gives the ledger the
+today included) and the dates the soft and hard caps would be reached (the status page draws
+them in the browser, ``status_forecast.js``); ``sparkline`` is the one-line picture for a
+terminal. ``day_starts`` gives the ledger the
 instants a month's local days start; ``report`` is the ``cost.forecast`` of ``/status``.
 All pure; money is ``Decimal``.
 """
@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
-from xml.sax.saxutils import escape
 
 from cost_reservation import usd as money_text
 
@@ -151,89 +150,3 @@ def sparkline(values: Sequence[Decimal | float]) -> str:
     if top <= 0:
         return SPARKS[0] * len(numbers)
     return "".join(SPARKS[round(n / top * (len(SPARKS) - 1))] for n in numbers)
-
-
-def render_svg(
-    daily: Iterable[tuple[date, Decimal]],
-    result: Forecast,
-    *,
-    width: int = 640,
-    height: int = 220,
-) -> str:
-    """An inline SVG: daily bars, cumulative spend, the projection dashed, both caps as lines."""
-    series = daily_series(daily, result.as_of)
-    days_in_month = result.month_end.day
-    pad_left, pad_right, pad_top, pad_bottom = 48, 96, 12, 24
-    plot_w = width - pad_left - pad_right
-    plot_h = height - pad_top - pad_bottom
-    top = float(max(result.hard_cap_usd, result.projected_usd, result.spent_usd, Decimal(1)))
-    top *= 1.08
-
-    def x(day: float) -> float:  # day 0 = the start of the 1st, day n = the end of the n-th
-        return round(pad_left + plot_w * day / days_in_month, 1)
-
-    def y(usd: Decimal | float) -> float:
-        return round(pad_top + plot_h * (1 - float(usd) / top), 1)
-
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
-        f'width="{width}" height="{height}" role="img" class="spend-forecast" '
-        f'font-family="system-ui, sans-serif" '
-        f'aria-label="{escape(_summary(result))}">',
-        f"<title>{escape(_summary(result))}</title>",
-        f'<rect x="{pad_left}" y="{pad_top}" width="{plot_w}" height="{plot_h}" '
-        f'fill="none" stroke="#ccc"/>',
-    ]
-    bar_w = max(1.0, plot_w / days_in_month - 2)
-    for index, usd in enumerate(series):
-        if usd > 0:
-            parts.append(
-                f'<rect class="day" x="{x(index) + 1}" y="{y(usd)}" width="{bar_w:.1f}" '
-                f'height="{round(y(0) - y(usd), 1)}" fill="#c9d7ea"/>'
-            )
-    points, total = [f"{x(0)},{y(0)}"], Decimal(0)
-    for index, usd in enumerate(series):
-        total += usd
-        points.append(f"{x(index + 1)},{y(total)}")
-    parts.append(
-        f'<polyline class="spent" points="{" ".join(points)}" fill="none" '
-        f'stroke="#1f5fbf" stroke-width="2"/>'
-    )
-    parts.append(
-        f'<line class="projection" x1="{x(result.as_of.day)}" y1="{y(result.spent_usd)}" '
-        f'x2="{x(days_in_month)}" y2="{y(result.projected_usd)}" stroke="#1f5fbf" '
-        f'stroke-width="2" stroke-dasharray="6 4"/>'
-    )
-    # The hard cap's label sits above its line and the soft cap's below: close caps stay legible.
-    for name, cap, colour, label_dy in (
-        ("soft", result.soft_cap_usd, "#d98c00", 11),
-        ("hard", result.hard_cap_usd, "#c62828", -3),
-    ):
-        parts.append(
-            f'<line class="cap {name}" data-usd="{cap}" x1="{pad_left}" y1="{y(cap)}" '
-            f'x2="{pad_left + plot_w}" y2="{y(cap)}" stroke="{colour}" stroke-dasharray="3 3"/>'
-        )
-        parts.append(
-            f'<text x="{pad_left + plot_w + 4}" y="{y(cap) + label_dy}" font-size="11" '
-            f'fill="{colour}">{name} cap ${cap:,.0f}</text>'
-        )
-    parts.append(
-        f'<text x="{pad_left - 4}" y="{y(0)}" font-size="11" text-anchor="end">$0</text>'
-        f'<text x="{x(0)}" y="{height - 6}" font-size="11">1</text>'
-        f'<text x="{x(days_in_month)}" y="{height - 6}" font-size="11" '
-        f'text-anchor="end">{days_in_month}</text>'
-    )
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def _summary(result: Forecast) -> str:
-    text = (
-        f"Spent ${result.spent_usd:,.2f} by {result.as_of:%d %b}; "
-        f"projected ${result.projected_usd:,.2f} at month end"
-    )
-    if result.hard_cap_date is not None:
-        text += f"; hard cap reached {result.hard_cap_date:%d %b}"
-    elif result.soft_cap_date is not None:
-        text += f"; soft cap reached {result.soft_cap_date:%d %b}"
-    return text

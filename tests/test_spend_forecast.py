@@ -1,16 +1,13 @@
-"""Tests of spend_forecast.py: the projection, the cap dates, the SVG chart and the sparkline."""
+"""Tests of spend_forecast.py: the projection, the cap dates, the report and the sparkline."""
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
 from datetime import date
 from decimal import Decimal as D
 
 import pytest
 
-from spend_forecast import day_starts, forecast, render_svg, report, sparkline
-
-SVG = "{http://www.w3.org/2000/svg}"
+from spend_forecast import day_starts, forecast, report, sparkline
 
 
 def every_day(usd: str, first: date, last: date) -> list[tuple[date, D]]:
@@ -124,32 +121,6 @@ def test_forecast_keeps_cents_exact() -> None:
 )
 def test_sparkline(values: list[float], expected: str) -> None:
     assert sparkline(values) == expected
-
-
-def test_the_svg_is_well_formed_self_contained_and_draws_both_caps() -> None:
-    daily = every_day("20", date(2026, 3, 1), MARCH_10)
-    result = forecast(daily, today=MARCH_10, soft_cap_usd=D("380"), hard_cap_usd=D("400"))
-    svg = render_svg(daily, result)
-    root = ET.fromstring(svg)
-    assert root.tag == f"{SVG}svg"
-    caps = {line.get("class"): line for line in root.iter(f"{SVG}line")}
-    soft, hard = caps["cap soft"], caps["cap hard"]
-    assert (soft.get("data-usd"), hard.get("data-usd")) == ("380", "400")
-    assert float(hard.get("y1", "0")) < float(soft.get("y1", "0"))  # 400 is drawn above 380
-    assert "projection" in caps
-    [spent] = root.iter(f"{SVG}polyline")
-    assert len(spent.get("points", "").split()) == 11  # the origin and 10 days
-    assert len([r for r in root.iter(f"{SVG}rect") if r.get("class") == "day"]) == 10
-    assert "hard cap reached 20 Mar" in (root.findtext(f"{SVG}title") or "")
-    # Nothing to fetch: it renders offline.
-    assert "href" not in svg and "<script" not in svg
-    assert svg.count("http") == 1  # the xmlns
-
-
-def test_the_svg_of_an_empty_month_is_well_formed() -> None:
-    result = forecast([], today=date(2026, 2, 1), soft_cap_usd=D(0), hard_cap_usd=D(0))
-    root = ET.fromstring(render_svg([], result))
-    assert {line.get("class") for line in root.iter(f"{SVG}line")} >= {"cap soft", "cap hard"}
 
 
 def test_day_starts_are_local_midnights_across_the_summer_time_change() -> None:
