@@ -219,10 +219,6 @@ class Alerter:
         """End an active problem without an alert (a circuit closed, a backlog drained)."""
         self._active.discard((AlertEvent(event), subject))
 
-    def reset(self) -> None:
-        """Forget every active problem (e.g. a new month for the cost caps)."""
-        self._active.clear()
-
     def snapshot(self) -> dict[str, Any]:
         """For ``/status``: the last events (newest first), delivery failures, counters."""
         return {

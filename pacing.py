@@ -19,7 +19,6 @@ the Pacer fails closed: the action is deferred, never run over the limit.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import uuid
 from bisect import bisect_left, bisect_right
@@ -221,12 +220,6 @@ class Decision:
     reason: PaceReason
     limit: str | None = None
     slot_id: str | None = None
-
-    def retry_after_s(self, now: datetime) -> int:
-        """Whole seconds until ``not_before`` (for ``Retry-After``); 0 when allowed."""
-        if self.not_before is None:
-            return 0
-        return max(1, math.ceil((self.not_before - now).total_seconds()))
 
 
 @dataclass(frozen=True, slots=True)

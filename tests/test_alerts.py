@@ -117,7 +117,7 @@ async def test_a_problem_fires_again_only_after_it_was_resolved() -> None:
     assert not alerts.emit("dead_letter", "outbox 7 again", subject="7")
     assert alerts.emit("hard_cap_reached", "400 of 400 USD")
     assert not alerts.emit("hard_cap_reached", "400 of 400 USD")
-    alerts.reset()  # a new month
+    alerts.resolve("hard_cap_reached")  # a new month: the cap watch resolves the old one
     assert alerts.emit("hard_cap_reached", "400 of 400 USD")
     assert alerts.emit("circuit_open", "cloud breaker", subject="cloud")
     alerts.resolve("circuit_open", "cloud")
