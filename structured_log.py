@@ -22,11 +22,13 @@ and may hold credentials.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
 import re
 import sys
+import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
@@ -53,6 +55,7 @@ _HTTPX_HINT = re.compile(r"\s*For more information check: \S+")
 LOG_FORMATS = ("console", "json")
 _SCALARS = frozenset({int, float, bool, type(None)})
 _HTTPX_HINT_TEXT = "For more information"
+_DISPATCH_MSG = "dispatch %s -> %s %s"
 _FLAT_TYPES = _SCALARS | {str}
 # json.dumps(ensure_ascii=False, separators=(", ", ": ")) without its cycle check; None where
 # the interpreter has no C accelerator (then json.dumps writes every line).
@@ -140,11 +143,15 @@ class JsonFormatter(logging.Formatter):
         return _redact_tree(payload, self.secrets) if self.secrets and redacted else payload
 
     def format(self, record: logging.LogRecord) -> str:
+        return self.line_of(self.payload(record, redacted=False))
+
+    def line_of(self, payload: dict[str, Any]) -> str:
+        """Encode a payload not yet redacted as one line, with its secrets as ``***``."""
         # Encode first and search the line once for any secret (1 µs): only a line that holds
         # one pays for redacting field by field (a dozen µs per record when done always).
-        line = _encode(self.payload(record, redacted=False))
+        line = _encode(payload)
         if self._in_line is not None and self._in_line.search(line):
-            line = _encode(self.payload(record))
+            line = _encode(_redact_tree(payload, self.secrets))
         return line
 
 
@@ -171,7 +178,64 @@ class ConsoleFormatter(JsonFormatter):
 
 
 class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Our stderr handler; a class of its own so ``configure_logging`` can find and replace it."""
+    """Our stderr handler: lines written on the event loop go out once per loop iteration.
+
+    A class of its own so ``configure_logging`` can find and replace it. A line emitted on a
+    thread with a running event loop joins the others of that loop iteration and the lot is
+    written with one ``write`` (one system call for many dispatch lines under load, instead of
+    one each: about 5 µs per line, measured under wrk); a line from any other thread, or with
+    no loop, is written at once, after the pending ones, so the order is kept. What a process
+    killed mid-iteration loses is that iteration's lines, never a line written before it.
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush waits on
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.write_line(self.format(record))
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def write_line(self, line: str) -> None:
+        """Write ``line`` (no newline) now, or with the others of this loop iteration."""
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None and loop is self._flush_on:
+            self._pending.append(line)
+            return
+        # No loop, or another one (a thread's own, or one that closed before it flushed):
+        # what waits goes out first.
+        self._write_pending()
+        self._pending.append(line)
+        if loop is None:
+            self._write_pending()
+        else:
+            self._flush_on = loop
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._write_pending()
+            super().flush()
+
+    def _write_pending(self) -> None:
+        self._flush_on = None
+        if self._pending:
+            text = "\n".join(self._pending) + "\n"
+            self._pending.clear()
+            self.stream.write(text)
+            self.stream.flush()
+
+    def close(self) -> None:
+        self.flush()
+        super().close()
 
 
 def configure_logging(
@@ -242,33 +306,66 @@ def log_dispatch(
     source_v = _enum_value(source)
     outcome_v = _enum_value(outcome)
     action_v = action if len(action) <= _MAX_ACTION_CHARS else action[:_MAX_ACTION_CHARS] + "…"
+    msg_args = (action_v, source_v or env_v, outcome_v)
+    fields = {
+        "event": "dispatch",
+        "request_id": request_id,
+        "action": action_v,
+        "env": env_v,
+        "source": source_v,
+        "outcome": outcome_v,
+        "duration_ms": round(float(duration_ms), 3),
+        "attempts": attempts,
+        "error": error_v,
+    }
+    handler = _sole_json_handler(logger, level)
+    if handler is not None:
+        # The line JsonFormatter would write for the record below, built without the record
+        # and without logging's handler chain: about 12 µs less per line, measured under wrk.
+        payload: dict[str, Any] = {
+            "ts": _iso_utc(time.time()),
+            "level": logging.getLevelName(level),
+            "logger": _tidy_tree(logger.name),
+            "msg": _tidy_tree(_DISPATCH_MSG % msg_args),
+        }
+        for key, value in fields.items():
+            payload[key] = _tidy_tree(value) if type(value) is str else value
+        with handler.lock:  # type: ignore[union-attr]
+            handler.write_line(handler.formatter.line_of(payload))  # type: ignore[union-attr]
+        return
     # What logger.log does, less its findCaller stack walk (the file and line of this function,
     # which no formatter of ours prints) and makeRecord's check of each extra name against the
     # record's own (these nine are not among them): about 3 µs per line. The record factory is
     # still the one logging is configured with.
     record = logging.getLogRecordFactory()(
-        logger.name,
-        level,
-        __file__,
-        0,
-        "dispatch %s -> %s %s",
-        (action_v, source_v or env_v, outcome_v),
-        None,
-        "log_dispatch",
-        None,
+        logger.name, level, __file__, 0, _DISPATCH_MSG, msg_args, None, "log_dispatch", None
     )
-    record.__dict__.update(
-        event="dispatch",
-        request_id=request_id,
-        action=action_v,
-        env=env_v,
-        source=source_v,
-        outcome=outcome_v,
-        duration_ms=round(float(duration_ms), 3),
-        attempts=attempts,
-        error=error_v,
-    )
+    record.__dict__.update(fields)
     logger.handle(record)
+
+
+def _sole_json_handler(logger: logging.Logger, level: int) -> _JsonHandler | None:
+    """Our JSON handler when a record of ``logger`` at ``level`` would reach it and only it.
+
+    Then nothing but its line can come of the record: no filter, no other handler (pytest's
+    capture, say), no record factory of someone else's, no formatter but ours.
+    """
+    if logging.getLogRecordFactory() is not logging.LogRecord:
+        return None
+    found: logging.Handler | None = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return None
+        for handler in current.handlers:
+            if level >= handler.level:
+                if found is not None:
+                    return None
+                found = handler
+        current = current.parent if current.propagate else None  # type: ignore[assignment]
+    if type(found) is _JsonHandler and not found.filters and type(found.formatter) is JsonFormatter:
+        return found
+    return None
 
 
 def _enum_value(value: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -23,6 +24,8 @@ from structured_log import (
     REDACTED,
     JsonFormatter,
     _encode,
+    _JsonHandler,
+    _sole_json_handler,
     config_secrets,
     configure_logging,
     log_dispatch,
@@ -380,3 +383,137 @@ def test_a_bad_log_setting_is_a_config_error(values: dict[str, str]) -> None:
 
     with pytest.raises(ConfigError, match="LOG_"):
         HybridConfig.from_mapping(values)
+
+
+def _dispatch_line_both_ways(stream: io.StringIO, **fields: Any) -> tuple[dict[str, Any], ...]:
+    """The line of one dispatch written alone by our handler, and through logging's records."""
+    logger = logging.getLogger(DISPATCH_LOGGER)
+    root = logging.getLogger()
+    ours = [h for h in root.handlers if isinstance(h.formatter, JsonFormatter)]
+    root.handlers[:] = ours  # pytest's capture handlers would force the record path
+    assert _sole_json_handler(logger, logging.INFO) is ours[0]
+    dispatch(logger, **fields)
+    other = logging.NullHandler()
+    root.addHandler(other)
+    try:
+        assert _sole_json_handler(logger, logging.INFO) is None
+        dispatch(logger, **fields)
+    finally:
+        root.removeHandler(other)
+    # split on newlines only: str.splitlines also splits at U+2028, which JSON leaves as it is
+    direct, via_record = (json.loads(line) for line in stream.getvalue().split("\n")[:-1])
+    stream.seek(0)
+    stream.truncate()
+    return direct, via_record
+
+
+_LINE_TEXT = st.text(st.characters(codec="utf-8"), max_size=40) | st.sampled_from(
+    ["sk-secret", 'a"b\\c', "x For more information check: https://e.x/401"]
+)
+
+
+@given(
+    action=_LINE_TEXT,
+    request_id=_LINE_TEXT,
+    outcome=_LINE_TEXT,
+    error=st.none() | _LINE_TEXT,
+    duration_ms=st.floats(0, 1e6),
+)
+def test_a_dispatch_line_reads_the_same_with_or_without_a_record(
+    action: str, request_id: str, outcome: str, error: str | None, duration_ms: float
+) -> None:
+    out = io.StringIO()
+    saved = list(logging.getLogger().handlers), logging.getLogger().level
+    try:
+        configure_logging("INFO", stream=out, secrets=["sk-secret"])
+        direct, via_record = _dispatch_line_both_ways(
+            out,
+            action=action,
+            request_id=request_id,
+            outcome=outcome,
+            error=error,
+            duration_ms=duration_ms,
+        )
+    finally:
+        logging.getLogger().handlers[:], _ = saved
+        logging.getLogger().setLevel(saved[1])
+    assert direct.pop("ts")[:10] == via_record.pop("ts")[:10]
+    assert direct == via_record
+    assert "sk-secret" not in json.dumps(direct)
+
+
+def test_a_dispatch_line_goes_through_logging_when_another_handler_listens(
+    stream: io.StringIO, caplog: pytest.LogCaptureFixture
+) -> None:
+    configure_logging("INFO", stream=stream)
+    with caplog.at_level(logging.INFO, logger=DISPATCH_LOGGER):
+        dispatch(logging.getLogger(DISPATCH_LOGGER))
+    assert [r.getMessage() for r in caplog.records] == ["dispatch research.keyword -> cloud ok"]
+    assert [line["request_id"] for line in lines(stream)] == ["req-1"]
+
+
+def test_lines_of_one_loop_iteration_go_out_in_one_write() -> None:
+    writes: list[str] = []
+
+    class Recording(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+    handler = _JsonHandler(Recording())
+
+    async def main() -> list[str]:
+        handler.write_line("a")
+        handler.write_line("b")
+        seen_in_the_iteration = list(writes)
+        await asyncio.sleep(0)
+        return seen_in_the_iteration
+
+    assert asyncio.run(main()) == []
+    assert writes == ["a\nb\n"]
+
+
+def test_a_line_without_a_loop_goes_out_at_once_after_those_waiting() -> None:
+    out = io.StringIO()
+    handler = _JsonHandler(out)
+
+    async def main() -> None:
+        handler.write_line("on the loop")
+        await asyncio.to_thread(handler.write_line, "from a thread")
+
+    asyncio.run(main())
+    assert out.getvalue() == "on the loop\nfrom a thread\n"
+    handler.write_line("no loop")
+    assert out.getvalue().endswith("from a thread\nno loop\n")
+
+
+def test_a_line_left_by_a_closed_loop_goes_out_before_the_next_loops() -> None:
+    out = io.StringIO()
+    handler = _JsonHandler(out)
+    loop = asyncio.new_event_loop()
+
+    def log_then_stop() -> None:
+        loop.stop()  # callbacks scheduled from here on (the flush) never run
+        handler.write_line("first")
+
+    async def log(line: str) -> None:
+        handler.write_line(line)
+
+    loop.call_soon(log_then_stop)
+    loop.run_forever()
+    loop.close()
+    assert out.getvalue() == ""
+    asyncio.run(log("second"))
+    assert out.getvalue() == "first\nsecond\n"
+
+
+def test_closing_the_handler_writes_what_waits() -> None:
+    out = io.StringIO()
+    handler = _JsonHandler(out)
+
+    async def main() -> None:
+        handler.write_line("waiting")
+        handler.close()
+
+    asyncio.run(main())
+    assert out.getvalue() == "waiting\n"
