@@ -254,6 +254,17 @@ async def test_a_non_json_result_is_a_handler_error(result: object) -> None:
         await _registry(test__junk=handler).dispatch("test.junk", {})
 
 
+async def test_a_result_that_contains_itself_is_a_handler_error() -> None:
+    cyclic: list[object] = []
+    cyclic.append({"again": cyclic})
+
+    async def handler(params: dict[str, Any]) -> object:
+        return cyclic
+
+    with pytest.raises(HandlerError, match="not JSON-serialisable"):
+        await _registry(test__cycle=handler).dispatch("test.cycle", {})
+
+
 @pytest.mark.parametrize(
     "result", [None, True, 0, 1.5, "text", [1, "a", None], {"a": {"b": [1.0, {"c": None}]}}]
 )
