@@ -30,10 +30,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
-from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 from starlette.requests import ClientDisconnect
-from starlette.routing import request_response
 
 from api_docs import install_openapi
 from body_limit import BodyLimitMiddleware
@@ -54,6 +52,7 @@ from idempotency import ClaimState
 from instance_status import VERSION
 from local_batch import batch_execute
 from params_digest import params_hash
+from plain_routes import serve_plainly
 from request_body import (
     BatchBody,
     Body,
@@ -421,27 +420,8 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         await runtime.instance_status.refresh_gauges()
         return {"ok": True, "id": item.id, "action": item.action, "dropped": item.status.value}
 
-    _serve_plainly(app, "/dispatch", "/batch")
+    serve_plainly(app, "/dispatch", "/batch")
     return app
-
-
-def _serve_plainly(app: FastAPI, *paths: str) -> None:
-    """Serve these routes through Starlette's plain request/response wrapper, first in line.
-
-    Their endpoints take the ``Request`` alone, read the body themselves and return a
-    ``Response``: FastAPI's dependency solving, parameter parsing (query string, cookies) and
-    response serialisation do nothing for them but cost ~15 µs of CPU per call. They stay
-    ``APIRoute``s, so the OpenAPI document and the endpoint reference still describe them, and
-    errors still reach the app's exception handlers. Matched before the docs routes: the
-    router tries routes in order, and these are the hot ones.
-    """
-    plain = [
-        route for route in app.router.routes if isinstance(route, APIRoute) and route.path in paths
-    ]
-    for route in plain:
-        route.app = request_response(route.endpoint)
-        app.router.routes.remove(route)
-    app.router.routes[:0] = plain
 
 
 app = create_app()
