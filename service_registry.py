@@ -21,7 +21,6 @@ an action declared twice stops start-up with a ``RegistryError``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import difflib
 import importlib
@@ -31,7 +30,7 @@ import platform
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from json.encoder import (  # type: ignore[attr-defined]
     c_make_encoder,
     encode_basestring_ascii,
@@ -88,14 +87,23 @@ def current_idempotency_key() -> str | None:
     return _IDEMPOTENCY_KEY.get()
 
 
-@contextlib.contextmanager
-def idempotency_key_scope(key: str) -> Iterator[None]:
+def idempotency_key_scope(key: str) -> _KeyScope:
     """Make ``key`` the ``current_idempotency_key()`` of handlers run inside this block."""
-    token = _IDEMPOTENCY_KEY.set(key)
-    try:
-        yield
-    finally:
-        _IDEMPOTENCY_KEY.reset(token)
+    return _KeyScope(key)
+
+
+class _KeyScope:
+    # A class, not @contextlib.contextmanager: its generator cost ~1.5 µs per routed call.
+    __slots__ = ("key", "token")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __enter__(self) -> None:
+        self.token = _IDEMPOTENCY_KEY.set(self.key)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _IDEMPOTENCY_KEY.reset(self.token)
 
 
 def check_action_name(action: object) -> str:

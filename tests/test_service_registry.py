@@ -20,7 +20,13 @@ import pytest
 
 import service_registry
 from errors import HandlerError, InvalidParams, RegistryError, UnknownAction
-from service_registry import ServiceRegistry, check_action_name, register
+from service_registry import (
+    ServiceRegistry,
+    check_action_name,
+    current_idempotency_key,
+    idempotency_key_scope,
+    register,
+)
 from tests.conftest import clean_env, free_port, wait_until_serving
 
 pytestmark = pytest.mark.prd200
@@ -572,3 +578,13 @@ def test_serve_with_a_missing_services_module_says_where_it_looked(tmp_path: Pat
     assert "no module named 'my_servces'" in err
     assert f"in: {tmp_path.resolve()}" in err
     assert "PYTHONPATH" in err
+
+
+def test_a_key_scope_gives_handlers_its_key_and_restores_the_outer_one() -> None:
+    assert current_idempotency_key() is None
+    with idempotency_key_scope("outer-key-1"):
+        with pytest.raises(RuntimeError), idempotency_key_scope("inner-key-2"):
+            assert current_idempotency_key() == "inner-key-2"
+            raise RuntimeError("a handler failed")
+        assert current_idempotency_key() == "outer-key-1"
+    assert current_idempotency_key() is None
