@@ -26,6 +26,7 @@ import asyncio
 import functools
 import json
 import logging
+import math
 import re
 import sys
 import time
@@ -56,6 +57,7 @@ LOG_FORMATS = ("console", "json")
 _SCALARS = frozenset({int, float, bool, type(None)})
 _HTTPX_HINT_TEXT = "For more information"
 _DISPATCH_MSG = "dispatch %s -> %s %s"
+_TEXT_OR_NULL = frozenset({str, type(None)})
 _FLAT_TYPES = _SCALARS | {str}
 # json.dumps(ensure_ascii=False, separators=(", ", ": ")) without its cycle check; None where
 # the interpreter has no C accelerator (then json.dumps writes every line).
@@ -73,16 +75,9 @@ def redact(text: str, secrets: Iterable[str]) -> str:
 
 
 @functools.lru_cache(maxsize=32)
-def secrets_pattern(
-    secrets: tuple[str, ...], *, json_escaped: bool = False
-) -> re.Pattern[str] | None:
-    """One compiled pattern that matches any non-empty secret; ``None`` when there is none.
-
-    ``json_escaped`` also matches each secret as ``json.dumps`` writes it inside a string.
-    """
+def secrets_pattern(secrets: tuple[str, ...]) -> re.Pattern[str] | None:
+    """One compiled pattern that matches any non-empty secret; ``None`` when there is none."""
     found = {s for s in secrets if s and s.strip()}
-    if json_escaped:
-        found |= {json.dumps(s, ensure_ascii=False)[1:-1] for s in found}
     # Longest first: an alternation takes the first that matches, so a secret that contains
     # another is replaced whole.
     ordered = sorted(found, key=len, reverse=True)
@@ -118,7 +113,12 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         self.secrets: tuple[str, ...] = tuple(s for s in secrets if s and s.strip())
         # Matches a secret anywhere in an encoded line, as it is or JSON-escaped.
-        self._in_line = secrets_pattern(self.secrets, json_escaped=True)
+        # Each secret as it is and JSON-escaped, to look for in an encoded line: ``in`` per
+        # secret (0.1 µs each) instead of one alternation regex (2 µs on a dispatch line).
+        self._needles = tuple(
+            {s for s in self.secrets}
+            | {json.dumps(s, ensure_ascii=False)[1:-1] for s in self.secrets}
+        )
 
     def payload(self, record: logging.LogRecord, *, redacted: bool = True) -> dict[str, Any]:
         """The record's fields: ts, level, logger, msg, the ``extra=`` keys, exc, stack."""
@@ -145,12 +145,16 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return self.line_of(self.payload(record, redacted=False))
 
+    def holds_secret(self, line: str) -> bool:
+        """Does ``line`` hold a secret, as it is or JSON-escaped?"""
+        return any(needle in line for needle in self._needles) if self._needles else False
+
     def line_of(self, payload: dict[str, Any]) -> str:
         """Encode a payload not yet redacted as one line, with its secrets as ``***``."""
         # Encode first and search the line once for any secret (1 µs): only a line that holds
         # one pays for redacting field by field (a dozen µs per record when done always).
         line = _encode(payload)
-        if self._in_line is not None and self._in_line.search(line):
+        if self.holds_secret(line):
             line = _encode(_redact_tree(payload, self.secrets))
         return line
 
@@ -322,16 +326,9 @@ def log_dispatch(
     if handler is not None:
         # The line JsonFormatter would write for the record below, built without the record
         # and without logging's handler chain: about 12 µs less per line, measured under wrk.
-        payload: dict[str, Any] = {
-            "ts": _iso_utc(time.time()),
-            "level": logging.getLevelName(level),
-            "logger": _tidy_tree(logger.name),
-            "msg": _tidy_tree(_DISPATCH_MSG % msg_args),
-        }
-        for key, value in fields.items():
-            payload[key] = _tidy_tree(value) if type(value) is str else value
+        line = _direct_line(handler.formatter, logger.name, level, msg_args, fields)  # type: ignore[arg-type]
         with handler.lock:  # type: ignore[union-attr]
-            handler.write_line(handler.formatter.line_of(payload))  # type: ignore[union-attr]
+            handler.write_line(line)
         return
     # What logger.log does, less its findCaller stack walk (the file and line of this function,
     # which no formatter of ours prints) and makeRecord's check of each extra name against the
@@ -342,6 +339,56 @@ def log_dispatch(
     )
     record.__dict__.update(fields)
     logger.handle(record)
+
+
+def _direct_line(
+    formatter: JsonFormatter,
+    logger_name: str,
+    level: int,
+    msg_args: tuple[Any, ...],
+    fields: dict[str, Any],
+) -> str:
+    """The line ``formatter`` writes for a dispatch record of these fields, made without one."""
+    ts, level_name, msg = (
+        _iso_utc(time.time()),
+        logging.getLevelName(level),
+        _DISPATCH_MSG % msg_args,
+    )
+    duration, attempts = fields["duration_ms"], fields["attempts"]
+    if (
+        type(attempts) is int
+        and type(duration) is float
+        and math.isfinite(duration)
+        and type(fields["request_id"]) is type(fields["action"]) is type(fields["outcome"]) is str
+        and _TEXT_OR_NULL.issuperset((type(fields["env"]), type(fields["source"])))
+        and type(fields["error"]) in _TEXT_OR_NULL
+    ):
+        # What the encoder writes for these fields, by a template: ~3 µs less per line. A line
+        # with the httpx hint or a secret in it is made again the long way, which tidies and
+        # redacts field by field (a property test keeps the two the same).
+        line = (
+            f'{{"ts": "{ts}", "level": "{level_name}", "logger": {_text(logger_name)}, '
+            f'"msg": {_text(msg)}, "event": "dispatch", '
+            f'"request_id": {_text(fields["request_id"])}, "action": {_text(fields["action"])}, '
+            f'"env": {_text(fields["env"])}, "source": {_text(fields["source"])}, '
+            f'"outcome": {_text(fields["outcome"])}, "duration_ms": {duration!r}, '
+            f'"attempts": {attempts!r}, "error": {_text(fields["error"])}}}'
+        )
+        if _HTTPX_HINT_TEXT not in line and not formatter.holds_secret(line):
+            return line
+    payload: dict[str, Any] = {
+        "ts": ts,
+        "level": level_name,
+        "logger": _tidy_tree(logger_name),
+        "msg": _tidy_tree(msg),
+    }
+    for key, value in fields.items():
+        payload[key] = _tidy_tree(value) if type(value) is str else value
+    return formatter.line_of(payload)
+
+
+def _text(value: str | None) -> str:
+    return "null" if value is None else encode_basestring(value)  # type: ignore[no-any-return]
 
 
 def _sole_json_handler(logger: logging.Logger, level: int) -> _JsonHandler | None:

@@ -425,7 +425,7 @@ def test_a_dispatch_line_reads_the_same_with_or_without_a_record(
     out = io.StringIO()
     saved = list(logging.getLogger().handlers), logging.getLogger().level
     try:
-        configure_logging("INFO", stream=out, secrets=["sk-secret"])
+        configure_logging("INFO", stream=out, secrets=["sk-secret", 'a"b\\c'])
         direct, via_record = _dispatch_line_both_ways(
             out,
             action=action,
@@ -440,6 +440,7 @@ def test_a_dispatch_line_reads_the_same_with_or_without_a_record(
     assert direct.pop("ts")[:10] == via_record.pop("ts")[:10]
     assert direct == via_record
     assert "sk-secret" not in json.dumps(direct)
+    assert 'a"b\\c' not in json.dumps(direct) and 'a\\"b\\\\c' not in json.dumps(direct)
 
 
 def test_a_dispatch_line_goes_through_logging_when_another_handler_listens(
