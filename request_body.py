@@ -16,11 +16,13 @@ the allowed ones, never a call with other input. They also document the bodies i
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
+import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -43,6 +45,7 @@ MAX_DEPTH = 64
 _JSON_TYPES = ("application/json", "application/x-www-form-urlencoded")
 _STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _BRACKET_RE = re.compile(r"[\[\]{}]")
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")  # an integer that may not fit in 64 bits
 _ACTION_PATTERN = r"^[a-z][a-z0-9_]{0,63}\.[a-z][a-z0-9_]{0,63}$"
 
 
@@ -96,6 +99,24 @@ def parse_json(raw: bytes) -> Any:
     """Parse ``raw`` as strict RFC 8259 JSON in UTF-8; raise ``InvalidParams`` otherwise."""
     if not raw:
         return None
+    # orjson first (0.4 µs instead of 3-4 µs for a dispatch body): it is as strict (no NaN, no
+    # BOM, no lone surrogate, UTF-8 only) but reads an integer past 64 bits as a float, so a
+    # body with 19 digits in a row, and any body it refuses, is read by the decoder below,
+    # which keeps every integer exact and says what is wrong. A property test keeps the two
+    # paths' answers the same.
+    if _LONG_DIGITS.search(raw) is None:
+        try:
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(raw.decode()) > MAX_DEPTH:
+                raise InvalidParams(f"the body is nested deeper than {MAX_DEPTH} levels")
+            return value
+    return _parse_strictly(raw)
+
+
+def _parse_strictly(raw: bytes) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -245,11 +266,9 @@ def read_body(raw: bytes, content_type: str | None, model: type[Body]) -> Body:
     if data is None and model in (ServeBody, RetryBody):
         data = {}
     if not isinstance(data, dict):
-        example = (
-            '{"action": "system.echo"}' if "action" in model.model_fields else '{"params": {}}'
-        )
+        example = '{"action": "system.echo"}' if _names_an_action(model) else '{"params": {}}'
         raise InvalidParams(f"the body must be a JSON object, e.g. {example}")
-    if "action" in model.model_fields:
+    if _names_an_action(model):
         # The name first: it is in every answer and log line, so it must be clean before use.
         if "action" not in data:
             raise InvalidParams("'action' is required: a 'service.topic' string")
@@ -258,6 +277,12 @@ def read_body(raw: bytes, content_type: str | None, model: type[Body]) -> Body:
         return model.model_validate(data)
     except ValidationError as exc:
         raise InvalidParams(explain(exc, model)) from None
+
+
+@functools.cache
+def _names_an_action(model: type[BaseModel]) -> bool:
+    # Cached: pydantic's model_fields is a property that costs ~1 µs per read.
+    return "action" in model.model_fields
 
 
 def explain(exc: ValidationError, model: type[BaseModel]) -> str:

@@ -5,14 +5,23 @@ Every hostile body gets a 4xx envelope (never a 5xx), and bad input never opens 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import given
+from hypothesis import strategies as st
 
 from errors import InvalidParams, UnsupportedMediaType
-from request_body import DispatchBody, check_content_type, parse_json, read_body
+from request_body import (
+    DispatchBody,
+    _parse_strictly,
+    check_content_type,
+    parse_json,
+    read_body,
+)
 
 KEY = "cloud-key-for-tests"
 DEEP = b"[" * 1000 + b"]" * 1000
@@ -229,3 +238,53 @@ def test_three_nan_requests_do_not_open_the_echo_circuit(client: TestClient) -> 
         == 200
     )
     assert client.get("/status").json()["circuits"]["local"] == {}
+
+
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+_NUMBER_TEXT = st.from_regex(r"\A-?(0|[1-9][0-9]{0,25})(\.[0-9]{1,20})?([eE][-+]?[0-9]{1,3})?\Z")
+
+
+def _read(raw: bytes, parse: Callable[[bytes], Any]) -> tuple[Any, ...]:
+    try:
+        value = parse(raw)
+    except InvalidParams:
+        return "refused", None
+    return "read", json.dumps(value, sort_keys=True, default=repr), _types(value)
+
+
+def _types(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _types(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_types(item) for item in value]
+    return type(value).__name__
+
+
+@given(
+    st.one_of(
+        _JSON_VALUES.map(lambda v: json.dumps(v).encode()),
+        _JSON_VALUES.map(lambda v: json.dumps(v, ensure_ascii=False).encode("utf-8", "replace")),
+        _NUMBER_TEXT.map(str.encode),
+        st.binary(max_size=40),
+        st.text(max_size=40).map(lambda t: t.encode("utf-8", "surrogatepass")),
+    )
+)
+def test_the_fast_parse_reads_what_the_strict_decoder_reads(raw: bytes) -> None:
+    strictly = _read(raw, _parse_strictly) if raw else ("read", "null", "NoneType")
+    assert _read(raw, parse_json) == strictly
+
+
+@pytest.mark.parametrize(
+    "raw", [b"123456789012345678901234567890", b"-9223372036854775809", b"[18446744073709551616]"]
+)
+def test_an_integer_past_64_bits_stays_exact(raw: bytes) -> None:
+    assert parse_json(raw) == json.loads(raw)
+    assert "float" not in str(_types(parse_json(raw)))
