@@ -69,6 +69,7 @@ def test_a_full_disk_is_storage_unavailable_not_a_handler_error(client, monkeypa
     body = answer.json()
     assert body["ok"] is False and body["error"] == "storage_unavailable"
     assert "No space left on device" in body["detail"] and "DATA_DIR" in body["detail"]
+    assert body["action"] == "dm.send"  # the fault handler knows what the request named
 
 
 def test_a_chunked_body_over_the_limit_is_refused(client):
