@@ -96,24 +96,33 @@ def _action_of(request: Request) -> str:
     return str(request.scope.get(_ACTION_KEY) or "")
 
 
+def _header(request: Request, name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower case), read from the raw list: building
+    ``request.headers`` for one lookup costs ~1 µs (half the bearer check, measured)."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return value  # type: ignore[no-any-return]
+    return None
+
+
 def _bearer_matches(request: Request, expected: str) -> bool:
     """Does the request carry ``Authorization: Bearer <expected>``? (constant-time compare)"""
-    # The raw header list, not ``request.headers``: building that mapping for one lookup was
-    # half of this check's ~4 µs per request under wrk.
-    for name, value in request.scope["headers"]:
-        if name == b"authorization":
-            scheme, _, token = value.partition(b" ")
-            token = token.strip()
-            return (
-                scheme.lower() == b"bearer"
-                and bool(token)
-                and hmac.compare_digest(token, expected.encode())
-            )
-    return False
+    scheme, _, token = (_header(request, b"authorization") or b"").partition(b" ")
+    token = token.strip()
+    return (
+        scheme.lower() == b"bearer"
+        and bool(token)
+        and hmac.compare_digest(token, expected.encode())
+    )
 
 
 async def _read(request: Request, model: type[Body]) -> Body:
-    return read_body(await _body_of(request), request.headers.get("content-type"), model)
+    content_type = _header(request, b"content-type")
+    return read_body(
+        await _body_of(request),
+        None if content_type is None else content_type.decode("latin-1"),
+        model,
+    )
 
 
 async def _body_of(request: Request) -> bytes:
