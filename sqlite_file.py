@@ -142,21 +142,54 @@ class GroupCommit:
     they had run one after another, and one that raises is rolled back alone. No caller hears
     its result before the group's COMMIT, and a failed BEGIN or COMMIT fails the whole group.
     The write lock is held for the group as it was for one call: other processes on the same
-    file still wait their turn. A call that finds nothing running starts a group at once.
+    file still wait their turn. A call that finds nothing running starts a group at once, unless
+    it may linger (``submit(linger_s=…)``): then it waits that long for company.
     """
 
     def __init__(self, file: SqliteFile) -> None:
         self._file = file
         self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._writer: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in a write transaction (shared with the calls made at the same time)."""
+        return await self.submit(fn)
+
+    def submit(
+        self, fn: Callable[[sqlite3.Connection], T], *, linger_s: float = 0.0
+    ) -> asyncio.Future[T]:
+        """Queue ``fn`` now (its place in the order is taken here); its future has the result.
+
+        ``linger_s`` > 0: with nothing running, wait up to that long for another write to share
+        the transaction with (any write submitted without it starts the group at once).
+        """
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._pending.append((fn, future))
         if self._writer is None:
+            if linger_s <= 0:
+                self._start()
+            elif self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(linger_s, self._start)
+        return future
+
+    async def written(self) -> None:
+        """Return once the writes queued so far are written (a lingering group starts now).
+
+        A statement run on the file after this sees them: those already handed to the file's
+        worker are ahead of it in the worker's queue.
+        """
+        if self._pending:
+            last = self._pending[-1][1]
+            self._start()
+            await asyncio.wait([last])
+
+    def _start(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._writer is None and self._pending:
             self._writer = asyncio.create_task(self._write_groups())
-        return await future
 
     async def _write_groups(self) -> None:
         try:
