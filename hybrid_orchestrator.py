@@ -398,7 +398,7 @@ class HybridOrchestrator:
                 action, params, request_id=request_id, retry_busy=retry_busy
             )
             return done, done.cost_usd if done.cost_usd is not None else estimate
-        async with self.cost_guard.spend(action, estimate, request_id) as spend:
+        async with self.cost_guard.spend(action, estimate, request_id, commit_behind=True) as spend:
             try:
                 done = await self._cloud_call(action, params, request_id, spend, retry_busy)
             except CostLimitExceeded as exc:
