@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
@@ -36,6 +36,7 @@ from cost_ledger import (
     LoggedCall,
     MonthTotals,
     ReserveRequest,
+    SettleResult,
 )
 from cost_ledger_pg import ledger_store_for
 from cost_report import read_report
@@ -123,6 +124,7 @@ class CostGuard:
         self._overruns: dict[str, LoggedCall] = {}  # this month's, by reservation id
         self.on_overrun: Callable[[], None] | None = None
         self.on_totals: Callable[[MonthTotals], None] | None = None  # each fresh total (no I/O)
+        self._behind: set[asyncio.Task[None]] = set()  # commits queued, not yet written
 
     @classmethod
     def from_config(
@@ -165,6 +167,7 @@ class CostGuard:
             task.cancel()
             # wait() does not raise the task's CancelledError, but does raise our own.
             await asyncio.wait([task])
+        await self._behind_written()
         if self._store_open:
             await self._drain_before_close()
             self._store_open = False
@@ -202,6 +205,7 @@ class CostGuard:
     async def refresh(self) -> None:
         """Re-read the month's totals (expiring stale reservations) and retry pending settles."""
         async with self._refresh_lock:  # the background task and a caller: one at a time
+            await self._behind_written()
             await self._refresh()
 
     async def _refresh(self, *, sweep: bool = True) -> None:
@@ -347,12 +351,14 @@ class CostGuard:
 
     @asynccontextmanager
     async def spend(
-        self, action: str, estimate_usd: Decimal, request_id: str
+        self, action: str, estimate_usd: Decimal, request_id: str, *, commit_behind: bool = False
     ) -> AsyncIterator[Spend]:
         """Reserve ``estimate_usd`` for one call and settle it however the block is left.
 
         Raises ``CostCapReached`` (nothing reserved) if the cap does not allow it; see
         ``Spend.take`` for what the reservation is settled at on the way out.
+        ``commit_behind``: a commit within the amount reserved is queued in the ledger on the
+        way out but not waited for (``_commit_behind``); releases and overruns are waited for.
         """
         spend = Spend(self, await self.reserve(action, estimate_usd, request_id))
         never_ran = False
@@ -365,9 +371,12 @@ class CostGuard:
             settlement = spend.take(never_ran=never_ran)
             if settlement is not None:
                 reservation, cost = settlement  # cost None: released
-                await (
-                    self.release(reservation) if cost is None else self.commit(reservation, cost)
-                )
+                if cost is None:
+                    await self.release(reservation)
+                elif commit_behind:
+                    await self._commit_behind(reservation, money(cost, "actual_usd"))
+                else:
+                    await self.commit(reservation, cost)
 
     def _note_overrun(self, call: LoggedCall) -> None:
         if call.id in self._overruns:
@@ -393,9 +402,45 @@ class CostGuard:
             self._mark_unhealthy(str(exc))
             self._pending.append(pending)
 
+    async def _commit_behind(self, reservation: Reservation, actual: Decimal) -> None:
+        """Commit ``actual`` without waiting for the ledger, where that cannot pass the cap.
+
+        The reservation keeps its money until the commit is written (a few ms, or with the
+        next call's reservation: ``SqliteLedgerStore.settle_behind``), and every later write
+        and read of the ledger comes after it. An overrun (it closes the budget), an unhealthy
+        ledger or a store that cannot queue the commit take the waited path.
+        """
+        settle_behind = getattr(self._store, "settle_behind", None)  # SQLite's only
+        pending = _Pending(reservation, actual)
+        if settle_behind is None or not self._healthy or actual > reservation.amount_usd:
+            await self._settle_or_queue(pending)
+            return
+        written = settle_behind(reservation.id, actual, self._clock())
+        task = asyncio.ensure_future(self._finish_behind(pending, written))
+        self._behind.add(task)
+        task.add_done_callback(self._behind.discard)
+
+    async def _finish_behind(self, pending: _Pending, written: Awaitable[SettleResult]) -> None:
+        try:
+            result = await written
+        except LedgerUnavailable as exc:
+            self._mark_unhealthy(str(exc))
+            self._pending.append(pending)  # retried by the refresh task, as a waited commit
+            return
+        self._settled(pending, result)
+
+    async def _behind_written(self) -> None:
+        """Wait for the commits queued behind (before reading totals, reports or closing)."""
+        while self._behind:
+            await asyncio.wait(list(self._behind))
+
     async def _settle(self, pending: _Pending) -> None:
         reservation, now = pending.reservation, self._clock()
         result = await self._store.settle(reservation.id, pending.actual_usd, now)
+        self._settled(pending, result)
+
+    def _settled(self, pending: _Pending, result: SettleResult) -> None:
+        reservation = pending.reservation
         if not result.found:
             log.error("cost ledger has no reservation %s (%s)", reservation.id, reservation.action)
         if result.late:
@@ -422,6 +467,7 @@ class CostGuard:
 
     async def snapshot(self) -> dict[str, Any]:
         """Month-to-date spend for /status and /health; money as exact decimal strings."""
+        await self._behind_written()
         now = self._clock()
         month = month_of(now, self._tz)
         ledger = None  # by action and the forecast: none while the ledger is unreachable

@@ -11,7 +11,7 @@ Three stores, one contract; each makes ``reserve`` atomic in the database itself
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     pass
 
 MICRO_USD = Decimal("0.000001")
+# How long a settle queued behind (``settle_behind``) waits for another write to share its
+# transaction: one request's round trip on loopback is ~2-3 ms, so the next call's reservation
+# usually comes first. The reservation stays held meanwhile (the cap errs on the safe side).
+SETTLE_LINGER_S = 0.005
 
 _T = TypeVar("_T")
 
@@ -216,6 +220,7 @@ class SqliteLedgerStore:
 
     async def _run(self, fn: Callable[[sqlite3.Connection], _T], *, write: bool = False) -> _T:
         try:
+            await self._writes.written()  # a settle that lingers is read as written
             return await (self._file.write(fn) if write else self._file.run(fn))
         except (sqlite3.Error, OSError, RuntimeError) as exc:  # RuntimeError: not open
             raise LedgerUnavailable(f"{self.describe()}: {exc}") from exc
@@ -226,8 +231,11 @@ class SqliteLedgerStore:
         The transaction is shared with the writes made at the same time (``GroupCommit``): each
         runs after the one before it, so every reservation checks the cap against all of them.
         """
+        return await self._mapped(self._writes.submit(fn))
+
+    async def _mapped(self, written: Awaitable[_T]) -> _T:
         try:
-            return await self._writes.run(fn)
+            return await written
         except (sqlite3.Error, OSError, RuntimeError) as exc:  # RuntimeError: not open
             raise LedgerUnavailable(f"{self.describe()}: {exc}") from exc
 
@@ -326,6 +334,23 @@ class SqliteLedgerStore:
         self, reservation_id: str, amount_usd: Decimal | None, now: datetime
     ) -> SettleResult:
         """Commit (``amount_usd`` given) or release (None) one reservation."""
+        return await self._write(self._settle_work(reservation_id, amount_usd, now))
+
+    def settle_behind(
+        self, reservation_id: str, amount_usd: Decimal | None, now: datetime
+    ) -> Awaitable[SettleResult]:
+        """``settle``, queued now (every later write and read comes after it), written with
+        the next write of this instance or within ``SETTLE_LINGER_S``; await it for the result.
+
+        At one call at a time, a call's commit then shares the next call's reservation
+        transaction: one fsync and one thread hop fewer per call.
+        """
+        work = self._settle_work(reservation_id, amount_usd, now)
+        return self._mapped(self._writes.submit(work, linger_s=SETTLE_LINGER_S))
+
+    def _settle_work(
+        self, reservation_id: str, amount_usd: Decimal | None, now: datetime
+    ) -> Callable[[sqlite3.Connection], SettleResult]:
         now_iso = _iso(now)
 
         def work(conn: sqlite3.Connection) -> SettleResult:
@@ -362,7 +387,7 @@ class SqliteLedgerStore:
             late = amount_usd is not None and status == "released"
             return SettleResult(True, True, late, self._totals(month, committed, reserved))
 
-        return await self._write(work)
+        return work
 
     async def totals(self, month: str, now: datetime) -> MonthTotals:
         now_iso = _iso(now)

@@ -10,7 +10,6 @@ Every call ends in one immutable envelope and one ``DispatchRecord`` for the obs
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -140,7 +139,6 @@ class HybridOrchestrator:
         self.outbox = outbox
         self.observer = observer or DispatchObserver()
         self.deferral = deferral  # pacing and schedules (deferral.py)
-        self._background: set[asyncio.Task[Any]] = set()
 
     # -- routing decisions ----------------------------------------------------------------------
 
@@ -329,7 +327,7 @@ class HybridOrchestrator:
         if step.kind is StepKind.CLOUD:
             done, cost = await self._call_cloud(action, params, call.request_id)
             if self.cache is not None and not call.route.side_effect:
-                self._spawn(self.cache.put(action, params, done.result))
+                self.cache.remember(action, params, done.result)  # written behind, grouped
             return call.success(done.result, Source.CLOUD, attempts=done.attempts, cost_usd=cost)
         assert cause is not None  # the remaining steps answer a failure
         if step.kind is StepKind.LOCAL_FALLBACK:
@@ -400,7 +398,7 @@ class HybridOrchestrator:
                 action, params, request_id=request_id, retry_busy=retry_busy
             )
             return done, done.cost_usd if done.cost_usd is not None else estimate
-        async with self.cost_guard.spend(action, estimate, request_id) as spend:
+        async with self.cost_guard.spend(action, estimate, request_id, commit_behind=True) as spend:
             try:
                 done = await self._cloud_call(action, params, request_id, spend, retry_busy)
             except CostLimitExceeded as exc:
@@ -445,12 +443,11 @@ class HybridOrchestrator:
 
     # -- background work ------------------------------------------------------------------------
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     async def drain(self) -> None:
-        """Wait for background writes (cache fills) to finish; call before closing stores."""
-        while self._background:
-            await asyncio.gather(*list(self._background), return_exceptions=True)
+        """Write the cache fills still held in memory; call before closing stores."""
+        if self.cache is None:
+            return
+        try:
+            await self.cache.flush()
+        except Exception:  # a cache: losing its newest entries must not stop the shutdown
+            log.exception("offline cache: the latest entries could not be written")

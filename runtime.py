@@ -91,6 +91,7 @@ class Runtime:
     """
 
     client: httpx.AsyncClient
+    cloud_transport: httpx.AsyncBaseTransport  # the client's; cloud calls use it directly
     cloud_client: CloudClient | None
     connectivity: ConnectivityChecker | None
     cloud: CloudExecutor | None
@@ -162,7 +163,9 @@ class Runtime:
         self._open_alerts()
         await self._open_stores()
         await self._open_pacing()
-        self.cloud_client = CloudClient.from_config(self.config, self.client)
+        self.cloud_client = CloudClient.from_config(
+            self.config, self.client, transport=self.cloud_transport
+        )
         if self.cloud_client is not None:
             self._open_cloud(self.cloud_client)
         await self._open_cost_guard()
@@ -226,8 +229,9 @@ class Runtime:
         # Imported here: aiohttp is for the cloud calls, not for answering the first request.
         from cloud_transport import CloudTransport
 
+        self.cloud_transport = CloudTransport(limits=limits)
         self.client = httpx.AsyncClient(
-            transport=CloudTransport(limits=limits),
+            transport=self.cloud_transport,
             timeout=httpx.Timeout(self.config.cloud_timeout_sec),
         )
         self._on_close(self.client.aclose)

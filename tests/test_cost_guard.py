@@ -725,6 +725,41 @@ async def test_reprice_swaps_the_reservation_for_the_quoted_price(ledger_path: P
     assert (totals.committed_usd, totals.reserved_usd) == (CAP, 0)
 
 
+async def test_a_commit_behind_comes_before_the_next_reservation(ledger_path: Path) -> None:
+    async with opened(SqliteLedgerStore(ledger_path)) as guard:
+        await spend(guard, Decimal("399.80"))
+        async with guard.spend("dm.send", Decimal("0.20"), "r1", commit_behind=True) as call:
+            call.ran(CENT)
+        # Fits only with the commit of $0.01 (not the $0.20 held) written before it.
+        reservation = await guard.reserve("dm.send", Decimal("0.19"), "r2")
+        await guard.commit(reservation)
+        snapshot = await guard.snapshot()
+    assert (snapshot["spent_usd"], snapshot["reserved_usd"]) == ("400.00", "0.00")
+
+
+async def test_commits_behind_are_in_the_snapshot_and_written_at_close(ledger_path: Path) -> None:
+    async with opened(SqliteLedgerStore(ledger_path)) as guard:
+        async with guard.spend("dm.send", CENT, "r1", commit_behind=True) as call:
+            call.ran(Decimal("0.004"))
+        assert (await guard.snapshot())["spent_usd"] == "0.004"
+        async with guard.spend("dm.send", CENT, "r2", commit_behind=True):
+            pass
+    async with opened(SqliteLedgerStore(ledger_path)) as reopened:
+        snapshot = await reopened.snapshot()
+    assert (snapshot["spent_usd"], snapshot["reserved_usd"]) == ("0.014", "0.00")
+
+
+async def test_an_overrun_committed_behind_still_closes_the_budget_at_once(
+    ledger_path: Path,
+) -> None:
+    async with opened(SqliteLedgerStore(ledger_path)) as guard:
+        async with guard.spend("claude.complete", CENT, "r1", commit_behind=True) as call:
+            call.ran(Decimal("0.05"))
+        assert guard.budget_closed()
+        with pytest.raises(CostCapReached, match="closed"):
+            await guard.reserve("dm.send", CENT, "r2")
+
+
 async def overrun_seen_by_another(one: CostGuard, other: CostGuard) -> None:
     """``one`` commits $0.05 on a $0.01 reservation; ``other`` (same ledger) must close too."""
     seen: list[int] = []

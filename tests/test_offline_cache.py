@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -222,3 +223,48 @@ def test_from_config_uses_data_dir_and_cache_ttl(tmp_path: Path) -> None:
     assert cache.path == tmp_path / "d" / "hybrid.sqlite3"
     assert cache.ttl_s == 90.0
     assert cache.max_age_s >= cache.ttl_s
+
+
+# -- remember(): the write-behind fill of the router ---------------------------------------------
+
+
+async def test_a_remembered_entry_is_served_before_it_is_written(
+    open_cache: Any, db_path: Path
+) -> None:
+    cache = await open_cache(flush_delay_s=60.0)
+    assert cache.remember("research.keyword", {"q": "a"}, {"rows": [1]})
+    assert _sql(db_path, "SELECT count(*) FROM hybrid_cache") == [(0,)]
+    entry = await cache.get("research.keyword", {"q": "a"})
+    stale = await cache.get_stale("research.keyword", {"q": "a"})
+    assert entry is not None and entry.response == {"rows": [1]}
+    assert stale is not None and stale.cached_at == entry.cached_at
+
+
+async def test_remembered_entries_are_written_together_after_the_delay(
+    open_cache: Any, db_path: Path
+) -> None:
+    cache = await open_cache(flush_delay_s=0.01)
+    cache.remember("research.keyword", {"q": "a"}, "old")
+    cache.remember("research.keyword", {"q": "a"}, "new")  # the newest answer of a key wins
+    cache.remember("research.keyword", {"q": "b"}, "b")
+    for _ in range(500):
+        if _sql(db_path, "SELECT count(*) FROM hybrid_cache") == [(2,)]:
+            break
+        await asyncio.sleep(0.01)
+    rows = _sql(db_path, "SELECT response_json FROM hybrid_cache ORDER BY response_json")
+    assert rows == [('"b"',), ('"new"',)]
+
+
+async def test_close_writes_the_remembered_entries(open_cache: Any) -> None:
+    first = await open_cache(flush_delay_s=60.0)
+    first.remember("research.keyword", {"q": "a"}, [1, 2, 3])
+    await first.close()
+    second = await open_cache()
+    entry = await second.get("research.keyword", {"q": "a"})
+    assert entry is not None and entry.response == [1, 2, 3]
+
+
+async def test_a_response_that_is_not_json_is_not_remembered(open_cache: Any) -> None:
+    cache = await open_cache(flush_delay_s=60.0)
+    assert not cache.remember("research.keyword", {"q": "a"}, {"when": object()})
+    assert await cache.get("research.keyword", {"q": "a"}) is None

@@ -117,6 +117,44 @@ async def test_a_failing_write_in_a_group_is_rolled_back_alone(tmp_path: Path) -
         await db.close()
 
 
+async def test_a_lingering_write_shares_the_next_writes_commit_and_keeps_its_place(
+    tmp_path: Path,
+) -> None:
+    db, statements = await _group_file(tmp_path)
+    writes = GroupCommit(db)
+    try:
+        lingering = writes.submit(_append_count, linger_s=60.0)
+        await asyncio.sleep(0.01)
+        assert statements.count("COMMIT") == 0 and not lingering.done()
+        assert await writes.run(_append_count) == 1  # after the lingering one, in its group
+        assert await lingering == 0
+        assert statements.count("COMMIT") == 1
+    finally:
+        await db.close()
+
+
+async def test_a_lingering_write_alone_is_written_after_its_delay(tmp_path: Path) -> None:
+    db, statements = await _group_file(tmp_path)
+    writes = GroupCommit(db)
+    try:
+        assert await writes.submit(_append_count, linger_s=0.01) == 0
+        assert statements.count("COMMIT") == 1
+    finally:
+        await db.close()
+
+
+async def test_written_starts_a_lingering_write_and_waits_for_it(tmp_path: Path) -> None:
+    db, statements = await _group_file(tmp_path)
+    writes = GroupCommit(db)
+    try:
+        lingering = writes.submit(_append_count, linger_s=60.0)
+        await writes.written()
+        assert lingering.done() and statements.count("COMMIT") == 1
+        await writes.written()  # nothing queued: returns at once
+    finally:
+        await db.close()
+
+
 async def test_a_group_on_a_closed_file_fails_every_call(tmp_path: Path) -> None:
     db, _ = await _group_file(tmp_path)
     await db.close()
