@@ -91,7 +91,6 @@ class Runtime:
     """
 
     client: httpx.AsyncClient
-    cloud_transport: httpx.AsyncBaseTransport  # the client's; cloud calls use it directly
     cloud_client: CloudClient | None
     connectivity: ConnectivityChecker | None
     cloud: CloudExecutor | None
@@ -163,9 +162,7 @@ class Runtime:
         self._open_alerts()
         await self._open_stores()
         await self._open_pacing()
-        self.cloud_client = CloudClient.from_config(
-            self.config, self.client, transport=self.cloud_transport
-        )
+        self.cloud_client = CloudClient.from_config(self.config, self.client)
         if self.cloud_client is not None:
             self._open_cloud(self.cloud_client)
         await self._open_cost_guard()
@@ -229,9 +226,8 @@ class Runtime:
         # Imported here: aiohttp is for the cloud calls, not for answering the first request.
         from cloud_transport import CloudTransport
 
-        self.cloud_transport = CloudTransport(limits=limits)
         self.client = httpx.AsyncClient(
-            transport=self.cloud_transport,
+            transport=CloudTransport(limits=limits),
             timeout=httpx.Timeout(self.config.cloud_timeout_sec),
         )
         self._on_close(self.client.aclose)
