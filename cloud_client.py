@@ -52,10 +52,6 @@ class CloudClient:
     """Requests to ``{endpoint}…`` with the bearer key, over one shared ``httpx.AsyncClient``.
 
     The HTTP client belongs to whoever opened it (the runtime); this object only borrows it.
-    ``transport``, the client's own transport if given, carries the requests directly: the same
-    request (the client's headers, the key, the timeout) without the client's per-request
-    machinery — cookies, auth and redirect hooks the cloud never uses, about a tenth of the
-    terminal's CPU per cloud call (py-spy under ``bench_batch`` and ``bench_cloud_cpu``).
     """
 
     def __init__(
@@ -65,25 +61,14 @@ class CloudClient:
         api_key: str | None,
         http: httpx.AsyncClient,
         timeouts: CloudTimeouts | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.endpoint = endpoint.rstrip("/")
         self.http = http
         self.timeouts = timeouts or CloudTimeouts()
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._transport = transport
-        # What the client adds to every request (User-Agent, Accept…), read once.
-        self._base_headers = {**dict(http.headers), **self._auth}
-        self._timeout = self.timeouts.httpx()
 
     @classmethod
-    def from_config(
-        cls,
-        config: HybridConfig,
-        http: httpx.AsyncClient,
-        *,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> CloudClient | None:
+    def from_config(cls, config: HybridConfig, http: httpx.AsyncClient) -> CloudClient | None:
         """The client of CLOUD_ENDPOINT with EVERREACH_CLOUD_KEY; None without an endpoint."""
         if not config.cloud_endpoint:
             return None
@@ -92,7 +77,6 @@ class CloudClient:
             api_key=config.secret("everreach_cloud_key"),
             http=http,
             timeouts=CloudTimeouts(total_s=config.cloud_timeout_sec),
-            transport=transport,
         )
 
     @property
@@ -118,19 +102,14 @@ class CloudClient:
         Any HTTP answer is returned as it is: what a status means is the caller's business
         (``raise_for_status`` gives the common reading).
         """
-        timeout = self._timeout if timeout_s is None else self.timeouts.httpx(timeout_s)
         try:
-            if self._transport is not None:
-                return await self._send_direct(
-                    self._transport, method, url, headers, content, json, timeout
-                )
             return await self.http.request(
                 method,
                 url,
                 headers={**self._auth, **(headers or {})},
                 content=content,
                 json=json,
-                timeout=timeout,
+                timeout=self.timeouts.httpx(timeout_s),
             )
         except httpx.RequestError as exc:
             raise request_error(exc, f"{method} {_path(url)}", self.timeouts) from exc
@@ -139,36 +118,6 @@ class CloudClient:
                 f"{method} {_path(url)} cannot be sent: {type(exc).__name__}: {str(exc)[:200]}",
                 never_ran=True,
             ) from exc
-
-    async def _send_direct(
-        self,
-        transport: httpx.AsyncBaseTransport,
-        method: str,
-        url: str,
-        headers: dict[str, str] | None,
-        content: bytes | None,
-        json: Any,
-        timeouts: httpx.Timeout,
-    ) -> httpx.Response:
-        """What ``http.request`` does for a cloud request, straight to the transport."""
-        if self.http.is_closed:
-            raise RuntimeError("Cannot send a request, as the client has been closed.")
-        request = httpx.Request(
-            method,
-            url,
-            headers={**self._base_headers, **headers} if headers else self._base_headers,
-            content=content,
-            json=json,
-            extensions={"timeout": timeouts.as_dict()},
-        )
-        response = await transport.handle_async_request(request)
-        response.request = request
-        try:
-            await response.aread()
-        except BaseException:
-            await response.aclose()
-            raise
-        return response
 
     async def request_json(
         self, method: str, path: str, *, body: Any = None, timeout_s: float | None = None

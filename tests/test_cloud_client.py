@@ -21,22 +21,15 @@ Handler = Callable[[httpx.Request], httpx.Response]
 MakeClient = Callable[[Handler], CloudClient]
 
 
-@pytest.fixture(params=["through-the-client", "straight-to-the-transport"])
-async def make_client(request: pytest.FixtureRequest) -> AsyncIterator[MakeClient]:
-    """Clients sending through ``http.request``, and straight to the client's transport."""
+@pytest.fixture
+async def make_client() -> AsyncIterator[MakeClient]:
     opened: list[httpx.AsyncClient] = []
 
     def make(handler: Handler) -> CloudClient:
-        transport = httpx.MockTransport(handler)
-        http = httpx.AsyncClient(transport=transport)
+        http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
         opened.append(http)
-        direct = request.param == "straight-to-the-transport"
         return CloudClient(
-            endpoint=ENDPOINT + "/",
-            api_key=KEY,
-            http=http,
-            timeouts=CloudTimeouts(7.0),
-            transport=transport if direct else None,
+            endpoint=ENDPOINT + "/", api_key=KEY, http=http, timeouts=CloudTimeouts(7.0)
         )
 
     yield make
@@ -181,41 +174,8 @@ def test_one_instance_talks_to_its_cloud_through_one_client(tmp_path) -> None:
         runtime = app.state.runtime
         cloud = runtime.cloud_client
         assert cloud is not None and cloud.http is runtime.client
-        assert cloud._transport is runtime.cloud_transport is runtime.client._transport
         assert cloud.auth_headers == {"Authorization": f"Bearer {KEY}"}
         assert cloud.timeouts.total_s == 4.0
         assert runtime.cloud.cloud_client is cloud
         assert runtime.state_sync.cloud is cloud
         assert runtime.connectivity._client is cloud.http
-
-
-async def test_a_request_straight_to_the_transport_is_the_one_the_client_sends() -> None:
-    seen: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json={"ok": True})
-
-    transport = httpx.MockTransport(handler)
-    async with httpx.AsyncClient(transport=transport) as http:
-        for direct in (None, transport):
-            client = CloudClient(endpoint=ENDPOINT, api_key=KEY, http=http, transport=direct)
-            answer = await client.send(
-                "POST", client.url("/api/x"), headers={"Idempotency-Key": "k"}, content=b"{}"
-            )
-            assert answer.json() == {"ok": True} and answer.request is seen[-1]
-    through_client, direct_request = seen
-    assert direct_request.method == through_client.method == "POST"
-    assert direct_request.url == through_client.url
-    assert direct_request.headers.multi_items() == through_client.headers.multi_items()
-    assert direct_request.content == through_client.content == b"{}"
-    assert direct_request.extensions["timeout"] == through_client.extensions["timeout"]
-
-
-async def test_a_closed_client_sends_nothing_straight_to_its_transport() -> None:
-    transport = httpx.MockTransport(lambda request: httpx.Response(200))
-    http = httpx.AsyncClient(transport=transport)
-    await http.aclose()
-    client = CloudClient(endpoint=ENDPOINT, api_key=KEY, http=http, transport=transport)
-    with pytest.raises(RuntimeError, match="closed"):
-        await client.send("GET", client.url("/health"))
