@@ -40,7 +40,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from sqlite_file import HYBRID_DB_FILENAME, SqliteFile, Synchronous
+from sqlite_file import HYBRID_DB_FILENAME, GroupCommit, SqliteFile, Synchronous
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +300,9 @@ class IdempotencyStore(ClaimStore):
         holder: Holder | None = None,
     ) -> None:
         self._db = SqliteFile(path, synchronous=Synchronous.FULL, name="idempotency")
+        # Claims, answers and releases made at the same time share one fsync'd transaction:
+        # under load (a cloud serving a batch) one commit serves many calls instead of two each.
+        self._writes = GroupCommit(self._db)
         self._lease_s = lease_s
         self._keep_s = keep_s
         self._clock = clock
@@ -367,7 +370,7 @@ class IdempotencyStore(ClaimStore):
                 return Claim(ClaimState.INDETERMINATE)
             return verdict
 
-        claim = await self._db.write(work)
+        claim = await self._writes.run(work)
         if claim.state is ClaimState.NEW:
             self._heartbeat.held += 1
         if now - self._last_prune > 3600:
@@ -379,7 +382,7 @@ class IdempotencyStore(ClaimStore):
         """Store the answer of a successful call under ``key``."""
         text = json.dumps(body)
         self._heartbeat.held -= 1
-        await self._db.run(
+        await self._writes.run(
             lambda conn: conn.execute(
                 "UPDATE hybrid_idempotency SET state = 'done', status_code = ?, "
                 "response_json = ?, completed_at = ? "
@@ -406,7 +409,7 @@ class IdempotencyStore(ClaimStore):
                 "DELETE FROM hybrid_idempotency WHERE key = ? AND state = 'running' AND holder = ?"
             )
             args = (key, self.holder.token)
-        await self._db.run(lambda conn: conn.execute(sql, args))
+        await self._writes.run(lambda conn: conn.execute(sql, args))
 
     async def lookup(self, key: str) -> KeyState:
         """Whether a handler here ever ran ``key``, runs it now, or may have run it."""

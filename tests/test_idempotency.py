@@ -83,6 +83,23 @@ async def test_a_new_key_is_claimed(open_store: OpenStore) -> None:
     assert await store.size() == 1
 
 
+async def test_claims_made_at_once_share_a_transaction_and_still_give_one_key_once(
+    open_store: OpenStore,
+) -> None:
+    first, second = await open_store(), await open_store()
+    same = [store.claim("same-key", "dm.send", HASH_A) for store in (first, second) * 5]
+    others = [first.claim(f"key-{i}", "dm.send", HASH_A) for i in range(40)]
+    claims = await asyncio.gather(*same, *others)
+    states = [claim.state for claim in claims[: len(same)]]
+    assert states.count(ClaimState.NEW) == 1 and states.count(ClaimState.RUNNING) == 9
+    assert all(claim.state is ClaimState.NEW for claim in claims[len(same) :])
+    await asyncio.gather(*(first.complete(f"key-{i}", 200, {"n": i}) for i in range(40)))
+    replays = await asyncio.gather(
+        *(second.claim(f"key-{i}", "dm.send", HASH_A) for i in range(40))
+    )
+    assert [claim.body for claim in replays] == [{"n": i} for i in range(40)]
+
+
 async def test_a_key_being_run_is_running_for_a_second_caller(open_store: OpenStore) -> None:
     first, second = await open_store(), await open_store()
     assert (await first.claim("k1", "dm.send", HASH_A)).state is ClaimState.NEW
