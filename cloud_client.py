@@ -36,6 +36,11 @@ IDEMPOTENCY_PATH = "/api/idempotency/"
 SCHEDULES_PATH = "/api/schedules"
 
 
+# URLs kept parsed per client; past this many (a route table of that many cloud actions), the
+# cache starts again.
+_MAX_PARSED_URLS = 1024
+
+
 @dataclass(frozen=True, slots=True)
 class CloudTimeouts:
     """Seconds a cloud request may take: to connect, and in all (per attempt)."""
@@ -66,6 +71,10 @@ class CloudClient:
         self.http = http
         self.timeouts = timeouts or CloudTimeouts()
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._timeout = self.timeouts.httpx()
+        # Each URL parsed once: httpx parses a URL given as text on every request (~12 µs of
+        # the ~30 µs building one takes, timeit), and a cloud is called at a few URLs only.
+        self._urls: dict[str, httpx.URL] = {}
 
     @classmethod
     def from_config(cls, config: HybridConfig, http: httpx.AsyncClient) -> CloudClient | None:
@@ -105,11 +114,11 @@ class CloudClient:
         try:
             return await self.http.request(
                 method,
-                url,
+                self._parsed(url),
                 headers={**self._auth, **(headers or {})},
                 content=content,
                 json=json,
-                timeout=self.timeouts.httpx(timeout_s),
+                timeout=self._timeout if timeout_s is None else self.timeouts.httpx(timeout_s),
             )
         except httpx.RequestError as exc:
             raise request_error(exc, f"{method} {_path(url)}", self.timeouts) from exc
@@ -118,6 +127,14 @@ class CloudClient:
                 f"{method} {_path(url)} cannot be sent: {type(exc).__name__}: {str(exc)[:200]}",
                 never_ran=True,
             ) from exc
+
+    def _parsed(self, url: str) -> httpx.URL:
+        parsed = self._urls.get(url)
+        if parsed is None:
+            if len(self._urls) >= _MAX_PARSED_URLS:
+                self._urls.clear()
+            parsed = self._urls[url] = httpx.URL(url)
+        return parsed
 
     async def request_json(
         self, method: str, path: str, *, body: Any = None, timeout_s: float | None = None

@@ -179,3 +179,23 @@ def test_one_instance_talks_to_its_cloud_through_one_client(tmp_path) -> None:
         assert runtime.cloud.cloud_client is cloud
         assert runtime.state_sync.cloud is cloud
         assert runtime.connectivity._client is cloud.http
+
+
+async def test_each_url_goes_out_as_given_many_times_over_and_past_the_parsed_bound(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cloud_client
+
+    monkeypatch.setattr(cloud_client, "_MAX_PARSED_URLS", 3)
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(200, json={})
+
+    client = make_client(handler)
+    urls = [client.url(f"/api/services/s/t{i % 5}?n={i % 2}") for i in range(12)]
+    for url in urls:
+        await client.send("POST", url, content=b"{}")
+    assert seen == urls
+    assert len(client._urls) <= 3
