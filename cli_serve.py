@@ -69,12 +69,16 @@ def cmd_serve(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
     # the project's one handler (console or JSON lines), so the output is uniform.
     # access_log=False: the dispatch line says what an access line would, and uvicorn builds
     # an access line's arguments for every request even when its logger drops them.
+    # ws="none": the app has no WebSocket route, and uvicorn's default ("auto") imports the
+    # websockets package for it anyway (0.5 MiB of the idle RSS, bench_startup); a WebSocket
+    # handshake is answered as the plain HTTP request it also is.
     server = AnnouncingServer(
         uvicorn.Config(
             app,
             host=config.host,
             port=config.port,
             lifespan="on",
+            ws="none",
             log_config=None,
             log_level=args.log_level,
             access_log=False,

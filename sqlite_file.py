@@ -144,6 +144,14 @@ class SqliteFile:
                 log.warning(
                     "%s: %s does not support WAL (journal_mode=%s)", self.name, self.path, mode
                 )
+            if schema and str(mode).lower() == "wal":
+                # The schema's commits need no fsync each: in WAL mode NORMAL never corrupts,
+                # and the next FULL commit syncs the log, their frames with it. Starting on a
+                # new DATA_DIR makes 29 fsyncs instead of 46 (strace); under a busy disk each
+                # costs milliseconds before the first request is served.
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.executescript(schema)
+                schema = ""
             conn.execute(f"PRAGMA synchronous={self.synchronous.value}")
             if schema:
                 conn.executescript(schema)

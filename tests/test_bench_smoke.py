@@ -284,9 +284,10 @@ def test_startup_bench_times_import_ready_and_idle_memory_against_baselines() ->
     from bench import bench_startup
 
     rows = bench_startup.run(quick=True, rounds=1)
-    imported, ready, rss = _check_rows(bench_startup, rows)
+    imported, ready, cpu, rss = _check_rows(bench_startup, rows)
     assert imported["baseline_name"] == "import fastapi"
-    assert ready["unit"] == "s" and rss["unit"] == "MiB"
+    assert ready["unit"] == cpu["unit"] == "s" and rss["unit"] == "MiB"
+    assert cpu["goal"] is None and "CPU" in cpu["name"]
     for row in rows:
         assert row["value"] > 0 and row["baseline"] > 0
         assert row["ratio"] == pytest.approx(row["value"] / row["baseline"])

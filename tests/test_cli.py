@@ -538,6 +538,21 @@ def test_serve_writes_no_access_lines_even_at_debug(tmp_path):
 
 
 @e2e
+def test_serve_answers_a_websocket_handshake_as_plain_http(tmp_path):
+    handshake = {
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    }
+    with serving(tmp_path) as served:
+        _, port, _ = served
+        answer = httpx.get(f"http://127.0.0.1:{port}/health", headers=handshake, timeout=10)
+    # No WebSocket protocol is loaded (the app has no WebSocket route): /health answers.
+    assert answer.status_code == 200 and answer.json()["status"] in ("ok", "degraded")
+
+
+@e2e
 def test_serve_runs_the_configured_server_until_interrupted(tmp_path):
     with serving(tmp_path, PORT="1", EVERREACH_SERVICES="tests.e2e_services") as served:
         proc, port, health = served

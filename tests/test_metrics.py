@@ -6,6 +6,7 @@ import logging
 import math
 import shutil
 import subprocess
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from errors import ErrorCode, Source
 from metrics import CONTENT_TYPE, OTHER, Metrics
-from tests.conftest import service_missing
+from tests.conftest import modules_loaded_by, service_missing
 
 pytestmark = pytest.mark.prd200
 
@@ -302,3 +303,22 @@ def test_cost_overruns_are_counted_and_a_closed_budget_is_a_gauge() -> None:
     samples = scrape(metrics)
     assert value(samples, "everreach_cost_overruns_total") == 1
     assert value(samples, "everreach_cost_budget_closed") == 1
+
+
+def test_a_scrape_before_any_dispatch_shows_the_counters_at_zero_since_construction() -> None:
+    made_before = time.time()
+    metrics = Metrics(KNOWN)
+    made_after = time.time()
+    samples = scrape(metrics)
+    assert value(samples, "everreach_cost_overruns_total") == 0
+    assert value(samples, "everreach_status_provider_errors_total") == 0
+    for name in ("everreach_cost_overruns_created", "everreach_status_provider_errors_created"):
+        assert made_before <= value(samples, name) <= made_after
+
+
+@pytest.mark.process
+def test_prometheus_client_is_loaded_on_first_use_not_with_the_metrics() -> None:
+    made = "from metrics import Metrics\nmetrics = Metrics(['dm.send'])"
+    assert "prometheus_client" not in modules_loaded_by(made)
+    used = f"{made}\nmetrics.observe_dispatch('dm.send', 'local', 'ok', 0.1)"
+    assert "prometheus_client" in modules_loaded_by(used)

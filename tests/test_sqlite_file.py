@@ -36,6 +36,19 @@ async def test_open_creates_the_folder_and_runs_the_schema(tmp_path: Path) -> No
         await db.close()
 
 
+@pytest.mark.parametrize(("level", "value"), [(Synchronous.FULL, 2), (Synchronous.NORMAL, 1)])
+async def test_the_connection_keeps_its_own_synchronous_level_after_the_schema(
+    tmp_path: Path, level: Synchronous, value: int
+) -> None:
+    db = SqliteFile(tmp_path / "x.sqlite3", synchronous=level)
+    await db.open("CREATE TABLE t (n INTEGER); CREATE INDEX t_n ON t (n);")
+    try:
+        assert await db.run(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == value
+        assert await db.run(lambda c: c.execute("SELECT count(*) FROM t").fetchone()[0]) == 0
+    finally:
+        await db.close()
+
+
 async def test_calls_run_in_order_on_one_thread_off_the_loop(tmp_path: Path) -> None:
     db = SqliteFile(tmp_path / "x.sqlite3", synchronous=Synchronous.NORMAL)
     await db.open()
