@@ -13,7 +13,6 @@ from pydantic import ValidationError
 
 from config.hybrid_config import HybridConfig, redact_url
 from errors import ConfigError, Env
-from tests.conftest import modules_loaded_by
 
 pytestmark = pytest.mark.prd200
 
@@ -476,13 +475,3 @@ def test_the_time_zone_is_looked_up_in_one_place() -> None:
     berlin = HybridConfig.from_mapping({"EVERREACH_TZ": "Europe/Berlin"})
     assert berlin.timezone() == ZoneInfo("Europe/Berlin")
     assert HybridConfig.from_mapping({"EVERREACH_TZ": ""}).timezone() == get_localzone()
-
-
-@pytest.mark.process
-def test_loading_a_config_without_a_dotenv_file_imports_no_settings_library() -> None:
-    loaded = modules_loaded_by(
-        "from config.hybrid_config import HybridConfig\n"
-        "HybridConfig.load(env_file=None, environ={'PORT': '9000'})"
-    )
-    assert "pydantic" in loaded
-    assert loaded & {"pydantic_settings", "dotenv"} == set()
