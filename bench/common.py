@@ -156,7 +156,7 @@ def serve_command(app: str, port: int, launcher: str = "serve") -> list[str]:
     if launcher == "docker":
         return [
             sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
-            "--no-access-log",
+            "--no-access-log", "--ws", "none",
         ]  # fmt: skip
     if launcher != "serve":
         raise ValueError(f"unknown launcher {launcher!r}; choose from {', '.join(LAUNCHERS)}")

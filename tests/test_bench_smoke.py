@@ -317,7 +317,7 @@ def test_serve_command_starts_each_app_as_the_project_ships() -> None:
     ]  # fmt: skip
     assert common.serve_command("local_server:app", 9000, "docker") == [
         python, "-m", "uvicorn", "local_server:app", "--host", "127.0.0.1", "--port", "9000",
-        "--no-access-log",
+        "--no-access-log", "--ws", "none",
     ]  # fmt: skip
     with pytest.raises(ValueError, match="unknown launcher"):
         common.serve_command("local_server:app", 9000, "gunicorn")

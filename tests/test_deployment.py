@@ -168,6 +168,8 @@ def test_dockerfile_runs_uvicorn_as_a_non_root_user_on_8080() -> None:
         "--port",
         "8080",
         "--no-access-log",
+        "--ws",
+        "none",
     ]
     env = " ".join(args for kind, args in steps if kind == "ENV")
     assert "HOST=0.0.0.0" in env, "the config must know the server is not on loopback"
