@@ -541,8 +541,7 @@ COMMITTED_RUNS = (
     "before-a353ab0.md",
     "after.md",
     "third-pass.md",
-    "fourth-pass-cloud.md",
-    "fourth-pass-startup.md",
+    "fourth-pass.md",
 )
 
 
