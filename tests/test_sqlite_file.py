@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -76,12 +77,22 @@ async def test_a_failing_transaction_is_rolled_back(tmp_path: Path) -> None:
         await db.close()
 
 
-async def _group_file(tmp_path: Path) -> tuple[SqliteFile, list[str]]:
+@dataclass
+class Grouped:
+    """A file with one table, a ``GroupCommit`` on it, and the statements SQLite ran."""
+
+    db: SqliteFile
+    writes: GroupCommit
+    statements: list[str]
+
+
+@pytest.fixture
+async def grouped(tmp_path: Path) -> AsyncIterator[Grouped]:
     db = SqliteFile(tmp_path / "x.sqlite3")
     await db.open("CREATE TABLE t (n INTEGER);")
     statements: list[str] = []
     await db.run(lambda c: c.set_trace_callback(statements.append))
-    return db, statements
+    yield Grouped(db, GroupCommit(db), statements)
 
 
 def _append_count(conn: sqlite3.Connection) -> int:
@@ -91,87 +102,66 @@ def _append_count(conn: sqlite3.Connection) -> int:
     return seen
 
 
-async def test_writes_made_together_share_one_commit_in_order(tmp_path: Path) -> None:
-    db, statements = await _group_file(tmp_path)
-    writes = GroupCommit(db)
-    try:
-        seen = await asyncio.gather(*(writes.run(_append_count) for _ in range(20)))
-        assert seen == list(range(20))
-        assert statements.count("COMMIT") == 1
-        assert await writes.run(_append_count) == 20  # a later call: a group of its own
-        assert statements.count("COMMIT") == 2
-        rows = await db.run(lambda c: c.execute("SELECT n FROM t ORDER BY n").fetchall())
-        assert [n for (n,) in rows] == list(range(21))
-    finally:
-        await db.close()
+async def test_writes_made_together_share_one_commit_in_order(grouped: Grouped) -> None:
+    db, writes, statements = grouped.db, grouped.writes, grouped.statements
+    seen = await asyncio.gather(*(writes.run(_append_count) for _ in range(20)))
+    assert seen == list(range(20))
+    assert statements.count("COMMIT") == 1
+    assert await writes.run(_append_count) == 20  # a later call: a group of its own
+    assert statements.count("COMMIT") == 2
+    rows = await db.run(lambda c: c.execute("SELECT n FROM t ORDER BY n").fetchall())
+    assert [n for (n,) in rows] == list(range(21))
 
 
-async def test_a_failing_write_in_a_group_is_rolled_back_alone(tmp_path: Path) -> None:
-    db, statements = await _group_file(tmp_path)
-    writes = GroupCommit(db)
+async def test_a_failing_write_in_a_group_is_rolled_back_alone(grouped: Grouped) -> None:
+    db, writes, statements = grouped.db, grouped.writes, grouped.statements
 
     def insert_then_fail(conn: sqlite3.Connection) -> None:
         conn.execute("INSERT INTO t VALUES (99)")
         raise ValueError("boom")
 
-    try:
-        first, failed, last = await asyncio.gather(
-            writes.run(_append_count),
-            writes.run(insert_then_fail),
-            writes.run(_append_count),
-            return_exceptions=True,
-        )
-        assert (first, last) == (0, 1)  # the failed one's row was never seen
-        assert isinstance(failed, ValueError) and str(failed) == "boom"
-        assert statements.count("COMMIT") == 1
-        rows = await db.run(lambda c: c.execute("SELECT n FROM t ORDER BY n").fetchall())
-        assert rows == [(0,), (1,)]
-    finally:
-        await db.close()
+    first, failed, last = await asyncio.gather(
+        writes.run(_append_count),
+        writes.run(insert_then_fail),
+        writes.run(_append_count),
+        return_exceptions=True,
+    )
+    assert (first, last) == (0, 1)  # the failed one's row was never seen
+    assert isinstance(failed, ValueError) and str(failed) == "boom"
+    assert statements.count("COMMIT") == 1
+    rows = await db.run(lambda c: c.execute("SELECT n FROM t ORDER BY n").fetchall())
+    assert rows == [(0,), (1,)]
 
 
 async def test_a_lingering_write_shares_the_next_writes_commit_and_keeps_its_place(
-    tmp_path: Path,
+    grouped: Grouped,
 ) -> None:
-    db, statements = await _group_file(tmp_path)
-    writes = GroupCommit(db)
-    try:
-        lingering = writes.submit(_append_count, linger_s=60.0)
-        await asyncio.sleep(0.01)
-        assert statements.count("COMMIT") == 0 and not lingering.done()
-        assert await writes.run(_append_count) == 1  # after the lingering one, in its group
-        assert await lingering == 0
-        assert statements.count("COMMIT") == 1
-    finally:
-        await db.close()
+    writes, statements = grouped.writes, grouped.statements
+    lingering = writes.submit(_append_count, linger_s=60.0)
+    await asyncio.sleep(0.01)
+    assert statements.count("COMMIT") == 0 and not lingering.done()
+    assert await writes.run(_append_count) == 1  # after the lingering one, in its group
+    assert await lingering == 0
+    assert statements.count("COMMIT") == 1
 
 
-async def test_a_lingering_write_alone_is_written_after_its_delay(tmp_path: Path) -> None:
-    db, statements = await _group_file(tmp_path)
-    writes = GroupCommit(db)
-    try:
-        assert await writes.submit(_append_count, linger_s=0.01) == 0
-        assert statements.count("COMMIT") == 1
-    finally:
-        await db.close()
+async def test_a_lingering_write_alone_is_written_after_its_delay(grouped: Grouped) -> None:
+    writes, statements = grouped.writes, grouped.statements
+    assert await writes.submit(_append_count, linger_s=0.01) == 0
+    assert statements.count("COMMIT") == 1
 
 
-async def test_written_starts_a_lingering_write_and_waits_for_it(tmp_path: Path) -> None:
-    db, statements = await _group_file(tmp_path)
-    writes = GroupCommit(db)
-    try:
-        lingering = writes.submit(_append_count, linger_s=60.0)
-        await writes.written()
-        assert lingering.done() and statements.count("COMMIT") == 1
-        await writes.written()  # nothing queued: returns at once
-    finally:
-        await db.close()
+async def test_written_starts_a_lingering_write_and_waits_for_it(grouped: Grouped) -> None:
+    writes, statements = grouped.writes, grouped.statements
+    lingering = writes.submit(_append_count, linger_s=60.0)
+    await writes.written()
+    assert lingering.done() and statements.count("COMMIT") == 1
+    await writes.written()  # nothing queued: returns at once
 
 
-async def test_a_group_on_a_closed_file_fails_every_call(tmp_path: Path) -> None:
-    db, _ = await _group_file(tmp_path)
-    await db.close()
-    writes = GroupCommit(db)
+async def test_a_group_on_a_closed_file_fails_every_call(grouped: Grouped) -> None:
+    await grouped.db.close()
+    writes = grouped.writes
     outcomes = await asyncio.gather(
         *(writes.run(_append_count) for _ in range(3)), return_exceptions=True
     )
