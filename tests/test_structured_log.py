@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import logging
@@ -24,7 +23,6 @@ from structured_log import (
     REDACTED,
     JsonFormatter,
     _encode,
-    _JsonHandler,
     _sole_json_handler,
     config_secrets,
     configure_logging,
@@ -453,68 +451,12 @@ def test_a_dispatch_line_goes_through_logging_when_another_handler_listens(
     assert [line["request_id"] for line in lines(stream)] == ["req-1"]
 
 
-def test_lines_of_one_loop_iteration_go_out_in_one_write() -> None:
-    writes: list[str] = []
-
-    class Recording(io.StringIO):
-        def write(self, text: str) -> int:
-            writes.append(text)
-            return len(text)
-
-    handler = _JsonHandler(Recording())
-
-    async def main() -> list[str]:
-        handler.write_line("a")
-        handler.write_line("b")
-        seen_in_the_iteration = list(writes)
-        await asyncio.sleep(0)
-        return seen_in_the_iteration
-
-    assert asyncio.run(main()) == []
-    assert writes == ["a\nb\n"]
-
-
-def test_a_line_without_a_loop_goes_out_at_once_after_those_waiting() -> None:
-    out = io.StringIO()
-    handler = _JsonHandler(out)
-
-    async def main() -> None:
-        handler.write_line("on the loop")
-        await asyncio.to_thread(handler.write_line, "from a thread")
-
-    asyncio.run(main())
-    assert out.getvalue() == "on the loop\nfrom a thread\n"
-    handler.write_line("no loop")
-    assert out.getvalue().endswith("from a thread\nno loop\n")
-
-
-def test_a_line_left_by_a_closed_loop_goes_out_before_the_next_loops() -> None:
-    out = io.StringIO()
-    handler = _JsonHandler(out)
-    loop = asyncio.new_event_loop()
-
-    def log_then_stop() -> None:
-        loop.stop()  # callbacks scheduled from here on (the flush) never run
-        handler.write_line("first")
-
-    async def log(line: str) -> None:
-        handler.write_line(line)
-
-    loop.call_soon(log_then_stop)
-    loop.run_forever()
-    loop.close()
-    assert out.getvalue() == ""
-    asyncio.run(log("second"))
-    assert out.getvalue() == "first\nsecond\n"
-
-
-def test_closing_the_handler_writes_what_waits() -> None:
-    out = io.StringIO()
-    handler = _JsonHandler(out)
-
-    async def main() -> None:
-        handler.write_line("waiting")
-        handler.close()
-
-    asyncio.run(main())
-    assert out.getvalue() == "waiting\n"
+def test_a_dispatch_line_that_cannot_be_written_fails_no_dispatch(
+    stream: io.StringIO, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("INFO", stream=stream)
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if isinstance(h.formatter, JsonFormatter)]
+    stream.close()  # a write now raises ValueError
+    dispatch(logging.getLogger(DISPATCH_LOGGER))  # the direct way: no record, no raise
+    assert "Logging error" in capsys.readouterr().err
