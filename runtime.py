@@ -68,6 +68,13 @@ __all__ = ["VERSION", "IdempotencyStores", "Runtime"]
 
 log = logging.getLogger("everreach.runtime")
 
+# How long an idle connection to the cloud is kept for reuse: under the 5 s after which the
+# cloud's server (uvicorn's default keep-alive, as `everreach serve` and the image run it)
+# closes one. At 5 s on both sides, a call made as the server closed its connection failed
+# ("server disconnected"); three of those in a row marked the cloud offline for a moment and
+# sent read-only calls to the local fallback (seen under wrk after 5 s without cloud calls).
+CLOUD_KEEPALIVE_S = 4.0
+
 IdempotencyStores = IdempotencyStore | RedisIdempotencyStore | PostgresIdempotencyStore
 
 
@@ -222,7 +229,11 @@ class Runtime:
         # As many connections as a /batch may keep in flight (BATCH_MAX_CONCURRENT), all kept
         # alive: with 20 kept alive, every burst past 20 closed its extra connections after.
         connections = max(100, self.config.batch_max_concurrent)
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        limits = httpx.Limits(
+            max_connections=connections,
+            max_keepalive_connections=connections,
+            keepalive_expiry=CLOUD_KEEPALIVE_S,
+        )
         # Imported here: aiohttp is for the cloud calls, not for answering the first request.
         from cloud_transport import CloudTransport
 

@@ -121,3 +121,44 @@ async def test_the_http_client_holds_batch_max_concurrent_requests_in_flight(tmp
         listener.close()
         await listener.wait_closed()
         await asyncio.gather(*server.handlers)  # the client closed: each sees its EOF
+
+
+async def test_idle_cloud_connections_are_dropped_before_the_cloud_drops_them(
+    tmp_path, monkeypatch
+):
+    import uvicorn
+
+    import runtime as runtime_module
+
+    # What the cloud runs (everreach serve and the image: uvicorn's default keep-alive).
+    assert uvicorn.Config("local_server:app").timeout_keep_alive > runtime_module.CLOUD_KEEPALIVE_S
+    monkeypatch.setattr(runtime_module, "CLOUD_KEEPALIVE_S", 0.2)
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            while True:  # keep the connection 0.6 s after each answer, as a server's keep-alive
+                await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.6)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    listener = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}/"
+    try:
+        async with Runtime.open(_config(tmp_path)) as runtime:
+            assert (await runtime.client.get(url)).text == "ok"
+            await asyncio.sleep(0.02)
+            assert (await runtime.client.get(url)).text == "ok"  # reused
+            assert connections == 1
+            await asyncio.sleep(0.4)  # idle past the client's keep-alive, not the server's
+            assert (await runtime.client.get(url)).text == "ok"
+            assert connections == 2
+    finally:
+        listener.close()
+        await listener.wait_closed()
