@@ -32,9 +32,11 @@ import time
 import traceback
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import IO, Any
 from urllib.parse import urlsplit
+
+from json_encoders import c_encoder
 
 REDACTED = "***"
 
@@ -59,13 +61,9 @@ _HTTPX_HINT_TEXT = "For more information"
 _DISPATCH_MSG = "dispatch %s -> %s %s"
 _TEXT_OR_NULL = frozenset({str, type(None)})
 _FLAT_TYPES = _SCALARS | {str}
-# json.dumps(ensure_ascii=False, separators=(", ", ": ")) without its cycle check; None where
-# the interpreter has no C accelerator (then json.dumps writes every line).
-_FLAT_ENCODER = (
-    None
-    if c_make_encoder is None
-    else c_make_encoder(None, str, encode_basestring, None, ": ", ", ", False, False, True)
-)
+# json.dumps(ensure_ascii=False) built once; None where the interpreter has no C accelerator
+# (then json.dumps writes every line).
+_FLAT_ENCODER = c_encoder(ensure_ascii=False, allow_nan=True, default=str)
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
@@ -163,7 +161,7 @@ def _encode(payload: dict[str, Any]) -> str:
     # A payload of plain values holds no container, hence no cycle: the C encoder built once
     # writes the same text as ``json.dumps`` (which builds one per call) in half the time.
     if _FLAT_ENCODER is not None and _FLAT_TYPES.issuperset(map(type, payload.values())):
-        return "".join(_FLAT_ENCODER(payload, 0))
+        return _FLAT_ENCODER(payload)
     return json.dumps(payload, ensure_ascii=False, default=str, separators=(", ", ": "))
 
 
