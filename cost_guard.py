@@ -410,12 +410,15 @@ class CostGuard:
         and read of the ledger comes after it. An overrun (it closes the budget), an unhealthy
         ledger or a store that cannot queue the commit take the waited path.
         """
-        settle_behind = getattr(self._store, "settle_behind", None)  # SQLite's only
         pending = _Pending(reservation, actual)
-        if settle_behind is None or not self._healthy or actual > reservation.amount_usd:
+        written = (
+            self._store.settle_behind(reservation.id, actual, self._clock())
+            if self._healthy and actual <= reservation.amount_usd
+            else None
+        )
+        if written is None:  # SQLite queues a commit; PostgreSQL and Supabase do not
             await self._settle_or_queue(pending)
             return
-        written = settle_behind(reservation.id, actual, self._clock())
         task = asyncio.ensure_future(self._finish_behind(pending, written))
         self._behind.add(task)
         task.add_done_callback(self._behind.discard)

@@ -71,6 +71,10 @@ class _FunctionLedger:
         )
         return ReserveResult(bool(data["accepted"]), MonthTotals.from_json(data))
 
+    def settle_behind(self, reservation_id: str, amount_usd: Decimal | None, now: datetime) -> None:
+        """Not queueable: a commit here is one round trip, waited for (``settle``)."""
+        return None
+
     async def settle(
         self, reservation_id: str, amount_usd: Decimal | None, now: datetime
     ) -> SettleResult:

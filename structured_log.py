@@ -110,12 +110,10 @@ class JsonFormatter(logging.Formatter):
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
         self.secrets: tuple[str, ...] = tuple(s for s in secrets if s and s.strip())
-        # Matches a secret anywhere in an encoded line, as it is or JSON-escaped.
         # Each secret as it is and JSON-escaped, to look for in an encoded line: ``in`` per
         # secret (0.1 µs each) instead of one alternation regex (2 µs on a dispatch line).
         self._needles = tuple(
-            {s for s in self.secrets}
-            | {json.dumps(s, ensure_ascii=False)[1:-1] for s in self.secrets}
+            set(self.secrets) | {json.dumps(s, ensure_ascii=False)[1:-1] for s in self.secrets}
         )
 
     def payload(self, record: logging.LogRecord, *, redacted: bool = True) -> dict[str, Any]:
