@@ -13,7 +13,15 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from request_body import REQUEST_MODELS, BatchBody, BatchItem, DispatchBody, ServeBody
+from request_body import (
+    REQUEST_MODELS,
+    BatchBody,
+    BatchItem,
+    DispatchBody,
+    ServeBatchBody,
+    ServeBatchItem,
+    ServeBody,
+)
 
 LOCAL_TOKEN = "localApiToken"
 CLOUD_KEY = "cloudKey"
@@ -35,6 +43,7 @@ _OPERATIONS: dict[tuple[str, str], tuple[str, type[BaseModel] | None]] = {
     ("post", "/batch"): (LOCAL_TOKEN, BatchBody),
     ("get", "/status"): (LOCAL_TOKEN, None),
     ("post", "/api/services/{service}/{topic}"): (CLOUD_KEY, ServeBody),
+    ("post", "/api/batch"): (CLOUD_KEY, ServeBatchBody),
     ("get", "/api/sync/state"): (CLOUD_KEY, None),
     ("post", "/api/sync/state"): (CLOUD_KEY, None),
     ("get", "/api/schedules"): (CLOUD_KEY, None),
@@ -50,6 +59,9 @@ def _components() -> dict[str, Any]:
     # The batch runner checks items itself (naming the one at fault); the docs show their shape.
     schemas["BatchBody"]["properties"]["items"]["items"] = {
         "$ref": f"#/components/schemas/{BatchItem.__name__}"
+    }
+    schemas["ServeBatchBody"]["properties"]["items"]["items"] = {
+        "$ref": f"#/components/schemas/{ServeBatchItem.__name__}"
     }
     return schemas
 

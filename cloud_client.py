@@ -21,7 +21,9 @@ How failures map (``raise … from exc``, so the HTTPX error stays in ``__cause_
 
 from __future__ import annotations
 
+import contextlib
 import urllib.parse
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -127,6 +129,39 @@ class CloudClient:
                 f"{method} {_path(url)} cannot be sent: {type(exc).__name__}: {str(exc)[:200]}",
                 never_ran=True,
             ) from exc
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        content: bytes | None = None,
+    ) -> AsyncIterator[httpx.Response]:
+        """``send``, with the body read by the caller as it comes (``aiter_lines``…).
+
+        A failure to get the answer's head, or while reading its body, is mapped as ``send``
+        maps it (a body cut off mid-way: may have run).
+        """
+        what = f"{method} {_path(url)}"
+        try:
+            request = self.http.build_request(
+                method,
+                self._parsed(url),
+                headers={**self._auth, **(headers or {})},
+                content=content,
+                timeout=self._timeout,
+            )
+            response = await self.http.send(request, stream=True)
+        except httpx.RequestError as exc:
+            raise request_error(exc, what, self.timeouts) from exc
+        try:
+            yield response
+        except httpx.RequestError as exc:
+            raise request_error(exc, what, self.timeouts) from exc
+        finally:
+            await response.aclose()
 
     def _parsed(self, url: str) -> httpx.URL:
         parsed = self._urls.get(url)

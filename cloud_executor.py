@@ -37,6 +37,7 @@ from typing import Any
 import httpx
 
 from circuit_breaker import BreakerState, CircuitBreaker
+from cloud_batch import CloudBatcher, SharedFailure, shared_failure
 from cloud_client import CloudClient, CloudTimeouts, status_error, was_refused
 from cloud_routes import CloudRoutes
 from cost_rates import MAX_RATE_USD
@@ -101,6 +102,7 @@ class _Retry(Exception):
         self.retry_after_s = retry_after_s
         self.refused = refused
         self.cloud_failed = cloud_failed  # False: the cloud answered (a busy key), it is up
+        self.shared: SharedFailure | None = None  # a failure of a request of several calls
 
 
 class _Unsendable(Exception):
@@ -128,9 +130,11 @@ class CloudExecutor:
         on_retry: Callable[[str], None] | None = None,
         on_outcome: Callable[[bool], None] | None = None,
         cloud_client: CloudClient | None = None,
+        batcher: CloudBatcher | None = None,
     ) -> None:
         """``cloud_client`` is the instance's shared one; without it, one is made of
-        ``endpoint``, ``api_key``, ``client`` and ``timeout_s``."""
+        ``endpoint``, ``api_key``, ``client`` and ``timeout_s``. ``batcher`` sends the calls
+        made with ``batched=True`` (those of a ``/batch``) together; without it, one by one."""
         self.cloud_client = cloud_client or CloudClient(
             endpoint=endpoint,
             api_key=api_key,
@@ -146,6 +150,7 @@ class CloudExecutor:
         self._rng = rng
         self._on_retry = on_retry
         self._on_outcome = on_outcome
+        self.batcher = batcher
 
     @property
     def auth_headers(self) -> dict[str, str]:
@@ -185,14 +190,17 @@ class CloudExecutor:
         request_id: str,
         cost_limit_usd: Decimal | None = None,
         retry_busy: bool = True,
+        batched: bool = False,
     ) -> CloudResult:
         """POST the action (retrying transient failures); raise an ``ActionError`` on failure.
 
         ``cost_limit_usd`` (the caller's reservation) goes out as ``Cost-Limit``; a cloud that
         prices the call higher refuses it with ``CostLimitExceeded`` before running anything.
         ``retry_busy=False``: a key the cloud still runs raises ``KeyBusy`` at once (the outbox
-        replay moves on to other items instead of waiting).
+        replay moves on to other items instead of waiting). ``batched``: sent together with the
+        other calls of this loop turn (``CloudBatcher``), each attempt; read as a call alone.
         """
+        batcher = self.batcher if batched else None
         url = self.routes.url(action)
         headers = {"Idempotency-Key": check_header_safe(request_id)}
         if cost_limit_usd is not None:
@@ -212,18 +220,24 @@ class CloudExecutor:
                     never_ran=not ambiguous,
                 )
             attempt += 1
+            response = None
             try:
                 try:
-                    response = await self.cloud_client.send(
-                        "POST", url, content=content, headers=headers
-                    )
+                    if batcher is not None:
+                        response = await batcher.send(action, url, content, headers)
+                    else:
+                        response = await self.cloud_client.send(
+                            "POST", url, content=content, headers=headers
+                        )
                 except InvalidParams as exc:  # it never left this process: not an answer
                     raise _Unsendable(exc) from None
                 # Any other failure to get an answer is transient; a refused connection proves
                 # the request never ran. A body that does not decode means the cloud answered,
                 # so it may have run (the client maps that as "mid-request").
                 except ActionError as exc:
-                    raise _Retry(exc, refused=was_refused(exc)) from exc
+                    retry = _Retry(exc, refused=was_refused(exc))
+                    retry.shared = shared_failure(exc)
+                    raise retry from exc
                 result = self._parse(action, response)
             except _Unsendable as unsendable:
                 # Not an answer of the cloud: neither its breaker nor connectivity hears of it.
@@ -232,7 +246,9 @@ class CloudExecutor:
             except _Retry as retry:
                 ambiguous = ambiguous or not retry.error.never_ran
                 refusals += retry.refused
-                self._record(not retry.cloud_failed)
+                shared = retry.shared or shared_failure(response)
+                if shared is None or shared.first():  # a shared request's failure counts once
+                    self._record(not retry.cloud_failed)
                 busy_final = isinstance(retry.error, KeyBusy) and not retry_busy
                 if (
                     busy_final

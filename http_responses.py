@@ -1,5 +1,8 @@
 """Envelopes and errors as HTTP responses: the one place their JSON bodies and headers are made.
 
+``POST /api/batch`` answers many calls in one response, one line each (``answer_line``): the
+status, the headers a caller reads, and the body the call alone would have had.
+
 ``local_server.py`` answers every route through these: an ``Envelope`` (with ``Retry-After``
 when it is rate limited), an ``ActionError`` as the failure envelope with the exception's own
 status, or a ready JSON body (a stored idempotent answer, a conflict).
@@ -7,6 +10,9 @@ status, or a ready JSON body (a stored idempotent answer, a conflict).
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from fastapi.responses import Response
@@ -46,3 +52,30 @@ def error_response(action: str, exc: ActionError, request_id: str | None = None)
     share a code (403 and 401 are both ``unauthorized``)."""
     envelope = Envelope.failure(action, exc, source=None, request_id=request_id or new_request_id())
     return json_response(envelope.to_dict(), exc.http_status, _retry_after(envelope))
+
+
+NDJSON = "application/x-ndjson"
+# The headers of a call's answer that a caller of /api/batch reads: they travel in its line.
+_LINE_HEADERS = ("retry-after", "idempotent-replayed")
+
+
+def answer_line(index: int, response: Response) -> bytes:
+    """One line of ``POST /api/batch``: ``{"i", "status", "headers", "body"}`` and a newline.
+
+    The body is the response's own bytes (encoded once, strict ASCII JSON: no raw newline).
+    """
+    headers = {name: response.headers[name] for name in _LINE_HEADERS if name in response.headers}
+    return b'{"i":%d,"status":%d,"headers":%s,"body":%s}\n' % (
+        index,
+        response.status_code,
+        json.dumps(headers, separators=(",", ":")).encode(),
+        bytes(response.body),
+    )
+
+
+async def lines_as_done(runs: Iterable[asyncio.Future[bytes]]) -> AsyncIterator[bytes]:
+    """The runs' lines as they end; lines that end together go out in one write."""
+    pending = set(runs)
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        yield b"".join(run.result() for run in done)

@@ -78,6 +78,7 @@ class _Call:
     started: float
     triggered: bool = False
     json_params: bool = False  # params read by the strict JSON parser: not checked again
+    batched: bool = False  # an item of a /batch: its cloud call goes with the others'
 
     def success(self, result: Any, source: Source, **fields: Any) -> Envelope:
         if isinstance(result, Ran):  # a local run: the body embeds the registry's JSON text
@@ -196,11 +197,14 @@ class HybridOrchestrator:
         request_id: str | None = None,
         not_before: datetime | None = None,
         json_params: bool = False,
+        batched: bool = False,
     ) -> Envelope:
         """Run ``action`` where the rules say (or after ``not_before``); always an envelope.
 
         ``json_params``: ``params`` came from the strict JSON parser (``request_body``), which
         already refused what the registry's params check refuses (NaN, lone surrogates).
+        ``batched``: an item of a ``/batch``; a cloud call goes out with the others made in the
+        same loop turn (``cloud_batch``), and is otherwise the same call.
         """
         started = time.perf_counter()
         request_id = request_id or new_request_id()
@@ -215,7 +219,7 @@ class HybridOrchestrator:
                 route = self.route_table.get(action)
                 ladder = plan(action, route, self._state(action, route, force_env))
                 call = _Call(action, params, request_id, route, ladder.env, started)
-                call.json_params = json_params
+                call.json_params, call.batched = json_params, batched
                 kept = self.deferral and await self.deferral.answer(  # pacing, schedules
                     action, params, request_id, route.side_effect, not_before, started=started
                 )
@@ -325,7 +329,9 @@ class HybridOrchestrator:
         if step.kind is StepKind.SERVE:
             return await self._serve_here(call)
         if step.kind is StepKind.CLOUD:
-            done, cost = await self._call_cloud(action, params, call.request_id)
+            done, cost = await self._call_cloud(
+                action, params, call.request_id, batched=call.batched
+            )
             if self.cache is not None and not call.route.side_effect:
                 self.cache.remember(action, params, done.result)  # written behind, grouped
             return call.success(done.result, Source.CLOUD, attempts=done.attempts, cost_usd=cost)
@@ -383,7 +389,13 @@ class HybridOrchestrator:
         return self.rates.rate(action) if self.rates is not None else Decimal(0)
 
     async def _call_cloud(
-        self, action: str, params: dict[str, Any], request_id: str, *, retry_busy: bool = True
+        self,
+        action: str,
+        params: dict[str, Any],
+        request_id: str,
+        *,
+        retry_busy: bool = True,
+        batched: bool = False,
     ) -> tuple[CloudResult, Decimal]:
         """One cloud call inside the cost cap: (its result, what it cost).
 
@@ -395,17 +407,21 @@ class HybridOrchestrator:
         estimate = self._rate(action)
         if self.cost_guard is None:
             done = await self.cloud.call(
-                action, params, request_id=request_id, retry_busy=retry_busy
+                action, params, request_id=request_id, retry_busy=retry_busy, batched=batched
             )
             return done, done.cost_usd if done.cost_usd is not None else estimate
         async with self.cost_guard.spend(action, estimate, request_id, commit_behind=True) as spend:
             try:
-                done = await self._cloud_call(action, params, request_id, spend, retry_busy)
+                done = await self._cloud_call(
+                    action, params, request_id, spend, retry_busy, batched
+                )
             except CostLimitExceeded as exc:
                 # The cloud prices it higher and ran nothing: reserve its price (if the cap
                 # allows; else CostCapReached) and ask once more, within that new limit.
                 await spend.reprice(exc.price_usd)
-                done = await self._cloud_call(action, params, request_id, spend, retry_busy)
+                done = await self._cloud_call(
+                    action, params, request_id, spend, retry_busy, batched
+                )
             cost = done.cost_usd if done.cost_usd is not None else spend.limit_usd
             spend.ran(cost)
         return done, cost
@@ -417,6 +433,7 @@ class HybridOrchestrator:
         request_id: str,
         spend: Spend,
         retry_busy: bool,
+        batched: bool = False,
     ) -> CloudResult:
         assert self.cloud is not None
         try:
@@ -426,6 +443,7 @@ class HybridOrchestrator:
                 request_id=request_id,
                 cost_limit_usd=spend.limit_usd,
                 retry_busy=retry_busy,
+                batched=batched,
             )
         except (KeyBusy, Indeterminate):
             # The key's first call holds (or held) its own reservation; this ask ran nothing.

@@ -22,6 +22,7 @@ import sys
 # when httpx is already imported (the CLI, which needs rich anyway).
 sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
+import asyncio
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,7 +31,7 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from fastapi_offline import FastAPIOffline
 from starlette.requests import ClientDisconnect
 
@@ -48,7 +49,14 @@ from errors import (
     Unauthorized,
     storage_fault,
 )
-from http_responses import envelope_response, error_response, json_response
+from http_responses import (
+    NDJSON,
+    answer_line,
+    envelope_response,
+    error_response,
+    json_response,
+    lines_as_done,
+)
 from idempotency import ClaimState
 from instance_status import VERSION
 from local_batch import batch_execute
@@ -59,6 +67,7 @@ from request_body import (
     Body,
     DispatchBody,
     RetryBody,
+    ServeBatchBody,
     ServeBody,
     parse_json,
     read_body,
@@ -87,6 +96,7 @@ _NEVER_REACHED = frozenset(
     }
 )
 _fault_log = logging.getLogger("everreach.server")
+_SERVE_ITEM_FIELDS = frozenset({"action", "params", "idempotency_key", "cost_limit"})
 # Where a route keeps the action it read, for the error handlers (the scope itself, not
 # ``request.state``, which builds an object per request: ~1 µs).
 _ACTION_KEY = "everreach.action"
@@ -243,13 +253,16 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def on_fault(request: Request, exc: Exception) -> Response:
+        return _fault_response(request.app, _action_of(request), exc, request.url.path)
+
+    def _fault_response(app: FastAPI, action: str, exc: Exception, path: str) -> Response:
         # A fault of ours (disk full, a store gone): an envelope, never an HTML page, and never
         # a 202 — nothing was queued.
-        _fault_log.exception("unexpected error", extra={"path": request.url.path})
+        _fault_log.exception("unexpected error", extra={"path": path})
         # The text of an arbitrary exception may quote a DSN or URL: no secret leaves in it.
-        text = redact(f"{type(exc).__name__}: {exc}", getattr(request.app.state, "secrets", ()))
+        text = redact(f"{type(exc).__name__}: {exc}", getattr(app.state, "secrets", ()))
         fault = storage_fault(exc) or HandlerError(f"internal error: {text}"[:300])
-        return error_response(_action_of(request), fault)
+        return error_response(action, fault)
 
     @app.post("/dispatch")
     async def dispatch(request: Request) -> Response:
@@ -276,6 +289,7 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         request_id: str,
         not_before: datetime | None = None,
         json_params: bool = False,
+        batched: bool = False,
     ) -> Envelope:
         assert runtime.orchestrator is not None
         route = runtime.orchestrator.route
@@ -286,6 +300,7 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
             request_id=request_id,
             not_before=not_before,
             json_params=json_params,
+            batched=batched,
         )
 
     async def _route_once(
@@ -319,7 +334,8 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         async def route(
             action: str, params: dict[str, Any] | None, force_env: str | None
         ) -> Envelope:
-            return await _route(runtime, action, params or {}, force_env, new_request_id())
+            request_id = new_request_id()
+            return await _route(runtime, action, params or {}, force_env, request_id, batched=True)
 
         limit = runtime.config.batch_max_concurrent
         outcome = await batch_execute(
@@ -356,13 +372,25 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         request.scope[_ACTION_KEY] = action
         check_cloud_key(request)
         params = (await _read(request, ServeBody)).params or {}
-        assert runtime.orchestrator is not None
-        runtime.orchestrator.check_cost_limit(action, request.headers.get("cost-limit"))
-        serve = runtime.orchestrator.serve
+        cost_limit = request.headers.get("cost-limit")
         key = request.headers.get("idempotency-key")
+        return await _serve(runtime, action, params, key, cost_limit, "the Idempotency-Key header")
+
+    async def _serve(
+        runtime: Runtime,
+        action: str,
+        params: dict[str, Any],
+        key: str | None,
+        cost_limit: str | None,
+        key_name: str,
+    ) -> Response:
+        """Run ``action`` here for another instance, at most once per ``key``."""
+        assert runtime.orchestrator is not None
+        runtime.orchestrator.check_cost_limit(action, cost_limit)
+        serve = runtime.orchestrator.serve
         if key is None:
             return envelope_response(await serve(action, params, new_request_id()))
-        check_idempotency_key(key, what="the Idempotency-Key header")
+        check_idempotency_key(key, what=key_name)
         return await _once(
             runtime.idempotency,
             key,
@@ -374,6 +402,50 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
             keep=lambda envelope: envelope.ok,
             what="Idempotency-Key",
         )
+
+    @app.post("/api/batch")
+    async def serve_batch(request: Request) -> Response:
+        """Many ``/api/services/*`` calls in one request, answered one line each as they end.
+
+        Each item runs exactly as its own call would (Cost-Limit, idempotency key, pacing,
+        the handler); an item at fault gets its own 4xx line. Every item runs to its end even
+        if the caller goes away, so its key records what happened, as a single call's would.
+        """
+        runtime = rt(request)
+        check_cloud_key(request)
+        items = (await _read(request, ServeBatchBody)).items
+        runs = []
+        for index, item in enumerate(items):
+            run = asyncio.ensure_future(_serve_item(runtime, index, item))
+            running.add(run)  # held here, not by the stream: a caller gone keeps it running
+            run.add_done_callback(running.discard)
+            runs.append(run)
+        return StreamingResponse(lines_as_done(runs), media_type=NDJSON)
+
+    running: set[asyncio.Future[bytes]] = set()
+
+    async def _serve_item(runtime: Runtime, index: int, item: Any) -> bytes:
+        action = ""
+        try:
+            if not isinstance(item, dict) or not set(item) <= _SERVE_ITEM_FIELDS:
+                raise InvalidParams(
+                    f"items[{index}] must be an object of {', '.join(sorted(_SERVE_ITEM_FIELDS))}"
+                )
+            action = check_action_name(item.get("action"))
+            params = item.get("params") or {}
+            cost_limit = item.get("cost_limit")
+            if not isinstance(params, dict):
+                raise InvalidParams(f"items[{index}].params must be a JSON object")
+            if cost_limit is not None and not isinstance(cost_limit, str):
+                raise InvalidParams(f"items[{index}].cost_limit must be a decimal string")
+            key = item.get("idempotency_key")
+            key_name = f"items[{index}].idempotency_key"
+            response = await _serve(runtime, action, params, key, cost_limit, key_name)
+        except ActionError as exc:
+            response = error_response(action, exc)
+        except Exception as exc:
+            response = _fault_response(app, action, exc, "/api/batch")
+        return answer_line(index, response)
 
     @app.get("/api/sync/state")
     async def get_state(request: Request) -> dict[str, Any]:

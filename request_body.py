@@ -242,6 +242,28 @@ class ServeBody(_Body):
     params: dict[str, Any] | None = None
 
 
+class ServeBatchItem(_Body):
+    """One item of ``POST /api/batch``: what ``POST /api/services/{service}/{topic}`` carries
+    in its path, body and ``Idempotency-Key`` / ``Cost-Limit`` headers."""
+
+    action: str = Field(pattern=_ACTION_PATTERN, examples=["research.keyword"])
+    params: dict[str, Any] | None = None
+    idempotency_key: str | None = Field(default=None, description=IDEMPOTENCY_KEY_RULE)
+    cost_limit: str | None = Field(
+        default=None, description="the highest price (USD) the caller accepts, as Cost-Limit"
+    )
+
+
+class ServeBatchBody(_Body):
+    """``POST /api/batch``: actions another instance asks this one to run, answered as lines.
+
+    Items are checked one by one (an item at fault gets its own 4xx line), so ``items`` is read
+    as a list here; the OpenAPI document shows each item as a ``ServeBatchItem``.
+    """
+
+    items: list[Any] = Field(max_length=MAX_BATCH_ITEMS)
+
+
 class RetryBody(_Body):
     """``POST /outbox/{id}/retry``: ``rerun`` confirms re-running an item that may have run."""
 
@@ -253,6 +275,8 @@ REQUEST_MODELS: tuple[type[BaseModel], ...] = (
     BatchItem,
     BatchBody,
     ServeBody,
+    ServeBatchItem,
+    ServeBatchBody,
     RetryBody,
 )
 

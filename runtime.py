@@ -32,6 +32,7 @@ from alert_sources import (
     dead_letter_alerts,
 )
 from circuit_breaker import CircuitBreaker
+from cloud_batch import CloudBatcher
 from cloud_client import CloudClient
 from cloud_executor import CloudExecutor, RetryPolicy
 from config.hybrid_config import HybridConfig, redact_url
@@ -310,11 +311,14 @@ class Runtime:
         connectivity.on_transition(cloud_online_alerts(self.alerter, connectivity))
         self.connectivity = connectivity
         on_circuit = circuit_alerts(self.alerter)
+        batcher = CloudBatcher(cloud_client)
+        self._on_close(batcher.aclose)  # before the HTTP client closes: requests end first
         self.cloud = CloudExecutor(
             endpoint=cloud_client.endpoint,
             api_key=None,
             client=cloud_client.http,
             cloud_client=cloud_client,
+            batcher=batcher,
             policy=RetryPolicy(retries=config.cloud_retries, backoff_s=config.cloud_backoff_sec),
             breaker=CircuitBreaker(
                 failure_threshold=5,

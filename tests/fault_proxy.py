@@ -1,6 +1,7 @@
 """A fault-injecting HTTP proxy for end-to-end tests, run as a real uvicorn server in a thread.
 
-Each request to the proxy takes the next fault from its plan (then ``pass`` forever):
+Each call of an action (``/api/services/*``, ``/api/batch``) takes the next fault from its plan
+(then ``pass`` forever); other requests pass:
 
 - ``pass``        forward to the target and return its answer;
 - ``500``         answer 500 without forwarding (the cloud never ran it);
@@ -59,7 +60,8 @@ class FaultProxy:
 
     def _next_fault(self, path: str) -> str:
         with self._lock:
-            fault = self.plan.popleft() if self.plan and path.startswith("api/services") else "pass"
+            calls = path.startswith(("api/services", "api/batch"))
+            fault = self.plan.popleft() if self.plan and calls else "pass"
             self.seen.append((path, fault))
             return fault
 
