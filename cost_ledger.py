@@ -33,6 +33,10 @@ MICRO_USD = Decimal("0.000001")
 # transaction: one request's round trip on loopback is ~2-3 ms, so the next call's reservation
 # usually comes first. The reservation stays held meanwhile (the cap errs on the safe side).
 SETTLE_LINGER_S = 0.005
+# The same for a call carved from a budget lease: its money stays held by the lease row until
+# the commit is written, and a process killed meanwhile leaves the lease to the sweep (counted
+# as spent), so the commits of several calls can wait to share one transaction and one fsync.
+LEASED_SETTLE_LINGER_S = 0.05
 
 # The action of a budget lease's row in the log: no action name can take this form.
 LEASE_ACTION = "(budget lease)"
@@ -468,7 +472,7 @@ class SqliteLedgerStore:
             self._set_month(conn, month, committed, reserved, now_iso)
             return SettleResult(True, True, late, self._totals(month, committed, reserved))
 
-        return self._queued(work, behind)
+        return self._queued(work, LEASED_SETTLE_LINGER_S if behind else 0.0)
 
     def give_back(
         self, lease_id: str, amount_usd: Decimal, now: datetime, *, behind: bool
@@ -492,12 +496,11 @@ class SqliteLedgerStore:
             self._set_month(conn, month, committed, reserved, now_iso)
             return SettleResult(True, given > 0, False, self._totals(month, committed, reserved))
 
-        return self._queued(work, behind)
+        return self._queued(work, SETTLE_LINGER_S if behind else 0.0)
 
     def _queued(
-        self, work: Callable[[sqlite3.Connection], SettleResult], behind: bool
+        self, work: Callable[[sqlite3.Connection], SettleResult], linger_s: float
     ) -> Awaitable[SettleResult]:
-        linger_s = SETTLE_LINGER_S if behind else 0.0
         return self._mapped(self._writes.submit(work, linger_s=linger_s))
 
     @staticmethod
