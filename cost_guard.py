@@ -10,6 +10,12 @@ whether the request ever ran (``request_state``); only "unknown" releases it, an
 no answer, commits it as spent. A call that cost more than it reserved is recorded as it is and
 closes the month's budget: no further reservation is accepted until the month rolls over.
 
+The router's calls (``spend(..., commit_behind=True)``) on a store that can lease (SQLite,
+``LeasingStore``) are carved in memory from a budget lease: a block of at most ``lease_calls``
+calls' worth reserved in the ledger as one row, renewed before it runs out and given back when
+idle, on ``snapshot`` and on ``close``; near the cap they reserve one by one again. A lease whose
+process died is counted as spent by the sweep (its calls are not in the ledger to ask about).
+
 ``reserve`` succeeds only if the month's committed + reserved + amount stays within the hard
 cap, decided atomically by the database (``cost_ledger``), so several instances sharing one
 PostgreSQL ledger never pass the cap together. ``is_soft_cap_reached`` / ``is_hard_cap_reached``
@@ -27,10 +33,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
-from decimal import Decimal
+from decimal import ROUND_FLOOR, Decimal
 from typing import TYPE_CHECKING, Any
 
 from cost_ledger import (
+    LEASE_ACTION,
+    MICRO_USD,
+    LeasingStore,
     LedgerStore,
     LedgerUnavailable,
     LoggedCall,
@@ -41,6 +50,7 @@ from cost_ledger import (
 from cost_ledger_pg import ledger_store_for
 from cost_report import read_report
 from cost_reservation import (
+    BudgetLease,
     RequestState,
     Reservation,
     Spend,
@@ -71,6 +81,14 @@ _NOT_OPENED = "not opened yet"
 # month an unsettled reservation is resolved by the guard's sweep, which asks the cloud first.
 STORE_EXPIRY_S = 40 * 86400.0
 SWEEP_BATCH = 20  # asked of the cloud together, once per refresh pass
+# Budget leases (``spend(commit_behind=True)`` on a ``LeasingStore``): a lease is at most this
+# many calls' worth, and at most this share of what remains under the cap; below two calls'
+# worth the calls reserve one by one, so the last cents are shared exactly.
+LEASE_CALLS = 16
+LEASE_SHARE = Decimal("0.01")
+LEASE_IDLE_S = 10.0  # unused this long: given back by the refresh task
+LEASE_MAX_AGE_S = 60.0  # then the next one is taken: a live lease is never old enough to sweep
+LEASE_TRIES = 4  # leases a call waits for (others may carve each first) before reserving alone
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +114,9 @@ class CostGuard:
         refresh_interval_s: float = 5.0,
         retry_interval_s: float = 1.0,
         request_state: RequestState | None = None,
+        lease_calls: int = LEASE_CALLS,
+        lease_share: Decimal = LEASE_SHARE,
+        lease_idle_s: float = LEASE_IDLE_S,
     ) -> None:
         if soft_cap_usd > monthly_cap_usd:
             raise ConfigError(
@@ -125,6 +146,16 @@ class CostGuard:
         self.on_overrun: Callable[[], None] | None = None
         self.on_totals: Callable[[MonthTotals], None] | None = None  # each fresh total (no I/O)
         self._behind: set[asyncio.Task[None]] = set()  # commits queued, not yet written
+        # Budget leases: only on a store that can hold them, and only with lease_calls >= 2.
+        self._lease_store = store if lease_calls >= 2 and isinstance(store, LeasingStore) else None
+        self._lease_calls = lease_calls
+        self._lease_share = Decimal(lease_share)
+        self._lease_idle = timedelta(seconds=lease_idle_s)
+        self._lease_max_age = timedelta(seconds=min(LEASE_MAX_AGE_S, reservation_ttl_s / 4))
+        self._lease: BudgetLease | None = None  # the one new calls are carved from
+        self._leases: dict[str, BudgetLease] = {}  # held: that one and retired ones in use
+        self._leasing: asyncio.Future[BudgetLease | None] | None = None  # a lease being taken
+        self._owed: list[tuple[str, Decimal]] = []  # give-backs the ledger could not take yet
 
     @classmethod
     def from_config(
@@ -167,6 +198,10 @@ class CostGuard:
             task.cancel()
             # wait() does not raise the task's CancelledError, but does raise our own.
             await asyncio.wait([task])
+        if self._leasing is not None:
+            await asyncio.wait([self._leasing])
+        for lease in list(self._leases.values()):
+            self._retire(lease)  # the unused part goes back to the month
         await self._behind_written()
         if self._store_open:
             await self._drain_before_close()
@@ -178,6 +213,7 @@ class CostGuard:
     async def _drain_before_close(self) -> None:
         """Last try at commits/releases the ledger could not take; say loudly what is lost."""
         try:
+            await self._pay_back()
             while self._pending:
                 await self._settle(self._pending[0])
                 self._pending.pop(0)
@@ -217,10 +253,12 @@ class CostGuard:
                 self._store_open = True
             elif not self._healthy:
                 await self._store.heal()
+            await self._pay_back()
             while self._pending:
                 await self._settle(self._pending[0])
                 self._pending.pop(0)
             if sweep:
+                self._retire_stale()
                 await self._sweep_overdue()
             now = self._clock()
             month = month_of(now, self._tz)
@@ -240,7 +278,11 @@ class CostGuard:
     async def _sweep_overdue(self) -> None:
         """Settle reservations older than the TTL: their process died before settling them."""
         before = self._clock() - timedelta(seconds=self._ttl_s)
-        overdue = await self._store.overdue(before, SWEEP_BATCH)
+        overdue = [  # our own leases are live (a fake clock may jump past their TTL)
+            call
+            for call in await self._store.overdue(before, SWEEP_BATCH)
+            if call.id not in self._leases
+        ]
         for reservation, cost in await overdue_verdicts(overdue, self.request_state, self._ttl_s):
             await self._settle(_Pending(reservation, cost))
 
@@ -347,6 +389,8 @@ class CostGuard:
         task, and the guard stays closed for new spend until it lands.
         """
         actual = reservation.amount_usd if actual_usd is None else money(actual_usd, "actual_usd")
+        if reservation.lease_id is not None:
+            self._lease_done(reservation, spent=True)
         await self._settle_or_queue(_Pending(reservation, actual))
 
     @asynccontextmanager
@@ -360,7 +404,8 @@ class CostGuard:
         ``commit_behind``: a commit within the amount reserved is queued in the ledger on the
         way out but not waited for (``_commit_behind``); releases and overruns are waited for.
         """
-        spend = Spend(self, await self.reserve(action, estimate_usd, request_id))
+        reserve = self._reserve_leased if commit_behind and self._lease_store else self.reserve
+        spend = Spend(self, await reserve(action, estimate_usd, request_id))
         never_ran = False
         try:
             yield spend
@@ -378,6 +423,157 @@ class CostGuard:
                 else:
                     await self.commit(reservation, cost)
 
+    # -- budget leases ---------------------------------------------------------------------
+
+    async def _reserve_leased(
+        self, action: str, amount_usd: Decimal, request_id: str
+    ) -> Reservation:
+        """``reserve``, carved in memory from this instance's budget lease where one fits.
+
+        Without one, a lease is taken (one reservation in the ledger, shared by the callers
+        that wait for it); when none can be (the cap is near, the ledger refuses or fails), the
+        unused part of the current lease is given back and the call reserves on its own.
+        """
+        amount = money(amount_usd, "amount_usd")
+        for _ in range(LEASE_TRIES):
+            if not self._healthy or self.budget_closed():
+                break
+            now = self._clock()
+            month = month_of(now, self._tz)
+            lease = self._lease
+            if lease is not None and lease.fits(amount, month, now, self._lease_max_age):
+                lease.carve(amount, now)
+                if lease.unused_usd * 4 < lease.size_usd:  # renewed before it runs out
+                    self._next_lease(amount)
+                return Reservation(uuid.uuid4().hex, action, amount, request_id, month, lease.id)
+            # Another caller may carve the new lease first: then wait for the next one.
+            if await asyncio.shield(self._next_lease(amount)) is None:
+                if self._lease is not None:  # queued before the reservation: its money is free
+                    self._retire(self._lease)
+                break
+        return await self.reserve(action, amount, request_id)
+
+    def _next_lease(self, amount: Decimal) -> asyncio.Future[BudgetLease | None]:
+        """The lease being taken, or a new one taken for calls of ``amount``."""
+        if self._leasing is None:
+            task = asyncio.ensure_future(self._take_lease(amount))
+            self._leasing = task
+
+            def taken(_: asyncio.Future[BudgetLease | None]) -> None:
+                if self._leasing is task:
+                    self._leasing = None
+
+            task.add_done_callback(taken)
+        return self._leasing
+
+    def _lease_size(self, amount: Decimal) -> Decimal | None:
+        """``lease_calls`` calls' worth, at most ``lease_share`` of what remains; None: too
+        little remains for two calls' worth (or the calls cost nothing)."""
+        remaining = self._hard_cap_usd - self.current_totals().total_usd
+        share = (remaining * self._lease_share).quantize(MICRO_USD, rounding=ROUND_FLOOR)
+        size = min(amount * self._lease_calls, share)
+        return size if amount > 0 and size >= 2 * amount else None
+
+    async def _take_lease(self, amount: Decimal) -> BudgetLease | None:
+        size = self._lease_size(amount)
+        if size is None or self._closed:
+            return None
+        now = self._clock()
+        month = month_of(now, self._tz)
+        lease_id = uuid.uuid4().hex
+        request = ReserveRequest(
+            reservation_id=lease_id,
+            month=month,
+            action=LEASE_ACTION,
+            amount_usd=size,
+            request_id=f"lease-{lease_id}",
+            cap_usd=self._hard_cap_usd,
+            now=now,
+            ttl_s=max(self._ttl_s, STORE_EXPIRY_S),
+        )
+        try:
+            result = await self._store.reserve(request)
+        except LedgerUnavailable as exc:
+            self._mark_unhealthy(str(exc))
+            return None
+        self._apply(result.totals)
+        if not result.accepted:
+            return None
+        lease = BudgetLease(lease_id, month, now, size, size)
+        self._leases[lease_id] = lease
+        if self._closed:  # closed while it was being taken
+            self._retire(lease)
+            return None
+        old, self._lease = self._lease, lease
+        if old is not None:
+            self._retire(old)
+        return lease
+
+    def _retire(self, lease: BudgetLease) -> None:
+        """No new calls from ``lease``; give back its unused part (all of it once no call of
+        it is in flight). Queued behind, in the ledger's write order."""
+        if self._lease is lease:
+            self._lease = None
+        lease.retired = True
+        given = lease.unused_usd
+        lease.held_usd -= given
+        if lease.calls == 0:
+            self._leases.pop(lease.id, None)
+        if given > 0:
+            self._give_back(lease.id, given)
+
+    def _lease_done(self, reservation: Reservation, *, spent: bool) -> None:
+        """A call carved from a lease is settled (committed if ``spent``, else released)."""
+        lease = self._leases.get(reservation.lease_id or "")
+        if lease is None:
+            log.error("no budget lease %s for %s", reservation.lease_id, reservation.id)
+            return
+        lease.drop(reservation.amount_usd, spent=spent)
+        if lease.retired and lease.calls == 0:
+            self._retire(lease)
+
+    def _retire_stale(self) -> None:
+        """The refresh task's turn: give back a lease idle, too old, or of a past month."""
+        lease, now = self._lease, self._clock()
+        if lease is not None and (
+            now - (lease.used_at or lease.taken_at) >= self._lease_idle
+            or now - lease.taken_at >= self._lease_max_age
+            or lease.month != month_of(now, self._tz)
+        ):
+            self._retire(lease)
+
+    def _give_back(self, lease_id: str, amount: Decimal) -> None:
+        if self._lease_store is None or not self._store_open:
+            self._owed.append((lease_id, amount))
+            return
+        written = self._lease_store.give_back(lease_id, amount, self._clock(), behind=True)
+        task = asyncio.ensure_future(self._finish_give_back(lease_id, amount, written))
+        self._behind.add(task)
+        task.add_done_callback(self._behind.discard)
+
+    async def _finish_give_back(
+        self, lease_id: str, amount: Decimal, written: Awaitable[SettleResult]
+    ) -> None:
+        try:
+            result = await written
+        except LedgerUnavailable as exc:
+            self._mark_unhealthy(str(exc))
+            self._owed.append((lease_id, amount))  # retried by the refresh task
+            return
+        if result.totals is not None:
+            self._apply(result.totals)
+
+    async def _pay_back(self) -> None:
+        """Give-backs the ledger could not take before (a lease holds that money meanwhile)."""
+        while self._owed and self._lease_store is not None:
+            lease_id, amount = self._owed[0]
+            result = await self._lease_store.give_back(
+                lease_id, amount, self._clock(), behind=False
+            )
+            if result.totals is not None:
+                self._apply(result.totals)
+            self._owed.pop(0)
+
     def _note_overrun(self, call: LoggedCall) -> None:
         if call.id in self._overruns:
             return
@@ -390,6 +586,9 @@ class CostGuard:
 
     async def release(self, reservation: Reservation) -> None:
         """Give the money back: the call provably did not run. Retried later like commit."""
+        if reservation.lease_id is not None:  # back to its lease, in memory
+            self._lease_done(reservation, spent=False)
+            return
         await self._settle_or_queue(_Pending(reservation, None))
 
     async def _settle_or_queue(self, pending: _Pending) -> None:
@@ -411,11 +610,16 @@ class CostGuard:
         ledger or a store that cannot queue the commit take the waited path.
         """
         pending = _Pending(reservation, actual)
-        written = (
-            self._store.settle_behind(reservation.id, actual, self._clock())
-            if self._healthy and actual <= reservation.amount_usd
-            else None
-        )
+        if reservation.lease_id is not None:
+            self._lease_done(reservation, spent=True)
+        if not self._healthy or actual > reservation.amount_usd:
+            written = None
+        elif reservation.lease_id is not None and self._lease_store is not None:
+            written = self._lease_store.settle_leased(
+                reservation.lease_id, reservation.logged(actual), self._clock(), behind=True
+            )
+        else:
+            written = self._store.settle_behind(reservation.id, actual, self._clock())
         if written is None:  # SQLite queues a commit; PostgreSQL and Supabase do not
             await self._settle_or_queue(pending)
             return
@@ -438,8 +642,16 @@ class CostGuard:
             await asyncio.wait(list(self._behind))
 
     async def _settle(self, pending: _Pending) -> None:
-        reservation, now = pending.reservation, self._clock()
-        result = await self._store.settle(reservation.id, pending.actual_usd, now)
+        reservation, now, actual = pending.reservation, self._clock(), pending.actual_usd
+        if reservation.lease_id is None:
+            result = await self._store.settle(reservation.id, actual, now)
+        elif actual is None or self._lease_store is None:  # released in memory already
+            return
+        else:
+            call = reservation.logged(actual)
+            result = await self._lease_store.settle_leased(
+                reservation.lease_id, call, now, behind=False
+            )
         self._settled(pending, result)
 
     def _settled(self, pending: _Pending, result: SettleResult) -> None:
@@ -469,7 +681,13 @@ class CostGuard:
     # -- reporting ----------------------------------------------------------------------------
 
     async def snapshot(self) -> dict[str, Any]:
-        """Month-to-date spend for /status and /health; money as exact decimal strings."""
+        """Month-to-date spend for /status and /health; money as exact decimal strings.
+
+        This instance's lease is given back first, so ``reserved_usd`` is the money of calls
+        in flight (and other instances' leases), not budget merely set aside here.
+        """
+        if self._lease is not None:
+            self._retire(self._lease)
         await self._behind_written()
         now = self._clock()
         month = month_of(now, self._tz)

@@ -6,6 +6,9 @@ Three stores, one contract; each makes ``reserve`` atomic in the database itself
                                    several processes on one file; money as integer micro-dollars.
 - ``PostgresLedgerStore``          ``DATABASE_URL`` / ``SUPABASE_DB_URL`` (cost_ledger_pg.py)
 - ``SupabaseLedgerStore``          Supabase REST rpc (cost_ledger_pg.py)
+
+SQLite is also a ``LeasingStore``: it settles calls carved from a budget lease (a reservation
+row of ``LEASE_ACTION``) against that row; the other two keep one reservation per call.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from errors import EverReachError
 from sqlite_file import GroupCommit, SqliteFile, Synchronous
@@ -30,6 +33,13 @@ MICRO_USD = Decimal("0.000001")
 # transaction: one request's round trip on loopback is ~2-3 ms, so the next call's reservation
 # usually comes first. The reservation stays held meanwhile (the cap errs on the safe side).
 SETTLE_LINGER_S = 0.005
+# The same for a call carved from a budget lease: its money stays held by the lease row until
+# the commit is written, and a process killed meanwhile leaves the lease to the sweep (counted
+# as spent), so the commits of several calls can wait to share one transaction and one fsync.
+LEASED_SETTLE_LINGER_S = 0.05
+
+# The action of a budget lease's row in the log: no action name can take this form.
+LEASE_ACTION = "(budget lease)"
 
 _T = TypeVar("_T")
 
@@ -172,6 +182,31 @@ class LedgerStore(Protocol):
     async def daily(self, month: str, day_starts: Sequence[datetime]) -> dict[int, Decimal]: ...
     async def overdue(self, created_before: datetime, limit: int) -> list[LoggedCall]: ...
     async def overruns(self, month: str) -> list[LoggedCall]: ...
+
+
+@runtime_checkable
+class LeasingStore(Protocol):
+    """A ``LedgerStore`` that can hold budget leases (SQLite); others keep per-call reservations.
+
+    A lease is a reservation row of ``LEASE_ACTION`` (``reserve``) that calls are carved from
+    in memory. Both writes are queued in the store's write order; ``behind``: they may wait
+    ``SETTLE_LINGER_S`` for another write to share the transaction.
+    """
+
+    def settle_leased(
+        self, lease_id: str, call: LoggedCall, now: datetime, *, behind: bool
+    ) -> Awaitable[SettleResult]:
+        """Record ``call`` (carved from the lease) as committed at ``call.cost_usd``, and take
+        ``call.reserved_usd`` off the lease's row: the month's reserved money shrinks by that,
+        its committed grows by the cost, as a per-call commit does."""
+        ...
+
+    def give_back(
+        self, lease_id: str, amount_usd: Decimal, now: datetime, *, behind: bool
+    ) -> Awaitable[SettleResult]:
+        """Release ``amount_usd`` of the lease's row (at most what it holds); a row left
+        holding nothing is closed (released)."""
+        ...
 
 
 def _iso(moment: datetime) -> str:
@@ -394,6 +429,99 @@ class SqliteLedgerStore:
             return SettleResult(True, True, late, self._totals(month, committed, reserved))
 
         return work
+
+    def settle_leased(
+        self, lease_id: str, call: LoggedCall, now: datetime, *, behind: bool
+    ) -> Awaitable[SettleResult]:
+        """``LeasingStore.settle_leased``: one row inserted, the lease's row and the month's
+        totals updated, in one transaction (shared with the writes made at the same time)."""
+        now_iso, held, cost = _iso(now), to_micro(call.reserved_usd), to_micro(call.cost_usd)
+
+        def work(conn: sqlite3.Connection) -> SettleResult:
+            row = conn.execute(
+                "SELECT month, status, cost_micro_usd FROM actp_cost_log WHERE id = ?", (lease_id,)
+            ).fetchone()
+            month = str(row[0]) if row is not None else call.month
+            committed, reserved = self._month_row(conn, month)
+            if conn.execute("SELECT 1 FROM actp_cost_log WHERE id = ?", (call.id,)).fetchone():
+                return SettleResult(True, totals=self._totals(month, committed, reserved))
+            # A lease swept as spent while its holder lived on (stalled past the TTL): the
+            # call is recorded on top, the safe side, and said to be late.
+            late = row is None or row[1] != "reserved"
+            if not late:
+                left = int(row[2]) - min(held, int(row[2]))
+                reserved -= int(row[2]) - left
+                self._set_lease(conn, lease_id, left, now_iso)
+            committed += cost
+            conn.execute(
+                "INSERT INTO actp_cost_log (id, created_at, month, action, cost_micro_usd, "
+                "reserved_micro_usd, request_id, status, expires_at, settled_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'committed', ?, ?)",
+                (
+                    call.id,
+                    now_iso,
+                    month,
+                    call.action,
+                    cost,
+                    held,
+                    call.request_id,
+                    now_iso,
+                    now_iso,
+                ),
+            )
+            self._set_month(conn, month, committed, reserved, now_iso)
+            return SettleResult(True, True, late, self._totals(month, committed, reserved))
+
+        return self._queued(work, LEASED_SETTLE_LINGER_S if behind else 0.0)
+
+    def give_back(
+        self, lease_id: str, amount_usd: Decimal, now: datetime, *, behind: bool
+    ) -> Awaitable[SettleResult]:
+        """``LeasingStore.give_back``."""
+        now_iso, amount = _iso(now), to_micro(amount_usd)
+
+        def work(conn: sqlite3.Connection) -> SettleResult:
+            row = conn.execute(
+                "SELECT month, status, cost_micro_usd FROM actp_cost_log WHERE id = ?", (lease_id,)
+            ).fetchone()
+            if row is None:
+                return SettleResult(found=False)
+            month, status, holds = str(row[0]), str(row[1]), int(row[2])
+            committed, reserved = self._month_row(conn, month)
+            if status != "reserved":  # swept meanwhile: nothing left to give back
+                return SettleResult(True, totals=self._totals(month, committed, reserved))
+            given = min(amount, holds)
+            reserved -= given
+            self._set_lease(conn, lease_id, holds - given, now_iso)
+            self._set_month(conn, month, committed, reserved, now_iso)
+            return SettleResult(True, given > 0, False, self._totals(month, committed, reserved))
+
+        return self._queued(work, SETTLE_LINGER_S if behind else 0.0)
+
+    def _queued(
+        self, work: Callable[[sqlite3.Connection], SettleResult], linger_s: float
+    ) -> Awaitable[SettleResult]:
+        return self._mapped(self._writes.submit(work, linger_s=linger_s))
+
+    @staticmethod
+    def _set_lease(conn: sqlite3.Connection, lease_id: str, holds: int, now_iso: str) -> None:
+        # A lease row holding nothing is closed: released, so reports and sweeps pass it by.
+        conn.execute(
+            "UPDATE actp_cost_log SET cost_micro_usd = ?, "
+            "status = CASE WHEN ? = 0 THEN 'released' ELSE status END, "
+            "settled_at = CASE WHEN ? = 0 THEN ? ELSE settled_at END WHERE id = ?",
+            (holds, holds, holds, now_iso, lease_id),
+        )
+
+    @staticmethod
+    def _set_month(
+        conn: sqlite3.Connection, month: str, committed: int, reserved: int, now_iso: str
+    ) -> None:
+        conn.execute(
+            "UPDATE actp_cost_month SET committed_micro_usd = ?, reserved_micro_usd = ?, "
+            "updated_at = ? WHERE month = ?",
+            (committed, reserved, now_iso, month),
+        )
 
     async def totals(self, month: str, now: datetime) -> MonthTotals:
         now_iso = _iso(now)

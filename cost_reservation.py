@@ -19,11 +19,11 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, tzinfo
+from datetime import datetime, timedelta, tzinfo
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING
 
-from cost_ledger import MICRO_USD, LoggedCall, MonthTotals, from_micro, to_micro
+from cost_ledger import LEASE_ACTION, MICRO_USD, LoggedCall, MonthTotals, from_micro, to_micro
 from errors import ActionError, CostCapReached, CostLimitExceeded, InvalidParams
 
 if TYPE_CHECKING:
@@ -86,6 +86,7 @@ class Reservation:
     amount_usd: Decimal
     request_id: str
     month: str
+    lease_id: str | None = None  # carved from this budget lease, in memory (no row of its own)
 
     @classmethod
     def of(cls, call: LoggedCall) -> Reservation:
@@ -97,6 +98,52 @@ class Reservation:
         return LoggedCall(
             self.id, self.month, self.action, self.request_id, self.amount_usd, cost_usd
         )
+
+
+@dataclass(slots=True)
+class BudgetLease:
+    """A block of the month's budget held in the ledger as one reservation row (``LEASE_ACTION``).
+
+    Calls are carved from it in memory; each call's commit takes its reservation off the row
+    (``LeasingStore.settle_leased``). ``held_usd`` is what the row holds once the commits queued
+    for it are written; ``in_flight_usd`` of that is carved by calls not settled yet.
+    """
+
+    id: str
+    month: str
+    taken_at: datetime
+    size_usd: Decimal
+    held_usd: Decimal
+    in_flight_usd: Decimal = Decimal(0)
+    calls: int = 0  # carved, not settled yet
+    used_at: datetime | None = None
+    retired: bool = False  # no new calls: its unused part was given back
+
+    @property
+    def unused_usd(self) -> Decimal:
+        return self.held_usd - self.in_flight_usd
+
+    def fits(self, amount: Decimal, month: str, now: datetime, max_age: timedelta) -> bool:
+        """Whether a call of ``amount`` in ``month`` may be carved from it now."""
+        return (
+            not self.retired
+            and self.month == month
+            and self.held_usd > 0
+            and amount <= self.unused_usd
+            and now - self.taken_at < max_age
+        )
+
+    def carve(self, amount: Decimal, now: datetime) -> None:
+        self.in_flight_usd += amount
+        self.calls += 1
+        self.used_at = now
+
+    def drop(self, amount: Decimal, *, spent: bool) -> None:
+        """A carved call is settled: its money leaves the lease if ``spent`` (committed)."""
+        self.in_flight_usd -= amount
+        self.calls -= 1
+        if spent:
+            self.held_usd -= amount
 
 
 class Spend:
@@ -184,18 +231,30 @@ async def overdue_verdicts(
     pass, not one per call; no answer counts as "it may have run".
     """
 
-    async def state_of(request_id: str) -> str | None:
-        if ask is None:
+    async def state_of(call: LoggedCall) -> str | None:
+        if ask is None or call.action == LEASE_ACTION:  # a lease has no request to ask about
             return None
         try:
-            return await ask(request_id)
+            return await ask(call.request_id)
         except Exception as exc:  # no answer: the safe side is "it may have run"
-            log.warning("could not ask the cloud about request %s: %r", request_id, exc)
+            log.warning("could not ask the cloud about request %s: %r", call.request_id, exc)
             return None
 
-    states = await asyncio.gather(*(state_of(call.request_id) for call in overdue))
+    states = await asyncio.gather(*(state_of(call) for call in overdue))
     verdicts: list[tuple[Reservation, Decimal | None]] = []
     for call, state in zip(overdue, states, strict=True):
+        if call.action == LEASE_ACTION:
+            # Its holder died: the calls carved from it may have run, and none of them is in
+            # the ledger, so what it still holds counts as spent (at most one lease's worth).
+            log.warning(
+                "budget lease %s was not given back within %.0f s (its instance stopped); "
+                "the $%s it still held is counted as spent",
+                call.id,
+                ttl_s,
+                usd(call.cost_usd),
+            )
+            verdicts.append((Reservation.of(call), call.cost_usd))
+            continue
         never_ran = state == NEVER_RAN_STATE
         log.warning(
             "reservation %s of %s (request %s) was not settled within %.0f s; the cloud "
