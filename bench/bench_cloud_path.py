@@ -23,8 +23,10 @@ Reported: p50/p99 of each path and the added p50/p99 (hybrid minus direct), each
 (min..max) over rounds, and the terminal process's CPU per hybrid call at one client
 (``/proc/<pid>/stat`` over each round; the direct calls do not touch the terminal). Goal: at
 most 1.0 ms added at the median and 3.0 ms at p99. To say how much of the added time is the
-cost guard on the path, the same run times ``CostGuard.reserve()`` + ``commit()`` alone, in this
-process, on a SQLite ledger in the same temporary folder (the same disk as the terminal's).
+cost guard on the path, the same run times the router's bracket, ``CostGuard.spend(...,
+commit_behind=True)`` around nothing, alone, in this process, on a SQLite ledger in the same
+temporary folder (the same disk as the terminal's): a reservation carved from the instance's
+budget lease, and its commit queued behind.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def _timed(n: int, call: Callable[[], None]) -> list[float]:
 
 
 async def _cost_guard_samples(folder: Path, n: int) -> list[float]:
-    """Seconds of one reserve()+commit() pair, the cost guard's work on every cloud call."""
+    """Seconds of one ``spend(commit_behind=True)`` bracket, the cost guard's work on every
+    cloud call the router makes."""
     guard = CostGuard(
         SqliteLedgerStore(folder / "cost_ledger.sqlite3"),
         monthly_cap_usd=Decimal(10**9),  # never refused: the time measured is the reservation
@@ -72,8 +75,9 @@ async def _cost_guard_samples(folder: Path, n: int) -> list[float]:
     try:
 
         async def pair(i: int) -> None:
-            reservation = await guard.reserve(ACTION, Decimal("0.002"), f"bench-{i}")
-            await guard.commit(reservation, Decimal("0.002"))
+            price = Decimal("0.002")
+            async with guard.spend(ACTION, price, f"bench-{i}", commit_behind=True) as spend:
+                spend.ran(price)
 
         return await common.time_calls(n, pair, warmup=20)
     finally:
@@ -141,7 +145,7 @@ def _bench(folder: Path, per_round: int, rounds: int) -> list[common.Row]:
         hybrid_row["added_p50_ms"] <= GOAL_ADDED_P50_MS
         and hybrid_row["added_p99_ms"] <= GOAL_ADDED_P99_MS
     )
-    guard_row = row("of which: CostGuard reserve+commit, SQLite, same disk", [guard_s])
+    guard_row = row("of which: CostGuard.spend, SQLite, same disk", [guard_s])
     added_ms = hybrid_row["added_p50_ms"]
     guard_row["share_of_added"] = guard_row["p50_ms"] / added_ms if added_ms > 0 else None
     return [
