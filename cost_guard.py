@@ -81,9 +81,10 @@ _NOT_OPENED = "not opened yet"
 # month an unsettled reservation is resolved by the guard's sweep, which asks the cloud first.
 STORE_EXPIRY_S = 40 * 86400.0
 SWEEP_BATCH = 20  # asked of the cloud together, once per refresh pass
-# Budget leases (``spend(commit_behind=True)`` on a ``LeasingStore``): a lease is at most this
-# many calls' worth, and at most this share of what remains under the cap; below two calls'
-# worth the calls reserve one by one, so the last cents are shared exactly.
+# Budget leases (``spend(commit_behind=True)`` on a ``LeasingStore``): a lease is this many
+# calls' worth (or as many as wait for it and are in flight, if more), and at most this share
+# of what remains under the cap; below two calls' worth the calls reserve one by one, so the
+# last cents are shared exactly.
 LEASE_CALLS = 16
 LEASE_SHARE = Decimal("0.01")
 LEASE_IDLE_S = 10.0  # unused this long: given back by the refresh task
@@ -155,6 +156,7 @@ class CostGuard:
         self._lease: BudgetLease | None = None  # the one new calls are carved from
         self._leases: dict[str, BudgetLease] = {}  # held: that one and retired ones in use
         self._leasing: asyncio.Future[BudgetLease | None] | None = None  # a lease being taken
+        self._lease_waiters = 0  # calls waiting for the lease being taken
         self._owed: list[tuple[str, Decimal]] = []  # give-backs the ledger could not take yet
 
     @classmethod
@@ -447,7 +449,12 @@ class CostGuard:
                     self._next_lease(amount)
                 return Reservation(uuid.uuid4().hex, action, amount, request_id, month, lease.id)
             # Another caller may carve the new lease first: then wait for the next one.
-            if await asyncio.shield(self._next_lease(amount)) is None:
+            self._lease_waiters += 1  # the lease taken next is sized for all who wait
+            try:
+                taken = await asyncio.shield(self._next_lease(amount))
+            finally:
+                self._lease_waiters -= 1
+            if taken is None:
                 if self._lease is not None:  # queued before the reservation: its money is free
                     self._retire(self._lease)
                 break
@@ -467,11 +474,14 @@ class CostGuard:
         return self._leasing
 
     def _lease_size(self, amount: Decimal) -> Decimal | None:
-        """``lease_calls`` calls' worth, at most ``lease_share`` of what remains; None: too
-        little remains for two calls' worth (or the calls cost nothing)."""
+        """``lease_calls`` calls' worth, or as many as wait for it and are in flight if more
+        (a burst of a /batch takes one lease, not one after another), at most ``lease_share``
+        of what remains; None: too little remains for two calls' worth (or they cost nothing)."""
         remaining = self._hard_cap_usd - self.current_totals().total_usd
         share = (remaining * self._lease_share).quantize(MICRO_USD, rounding=ROUND_FLOOR)
-        size = min(amount * self._lease_calls, share)
+        in_flight = sum(lease.calls for lease in self._leases.values())
+        calls = max(self._lease_calls, self._lease_waiters + in_flight)
+        size = min(amount * calls, share)
         return size if amount > 0 and size >= 2 * amount else None
 
     async def _take_lease(self, amount: Decimal) -> BudgetLease | None:

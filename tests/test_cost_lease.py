@@ -70,6 +70,17 @@ async def test_calls_are_carved_from_one_lease_and_its_rest_is_given_back_on_clo
     assert (snapshot["spent_usd"], snapshot["reserved_usd"]) == ("0.07", "0.00")
 
 
+async def test_a_burst_takes_one_lease_sized_for_all_its_calls(ledger_path: Path) -> None:
+    async with opened(SqliteLedgerStore(ledger_path)) as guard:
+        await asyncio.gather(*(call(guard, n) for n in range(50)))
+        await guard.refresh()
+        leases = [row for row in rows(ledger_path) if row[0] == LEASE_ACTION]
+        # One lease for the burst, not one per 16 calls (then the renewal, taken in the
+        # background once a quarter was left).
+        assert leases[0][3] == 50 * 10_000 and len(leases) <= 2, leases
+    assert len([row for row in rows(ledger_path) if row[0] != LEASE_ACTION]) == 50
+
+
 async def test_a_call_that_never_ran_goes_back_to_the_lease_and_writes_nothing(
     ledger_path: Path,
 ) -> None:
