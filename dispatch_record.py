@@ -13,6 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from frozen_init import fast_init
 from structured_log import DISPATCH_LOGGER, log_dispatch
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ log = logging.getLogger("everreach.orchestrator")
 MAX_COUNTED_ACTIONS = 1_000
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class DispatchRecord:
     """What one call did, in the words of the log line, the metrics and ``/status``."""

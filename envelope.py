@@ -32,6 +32,7 @@ from errors import (
     RateLimited,
     Source,
 )
+from frozen_init import fast_init
 
 _MISSING: Any = object()
 
@@ -67,6 +68,7 @@ def check_header_safe(key: str) -> str:
     return key
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Envelope:
     """Outcome of one action; ``to_dict()`` is the JSON body clients see. Immutable."""

@@ -34,6 +34,7 @@ from errors import (
     Unauthorized,
     UnknownAction,
 )
+from frozen_init import fast_init
 from route_table import Fallback, Preferred, Route
 
 # Answers that are definite: replaying them from the outbox would only fail the same way.
@@ -63,6 +64,7 @@ class After(StrEnum):
     CLOUD_FAILED = "cloud_failed"  # the cloud failed, or is offline
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Step:
     """One rung of the ladder: what to do, the envelope source it gives, and why it is here."""
@@ -73,6 +75,7 @@ class Step:
     reason: str
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class RouteState:
     """What ``plan`` needs to know about the instance at the time of the call."""
@@ -89,6 +92,7 @@ class RouteState:
     outbox: bool = False
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Plan:
     """Where the call goes (``env``) and the ladder of steps that serve it."""
