@@ -46,13 +46,14 @@ class DispatchRecord:
     def of(cls, envelope: Envelope) -> DispatchRecord:
         """Read the record of a finished call from its envelope."""
         action: object = envelope.action  # route() takes any input; a bad name is still logged
+        # ``_value_``, not the ``.value`` property: the same text without a Python call each.
         return cls(
             request_id=envelope.request_id,
             action=action if isinstance(action, str) else repr(action),
-            env=envelope.env.value if envelope.env else "none",
-            source=envelope.source.value if envelope.source else None,
+            env=envelope.env._value_ if envelope.env else "none",
+            source=envelope.source._value_ if envelope.source else None,
             outcome=envelope.outcome,
-            error=envelope.error.value if envelope.error else None,
+            error=envelope.error._value_ if envelope.error else None,
             duration_ms=envelope.duration_ms,
             attempts=envelope.attempts,
             ok_or_queued=envelope.ok or envelope.queued,

@@ -267,7 +267,7 @@ class Envelope:
             return "ok"
         if self.queued:
             return "queued"
-        return self.error.value if self.error else "error"
+        return self.error._value_ if self.error else "error"
 
     @property
     def http_status(self) -> int:
@@ -279,12 +279,14 @@ class Envelope:
         return HTTP_STATUS_BY_CODE.get(self.error, 500) if self.error else 500
 
     def to_dict(self) -> dict[str, Any]:
+        # An enum member's ``_value_`` is its value as a plain attribute; ``.value`` is a
+        # property, a Python call each (~0.2 µs).
         body: dict[str, Any] = {
             "ok": self.ok,
             "action": self.action,
-            "source": self.source.value if self.source else None,
+            "source": self.source._value_ if self.source else None,
             "result": self.result,
-            "error": self.error.value if self.error else None,
+            "error": self.error._value_ if self.error else None,
             "detail": self.detail,
             "duration_ms": round(self.duration_ms, 3),
             "request_id": self.request_id,

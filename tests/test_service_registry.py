@@ -588,3 +588,20 @@ def test_a_key_scope_gives_handlers_its_key_and_restores_the_outer_one() -> None
             raise RuntimeError("a handler failed")
         assert current_idempotency_key() == "outer-key-1"
     assert current_idempotency_key() is None
+
+
+def test_a_checked_action_name_gets_the_same_answer_the_second_time() -> None:
+    import service_registry
+    from errors import InvalidParams
+
+    class Odd(str):
+        """A str subclass: checked by the regex every time, never kept."""
+
+    for _ in range(2):
+        assert service_registry.check_action_name("naming.again") == "naming.again"
+        for bad in ("Naming.again", "naming.again\n", "naming", 3, None):
+            with pytest.raises(InvalidParams):
+                service_registry.check_action_name(bad)
+    assert "naming.again" in service_registry._GOOD_NAMES
+    assert service_registry.check_action_name(Odd("odd.name")) == "odd.name"
+    assert "odd.name" not in service_registry._GOOD_NAMES
