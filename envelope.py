@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -32,6 +33,7 @@ from errors import (
     RateLimited,
     Source,
 )
+from frozen_init import fast_init
 
 _MISSING: Any = object()
 
@@ -44,9 +46,34 @@ _HEADER_SAFE_RE = re.compile(r"[\x21-\x7e]+")
 
 def new_request_id() -> str:
     """Return a fresh request id (also used as the Idempotency-Key of cloud calls)."""
-    # 128 random bits as 32 hex digits, like uuid4().hex (122 bits) at a quarter of the CPU:
-    # 0.5 µs instead of 2.2 µs per call, measured with timeit.
-    return os.urandom(16).hex()
+    # 128 random bits as 32 hex digits, like uuid4().hex (122 bits) at a fraction of the CPU:
+    # the bits of 64 ids are read from os.urandom at once (one system call, not one per id:
+    # 0.8 -> 0.3 µs per id, timeit). Taking the next id of a list iterator is atomic under the
+    # GIL, so threads never share one; a forked child drops what its parent had read.
+    found = next(_ids, None)
+    return found if found is not None else _refill()
+
+
+def _refill() -> str:
+    global _ids, _hooked
+    if not _hooked:  # at the first id, not at import
+        os.register_at_fork(after_in_child=_forget_ids)
+        _hooked = True
+    text = os.urandom(16 * _IDS_PER_READ).hex()
+    ids = iter([text[i : i + 32] for i in range(0, len(text), 32)])
+    first = next(ids)
+    _ids = ids
+    return first
+
+
+def _forget_ids() -> None:
+    global _ids
+    _ids = iter(())
+
+
+_IDS_PER_READ = 64
+_ids: Iterator[str] = iter(())
+_hooked = False
 
 
 def check_idempotency_key(key: object, *, what: str = "idempotency_key") -> str:
@@ -67,6 +94,7 @@ def check_header_safe(key: str) -> str:
     return key
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Envelope:
     """Outcome of one action; ``to_dict()`` is the JSON body clients see. Immutable."""
@@ -239,7 +267,7 @@ class Envelope:
             return "ok"
         if self.queued:
             return "queued"
-        return self.error.value if self.error else "error"
+        return self.error._value_ if self.error else "error"
 
     @property
     def http_status(self) -> int:
@@ -251,12 +279,14 @@ class Envelope:
         return HTTP_STATUS_BY_CODE.get(self.error, 500) if self.error else 500
 
     def to_dict(self) -> dict[str, Any]:
+        # An enum member's ``_value_`` is its value as a plain attribute; ``.value`` is a
+        # property, a Python call each (~0.2 µs).
         body: dict[str, Any] = {
             "ok": self.ok,
             "action": self.action,
-            "source": self.source.value if self.source else None,
+            "source": self.source._value_ if self.source else None,
             "result": self.result,
-            "error": self.error.value if self.error else None,
+            "error": self.error._value_ if self.error else None,
             "detail": self.detail,
             "duration_ms": round(self.duration_ms, 3),
             "request_id": self.request_id,

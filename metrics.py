@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -86,6 +87,8 @@ class Metrics:
         self._created_s = time.time()
         self._series: _Series | None = None
         self._provider: StatusProvider | None = None
+        # Per raw (action, source, outcome): the count's increment, the duration's observe (or
+        # None until the first), the label values.
         self._children: dict[tuple[Any, Any, Any], list[Any]] = {}
 
     @property
@@ -133,14 +136,14 @@ class Metrics:
                 self.source_label(source),
                 self.outcome_label(outcome),
             )
-            children = [self._built().dispatches.labels(*labels), None, labels]
+            children = [_counting(self._built().dispatches.labels(*labels)), None, labels]
             if len(self._children) < _MAX_CACHED_CHILDREN:
                 self._children[key] = children
-        children[0].inc()
+        children[0](1)
         if math.isfinite(duration_s) and duration_s >= 0:
             if children[1] is None:  # a series appears with its first observation only
-                children[1] = self._built().duration.labels(*children[2][:2])
-            children[1].observe(duration_s)
+                children[1] = _observing(self._built().duration.labels(*children[2][:2]))
+            children[1](duration_s)
 
     def inc_cloud_retry(self, action: str) -> None:
         """Count one retried cloud attempt."""
@@ -165,6 +168,49 @@ class Metrics:
     def record_status_failure(self) -> None:
         """Count a scrape whose status provider raised."""
         self._built().status_errors.inc()
+
+
+def _counting(child: Any) -> Callable[[float], None]:
+    """What ``child.inc`` does for a labelled counter, without its checks: ~0.5 µs less.
+
+    ``inc`` checks that the child is labelled and the amount is not negative (both hold here)
+    and then adds to its value; that value's own ``inc`` is called directly. A client whose
+    counters are built otherwise gets ``child.inc``.
+    """
+    value = getattr(child, "_value", None)
+    inc = getattr(value, "inc", None)
+    return inc if callable(inc) else child.inc  # type: ignore[no-any-return]
+
+
+def _observing(child: Any) -> Callable[[float], None]:
+    """What ``child.observe`` does for a labelled histogram, with the bucket found by bisection.
+
+    ``observe`` adds the amount to the sum and one to the first bucket whose upper bound is at
+    least the amount, found by a loop in Python: ``bisect_left`` over the same bounds finds the
+    same bucket in C (the last bound is +Inf). ~1 µs less. A client whose histograms are built
+    otherwise gets ``child.observe``.
+    """
+    bounds = getattr(child, "_upper_bounds", None)
+    buckets = getattr(child, "_buckets", None)
+    total = getattr(child, "_sum", None)
+    if not (
+        isinstance(bounds, list)
+        and isinstance(buckets, list)
+        and len(bounds) == len(buckets) > 0
+        and bounds[-1] == math.inf
+        and callable(getattr(total, "inc", None))
+        and all(callable(getattr(bucket, "inc", None)) for bucket in buckets)
+    ):
+        return child.observe  # type: ignore[no-any-return]
+    add = total.inc  # type: ignore[union-attr]
+    increments = [bucket.inc for bucket in buckets]
+    ordered = tuple(bounds)
+
+    def observe(amount: float) -> None:
+        add(amount)
+        increments[bisect_left(ordered, amount)](1)
+
+    return observe
 
 
 class _Series:

@@ -298,7 +298,8 @@ def read_body(raw: bytes, content_type: str | None, model: type[Body]) -> Body:
             raise InvalidParams("'action' is required: a 'service.topic' string")
         check_action_name(data["action"])
     try:
-        return model.model_validate(data)
+        # What model_validate runs, less its Python wrapper and keywords (~0.5 µs a body).
+        return model.__pydantic_validator__.validate_python(data)  # type: ignore[no-any-return]
     except ValidationError as exc:
         raise InvalidParams(explain(exc, model)) from None
 

@@ -35,6 +35,7 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _OPEN_PATHS = frozenset({"/health"})
 _TCP_LISTEN = "0A"
+_MAX_HOSTS_KEPT = 64
 
 
 def allowed_hosts(configured: Iterable[str], bind_host: str) -> frozenset[str]:
@@ -120,6 +121,9 @@ class RequestGuardMiddleware:
         self._public_listen: str | None = None  # the first public address listened on
         self._listen_known = False
         self._allowed: tuple[Any, frozenset[str]] | None = None
+        # Host headers seen and whether each is served, for the config in ``_allowed``: a
+        # server is reached under a few names (~1 µs per request to parse and match one).
+        self._hosts: dict[bytes, bool] = {}
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -147,10 +151,15 @@ class RequestGuardMiddleware:
                 origin = value
             elif name == b"sec-fetch-site":
                 site = value
-        host = "" if host_raw is None else host_raw.decode("latin-1")
-        if not host_allowed(host, self._allowed_for(config)):
+        allowed = self._allowed_for(config)
+        served = self._hosts.get(host_raw) if host_raw is not None else None
+        if served is None:
+            served = host_allowed(_latin1(host_raw), allowed)
+            if host_raw is not None and len(self._hosts) < _MAX_HOSTS_KEPT:
+                self._hosts[host_raw] = served
+        if not served:
             raise BadRequest(
-                f"Host {host[:100]!r} is not served here; add it to ALLOWED_HOSTS "
+                f"Host {_latin1(host_raw)[:100]!r} is not served here; add it to ALLOWED_HOSTS "
                 f"(comma-separated names, '*' for any) if it is yours"
             )
         if config.local_api_token is None and scope["path"] not in _OPEN_PATHS:
@@ -160,16 +169,17 @@ class RequestGuardMiddleware:
                     f"this server listens on {public} beyond this machine and LOCAL_API_TOKEN "
                     f"is not set; set LOCAL_API_TOKEN or listen on 127.0.0.1 only"
                 )
-        if scope["method"] not in _SAFE_METHODS:
+        if scope["method"] not in _SAFE_METHODS and (site is not None or origin is not None):
             _check_same_origin(
-                "" if site is None else site.decode("latin-1"),
+                _latin1(site),
                 None if origin is None else origin.decode("latin-1"),
-                host,
+                _latin1(host_raw),
             )
 
     def _allowed_for(self, config: Any) -> frozenset[str]:
         if self._allowed is None or self._allowed[0] is not config:
             self._allowed = (config, allowed_hosts(config.allowed_hosts.split(","), config.host))
+            self._hosts = {}
         return self._allowed[1]
 
     def _public_address(self, scope: Any) -> str | None:
@@ -192,6 +202,10 @@ class RequestGuardMiddleware:
         return self._public_listen
 
 
+def _latin1(raw: bytes | None) -> str:
+    return "" if raw is None else raw.decode("latin-1")
+
+
 def _check_same_origin(site: str, origin: str | None, host: str) -> None:
     site = site.strip().lower()
     if site in ("cross-site", "same-site"):
@@ -211,6 +225,9 @@ def _check_same_origin(site: str, origin: str | None, host: str) -> None:
 
 
 def _config(scope: Any) -> Any:
-    app = scope.get("app")
-    runtime = getattr(getattr(app, "state", None), "runtime", None)
+    state = getattr(scope.get("app"), "state", None)
+    # Starlette's State keeps its attributes in a dict, read here directly rather than through
+    # State.__getattr__ and the exception it raises for a missing one (~0.5 µs a request).
+    values = getattr(state, "_state", None)
+    runtime = values.get("runtime") if type(values) is dict else getattr(state, "runtime", None)
     return getattr(runtime, "config", None)

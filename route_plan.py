@@ -34,6 +34,7 @@ from errors import (
     Unauthorized,
     UnknownAction,
 )
+from frozen_init import fast_init
 from route_table import Fallback, Preferred, Route
 
 # Answers that are definite: replaying them from the outbox would only fail the same way.
@@ -63,6 +64,7 @@ class After(StrEnum):
     CLOUD_FAILED = "cloud_failed"  # the cloud failed, or is offline
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Step:
     """One rung of the ladder: what to do, the envelope source it gives, and why it is here."""
@@ -73,6 +75,7 @@ class Step:
     reason: str
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class RouteState:
     """What ``plan`` needs to know about the instance at the time of the call."""
@@ -89,6 +92,7 @@ class RouteState:
     outbox: bool = False
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Plan:
     """Where the call goes (``env``) and the ladder of steps that serve it."""
@@ -124,6 +128,23 @@ def select_env(route: Route, state: RouteState) -> tuple[Env, bool]:
 
 def plan(action: str, route: Route, state: RouteState) -> Plan:
     """The ladder for one call of ``action``; raises ``InvalidParams`` for a call that cannot go."""
+    # A plan depends on nothing but these three, all immutable, and an instance sees few
+    # combinations of them: each is worked out once (a lookup of ~1.2 µs instead of ~2.8 µs of
+    # steps and text per call, timeit). A refusal is not kept: it raises every time.
+    key = (action, route, state)
+    found = _PLANS.get(key)
+    if found is None:
+        found = _plan(action, route, state)
+        if len(_PLANS) < _MAX_PLANS:
+            _PLANS[key] = found
+    return found
+
+
+_PLANS: dict[tuple[str, Route, RouteState], Plan] = {}
+_MAX_PLANS = 4096
+
+
+def _plan(action: str, route: Route, state: RouteState) -> Plan:
     env, triggered = select_env(route, state)
     hybrid = state.env is Env.HYBRID and state.force_env is None
     if env is Env.LOCAL:

@@ -90,12 +90,22 @@ class _KeyScope:
 
 def check_action_name(action: object) -> str:
     """Return ``action`` if it is a ``service.topic`` name, else raise ``InvalidParams``."""
+    # Names that passed are kept (a /dispatch checks its name twice, and the same few names
+    # come again and again): a set lookup instead of the regex, ~0.3 µs each.
+    if type(action) is str and action in _GOOD_NAMES:
+        return action
     if not isinstance(action, str) or not ACTION_RE.match(action):
         raise InvalidParams(
             f"action must be 'service.topic' in lower case letters, digits and '_' "
             f"(e.g. 'research.keyword'); got {str(action)[:80]!r}"
         )
+    if type(action) is str and len(_GOOD_NAMES) < _MAX_GOOD_NAMES:  # not a subclass's own ==
+        _GOOD_NAMES.add(action)
     return action
+
+
+_GOOD_NAMES: set[str] = set()
+_MAX_GOOD_NAMES = 4096
 
 
 def _check_params(action: str, params: Any) -> None:

@@ -294,3 +294,34 @@ def test_to_json_never_writes_nan_or_infinity(result: Any) -> None:
     body = envelope.to_json()
     assert b"NaN" not in body and b"Infinity" not in body
     assert json.loads(body)["result"] is None
+
+
+@pytest.mark.process  # forks
+def test_request_ids_stay_unique_across_threads_and_in_a_forked_child() -> None:
+    import os
+    import threading
+
+    found: list[str] = []
+
+    def take() -> None:
+        found.extend(new_request_id() for _ in range(500))
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(found)) == len(found) == 2_000
+    new_request_id()  # the parent holds ids it has read but not handed out yet
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its ids, written back to the parent
+        os.write(write, "".join(new_request_id() for _ in range(8)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        text = pipe.read()
+    child = {text[i : i + 32] for i in range(0, len(text), 32)}
+    parent = {new_request_id() for _ in range(64)}
+    assert len(child) == 8 and not child & parent

@@ -130,6 +130,33 @@ def test_duration_histogram_records_seconds_per_action_and_source() -> None:
     assert value(samples, "everreach_dispatch_duration_seconds_bucket", le="10.0", **labels) == 2
 
 
+def test_each_duration_lands_in_the_bucket_prometheus_client_would_put_it_in() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from metrics import DURATION_BUCKETS_S
+
+    durations = [0.0, 1e-9, *DURATION_BUCKETS_S, *(b * 1.0001 for b in DURATION_BUCKETS_S), 1e9]
+    metrics = Metrics(KNOWN)
+    registry = CollectorRegistry()
+    reference = Histogram("ref", "ref", ("action", "source"), buckets=DURATION_BUCKETS_S,
+                          registry=registry)  # fmt: skip
+    for duration in durations:
+        metrics.observe_dispatch("dm.send", "cloud", "ok", duration)
+        reference.labels("dm.send", "cloud").observe(duration)
+    ours = {
+        (name.removeprefix("everreach_dispatch_duration_seconds"), labels): count
+        for (name, labels), count in scrape(metrics).items()
+        if name.startswith("everreach_dispatch_duration_seconds") and "_created" not in name
+    }
+    theirs = {
+        (sample.name.removeprefix("ref"), frozenset(sample.labels.items())): sample.value
+        for family in registry.collect()
+        for sample in family.samples
+        if "_created" not in sample.name
+    }
+    assert ours == theirs and len(ours) == len(DURATION_BUCKETS_S) + 3  # buckets, +Inf, count, sum
+
+
 def test_an_impossible_duration_is_counted_but_not_observed() -> None:
     metrics = Metrics(KNOWN)
     metrics.observe_dispatch("dm.send", "cloud", "ok", float("nan"))

@@ -7,7 +7,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.testclient import TestClient
 from starlette.types import Receive, Scope, Send
@@ -53,6 +53,8 @@ def _app(*, plain: bool) -> FastAPI:
             raise Refused("no")
         if body.get("crash"):
             raise RuntimeError("boom")
+        if body.get("teapot"):
+            raise HTTPException(418, "short and stout", headers={"x-teapot": "yes"})
         seen = {
             "path_params": request.path_params,
             "route": request.scope["route"].path,
@@ -82,6 +84,18 @@ def test_a_plain_route_answers_as_the_whole_stack_does(body: dict[str, Any]) -> 
     # The user middleware ran (a fault's answer comes from outside it, in both)
     assert got.headers.get("x-marked") == expected.headers.get("x-marked")
     assert ("x-marked" in got.headers) == ("crash" not in body)
+
+
+def test_an_http_exception_is_answered_by_the_same_handler_on_a_plain_route() -> None:
+    with (
+        TestClient(_app(plain=True), raise_server_exceptions=False) as plain,
+        TestClient(_app(plain=False), raise_server_exceptions=False) as whole,
+    ):
+        got, expected = (c.post("/hot", json={"teapot": True}) for c in (plain, whole))
+    assert (got.status_code, got.text) == (expected.status_code, expected.text)
+    assert got.status_code == 418 and "short and stout" in got.text
+    assert got.headers["x-teapot"] == expected.headers["x-teapot"] == "yes"
+    assert got.headers.get("x-marked") == expected.headers.get("x-marked") == "yes"
 
 
 def test_a_plain_route_skips_the_router() -> None:

@@ -207,3 +207,28 @@ def test_a_real_server_refuses_a_rebound_host_and_a_cross_site_post_but_serves_c
         timeout=10,
     )
     assert curl.status_code == 200 and curl.json()["result"] == {"hi": 1}
+
+
+def test_a_host_header_gets_the_same_answer_every_time_and_per_config() -> None:
+    from types import SimpleNamespace
+
+    from errors import BadRequest
+    from request_guard import RequestGuardMiddleware
+
+    guard = RequestGuardMiddleware(None)
+    local = SimpleNamespace(allowed_hosts="", host="127.0.0.1", local_api_token="t")
+    public = SimpleNamespace(allowed_hosts="api.example.com", host="0.0.0.0", local_api_token="t")
+
+    def check(host: bytes, config: SimpleNamespace) -> bool:
+        scope = {"headers": [(b"host", host)], "path": "/dispatch", "method": "POST"}
+        try:
+            guard.check(scope, config)
+        except BadRequest:
+            return False
+        return True
+
+    for _ in range(3):  # the answer kept for a Host is the one it got the first time
+        assert check(b"localhost:8080", local) and not check(b"api.example.com", local)
+    for _ in range(2):  # another config: every Host is judged again
+        assert not check(b"localhost:8080", public) and check(b"api.example.com", public)
+    assert check(b"localhost:8080", local)

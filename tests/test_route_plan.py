@@ -179,3 +179,19 @@ def test_only_a_cloud_failure_carries_the_stale_entry(
     cause: ActionError, cause_kind: StepKind, carries: bool
 ) -> None:
     assert carries_stale(plan("x.y", CLOUD_READ, HYBRID), cause, cause_kind) is carries
+
+
+def test_a_plan_asked_again_is_the_same_and_a_refusal_raises_again() -> None:
+    import route_plan
+
+    for route, state in [(CLOUD_READ, HYBRID), (CLOUD_SEND, OFFLINE), (LOCAL_READ, HYBRID)]:
+        first = plan("again.read", route, replace(state))
+        assert plan("again.read", route, replace(state)) == first
+        assert first == route_plan._plan("again.read", route, state)
+    # the offline detail names the action it was planned for, not one planned before
+    assert plan("again.other", CLOUD_SEND, OFFLINE).offline_detail == (
+        "OFFLINE_MODE=true; again.other needs the cloud"
+    )
+    for _ in range(2):
+        with pytest.raises(InvalidParams, match="force_env"):
+            plan("again.read", CLOUD_READ, replace(HYBRID, force_env="moon"))

@@ -588,3 +588,27 @@ def test_a_key_scope_gives_handlers_its_key_and_restores_the_outer_one() -> None
             raise RuntimeError("a handler failed")
         assert current_idempotency_key() == "outer-key-1"
     assert current_idempotency_key() is None
+
+
+def test_a_checked_action_name_gets_the_same_answer_the_second_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import service_registry
+    from errors import InvalidParams
+
+    monkeypatch.setattr(service_registry, "_GOOD_NAMES", set())  # others' names fill it
+
+    class Odd(str):
+        """A str subclass: checked by the regex every time, never kept."""
+
+    for _ in range(2):
+        assert service_registry.check_action_name("naming.again") == "naming.again"
+        for bad in ("Naming.again", "naming.again\n", "naming", 3, None):
+            with pytest.raises(InvalidParams):
+                service_registry.check_action_name(bad)
+    assert "naming.again" in service_registry._GOOD_NAMES
+    assert service_registry.check_action_name(Odd("odd.name")) == "odd.name"
+    assert "odd.name" not in service_registry._GOOD_NAMES
+    monkeypatch.setattr(service_registry, "_MAX_GOOD_NAMES", 1)  # full: checked, not kept
+    assert service_registry.check_action_name("naming.more") == "naming.more"
+    assert "naming.more" not in service_registry._GOOD_NAMES
