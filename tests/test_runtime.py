@@ -11,7 +11,7 @@ import pytest
 from config.hybrid_config import HybridConfig
 from errors import ConfigError
 from runtime import Runtime
-from tests.conftest import free_port
+from tests.conftest import free_port, modules_loaded_by
 
 
 def _config(tmp_path: Path, **variables: Any) -> HybridConfig:
@@ -162,3 +162,29 @@ async def test_idle_cloud_connections_are_dropped_before_the_cloud_drops_them(
     finally:
         listener.close()
         await listener.wait_closed()
+
+
+# Opens and closes a runtime on argv[1] (DATA_DIR) and argv[2] (CLOUD_ENDPOINT, or "").
+_OPEN_AND_CLOSE = """
+import asyncio
+from config.hybrid_config import HybridConfig
+from runtime import Runtime
+
+variables = {"DATA_DIR": sys.argv[1], "CLOUD_ENDPOINT": sys.argv[2]}
+
+async def main() -> None:
+    async with Runtime.open(HybridConfig.from_mapping(variables)):
+        pass
+
+asyncio.run(main())
+"""
+_CONFIGURED_ONLY = {"cloud_executor", "cloud_routes", "idempotency_pg", "idempotency_redis"}
+
+
+@pytest.mark.process
+def test_a_local_runtime_loads_no_cloud_executor_and_no_shared_idempotency_store(tmp_path):
+    local = modules_loaded_by(_OPEN_AND_CLOSE, str(tmp_path / "local"), "")
+    assert "runtime" in local and local & _CONFIGURED_ONLY == set()
+    cloud = f"http://127.0.0.1:{free_port()}"
+    hybrid = modules_loaded_by(_OPEN_AND_CLOSE, str(tmp_path / "hybrid"), cloud)
+    assert {"cloud_executor", "cloud_routes"} <= hybrid
