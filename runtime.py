@@ -13,11 +13,12 @@ those are down: they degrade (SQLite fallback, fail-closed spend, offline mode) 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import httpx
@@ -173,12 +174,22 @@ class Runtime:
         self._lock_data_dir()
         self._open_http_client()
         self._open_alerts()
-        await self._open_stores()
-        await self._open_pacing()
         self.cloud_client = CloudClient.from_config(self.config, self.client)
         if self.cloud_client is not None:
             self._open_cloud(self.cloud_client)
-        await self._open_cost_guard()
+        self._build_cost_guard()
+        # The stores, the pacing store and the cost ledger are separate files (or databases),
+        # each opened on its own thread: opened side by side, their schema commits and fsyncs
+        # overlap. All are open (schemas made, the month's spend loaded) before anything serves.
+        await self._open_together(
+            [
+                *((self._store_opener(s), s.close) for s in self._stores()),
+                (self.pacer.open, self.pacer.aclose),  # down now is not fatal: calls defer
+                (self.cost_guard.open, self.cost_guard.close),
+            ]
+        )
+        if len(self.pacer.limits):  # no limits, no backlog to watch
+            self.watch_backlog(self.pacer)
         self._open_orchestrator()
         self._open_state_sync()
         await self.bus.start()
@@ -275,20 +286,36 @@ class Runtime:
         self._on_close(watch.close)
         return watch
 
-    async def _open_stores(self) -> None:
-        for store in (self.cache, self.outbox, self.state_store, self.idempotency):
+    async def _open_together(
+        self, parts: Sequence[tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]]
+    ) -> None:
+        """Run each ``(open, close)`` pair's ``open`` at once; ``close`` is registered (in the
+        given order) for every part that opened. The first failure, in that order, is raised
+        once all have finished: the parts that did open are then closed with the rest."""
+        tasks = [asyncio.ensure_future(open_()) for open_, _ in parts]
+        try:
+            await asyncio.wait(tasks)
+        finally:
+            for task in tasks:  # cancelled while opening: each part ends before it is judged
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for task, (_, close) in zip(tasks, parts, strict=True):
+                if not task.cancelled() and task.exception() is None:
+                    self._on_close(close)
+        for task in tasks:
+            task.result()
+
+    def _stores(self) -> tuple[OfflineCache, Outbox, StateStore, IdempotencyStores]:
+        return (self.cache, self.outbox, self.state_store, self.idempotency)
+
+    def _store_opener(self, store: Any) -> Callable[[], Awaitable[None]]:
+        async def open_store() -> None:
             try:
                 await store.open()
             except (sqlite3.Error, OSError) as exc:  # e.g. a read-only file in DATA_DIR
                 raise data_dir_error(self.config.data_dir, exc) from exc
-            self._on_close(store.close)
 
-    async def _open_pacing(self) -> None:
-        """The pacing store (a store that is down now is not fatal: limited calls defer)."""
-        await self.pacer.open()
-        self._on_close(self.pacer.aclose)
-        if len(self.pacer.limits):  # no limits, no backlog to watch
-            self.watch_backlog(self.pacer)
+        return open_store
 
     def _open_due_loop(self) -> None:
         """Send deferred and scheduled outbox items when their time comes."""
@@ -335,7 +362,8 @@ class Runtime:
             ),
         )
 
-    async def _open_cost_guard(self) -> None:
+    def _build_cost_guard(self) -> None:
+        """The cost guard, wired to the cloud and the alerts; ``open`` loads the month."""
         self.cost_guard = CostGuard.from_config(self.config, http_client=self.client)
         if self.cloud is not None:
             # Unsettled reservations of a crashed process: ask the cloud whether they ran.
@@ -346,8 +374,6 @@ class Runtime:
             soft_cap_usd=self.config.cost_soft_cap,
             hard_cap_usd=self.config.monthly_cost_cap,
         )
-        await self.cost_guard.open()
-        self._on_close(self.cost_guard.close)
 
     def _open_orchestrator(self) -> None:
         self.orchestrator = HybridOrchestrator(
