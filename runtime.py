@@ -178,14 +178,15 @@ class Runtime:
         if self.cloud_client is not None:
             self._open_cloud(self.cloud_client)
         self._build_cost_guard()
-        # The stores, the pacing store and the cost ledger are separate files (or databases),
-        # each opened on its own thread: opened side by side, their schema commits and fsyncs
-        # overlap. All are open (schemas made, the month's spend loaded) before anything serves.
+        # The stores (one SQLite file), the pacing store and the cost ledger (a file each, or
+        # a database) are opened side by side, each on its own thread: their schema commits
+        # and fsyncs overlap. All are open (schemas made, the month's spend loaded) before
+        # anything serves.
         await self._open_together(
             [
-                *((self._store_opener(s), s.close) for s in self._stores()),
-                (self.pacer.open, self.pacer.aclose),  # down now is not fatal: calls defer
-                (self.cost_guard.open, self.cost_guard.close),
+                (self._open_stores, [store.close for store in self._stores()]),
+                (self.pacer.open, [self.pacer.aclose]),  # down now is not fatal: calls defer
+                (self.cost_guard.open, [self.cost_guard.close]),
             ]
         )
         if len(self.pacer.limits):  # no limits, no backlog to watch
@@ -287,11 +288,14 @@ class Runtime:
         return watch
 
     async def _open_together(
-        self, parts: Sequence[tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]]
+        self,
+        parts: Sequence[
+            tuple[Callable[[], Awaitable[None]], Sequence[Callable[[], Awaitable[None]]]]
+        ],
     ) -> None:
-        """Run each ``(open, close)`` pair's ``open`` at once; ``close`` is registered (in the
-        given order) for every part that opened. The first failure, in that order, is raised
-        once all have finished: the parts that did open are then closed with the rest."""
+        """Run each ``(open, closers)`` part's ``open`` at once; its closers are registered (in
+        the given order) for every part that opened. The first failure, in that order, is
+        raised once all have finished: the parts that did open are then closed with the rest."""
         tasks = [asyncio.ensure_future(open_()) for open_, _ in parts]
         try:
             await asyncio.wait(tasks)
@@ -299,23 +303,35 @@ class Runtime:
             for task in tasks:  # cancelled while opening: each part ends before it is judged
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            for task, (_, close) in zip(tasks, parts, strict=True):
+            for task, (_, closers) in zip(tasks, parts, strict=True):
                 if not task.cancelled() and task.exception() is None:
-                    self._on_close(close)
+                    for closer in closers:
+                        self._on_close(closer)
         for task in tasks:
             task.result()
 
     def _stores(self) -> tuple[OfflineCache, Outbox, StateStore, IdempotencyStores]:
         return (self.cache, self.outbox, self.state_store, self.idempotency)
 
-    def _store_opener(self, store: Any) -> Callable[[], Awaitable[None]]:
-        async def open_store() -> None:
-            try:
-                await store.open()
-            except (sqlite3.Error, OSError) as exc:  # e.g. a read-only file in DATA_DIR
-                raise data_dir_error(self.config.data_dir, exc) from exc
-
-        return open_store
+    async def _open_stores(self) -> None:
+        """The cache, outbox, state and idempotency stores, one after another: they share one
+        SQLite file, and two connections turning a new file to WAL at once may fail with
+        "database is locked". A failure closes the ones already open."""
+        opened: list[Any] = []
+        try:
+            for store in self._stores():
+                try:
+                    await store.open()
+                except (sqlite3.Error, OSError) as exc:  # e.g. a read-only file in DATA_DIR
+                    raise data_dir_error(self.config.data_dir, exc) from exc
+                opened.append(store)
+        except BaseException:
+            for store in reversed(opened):
+                try:
+                    await store.close()
+                except Exception:
+                    log.exception("closing a resource failed")
+            raise
 
     def _open_due_loop(self) -> None:
         """Send deferred and scheduled outbox items when their time comes."""

@@ -203,7 +203,7 @@ def _part(events: list[str], name: str, *, fail: bool = False) -> tuple[Any, Any
     async def close() -> None:
         events.append(f"close {name}")
 
-    return open_, close
+    return open_, [close]
 
 
 async def test_parts_opened_side_by_side_close_in_reverse_and_the_first_failure_is_raised(
@@ -233,3 +233,20 @@ async def test_a_runtime_opened_side_by_side_closes_every_store(tmp_path):
     async with Runtime.open(_config(tmp_path)) as again:  # the lock and files were released
         assert again.data_dir_shared_with is None
         assert len(await again.outbox.pending()) == 1
+
+
+async def test_the_stores_sharing_one_sqlite_file_open_one_after_another(tmp_path):
+    # Two connections turning a new file to WAL at once may fail with "database is locked".
+    events: list[str] = []
+    async with contextlib.AsyncExitStack() as stack:
+        runtime = Runtime(_config(tmp_path), stack)
+        for name, store in zip("abcd", runtime._stores(), strict=True):
+
+            async def open_(opener: Any = store.open, name: str = name) -> None:
+                events.append(f"start {name}")
+                await opener()
+                events.append(f"end {name}")
+
+            store.open = open_  # type: ignore[method-assign]
+        await runtime._open()
+    assert events == [f"{edge} {name}" for name in "abcd" for edge in ("start", "end")]
