@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import gc
 import logging
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 from cli_client import CliFailure, ExitCode, Io, default_url
@@ -33,6 +34,14 @@ def cmd_serve(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
     problem = port_problem(config.host, config.port)
     if problem is not None:  # before start-up: one line, not uvicorn's [Errno 98] after it
         raise CliFailure(problem)
+    with _collector_paused() as resume:
+        return _serve(args, config, io, resume)
+
+
+def _serve(
+    args: argparse.Namespace, config: HybridConfig, io: Io, resume: Callable[[], None]
+) -> int:
+    """Import, build and start the server; ``resume()`` once it serves (or failed to start)."""
     import uvicorn
 
     from local_server import create_app
@@ -59,6 +68,7 @@ def cmd_serve(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
     class AnnouncingServer(uvicorn.Server):
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets=sockets)
+            resume()
             if self.started:
                 io.say(
                     f"EVERREACH_ENV={config.everreach_env.value} serving at {url} "
@@ -107,6 +117,30 @@ def cmd_serve(args: argparse.Namespace, config: HybridConfig, io: Io) -> int:
     finally:
         uvicorn_logger.removeFilter(quiet)
     return ExitCode.OK
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[Callable[[], None]]:
+    """No cyclic garbage collection from here until the server has started (``resume()``) or
+    this block ends, whichever is first.
+
+    Start-up imports some 600 modules and builds the app and its parts, almost all of which
+    live as long as the process: the collector ran ~140 times meanwhile, scanning them again
+    and again for cycles that are not there (~100 ms of a ~0.9 s start-up's CPU, measured).
+    Reference counting still frees everything at once; the few cycles left are collected by
+    the collector's next run after it resumes. Nothing is done if it was off already.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+
+    def resume() -> None:
+        if was_enabled:
+            gc.enable()
+
+    try:
+        yield resume
+    finally:
+        resume()
 
 
 def port_problem(host: str, port: int) -> str | None:

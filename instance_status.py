@@ -14,26 +14,31 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alerts import Alerter
 from background_task import BackgroundTask
-from cloud_executor import CloudExecutor
-from config.hybrid_config import HybridConfig
-from connectivity_check import ConnectivityChecker, cloud_reachable
-from cost_guard import CostGuard
+from connectivity_check import cloud_reachable
 from envelope import rfc3339
-from hybrid_orchestrator import HybridOrchestrator
-from local_cron import LocalCron
-from local_executor import LocalExecutor
-from metrics import Metrics
-from offline_cache import OfflineCache
-from outbox import Outbox
 from outbox_rows import OutboxStatus
-from route_table import RouteTable
-from service_registry import ServiceRegistry
-from sync_bus import SyncBus
-from sync_loop import SyncLoop
+
+# The parts are only reported on here, never built: their modules are the runtime's to import
+# (a server without a cloud never loads cloud_executor).
+if TYPE_CHECKING:
+    from alerts import Alerter
+    from cloud_executor import CloudExecutor
+    from config.hybrid_config import HybridConfig
+    from connectivity_check import ConnectivityChecker
+    from cost_guard import CostGuard
+    from hybrid_orchestrator import HybridOrchestrator
+    from local_cron import LocalCron
+    from local_executor import LocalExecutor
+    from metrics import Metrics
+    from offline_cache import OfflineCache
+    from outbox import Outbox
+    from route_table import RouteTable
+    from service_registry import ServiceRegistry
+    from sync_bus import SyncBus
+    from sync_loop import SyncLoop
 
 # /status lists this many outbox items waiting for their time (soonest first).
 WAITING_SHOWN = 50

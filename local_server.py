@@ -35,7 +35,7 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from fastapi_offline import FastAPIOffline
 from starlette.requests import ClientDisconnect
 
-from api_docs import install_openapi
+from api_docs import install_openapi, without_pydantic_v1_probe
 from body_limit import BodyLimitMiddleware
 from config.hybrid_config import HybridConfig
 from envelope import Envelope, check_idempotency_key, new_request_id
@@ -201,6 +201,7 @@ async def _once(
     return envelope_response(envelope)
 
 
+@without_pydantic_v1_probe()
 def create_app(config: HybridConfig | None = None) -> FastAPI:
     """Build the app; ``config=None`` reads the environment and ``.env`` at start-up."""
 

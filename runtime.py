@@ -13,12 +13,13 @@ those are down: they degrade (SQLite fallback, fail-closed spend, offline mode) 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import httpx
 
@@ -32,9 +33,7 @@ from alert_sources import (
     dead_letter_alerts,
 )
 from circuit_breaker import CircuitBreaker
-from cloud_batch import CloudBatcher
 from cloud_client import CloudClient
-from cloud_executor import CloudExecutor, RetryPolicy
 from config.hybrid_config import HybridConfig, redact_url
 from connectivity_check import ConnectivityChecker, cloud_reachable
 from cost_guard import CostGuard
@@ -44,8 +43,6 @@ from dispatch_record import DispatchObserver
 from errors import ConfigError
 from hybrid_orchestrator import HybridOrchestrator
 from idempotency import IdempotencyStore
-from idempotency_pg import PostgresIdempotencyStore
-from idempotency_redis import RedisIdempotencyStore
 from instance_lock import InstanceLock
 from instance_status import VERSION, InstanceStatus, Parts
 from local_cron import LocalCron
@@ -62,7 +59,12 @@ from state_sync import StateSync
 from sync_bus import SyncBus
 from sync_loop import SyncLoop
 
+# Imported where the configuration asks for them (a cloud, PostgreSQL, Redis): a local server
+# never loads them (~0.6 MiB resident and ~25 ms of start-up CPU together, measured).
 if TYPE_CHECKING:
+    from cloud_executor import CloudExecutor
+    from idempotency_pg import PostgresIdempotencyStore
+    from idempotency_redis import RedisIdempotencyStore
     from pacing import Pacer
 
 __all__ = ["VERSION", "IdempotencyStores", "Runtime"]
@@ -76,16 +78,20 @@ log = logging.getLogger("everreach.runtime")
 # sent read-only calls to the local fallback (seen under wrk after 5 s without cloud calls).
 CLOUD_KEEPALIVE_S = 4.0
 
-IdempotencyStores = IdempotencyStore | RedisIdempotencyStore | PostgresIdempotencyStore
+IdempotencyStores: TypeAlias = "IdempotencyStore | RedisIdempotencyStore | PostgresIdempotencyStore"
 
 
 def _idempotency_store(config: HybridConfig, redis: Any) -> IdempotencyStores:
     """PostgreSQL when configured (shared by every replica), else this instance's SQLite file
     (with Redis, if set, sharing claims between replicas while it keeps its data)."""
     if config.postgres_dsn:
+        from idempotency_pg import PostgresIdempotencyStore
+
         return PostgresIdempotencyStore(config.postgres_dsn)
     local_keys = IdempotencyStore.for_data_dir(config.data_dir)
     if redis is not None:
+        from idempotency_redis import RedisIdempotencyStore
+
         return RedisIdempotencyStore(config.redis_url, local_keys, redis=redis)
     return local_keys
 
@@ -168,12 +174,23 @@ class Runtime:
         self._lock_data_dir()
         self._open_http_client()
         self._open_alerts()
-        await self._open_stores()
-        await self._open_pacing()
         self.cloud_client = CloudClient.from_config(self.config, self.client)
         if self.cloud_client is not None:
             self._open_cloud(self.cloud_client)
-        await self._open_cost_guard()
+        self._build_cost_guard()
+        # The stores (one SQLite file), the pacing store and the cost ledger (a file each, or
+        # a database) are opened side by side, each on its own thread: their schema commits
+        # and fsyncs overlap. All are open (schemas made, the month's spend loaded) before
+        # anything serves.
+        await self._open_together(
+            [
+                (self._open_stores, [store.close for store in self._stores()]),
+                (self.pacer.open, [self.pacer.aclose]),  # down now is not fatal: calls defer
+                (self.cost_guard.open, [self.cost_guard.close]),
+            ]
+        )
+        if len(self.pacer.limits):  # no limits, no backlog to watch
+            self.watch_backlog(self.pacer)
         self._open_orchestrator()
         self._open_state_sync()
         await self.bus.start()
@@ -270,20 +287,51 @@ class Runtime:
         self._on_close(watch.close)
         return watch
 
-    async def _open_stores(self) -> None:
-        for store in (self.cache, self.outbox, self.state_store, self.idempotency):
-            try:
-                await store.open()
-            except (sqlite3.Error, OSError) as exc:  # e.g. a read-only file in DATA_DIR
-                raise data_dir_error(self.config.data_dir, exc) from exc
-            self._on_close(store.close)
+    async def _open_together(
+        self,
+        parts: Sequence[
+            tuple[Callable[[], Awaitable[None]], Sequence[Callable[[], Awaitable[None]]]]
+        ],
+    ) -> None:
+        """Run each ``(open, closers)`` part's ``open`` at once; its closers are registered (in
+        the given order) for every part that opened. The first failure, in that order, is
+        raised once all have finished: the parts that did open are then closed with the rest."""
+        tasks = [asyncio.ensure_future(open_()) for open_, _ in parts]
+        try:
+            await asyncio.wait(tasks)
+        finally:
+            for task in tasks:  # cancelled while opening: each part ends before it is judged
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for task, (_, closers) in zip(tasks, parts, strict=True):
+                if not task.cancelled() and task.exception() is None:
+                    for closer in closers:
+                        self._on_close(closer)
+        for task in tasks:
+            task.result()
 
-    async def _open_pacing(self) -> None:
-        """The pacing store (a store that is down now is not fatal: limited calls defer)."""
-        await self.pacer.open()
-        self._on_close(self.pacer.aclose)
-        if len(self.pacer.limits):  # no limits, no backlog to watch
-            self.watch_backlog(self.pacer)
+    def _stores(self) -> tuple[OfflineCache, Outbox, StateStore, IdempotencyStores]:
+        return (self.cache, self.outbox, self.state_store, self.idempotency)
+
+    async def _open_stores(self) -> None:
+        """The cache, outbox, state and idempotency stores, one after another: they share one
+        SQLite file, and two connections turning a new file to WAL at once may fail with
+        "database is locked". A failure closes the ones already open."""
+        opened: list[Any] = []
+        try:
+            for store in self._stores():
+                try:
+                    await store.open()
+                except (sqlite3.Error, OSError) as exc:  # e.g. a read-only file in DATA_DIR
+                    raise data_dir_error(self.config.data_dir, exc) from exc
+                opened.append(store)
+        except BaseException:
+            for store in reversed(opened):
+                try:
+                    await store.close()
+                except Exception:
+                    log.exception("closing a resource failed")
+            raise
 
     def _open_due_loop(self) -> None:
         """Send deferred and scheduled outbox items when their time comes."""
@@ -306,6 +354,9 @@ class Runtime:
         )
 
     def _open_cloud(self, cloud_client: CloudClient) -> None:
+        from cloud_batch import CloudBatcher
+        from cloud_executor import CloudExecutor, RetryPolicy
+
         config = self.config
         connectivity = ConnectivityChecker.from_config(config, cloud_client)
         connectivity.on_transition(cloud_online_alerts(self.alerter, connectivity))
@@ -331,7 +382,8 @@ class Runtime:
             ),
         )
 
-    async def _open_cost_guard(self) -> None:
+    def _build_cost_guard(self) -> None:
+        """The cost guard, wired to the cloud and the alerts; ``open`` loads the month."""
         self.cost_guard = CostGuard.from_config(self.config, http_client=self.client)
         if self.cloud is not None:
             # Unsettled reservations of a crashed process: ask the cloud whether they ran.
@@ -342,8 +394,6 @@ class Runtime:
             soft_cap_usd=self.config.cost_soft_cap,
             hard_cap_usd=self.config.monthly_cost_cap,
         )
-        await self.cost_guard.open()
-        self._on_close(self.cost_guard.close)
 
     def _open_orchestrator(self) -> None:
         self.orchestrator = HybridOrchestrator(

@@ -7,6 +7,7 @@ the lifespan (uvicorn runs and exits in-process). Serving until interrupted is t
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import os
@@ -19,7 +20,7 @@ from rich.console import Console
 
 from cli import build_parser
 from cli_client import CliFailure, Io
-from cli_serve import _DropErrorsAfterFailure, cmd_serve, port_problem
+from cli_serve import _collector_paused, _DropErrorsAfterFailure, cmd_serve, port_problem
 from config.hybrid_config import HybridConfig
 from errors import ConfigError
 from tests.conftest import free_port
@@ -186,6 +187,26 @@ def test_a_config_error_in_the_lifespan_is_raised_as_itself_not_a_traceback(
         r for r in caplog.records if r.name.startswith("uvicorn") and r.levelno >= logging.ERROR
     ]  # uvicorn's own traceback of it was dropped
     assert uvicorn_log.filters == filters_before  # the filter is taken off again
+    assert gc.isenabled()  # the collector, paused for the start-up, runs again
+
+
+def test_the_collector_is_paused_until_resumed_and_left_off_if_it_was_off() -> None:
+    assert gc.isenabled()
+    with _collector_paused() as resume:
+        assert not gc.isenabled()
+        resume()  # the server started
+        assert gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), _collector_paused():
+        raise RuntimeError("start-up failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with _collector_paused() as resume:
+            resume()
+        assert not gc.isenabled()  # someone else turned it off: theirs to turn on
+    finally:
+        gc.enable()
 
 
 def test_the_error_filter_drops_errors_only_after_a_failure() -> None:

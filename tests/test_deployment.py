@@ -420,3 +420,12 @@ def test_make_docker_targets_explain_a_missing_docker_engine(target: str, tmp_pa
     proc = run([make, "--no-print-directory", "-s", target], cwd=ROOT, env=env)
     assert proc.returncode != 0
     assert f"make {target}: the Docker engine is not running" in proc.stdout + proc.stderr
+
+
+def test_dockerfile_compiles_the_code_it_copies_before_dropping_root() -> None:
+    # The service cannot write /app: bytecode not compiled at build is compiled at every start.
+    steps = dockerfile_instructions()
+    copy_code = steps.index(("COPY", ". ."))
+    compiles = [i for i, (kind, args) in enumerate(steps) if kind == "RUN" and "compileall" in args]
+    assert compiles and copy_code < compiles[-1] < steps.index(("USER", "${APP_UID}:${APP_UID}"))
+    assert "/app" in shlex.split(steps[compiles[-1]][1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 from config.hybrid_config import HybridConfig
 from errors import ConfigError
 from runtime import Runtime
-from tests.conftest import free_port
+from tests.conftest import free_port, modules_loaded_by
 
 
 def _config(tmp_path: Path, **variables: Any) -> HybridConfig:
@@ -162,3 +163,90 @@ async def test_idle_cloud_connections_are_dropped_before_the_cloud_drops_them(
     finally:
         listener.close()
         await listener.wait_closed()
+
+
+# Opens and closes a runtime on argv[1] (DATA_DIR) and argv[2] (CLOUD_ENDPOINT, or "").
+_OPEN_AND_CLOSE = """
+import asyncio
+import contextlib
+from config.hybrid_config import HybridConfig
+from runtime import Runtime
+
+variables = {"DATA_DIR": sys.argv[1], "CLOUD_ENDPOINT": sys.argv[2]}
+
+async def main() -> None:
+    async with Runtime.open(HybridConfig.from_mapping(variables)):
+        pass
+
+asyncio.run(main())
+"""
+_CONFIGURED_ONLY = {"cloud_executor", "cloud_routes", "idempotency_pg", "idempotency_redis"}
+
+
+@pytest.mark.process
+def test_a_local_runtime_loads_no_cloud_executor_and_no_shared_idempotency_store(tmp_path):
+    local = modules_loaded_by(_OPEN_AND_CLOSE, str(tmp_path / "local"), "")
+    assert "runtime" in local and local & _CONFIGURED_ONLY == set()
+    cloud = f"http://127.0.0.1:{free_port()}"
+    hybrid = modules_loaded_by(_OPEN_AND_CLOSE, str(tmp_path / "hybrid"), cloud)
+    assert {"cloud_executor", "cloud_routes"} <= hybrid
+
+
+def _part(events: list[str], name: str, *, fail: bool = False) -> tuple[Any, Any]:
+    async def open_() -> None:
+        events.append(f"start {name}")
+        await asyncio.sleep(0)
+        events.append(f"opened {name}")
+        if fail:
+            raise OSError(f"{name} failed")
+
+    async def close() -> None:
+        events.append(f"close {name}")
+
+    return open_, [close]
+
+
+async def test_parts_opened_side_by_side_close_in_reverse_and_the_first_failure_is_raised(
+    tmp_path,
+):
+    events: list[str] = []
+    with pytest.raises(OSError, match="b failed"):
+        async with contextlib.AsyncExitStack() as stack:
+            runtime = Runtime(_config(tmp_path), stack)
+            await runtime._open_together(
+                [
+                    _part(events, "a"),
+                    _part(events, "b", fail=True),
+                    _part(events, "c"),
+                    _part(events, "d", fail=True),
+                ]
+            )
+    starts = [e for e in events if e.startswith("start")]
+    assert events[:4] == starts  # all started before any finished opening
+    assert [e for e in events if e.startswith("close")] == ["close c", "close a"]
+
+
+async def test_a_runtime_opened_side_by_side_closes_every_store(tmp_path):
+    async with Runtime.open(_config(tmp_path)) as runtime:
+        assert (await runtime.instance_status.health())["status"] == "ok"
+        await runtime.outbox.enqueue("system.heartbeat", {}, "key-1")
+    async with Runtime.open(_config(tmp_path)) as again:  # the lock and files were released
+        assert again.data_dir_shared_with is None
+        assert len(await again.outbox.pending()) == 1
+
+
+async def test_the_stores_sharing_one_sqlite_file_open_one_after_another(tmp_path):
+    # Two connections turning a new file to WAL at once may fail with "database is locked".
+    events: list[str] = []
+    async with contextlib.AsyncExitStack() as stack:
+        runtime = Runtime(_config(tmp_path), stack)
+        for name, store in zip("abcd", runtime._stores(), strict=True):
+
+            async def open_(opener: Any = store.open, name: str = name) -> None:
+                events.append(f"start {name}")
+                await opener()
+                events.append(f"end {name}")
+
+            store.open = open_  # type: ignore[method-assign]
+        await runtime._open()
+    assert events == [f"{edge} {name}" for name in "abcd" for edge in ("start", "end")]
