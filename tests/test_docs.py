@@ -542,6 +542,7 @@ COMMITTED_RUNS = (
     "after.md",
     "third-pass.md",
     "fourth-pass.md",
+    "fifth-pass.md",
 )
 
 
