@@ -248,6 +248,22 @@ class Worker:
         return dict(json.loads(line))
 
 
+def spawn_worker(script: str, spec: dict[str, Any]) -> subprocess.Popen[str]:
+    """``python -c script <spec as JSON>`` from the project root, its pipes open, and no
+    database URL from this environment (the spec's config says which ledger it uses)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "SUPABASE_DB_URL")}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.Popen(
+        [sys.executable, "-c", script, json.dumps(spec)],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 @pytest.fixture
 def start_worker() -> Iterator[Callable[..., Worker]]:
     """Start worker processes (see WORKER); any still running at the end are killed."""
@@ -255,18 +271,7 @@ def start_worker() -> Iterator[Callable[..., Worker]]:
 
     def start(config: dict[str, str], *, mode: str, calls: int = 0, amount: str = "0.01") -> Worker:
         spec = {"config": config, "mode": mode, "calls": calls, "amount": amount}
-        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "SUPABASE_DB_URL")}
-        env["PYTHONPATH"] = str(ROOT)
-        proc = subprocess.Popen(
-            [sys.executable, "-c", WORKER, json.dumps(spec)],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        worker = Worker(proc)
+        worker = Worker(spawn_worker(WORKER, spec))
         started.append(worker)
         return worker
 

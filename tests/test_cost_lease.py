@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -23,7 +21,7 @@ from cost_guard import CostGuard
 from cost_ledger import LEASE_ACTION, LeasingStore, SqliteLedgerStore
 from cost_ledger_pg import PostgresLedgerStore
 from errors import CloudUnavailable, CostCapReached
-from tests.test_cost_guard import CENT, FakeClock, opened
+from tests.test_cost_guard import CENT, FakeClock, opened, spawn_worker
 
 pytestmark = pytest.mark.prd200
 
@@ -230,17 +228,7 @@ def start(
 ) -> subprocess.Popen[str]:
     config = {"DATA_DIR": str(data_dir), "EVERREACH_TZ": "UTC"}
     spec = {"config": config, "mode": mode, "calls": calls, "amount": "0.01"}
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "SUPABASE_DB_URL")}
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", WORKER, json.dumps(spec)],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = spawn_worker(WORKER, spec)
     started.append(proc)
     assert proc.stdout is not None
     line = proc.stdout.readline()
