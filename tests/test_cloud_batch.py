@@ -84,6 +84,17 @@ def _executor(transport: httpx.AsyncBaseTransport) -> tuple[CloudExecutor, Cloud
     return executor, batcher
 
 
+async def _together(executor: CloudExecutor, name: str, count: int) -> list[Any]:
+    """``count`` batched calls of ``dm.send`` made in one loop turn: results or exceptions."""
+    return await asyncio.gather(
+        *(
+            executor.call("dm.send", {}, request_id=f"key-{name}-{n}", batched=True)
+            for n in range(count)
+        ),
+        return_exceptions=True,
+    )
+
+
 async def test_calls_of_one_loop_turn_go_out_in_one_request_and_each_gets_its_own_answer():
     cloud = FakeCloud()
     executor, batcher = _executor(httpx.MockTransport(cloud.handler))
@@ -138,10 +149,7 @@ async def test_the_cost_limit_travels_with_each_item():
 async def test_a_call_whose_line_never_comes_hears_that_it_may_have_run():
     cloud = FakeCloud(drop=1)
     executor, _ = _executor(httpx.MockTransport(cloud.handler))
-    outcomes = await asyncio.gather(
-        *(executor.call("dm.send", {}, request_id=f"key-drop-{n}", batched=True) for n in range(3)),
-        return_exceptions=True,
-    )
+    outcomes = await _together(executor, "drop", 3)
     assert not isinstance(outcomes[0], Exception) and not isinstance(outcomes[2], Exception)
     assert isinstance(outcomes[1], CloudUnavailable) and outcomes[1].never_ran is False
 
@@ -151,10 +159,7 @@ async def test_a_refused_connection_reaches_every_call_as_never_ran_and_refused(
         raise httpx.ConnectError("refused", request=request)
 
     executor, _ = _executor(httpx.MockTransport(refuse))
-    outcomes = await asyncio.gather(
-        *(executor.call("dm.send", {}, request_id=f"key-ref-{n}", batched=True) for n in range(3)),
-        return_exceptions=True,
-    )
+    outcomes = await _together(executor, "ref", 3)
     assert all(isinstance(o, CloudUnavailable) for o in outcomes), outcomes
     assert all(isinstance(o, CloudUnavailable) and o.never_ran for o in outcomes)
     assert len({id(o) for o in outcomes}) == 3  # each call its own exception
@@ -181,10 +186,7 @@ async def test_a_refused_key_for_the_whole_request_is_each_calls_unauthorized():
 
     cloud = FakeCloud(batch_status=401)
     executor, _ = _executor(httpx.MockTransport(cloud.handler))
-    outcomes = await asyncio.gather(
-        *(executor.call("dm.send", {}, request_id=f"key-401-{n}", batched=True) for n in range(2)),
-        return_exceptions=True,
-    )
+    outcomes = await _together(executor, "401", 2)
     assert all(isinstance(o, Unauthorized) for o in outcomes), outcomes
 
 
@@ -394,10 +396,7 @@ def test_a_cloud_killed_while_a_group_runs_leaves_each_dm_delivered_or_parked_no
 async def test_a_failed_shared_request_counts_once_against_the_breaker():
     cloud = FakeCloud(batch_status=503)
     executor, _ = _executor(httpx.MockTransport(cloud.handler))
-    outcomes = await asyncio.gather(
-        *(executor.call("dm.send", {}, request_id=f"key-503-{n}", batched=True) for n in range(8)),
-        return_exceptions=True,
-    )
+    outcomes = await _together(executor, "503", 8)
     assert all(isinstance(o, CloudUnavailable) and not o.never_ran for o in outcomes), outcomes
     assert executor.breaker.failures == 1  # one request failed, not eight
 
@@ -407,9 +406,6 @@ async def test_a_dropped_shared_request_counts_once_against_the_breaker():
         raise httpx.ReadError("connection reset", request=request)
 
     executor, _ = _executor(httpx.MockTransport(drop))
-    outcomes = await asyncio.gather(
-        *(executor.call("dm.send", {}, request_id=f"key-rst-{n}", batched=True) for n in range(8)),
-        return_exceptions=True,
-    )
+    outcomes = await _together(executor, "rst", 8)
     assert all(isinstance(o, CloudUnavailable) and not o.never_ran for o in outcomes), outcomes
     assert executor.breaker.failures == 1
