@@ -24,11 +24,12 @@ import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import orjson
 
-from cloud_client import CloudClient
+from cloud_client import CloudAnswer, CloudClient
 from errors import ActionError, CloudTimeout, CloudUnavailable
 
 BATCH_PATH = "/api/batch"
@@ -59,17 +60,41 @@ class SharedFailure:
         return first
 
 
-def shared_failure(failure: ActionError | httpx.Response | None) -> SharedFailure | None:
+def shared_failure(failure: ActionError | CloudAnswer | None) -> SharedFailure | None:
     """The ``SharedFailure`` ``failure`` belongs to, if it failed a request of several calls."""
-    if isinstance(failure, httpx.Response):
-        return failure.extensions.get(SHARED)
-    return None if failure is None else failure.extra.get(SHARED)
+    if failure is None:
+        return None
+    if isinstance(failure, ActionError):
+        return failure.extra.get(SHARED)
+    return failure.extensions.get(SHARED)
+
+
+class LineAnswer:
+    """One call's answer read from its line of ``/api/batch``: what ``CloudExecutor`` reads of
+    an ``httpx.Response`` (status, headers, JSON body), without building one: the body is
+    already parsed with the line, and an ``httpx.Response`` costs ~11 µs to build and its JSON
+    ~3 µs to read again, per call of a batch."""
+
+    __slots__ = ("_body", "extensions", "headers", "status_code")
+
+    def __init__(self, status_code: int, headers: dict[str, str], body: Any) -> None:
+        self.status_code = status_code
+        self.headers = httpx.Headers(headers)
+        self.extensions: dict[str, Any] = {}
+        self._body = body
+
+    def json(self) -> Any:
+        return self._body
+
+    @property
+    def text(self) -> str:
+        return orjson.dumps(self._body).decode()
 
 
 @dataclass(slots=True)
 class _Call:
     line: bytes  # the item's JSON, as /api/batch reads it
-    answer: asyncio.Future[httpx.Response]
+    answer: asyncio.Future[CloudAnswer]
     url: str
     content: bytes  # its body as a call of its own
     headers: dict[str, str]
@@ -98,7 +123,7 @@ class CloudBatcher:
 
     async def send(
         self, action: str, url: str, content: bytes, headers: dict[str, str]
-    ) -> httpx.Response:
+    ) -> CloudAnswer:
         """The cloud's answer to one call, as ``CloudClient.send`` would return it.
 
         ``content`` is the call's own body (``{"params": …}``) and ``headers`` its own
@@ -114,7 +139,7 @@ class CloudBatcher:
         ):
             group = self._group = _Group()
             asyncio.get_running_loop().call_soon(self._flush, group)
-        answer: asyncio.Future[httpx.Response] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[CloudAnswer] = asyncio.get_running_loop().create_future()
         group.calls.append(_Call(line, answer, url, content, headers))
         group.size += len(line) + 1
         return await answer
@@ -223,16 +248,17 @@ def _deliver(waiting: dict[int, _Call], line: str) -> None:
     try:
         answer = orjson.loads(line)
         call = waiting.pop(answer["i"])
-        response = httpx.Response(
-            answer["status"], headers=answer["headers"], content=orjson.dumps(answer["body"])
-        )
+        status = answer["status"]
+        if type(status) is not int:
+            raise TypeError("status")
+        response = LineAnswer(status, answer["headers"], answer["body"])
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         log.warning("the cloud sent a line of /api/batch that does not read: %.200s", line)
         return
     _answer(call, response)
 
 
-def _answer(call: _Call, response: httpx.Response) -> None:
+def _answer(call: _Call, response: CloudAnswer) -> None:
     if not call.answer.done():
         call.answer.set_result(response)
 

@@ -25,7 +25,7 @@ import contextlib
 import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
@@ -41,6 +41,25 @@ SCHEDULES_PATH = "/api/schedules"
 # URLs kept parsed per client; past this many (a route table of that many cloud actions), the
 # cache starts again.
 _MAX_PARSED_URLS = 1024
+
+
+class CloudAnswer(Protocol):
+    """What a caller reads of one answer of the cloud: an ``httpx.Response``, or one call's
+    line of a shared ``/api/batch`` answer (``cloud_batch.LineAnswer``)."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> httpx.Headers: ...
+
+    @property
+    def extensions(self) -> dict[str, Any]: ...
+
+    @property
+    def text(self) -> str: ...
+
+    def json(self) -> Any: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +256,7 @@ def raise_for_status(response: httpx.Response, what: str) -> None:
         raise status_error(response, what)
 
 
-def status_error(response: httpx.Response, what: str) -> ActionError:
+def status_error(response: CloudAnswer, what: str) -> ActionError:
     """The exception-tree reading of a non-2xx answer."""
     status = response.status_code
     if status in (401, 403):

@@ -38,7 +38,7 @@ import httpx
 
 from circuit_breaker import BreakerState, CircuitBreaker
 from cloud_batch import CloudBatcher, SharedFailure, shared_failure
-from cloud_client import CloudClient, CloudTimeouts, status_error, was_refused
+from cloud_client import CloudAnswer, CloudClient, CloudTimeouts, status_error, was_refused
 from cloud_routes import CloudRoutes
 from cost_rates import MAX_RATE_USD
 from envelope import Envelope, check_header_safe, new_request_id
@@ -298,7 +298,7 @@ class CloudExecutor:
             error.never_ran = False
         return error
 
-    def _parse(self, action: str, response: httpx.Response) -> tuple[Any, Decimal | None]:
+    def _parse(self, action: str, response: CloudAnswer) -> tuple[Any, Decimal | None]:
         """Turn one HTTP answer into (result, cost) or raise ``_Retry`` / an ``ActionError``."""
         status = response.status_code
         body = _json_or_none(response)
@@ -383,14 +383,14 @@ def _unsendable(action: str, exc: Exception) -> InvalidParams:
     )
 
 
-def _json_or_none(response: httpx.Response) -> Any:
+def _json_or_none(response: CloudAnswer) -> Any:
     try:
         return response.json()
     except ValueError:
         return None
 
 
-def _detail(body: Any, response: httpx.Response) -> str:
+def _detail(body: Any, response: CloudAnswer) -> str:
     if isinstance(body, dict):
         text = body.get("detail") or body.get("error") or ""
         return str(text)[:300]
@@ -408,7 +408,7 @@ def _cost(value: Any) -> Decimal | None:
     return cost if cost.is_finite() and 0 <= cost <= MAX_RATE_USD else None
 
 
-def _not_before(body: dict[str, Any], response: httpx.Response) -> datetime:
+def _not_before(body: dict[str, Any], response: CloudAnswer) -> datetime:
     """When the cloud says a rate-limited call may run: ``deferred_until``, else Retry-After."""
     try:
         when = datetime.fromisoformat(str(body.get("deferred_until")))
@@ -419,7 +419,7 @@ def _not_before(body: dict[str, Any], response: httpx.Response) -> datetime:
     return datetime.now(UTC) + timedelta(seconds=_retry_after_s(response) or 1.0)
 
 
-def _retry_after_s(response: httpx.Response) -> float | None:
+def _retry_after_s(response: CloudAnswer) -> float | None:
     """Seconds from a ``Retry-After`` header (delta-seconds or HTTP date, RFC 9110 §10.2.3)."""
     value = response.headers.get("Retry-After")
     if not value:

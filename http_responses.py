@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from typing import Any
 
 from fastapi.responses import Response
@@ -73,9 +73,33 @@ def answer_line(index: int, response: Response) -> bytes:
     )
 
 
-async def lines_as_done(runs: Iterable[asyncio.Future[bytes]]) -> AsyncIterator[bytes]:
-    """The runs' lines as they end; lines that end together go out in one write."""
-    pending = set(runs)
-    while pending:
-        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        yield b"".join(run.result() for run in done)
+async def lines_as_done(runs: Iterable[asyncio.Future[bytes]]) -> AsyncGenerator[bytes, None]:
+    """The runs' lines as they end; lines that end together go out in one write.
+
+    Each run hands its line over as it ends (a done callback), so a run ending costs the same
+    whether 1 or 100 are still running (``asyncio.wait`` adds and removes a callback on every
+    run still pending each time one ends).
+    """
+    runs = list(runs)
+    ended: list[asyncio.Future[bytes]] = []
+    wake: asyncio.Future[None] | None = None
+
+    def on_end(run: asyncio.Future[bytes]) -> None:
+        ended.append(run)
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    for run in runs:
+        run.add_done_callback(on_end)
+    try:
+        left = len(runs)
+        while left:
+            if not ended:
+                wake = asyncio.get_running_loop().create_future()
+                await wake
+            done, ended[:] = list(ended), []
+            left -= len(done)
+            yield b"".join(run.result() for run in done)
+    finally:
+        for run in runs:
+            run.remove_done_callback(on_end)

@@ -16,6 +16,7 @@ import signal
 import sqlite3
 import threading
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import pytest
 from cloud_batch import BATCH_PATH, CloudBatcher
 from cloud_client import CloudClient, CloudTimeouts
 from cloud_executor import CloudExecutor, RetryPolicy
-from errors import CloudUnavailable
+from errors import CloudUnavailable, Indeterminate, RateLimited, UnknownAction
 from tests.conftest import free_port, wait_until_it_sees_its_cloud
 from tests.fault_proxy import FaultProxy
 
@@ -118,6 +119,33 @@ async def test_calls_of_one_loop_turn_go_out_in_one_request_and_each_gets_its_ow
     assert headers["authorization"] == f"Bearer {KEY}"
     assert [item["idempotency_key"] for item in body["items"]] == [f"key-{n:04d}" for n in range(5)]
     assert batcher.requests_sent == 1
+
+
+async def test_each_line_is_read_as_the_answer_of_a_call_of_its_own_headers_and_body_included():
+    # Each call's line carries what its own answer would have: a status, headers (read by
+    # name in any case) and a body that need not be an envelope.
+    lines = [
+        (429, {"retry-after": "120"}, {"ok": False, "error": "rate_limited", "detail": "slow"}),
+        (409, {}, {"ok": False, "error": "indeterminate", "detail": "it died mid-handler"}),
+        (200, {}, "not an envelope"),
+        (404, {}, {"ok": False, "error": "unknown_action", "detail": "no such handler"}),
+    ]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = [
+            {"i": i, "status": status, "headers": headers, "body": answer}
+            for i, (status, headers, answer) in enumerate(lines)
+        ]
+        return httpx.Response(200, content="".join(json.dumps(b) + "\n" for b in body).encode())
+
+    executor, _ = _executor(httpx.MockTransport(handler))
+    before = datetime.now(UTC)
+    limited, indeterminate, junk, unknown = await _together(executor, "lines", len(lines))
+    assert isinstance(limited, RateLimited)
+    assert timedelta(seconds=110) < limited.not_before - before < timedelta(seconds=130)
+    assert isinstance(indeterminate, Indeterminate)
+    assert isinstance(junk, CloudUnavailable) and "not an envelope" in junk.detail
+    assert isinstance(unknown, UnknownAction) and "no such handler" in unknown.detail
 
 
 async def test_a_call_alone_in_its_turn_and_an_unbatched_call_go_out_as_calls_of_their_own():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -10,7 +11,13 @@ from fastapi.responses import Response
 
 from envelope import Envelope
 from errors import Forbidden, InvalidParams, RateLimited, Source
-from http_responses import bytes_response, envelope_response, error_response, json_response
+from http_responses import (
+    bytes_response,
+    envelope_response,
+    error_response,
+    json_response,
+    lines_as_done,
+)
 
 
 def body_of(response: Response) -> Any:
@@ -60,3 +67,41 @@ def test_json_bodies_are_strict_ascii_even_with_nan_or_lone_surrogates() -> None
     text = bytes(json_response({"detail": "\ud800"}, 422).body)
     assert text.isascii() and json.loads(text)["detail"] == "\ud800"
     assert bytes_response(b'{"a": 1}', 201).status_code == 201
+
+
+async def test_lines_go_out_as_their_runs_end_those_ending_together_in_one_write() -> None:
+    loop = asyncio.get_running_loop()
+    runs = [loop.create_future() for _ in range(5)]
+    writes: list[bytes] = []
+
+    async def read() -> None:
+        async for chunk in lines_as_done(runs):
+            writes.append(chunk)
+
+    reader = asyncio.ensure_future(read())
+    await asyncio.sleep(0)
+    runs[3].set_result(b"3\n")
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert writes == [b"3\n"]  # out as soon as it ended, before the others
+    runs[0].set_result(b"0\n")
+    runs[4].set_result(b"4\n")  # the same turn: one write
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert writes == [b"3\n", b"0\n4\n"]
+    runs[2].set_result(b"2\n")
+    runs[1].set_result(b"1\n")
+    await reader
+    assert writes == [b"3\n", b"0\n4\n", b"2\n1\n"]
+    assert all(not run._callbacks for run in runs)  # nothing left attached
+
+
+async def test_a_reader_gone_mid_way_leaves_the_runs_it_did_not_read_alone() -> None:
+    loop = asyncio.get_running_loop()
+    runs = [loop.create_future() for _ in range(3)]
+    lines = lines_as_done(runs)
+    runs[1].set_result(b"1\n")
+    assert await anext(lines) == b"1\n"
+    await lines.aclose()  # the caller went away
+    assert all(not run._callbacks for run in runs)
+    runs[0].set_result(b"0\n")  # a run ending later needs nobody to read it
