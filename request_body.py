@@ -43,8 +43,11 @@ MAX_DEPTH = 64
 # multipart/form-data have no use here but CSRF, so they are refused. A missing type and
 # form-urlencoded (what `curl -d` sends) are read as JSON, so the README's curl lines work.
 _JSON_TYPES = ("application/json", "application/x-www-form-urlencoded")
-_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKET_RE = re.compile(r"[\[\]{}]")
+# A JSON string, written as runs of plain characters between escapes: twice as fast in ``re``
+# as one alternation per character.
+_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS_RE = re.compile(r"[^\[\]{}]+")
+_EMPTY_PAIRS_RE = re.compile(r"\{\}|\[\]")
 _LONG_DIGITS = re.compile(rb"[0-9]{19}")  # an integer that may not fit in 64 bits
 _ACTION_PATTERN = r"^[a-z][a-z0-9_]{0,63}\.[a-z][a-z0-9_]{0,63}$"
 
@@ -81,12 +84,19 @@ def _bounded_int(text: str) -> int:
         ) from None
 
 
-def _depth(text: str) -> int:
-    deepest = depth = 0
-    for match in _BRACKET_RE.finditer(_STRING_RE.sub("", text)):
-        depth += 1 if match.group() in "[{" else -1
-        deepest = max(deepest, depth)
-    return deepest
+def nested_deeper_than(text: str, limit: int) -> bool:
+    """Whether the valid JSON ``text`` nests arrays and objects more than ``limit`` deep.
+
+    With strings and all but brackets removed, each pass removes the empty pairs, i.e. the
+    innermost containers: text nested ``d`` deep is empty after exactly ``d`` passes. Every
+    step runs in C (a Python loop over the brackets took 5 ms for a /batch of 1,000 items).
+    """
+    brackets = _NOT_BRACKETS_RE.sub("", _STRING_RE.sub("", text))
+    for _ in range(limit):
+        if not brackets:
+            return False
+        brackets = _EMPTY_PAIRS_RE.sub("", brackets)
+    return bool(brackets)
 
 
 # One decoder, built once: ``json.loads`` with hooks builds a decoder and its scanner per call.
@@ -110,7 +120,9 @@ def parse_json(raw: bytes) -> Any:
         except orjson.JSONDecodeError:
             pass
         else:
-            if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(raw.decode()) > MAX_DEPTH:
+            if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and nested_deeper_than(
+                raw.decode(), MAX_DEPTH
+            ):
                 raise InvalidParams(f"the body is nested deeper than {MAX_DEPTH} levels")
             return value
     return _parse_strictly(raw)
@@ -131,7 +143,7 @@ def _parse_strictly(raw: bytes) -> Any:
         raise InvalidParams(f"the body is nested deeper than {MAX_DEPTH} levels") from None
     # Nesting is never deeper than the count of brackets (in strings or not), counted in C: the
     # string-skipping scan runs only past that, and only now, on valid JSON, is it linear.
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(text) > MAX_DEPTH:
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and nested_deeper_than(text, MAX_DEPTH):
         raise InvalidParams(f"the body is nested deeper than {MAX_DEPTH} levels")
     # UTF-8 cannot carry a surrogate (the decode above refuses one), so only a \u escape can.
     if b"\\u" in raw:

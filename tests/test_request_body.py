@@ -19,6 +19,7 @@ from request_body import (
     DispatchBody,
     _parse_strictly,
     check_content_type,
+    nested_deeper_than,
     parse_json,
     read_body,
 )
@@ -32,6 +33,35 @@ def _nested(depth: int) -> list[Any]:
     for _ in range(depth - 1):
         value = [value]
     return value
+
+
+def _height(value: Any) -> int:
+    """How deep ``value`` nests arrays and objects, walked in Python: the reference."""
+    if isinstance(value, dict):
+        return 1 + max(map(_height, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_height, value), default=0)
+    return 0
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ ab,:'),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=40,
+)
+
+
+@given(_JSON, st.integers(min_value=0, max_value=12))
+def test_nested_deeper_than_agrees_with_walking_the_value(value: Any, limit: int) -> None:
+    # Strings full of brackets and escaped quotes do not count; only the containers do.
+    assert nested_deeper_than(json.dumps(value), limit) == (_height(value) > limit)
+
+
+def test_nested_deeper_than_is_exact_at_the_limit() -> None:
+    assert not nested_deeper_than(json.dumps(_nested(64)), 64)
+    assert nested_deeper_than(json.dumps(_nested(65)), 64)
+    assert not nested_deeper_than(json.dumps([[1, {"a": [2]}], {"b": {}}]), 4)
+    assert nested_deeper_than(json.dumps([[1, {"a": [2]}], {"b": {}}]), 3)
 
 
 # -- parse_json: pure table ----------------------------------------------------------------------
