@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from cloud_batch import BATCH_PATH, CloudBatcher
+from cloud_batch import BATCH_PATH, DELIVER_SLICE, CloudBatcher
 from cloud_client import CloudClient, CloudTimeouts
 from cloud_executor import CloudExecutor, RetryPolicy
 from errors import CloudUnavailable, Indeterminate, RateLimited, UnknownAction
@@ -146,6 +146,32 @@ async def test_each_line_is_read_as_the_answer_of_a_call_of_its_own_headers_and_
     assert isinstance(indeterminate, Indeterminate)
     assert isinstance(junk, CloudUnavailable) and "not an envelope" in junk.detail
     assert isinstance(unknown, UnknownAction) and "no such handler" in unknown.detail
+
+
+async def test_calls_answered_first_end_before_the_rest_of_the_lines_are_handed_out():
+    # 40 answers arrive in one piece; a call answered in the first slice ends, and what it
+    # does next reaches the cloud while others still wait for their lines.
+    cloud = FakeCloud()
+    ended: list[int] = []
+    seen_when_next_call_came: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path != BATCH_PATH:
+            seen_when_next_call_came.append(len(ended))
+        return cloud.handler(request)
+
+    executor, _ = _executor(httpx.MockTransport(handler))
+
+    async def one(n: int) -> None:
+        await executor.call("dm.send", {"n": n}, request_id=f"key-s-{n}", batched=True)
+        ended.append(n)
+        if len(ended) == 1:
+            await executor.call("dm.send", {}, request_id="key-next", batched=True)
+
+    await asyncio.gather(*(one(n) for n in range(40)))
+    assert len(ended) == 40
+    # Handed out all at once, every call would have ended first (40).
+    assert seen_when_next_call_came and seen_when_next_call_came[0] < 40 - DELIVER_SLICE
 
 
 async def test_a_call_alone_in_its_turn_and_an_unbatched_call_go_out_as_calls_of_their_own():
