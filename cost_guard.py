@@ -27,6 +27,7 @@ closed: the flags say "cap reached" (route local) and ``reserve`` raises ``CostC
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -51,6 +52,7 @@ from cost_ledger_pg import ledger_store_for
 from cost_report import read_report
 from cost_reservation import (
     BudgetLease,
+    LedgerMonth,
     RequestState,
     Reservation,
     Spend,
@@ -65,6 +67,7 @@ from cost_reservation import (
     overrun_report,
     usd,
 )
+from envelope import new_request_id
 from errors import ConfigError, CostCapReached
 
 __all__ = ["CostGuard", "Reservation", "Spend", "month_of", "usd"]
@@ -130,6 +133,7 @@ class CostGuard:
         self._hard_cap_usd = Decimal(monthly_cap_usd)
         self._soft_cap_usd = Decimal(soft_cap_usd)
         self._tz = tz
+        self._month_of = LedgerMonth(tz)
         self._ttl_s = reservation_ttl_s
         self._clock = clock or (lambda: datetime.now(UTC))
         self._refresh_interval_s = refresh_interval_s
@@ -146,7 +150,7 @@ class CostGuard:
         self._overruns: dict[str, LoggedCall] = {}  # this month's, by reservation id
         self.on_overrun: Callable[[], None] | None = None
         self.on_totals: Callable[[MonthTotals], None] | None = None  # each fresh total (no I/O)
-        self._behind: set[asyncio.Task[None]] = set()  # commits queued, not yet written
+        self._behind: set[asyncio.Future[Any]] = set()  # commits queued, not yet written
         # Budget leases: only on a store that can hold them, and only with lease_calls >= 2.
         self._lease_store = store if lease_calls >= 2 and isinstance(store, LeasingStore) else None
         self._lease_calls = lease_calls
@@ -263,7 +267,7 @@ class CostGuard:
                 self._retire_stale()
                 await self._sweep_overdue()
             now = self._clock()
-            month = month_of(now, self._tz)
+            month = self._month_of(now)
             totals = await self._store.totals(month, now)
             overruns = await self._store.overruns(month)
         except LedgerUnavailable as exc:
@@ -306,7 +310,7 @@ class CostGuard:
 
     def month(self) -> str:
         """The current ledger month, 'YYYY-MM' in EVERREACH_TZ."""
-        return month_of(self._clock(), self._tz)
+        return self._month_of(self._clock())
 
     def current_totals(self) -> MonthTotals:
         """The last known totals of the current month (zero right after it rolled over)."""
@@ -328,6 +332,8 @@ class CostGuard:
 
     def budget_closed(self) -> bool:
         """True once a call of this month cost more than it had reserved."""
+        if not self._overruns:
+            return False
         month = self.month()
         return any(call.month == month for call in self._overruns.values())
 
@@ -361,7 +367,7 @@ class CostGuard:
         if self.budget_closed():
             raise budget_closed(self.current_totals(), self.overruns(), self._hard_cap_usd)
         now = self._clock()
-        month = month_of(now, self._tz)
+        month = self._month_of(now)
         reservation = Reservation(uuid.uuid4().hex, action, amount, request_id, month)
         try:
             result = await self._store.reserve(
@@ -441,13 +447,13 @@ class CostGuard:
             if not self._healthy or self.budget_closed():
                 break
             now = self._clock()
-            month = month_of(now, self._tz)
+            month = self._month_of(now)
             lease = self._lease
             if lease is not None and lease.fits(amount, month, now, self._lease_max_age):
                 lease.carve(amount, now)
                 if lease.unused_usd * 4 < lease.size_usd:  # renewed before it runs out
                     self._next_lease(amount)
-                return Reservation(uuid.uuid4().hex, action, amount, request_id, month, lease.id)
+                return Reservation(new_request_id(), action, amount, request_id, month, lease.id)
             # Another caller may carve the new lease first: then wait for the next one.
             self._lease_waiters += 1  # the lease taken next is sized for all who wait
             try:
@@ -489,7 +495,7 @@ class CostGuard:
         if size is None or self._closed:
             return None
         now = self._clock()
-        month = month_of(now, self._tz)
+        month = self._month_of(now)
         lease_id = uuid.uuid4().hex
         request = ReserveRequest(
             reservation_id=lease_id,
@@ -548,7 +554,7 @@ class CostGuard:
         if lease is not None and (
             now - (lease.used_at or lease.taken_at) >= self._lease_idle
             or now - lease.taken_at >= self._lease_max_age
-            or lease.month != month_of(now, self._tz)
+            or lease.month != self._month_of(now)
         ):
             self._retire(lease)
 
@@ -633,18 +639,22 @@ class CostGuard:
         if written is None:  # SQLite queues a commit; PostgreSQL and Supabase do not
             await self._settle_or_queue(pending)
             return
-        task = asyncio.ensure_future(self._finish_behind(pending, written))
-        self._behind.add(task)
-        task.add_done_callback(self._behind.discard)
+        future = asyncio.ensure_future(written)  # the ledger's own future: no task is made
+        self._behind.add(future)
+        future.add_done_callback(functools.partial(self._finish_behind, pending))
 
-    async def _finish_behind(self, pending: _Pending, written: Awaitable[SettleResult]) -> None:
-        try:
-            result = await written
-        except LedgerUnavailable as exc:
+    def _finish_behind(self, pending: _Pending, written: asyncio.Future[SettleResult]) -> None:
+        self._behind.discard(written)
+        if written.cancelled():
+            return
+        exc = written.exception()
+        if isinstance(exc, LedgerUnavailable):
             self._mark_unhealthy(str(exc))
             self._pending.append(pending)  # retried by the refresh task, as a waited commit
-            return
-        self._settled(pending, result)
+        elif exc is not None:
+            log.error("a commit queued behind failed: %r", exc, exc_info=exc)
+        else:
+            self._settled(pending, written.result())
 
     async def _behind_written(self) -> None:
         """Wait for the commits queued behind (before reading totals, reports or closing)."""
@@ -700,7 +710,7 @@ class CostGuard:
             self._retire(self._lease)
         await self._behind_written()
         now = self._clock()
-        month = month_of(now, self._tz)
+        month = self._month_of(now)
         ledger = None  # by action and the forecast: none while the ledger is unreachable
         if self._healthy:
             try:

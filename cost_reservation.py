@@ -19,7 +19,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING
 
@@ -75,6 +75,43 @@ def next_month(month: str) -> str:
     """Return the 'YYYY-MM' after ``month``."""
     year, mon = (int(part) for part in month.split("-"))
     return f"{year + mon // 12:04d}-{mon % 12 + 1:02d}"
+
+
+class LedgerMonth:
+    """``month_of(now, tz)``, kept while ``now`` stays within the month found last.
+
+    The cost guard asks for the month several times per call (the cap checks, the
+    reservation, the lease): two comparisons instead of a time zone conversion each time.
+    """
+
+    __slots__ = ("_span", "_tz")
+
+    def __init__(self, tz: tzinfo) -> None:
+        self._tz = tz
+        self._span: tuple[datetime, datetime, str] | None = None
+
+    def __call__(self, now: datetime) -> str:
+        span = self._span
+        if span is not None and now.tzinfo is not None and span[0] <= now < span[1]:
+            return span[2]
+        month = month_of(now, self._tz)
+        if now.tzinfo is not None:
+            self._span = month_span(month, self._tz)
+        return month
+
+
+def month_span(month: str, tz: tzinfo) -> tuple[datetime, datetime, str] | None:
+    """The instants ``month`` starts and ends at in ``tz`` (UTC), and the month; ``None``
+    where local midnight of the 1st is not one instant (a zone that skips or repeats it)."""
+    year, mon = (int(part) for part in month.split("-"))
+    later = next_month(month)
+    start = datetime(year, mon, 1, tzinfo=tz).astimezone(UTC)
+    end = datetime(int(later[:4]), int(later[5:]), 1, tzinfo=tz).astimezone(UTC)
+    tick = timedelta(microseconds=1)
+    exact = month_of(start, tz) == month != month_of(start - tick, tz) and month_of(
+        end - tick, tz
+    ) == month != month_of(end, tz)
+    return (start, end, month) if exact else None
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,14 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cost_guard import CostGuard
 from cost_ledger import LoggedCall, MonthTotals, SqliteLedgerStore
 from cost_reservation import (
     MAX_LEDGER_USD,
+    LedgerMonth,
     Reservation,
     Spend,
     budget_closed,
@@ -393,3 +396,41 @@ def test_ledger_unreachable_fails_closed_and_says_local_handlers_still_run() -> 
         " until it is back (connection refused); actions with a local handler still run locally"
     )
     assert exc.extra == {"ledger_healthy": False}
+
+
+# Zones whose local midnight of the 1st is ordinary, offset by a fraction of an hour, or
+# skipped or repeated by a change of clocks at midnight (Havana, Santiago, Beirut in some
+# years): the month kept must be the month computed, every time.
+_ZONES = [
+    "UTC",
+    "Europe/Berlin",
+    "Asia/Kathmandu",
+    "Pacific/Chatham",
+    "America/Havana",
+    "America/Santiago",
+    "Asia/Beirut",
+    "America/St_Johns",
+]
+_INSTANTS = st.datetimes(
+    min_value=datetime(2020, 1, 1), max_value=datetime(2031, 1, 1), timezones=st.just(UTC)
+)
+
+
+@settings(max_examples=300)
+@given(st.sampled_from(_ZONES), st.lists(_INSTANTS, min_size=1, max_size=30))
+def test_the_ledger_month_kept_is_the_month_of_every_instant(zone: str, instants) -> None:
+    tz = ZoneInfo(zone)
+    kept = LedgerMonth(tz)
+    for now in instants + sorted(instants):
+        assert kept(now) == month_of(now, tz)
+        # the instants around each month's turn in this zone
+        assert kept(now.replace(day=1, hour=0)) == month_of(now.replace(day=1, hour=0), tz)
+
+
+def test_the_ledger_month_turns_at_local_midnight_of_the_first() -> None:
+    tz = ZoneInfo("America/Havana")  # UTC-5 in winter
+    kept = LedgerMonth(tz)
+    turn = datetime(2026, 2, 1, 5, 0, tzinfo=UTC)  # midnight in Havana
+    assert kept(turn - timedelta(microseconds=1)) == "2026-01"
+    assert kept(turn) == "2026-02"
+    assert kept(turn - timedelta(microseconds=1)) == "2026-01"  # back again: not kept
