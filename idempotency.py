@@ -309,6 +309,10 @@ class IdempotencyStore(ClaimStore):
         self.holder = holder or current_holder()
         self._heartbeat = Heartbeat(self.renew, lease_s)
         self._last_prune = 0.0
+        # Keys held for an idempotent action (claimed with ``rerun_if_dead``): their claim,
+        # answer and release are written without an fsync of their own. Losing one to a power
+        # cut only lets the action run again, which its key allows anyway once its holder died.
+        self._rerunnable: set[str] = set()
 
     @classmethod
     def for_data_dir(cls, data_dir: Path) -> IdempotencyStore:
@@ -370,9 +374,11 @@ class IdempotencyStore(ClaimStore):
                 return Claim(ClaimState.INDETERMINATE)
             return verdict
 
-        claim = await self._writes.run(work)
+        claim = await self._writes.run(work, durable=not rerun_if_dead)
         if claim.state is ClaimState.NEW:
             self._heartbeat.held += 1
+            if rerun_if_dead:
+                self._rerunnable.add(key)
         if now - self._last_prune > 3600:
             self._last_prune = now
             await self._prune(now)
@@ -388,7 +394,8 @@ class IdempotencyStore(ClaimStore):
                 "response_json = ?, completed_at = ? "
                 "WHERE key = ? AND state = 'running' AND holder = ?",
                 (status_code, text, self._clock(), key, self.holder.token),
-            )
+            ),
+            durable=self._held_durably(key),
         )
 
     async def release(self, key: str, *, ran: bool = True) -> None:
@@ -409,7 +416,16 @@ class IdempotencyStore(ClaimStore):
                 "DELETE FROM hybrid_idempotency WHERE key = ? AND state = 'running' AND holder = ?"
             )
             args = (key, self.holder.token)
-        await self._writes.run(lambda conn: conn.execute(sql, args))
+        await self._writes.run(
+            lambda conn: conn.execute(sql, args), durable=self._held_durably(key)
+        )
+
+    def _held_durably(self, key: str) -> bool:
+        """Whether the outcome of ``key`` (held here) must be fsync'd; forgets it either way."""
+        if key in self._rerunnable:
+            self._rerunnable.discard(key)
+            return False
+        return True
 
     async def lookup(self, key: str) -> KeyState:
         """Whether a handler here ever ran ``key``, runs it now, or may have run it."""

@@ -115,6 +115,7 @@ class SqliteFile:
         self.name = name
         self._worker: _Worker | None = None
         self._conn: sqlite3.Connection | None = None
+        self.wal = False  # whether the file is in WAL mode (known once open)
 
     @property
     def is_open(self) -> bool:
@@ -140,6 +141,7 @@ class SqliteFile:
         try:
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            self.wal = str(mode).lower() == "wal"
             if str(mode).lower() != "wal":
                 log.warning(
                     "%s: %s does not support WAL (journal_mode=%s)", self.name, self.path, mode
@@ -209,28 +211,38 @@ class GroupCommit:
     The write lock is held for the group as it was for one call: other processes on the same
     file still wait their turn. A call that finds nothing running starts a group at once, unless
     it may linger (``submit(linger_s=…)``): then it waits that long for company.
+
+    A write submitted with ``durable=False`` may go without the file's fsync: a group made only
+    of such writes commits with ``synchronous=NORMAL`` (WAL mode only), so it survives a killed
+    process but a power cut may lose it; a group with any durable write is committed as the file
+    always is, with every write in it.
     """
 
     def __init__(self, file: SqliteFile) -> None:
         self._file = file
-        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._pending: list[_Write] = []
         self._writer: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def run(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
         """Run ``fn`` in a write transaction (shared with the calls made at the same time)."""
-        return await self.submit(fn)
+        return await self.submit(fn, durable=durable)
 
     def submit(
-        self, fn: Callable[[sqlite3.Connection], T], *, linger_s: float = 0.0
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        *,
+        linger_s: float = 0.0,
+        durable: bool = True,
     ) -> asyncio.Future[T]:
         """Queue ``fn`` now (its place in the order is taken here); its future has the result.
 
         ``linger_s`` > 0: with nothing running, wait up to that long for another write to share
         the transaction with (any write submitted without it starts the group at once).
+        ``durable=False``: this write may be committed without an fsync (see the class).
         """
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((fn, future))
+        self._pending.append((fn, future, durable))
         if self._writer is None:
             if linger_s <= 0:
                 self._start()
@@ -260,15 +272,20 @@ class GroupCommit:
         try:
             while self._pending:
                 group, self._pending = self._pending, []
-                fns = [fn for fn, _ in group]
+                fns = [fn for fn, _, _ in group]
+                relax = None
+                if self._file.wal and not any(durable for _, _, durable in group):
+                    relax = self._file.synchronous  # the level to go back to
                 try:
-                    outcomes = await self._file.run(functools.partial(_in_one_transaction, fns=fns))
+                    outcomes = await self._file.run(
+                        functools.partial(_in_one_transaction, fns=fns, relax=relax)
+                    )
                 except BaseException as exc:  # BEGIN or COMMIT failed, or the file is closed
                     _fail(group, exc)
                     if not isinstance(exc, Exception):
                         raise
                     continue
-                for (_, future), (ok, value) in zip(group, outcomes, strict=True):
+                for (_, future, _), (ok, value) in zip(group, outcomes, strict=True):
                     if not future.done():  # done: its caller was cancelled meanwhile
                         future.set_result(value) if ok else future.set_exception(value)
         except BaseException as exc:
@@ -279,13 +296,33 @@ class GroupCommit:
             self._writer = None
 
 
-def _fail(group: list[tuple[Any, asyncio.Future[Any]]], exc: BaseException) -> None:
-    for _, future in group:
+def _fail(group: list[_Write], exc: BaseException) -> None:
+    for _, future, _ in group:
         if not future.done():
             future.set_exception(exc)
 
 
+# A write of a GroupCommit: the function, its caller's future, and whether it must be fsync'd.
+_Write = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]", bool]
+
+
 def _in_one_transaction(
+    conn: sqlite3.Connection,
+    fns: list[Callable[[sqlite3.Connection], Any]],
+    relax: Synchronous | None = None,
+) -> list[tuple[bool, Any]]:
+    """The group's transaction; with ``relax`` (the file's own level), committed with
+    ``synchronous=NORMAL`` and the connection set back to ``relax`` after."""
+    if relax is None:
+        return _group_transaction(conn, fns)
+    conn.execute("PRAGMA synchronous=NORMAL")
+    try:
+        return _group_transaction(conn, fns)
+    finally:
+        conn.execute(f"PRAGMA synchronous={relax.value}")
+
+
+def _group_transaction(
     conn: sqlite3.Connection, fns: list[Callable[[sqlite3.Connection], Any]]
 ) -> list[tuple[bool, Any]]:
     if len(fns) == 1:  # alone: no savepoint needed, and its failure is the group's

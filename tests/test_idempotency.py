@@ -100,6 +100,34 @@ async def test_claims_made_at_once_share_a_transaction_and_still_give_one_key_on
     assert [claim.body for claim in replays] == [{"n": i} for i in range(40)]
 
 
+async def test_only_the_keys_of_actions_that_may_run_again_go_without_an_fsync(
+    open_store: OpenStore,
+) -> None:
+    # A side effect's claim and answer are fsync'd before the handler runs and before the
+    # answer goes out; an idempotent action's (claimed with rerun_if_dead) are not: losing
+    # them to a power cut lets the read run again, which its key allows once its holder died.
+    store = await open_store()
+    statements: list[str] = []
+    await store._db.run(lambda conn: conn.set_trace_callback(statements.append))
+
+    async def relaxed(step: Awaitable[Any]) -> bool:
+        statements.clear()
+        await step
+        return "PRAGMA synchronous=NORMAL" in statements
+
+    assert await relaxed(store.claim("read", "research.keyword", HASH_A, rerun_if_dead=True))
+    assert await relaxed(store.complete("read", 200, {"ok": True}))
+    assert await relaxed(store.claim("read-2", "research.keyword", HASH_A, rerun_if_dead=True))
+    assert await relaxed(store.release("read-2"))
+    assert not await relaxed(store.claim("dm", "dm.send", HASH_A))
+    assert not await relaxed(store.complete("dm", 200, {"ok": True}))
+    assert not await relaxed(store.claim("dm-2", "dm.send", HASH_A))
+    assert not await relaxed(store.release("dm-2"))
+    assert store._rerunnable == set()  # nothing kept once each key's outcome is written
+    replay = await store.claim("read", "research.keyword", HASH_A, rerun_if_dead=True)
+    assert replay.state is ClaimState.DONE and replay.body == {"ok": True}
+
+
 async def test_a_key_being_run_is_running_for_a_second_caller(open_store: OpenStore) -> None:
     first, second = await open_store(), await open_store()
     assert (await first.claim("k1", "dm.send", HASH_A)).state is ClaimState.NEW

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -111,6 +114,65 @@ async def test_writes_made_together_share_one_commit_in_order(grouped: Grouped) 
     assert statements.count("COMMIT") == 2
     rows = await db.run(lambda c: c.execute("SELECT n FROM t ORDER BY n").fetchall())
     assert [n for (n,) in rows] == list(range(21))
+
+
+def _level_and_append(conn: sqlite3.Connection) -> int:
+    """The connection's ``synchronous`` level inside the transaction (1 NORMAL, 2 FULL)."""
+    _append_count(conn)
+    return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+
+async def test_a_group_of_writes_that_need_no_fsync_commits_without_one(grouped: Grouped) -> None:
+    writes, statements = grouped.writes, grouped.statements
+    levels = await asyncio.gather(*(writes.run(_level_and_append, durable=False) for _ in range(3)))
+    assert levels == [1, 1, 1]  # NORMAL: in WAL mode, no fsync at COMMIT
+    assert statements.index("PRAGMA synchronous=NORMAL") < statements.index("BEGIN IMMEDIATE")
+    assert statements[-1] == "PRAGMA synchronous=FULL"  # the file's own level, after COMMIT
+    assert await writes.run(_level_and_append) == 2  # a durable write alone: FULL
+
+
+async def test_one_durable_write_makes_its_whole_group_durable(grouped: Grouped) -> None:
+    writes, statements = grouped.writes, grouped.statements
+    levels = await asyncio.gather(
+        writes.run(_level_and_append, durable=False),
+        writes.run(_level_and_append),
+        writes.run(_level_and_append, durable=False),
+    )
+    assert levels == [2, 2, 2]
+    assert "PRAGMA synchronous=NORMAL" not in statements
+
+
+_KILLED_WRITER = """
+import asyncio, sys
+from pathlib import Path
+from sqlite_file import GroupCommit, SqliteFile
+
+async def main():
+    db = SqliteFile(Path(sys.argv[1]))
+    await db.open("CREATE TABLE t (n INTEGER);")
+    await GroupCommit(db).run(lambda c: c.execute("INSERT INTO t VALUES (7)"), durable=False)
+    print("written", flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+def test_a_write_without_fsync_survives_its_process_being_killed(tmp_path: Path) -> None:
+    path = tmp_path / "x.sqlite3"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "written"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT n FROM t").fetchall() == [(7,)]
 
 
 async def test_a_failing_write_in_a_group_is_rolled_back_alone(grouped: Grouped) -> None:
