@@ -15,7 +15,9 @@ import json
 from collections.abc import AsyncGenerator, Iterable
 from typing import Any
 
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
 from envelope import Envelope, envelope_bytes, new_request_id
 from errors import ActionError
@@ -71,6 +73,21 @@ def answer_line(index: int, response: Response) -> bytes:
         json.dumps(headers, separators=(",", ":")).encode(),
         bytes(response.body),
     )
+
+
+class LinesResponse(StreamingResponse):
+    """NDJSON lines (``lines_as_done``), written as they come.
+
+    Without the task ``StreamingResponse`` runs beside the stream to notice the caller leaving
+    (an anyio task group per request): each line's run goes on whether the caller stays or not,
+    so there is nothing to stop early, and uvicorn drops what is written to a connection gone.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.stream_response(send)
+        except OSError:
+            raise ClientDisconnect() from None
 
 
 async def lines_as_done(runs: Iterable[asyncio.Future[bytes]]) -> AsyncGenerator[bytes, None]:

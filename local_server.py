@@ -31,7 +31,7 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi_offline import FastAPIOffline
 from starlette.requests import ClientDisconnect
 
@@ -51,6 +51,7 @@ from errors import (
 )
 from http_responses import (
     NDJSON,
+    LinesResponse,
     answer_line,
     envelope_response,
     error_response,
@@ -421,7 +422,7 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
             running.add(run)  # held here, not by the stream: a caller gone keeps it running
             run.add_done_callback(running.discard)
             runs.append(run)
-        return StreamingResponse(lines_as_done(runs), media_type=NDJSON)
+        return LinesResponse(lines_as_done(runs), media_type=NDJSON)
 
     running: set[asyncio.Future[bytes]] = set()
 

@@ -336,6 +336,14 @@ def _running_keys(cloud) -> int:
     return int(row[0])
 
 
+def _done_keys(cloud) -> int:
+    """How many keys the cloud has run to their end and recorded the answer of."""
+    path = Path(cloud.env["DATA_DIR"]) / "hybrid.sqlite3"
+    with sqlite3.connect(path, timeout=5) as conn:
+        row = conn.execute("SELECT COUNT(*) FROM hybrid_idempotency WHERE state = 'done'")
+        return int(row.fetchone()[0])
+
+
 def _pair_through_proxy(server_factory, plan=()):
     cloud = server_factory(name="cloud", EVERREACH_ENV="cloud", EVERREACH_CLOUD_KEY=KEY)
     proxy = FaultProxy(cloud.url, free_port(), plan).start()
@@ -381,6 +389,40 @@ def test_a_batch_of_dms_goes_to_the_cloud_in_few_requests_each_dm_once_in_order(
         assert batches and len(batches) + len(singles) < 30, proxy.seen
     finally:
         proxy.stop()
+
+
+@pytest.mark.e2e
+def test_a_caller_gone_mid_answer_leaves_every_item_of_its_request_run_once_and_recorded(
+    server_factory, tmp_path
+):
+    cloud = server_factory(name="cloud", EVERREACH_ENV="cloud", EVERREACH_CLOUD_KEY=KEY)
+    log = tmp_path / "dm.log"
+    fast = {"action": "dm.send", "params": {"to": "x", "id": "m000", "log": str(log)}}
+    slow = [
+        {
+            "action": "dm.send",
+            "params": {"to": "x", "id": f"m{n:03d}", "log": str(log), "sleep_s": 0.5},
+        }
+        for n in range(1, 6)
+    ]
+    items = [
+        {**item, "idempotency_key": f"gone-key-{n:04d}"} for n, item in enumerate([fast, *slow])
+    ]
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with (
+        httpx.Client(base_url=cloud.url, headers=auth, timeout=30) as client,
+        client.stream("POST", "/api/batch", json={"items": items}) as answer,
+    ):
+        first = next(answer.iter_lines())
+        assert json.loads(first)["i"] == 0
+    # The connection is closed while five DMs still run: each ends and records its answer.
+    from tests.test_e2e_offline import wait_for
+
+    wait_for(lambda: _done_keys(cloud) == len(items), what="every key's answer recorded")
+    with httpx.Client(base_url=cloud.url, headers=auth, timeout=30) as client:
+        lines = _lines(client.post("/api/batch", json={"items": items}))
+    assert all(line["headers"].get("idempotent-replayed") == "true" for line in lines.values())
+    assert _executions(log) == Counter({f"m{n:03d}": 1 for n in range(6)})
 
 
 @pytest.mark.e2e
