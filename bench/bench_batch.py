@@ -95,6 +95,11 @@ def _row(
 ) -> common.Row:
     ideal_s = items * sleep_ms / 1000 / concurrency
     cpu_us = [cpu_s / items * 1e6 for _, cpu_s in runs]
+    if not all(cpu_us):  # /proc counts CPU in 10 ms ticks: a small batch may show none
+        raise RuntimeError(
+            f"the terminal's CPU time for a batch of {items} did not register in /proc's ticks: "
+            f"use more items (--items)"
+        )
     return {
         "name": f"POST /batch of {items} cloud actions, handler sleeping {sleep_ms:g} ms",
         "items": items,

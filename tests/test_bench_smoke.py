@@ -234,12 +234,13 @@ def test_cloud_cpu_bench_reads_the_terminals_cpu_per_cloud_call() -> None:
 def test_batch_bench_runs_cloud_batches_at_50_and_the_highest_accepted_concurrency() -> None:
     from bench import bench_batch
 
-    rows = _check_rows(bench_batch, bench_batch.run(quick=True, items=20, rounds=2))
+    # 100 items: enough terminal CPU (>= 10 ms) to show in /proc's ticks every round.
+    rows = _check_rows(bench_batch, bench_batch.run(quick=True, items=100, rounds=2))
     assert (rows[0]["max_concurrent"], rows[0]["highest_accepted"]) == (50, False)
     assert rows[-1]["highest_accepted"] and rows[-1]["max_concurrent"] > 50
     for row in rows:
-        assert row["items"] == 20 and row["rounds"] == 2
-        assert row["ideal_s"] == pytest.approx(20 * 0.020 / row["max_concurrent"])
+        assert row["items"] == 100 and row["rounds"] == 2
+        assert row["ideal_s"] == pytest.approx(100 * 0.020 / row["max_concurrent"])
         _within_rounds(row, "wall_s")
         # A batch of sleeping handlers cannot beat its ideal wall time.
         assert row["wall_s_min"] >= row["ideal_s"] * 0.99
