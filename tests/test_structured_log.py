@@ -460,3 +460,20 @@ def test_a_dispatch_line_that_cannot_be_written_fails_no_dispatch(
     stream.close()  # a write now raises ValueError
     dispatch(logging.getLogger(DISPATCH_LOGGER))  # the direct way: no record, no raise
     assert "Logging error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line_buffering", [True, False])
+def test_a_dispatch_line_is_in_the_file_when_log_dispatch_returns(
+    stream: io.StringIO, tmp_path: Any, line_buffering: bool
+) -> None:
+    """Line-buffered (stderr) or not, the written way flushes each line to the file at once."""
+    path = tmp_path / "server.log"
+    with open(path, "w", buffering=8192, encoding="utf-8") as file:
+        file.reconfigure(line_buffering=line_buffering)
+        configure_logging("INFO", stream=file)
+        root = logging.getLogger()
+        root.handlers[:] = [h for h in root.handlers if isinstance(h.formatter, JsonFormatter)]
+        dispatch(logging.getLogger(DISPATCH_LOGGER))
+        assert [json.loads(line)["request_id"] for line in path.read_text().splitlines()] == [
+            "req-1"
+        ]
