@@ -22,6 +22,7 @@ and may hold credentials.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -181,7 +182,24 @@ class ConsoleFormatter(JsonFormatter):
 
 
 class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Our stderr handler; a class of its own so ``configure_logging`` can find and replace it."""
+    """Our stderr handler; a class of its own so ``configure_logging`` can find and replace it.
+
+    Dispatch lines (``write_line``) logged inside a running event loop are held and written
+    together, in one write, by a callback of that loop: once per loop turn instead of once per
+    line. A busy server answers many requests a turn, and each write is a system call (~2 µs,
+    and the CPU's caches it costs the code after it): in process, 8 and 32 requests a turn
+    cost 3 to 4 µs less each; one request a turn (an idle server) ~3 µs more. The callback
+    runs at the start of the loop's next turn, before the loop waits for anything, so a line
+    reaches the stream microseconds after its answer was handed to the transport. Held lines
+    are written first whenever anything else is: another record (``emit``, so the stream
+    keeps the order in which lines were logged), ``flush`` and ``close`` (``logging.shutdown``
+    calls both at exit), a new stream, a line logged outside that loop.
+    """
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        super().__init__(stream)
+        self._held: list[str] = []
+        self._held_for: asyncio.AbstractEventLoop | None = None  # whose callback writes them
 
     def write_line(self, line: str) -> None:
         """Write one line made without a record (``log_dispatch``), as ``emit`` would.
@@ -189,13 +207,41 @@ class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
         The caller holds the handler's lock, as ``Handler.handle`` does around ``emit``.
         """
         try:
-            stream = self.stream
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None and loop is self._held_for:
+            self._held.append(line)  # the callback that writes them is on its way
+            return
+        if self._held:
+            self._write_held()  # held for another loop, or none, whose callback may never run
+        if loop is None:
+            self._write(line + self.terminator)
+            return
+        self._held.append(line)
+        self._held_for = loop
+        loop.call_soon(self._on_turn)
+
+    def _on_turn(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if self._held_for is not None:
+                self._write_held()
+
+    def _write_held(self) -> None:
+        """Write the held lines, in one write (the caller holds the lock)."""
+        held, self._held, self._held_for = self._held, [], None
+        if held:
             terminator = self.terminator
-            stream.write(line + terminator)
+            self._write(terminator.join(held) + terminator)
+
+    def _write(self, text: str) -> None:
+        try:
+            stream = self.stream
+            stream.write(text)
             # A line-buffered text stream (stderr is one, redirected or not) has flushed
             # itself at the newline: ``flush`` would only call its flush again (~0.5 µs).
-            if getattr(stream, "line_buffering", False) is not True or "\n" not in terminator:
-                self.flush()
+            if getattr(stream, "line_buffering", False) is not True or "\n" not in text:
+                super().flush()
         except RecursionError:
             raise
         except Exception:
@@ -203,6 +249,29 @@ class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
             if logging.raiseExceptions:
                 sys.stderr.write("--- Logging error ---\n")
                 traceback.print_exc(file=sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._held:  # Handler.handle holds the lock
+            self._write_held()
+        super().emit(record)
+
+    def write_held(self) -> None:
+        """Write the lines held, if any (a failed write is reported as ``emit`` reports it)."""
+        with self.lock:  # type: ignore[union-attr]
+            if self._held:
+                self._write_held()
+
+    def flush(self) -> None:
+        self.write_held()
+        super().flush()
+
+    def setStream(self, stream: IO[str]) -> IO[str] | None:  # type: ignore[override]
+        self.write_held()  # to the stream they were logged for
+        return super().setStream(stream)
+
+    def close(self) -> None:
+        self.write_held()
+        super().close()
 
 
 def configure_logging(
@@ -229,6 +298,7 @@ def configure_logging(
     root = logging.getLogger()
     for handler in list(root.handlers):
         if isinstance(handler, _JsonHandler):
+            handler.write_held()  # the lines it holds, if any, before the new handler's
             root.removeHandler(handler)
     handler = _JsonHandler(target)
     handler.setFormatter(ConsoleFormatter(secrets) if fmt == "console" else JsonFormatter(secrets))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import os
 import select
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -477,3 +479,112 @@ def test_a_dispatch_line_is_in_the_file_when_log_dispatch_returns(
         assert [json.loads(line)["request_id"] for line in path.read_text().splitlines()] == [
             "req-1"
         ]
+
+
+class _Writes(io.StringIO):
+    """A stream that counts its writes."""
+
+    writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def _ours_only(out: io.StringIO) -> logging.Handler:
+    """Configure logging into ``out`` with our handler alone (so dispatch lines take the
+    direct way, as in a server)."""
+    configure_logging("INFO", stream=out)
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if isinstance(h.formatter, JsonFormatter)]
+    [handler] = root.handlers
+    return handler
+
+
+async def test_dispatch_lines_of_one_loop_turn_are_written_at_once_by_the_next(
+    stream: io.StringIO,
+) -> None:
+    out = _Writes()
+    _ours_only(out)
+    logger = logging.getLogger(DISPATCH_LOGGER)
+    for n in range(3):
+        dispatch(logger, request_id=f"req-{n}")
+    assert out.getvalue() == ""  # held until the loop turns
+    await asyncio.sleep(0)
+    assert [line["request_id"] for line in lines(out)] == ["req-0", "req-1", "req-2"]
+    assert out.writes == 1
+    dispatch(logger, request_id="req-3")
+    await asyncio.sleep(0)
+    assert [line["request_id"] for line in lines(out)][-1] == "req-3"
+    assert out.writes == 2
+
+
+async def test_held_dispatch_lines_are_written_before_any_other_record(
+    stream: io.StringIO,
+) -> None:
+    out = io.StringIO()
+    _ours_only(out)
+    dispatch(logging.getLogger(DISPATCH_LOGGER), request_id="req-1")
+    logging.getLogger("everreach.test").warning("after the dispatch")
+    assert [line.get("request_id", line["msg"]) for line in lines(out)] == [
+        "req-1",
+        "after the dispatch",
+    ]
+
+
+def test_held_dispatch_lines_are_written_by_flush_when_the_loop_never_turns_again(
+    stream: io.StringIO,
+) -> None:
+    """A loop that stops (a clean shutdown) right after a dispatch: its callback never runs,
+    and ``logging.shutdown`` (flush, close) writes the line; so does a line logged later
+    outside that loop, and ``configure_logging`` replacing the handler."""
+    out = io.StringIO()
+    handler = _ours_only(out)
+    logger = logging.getLogger(DISPATCH_LOGGER)
+
+    async def last_call(request_id: str) -> None:
+        dispatch(logger, request_id=request_id)
+        asyncio.get_running_loop().stop()  # this turn is its last: the callback is not run
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(last_call("req-1"))
+        assert out.getvalue() == ""
+        handler.flush()
+        assert [line["request_id"] for line in lines(out)] == ["req-1"]
+        loop.run_until_complete(last_call("req-2"))
+        dispatch(logger, request_id="req-3")  # no loop: written at once, after req-2
+        assert [line["request_id"] for line in lines(out)] == ["req-1", "req-2", "req-3"]
+        loop.run_until_complete(last_call("req-4"))
+        handler.close()
+        assert [line["request_id"] for line in lines(out)][-1] == "req-4"
+        loop.run_until_complete(last_call("req-5"))
+        configure_logging("INFO", stream=io.StringIO())
+        assert [line["request_id"] for line in lines(out)][-1] == "req-5"
+    finally:
+        loop.close()
+
+
+async def test_a_line_held_for_another_loop_is_written_before_this_loops_lines(
+    stream: io.StringIO,
+) -> None:
+    out = io.StringIO()
+    _ours_only(out)
+    logger = logging.getLogger(DISPATCH_LOGGER)
+
+    async def last_call(request_id: str) -> None:
+        dispatch(logger, request_id=request_id)
+        asyncio.get_running_loop().stop()  # held for a loop that does not turn again
+
+    other = asyncio.new_event_loop()
+    try:
+        thread = threading.Thread(target=other.run_until_complete, args=(last_call("req-other"),))
+        thread.start()
+        thread.join()
+    finally:
+        other.close()
+    assert out.getvalue() == ""
+    dispatch(logger, request_id="req-here")
+    assert [line["request_id"] for line in lines(out)] == ["req-other"]
+    await asyncio.sleep(0)
+    assert [line["request_id"] for line in lines(out)] == ["req-other", "req-here"]
