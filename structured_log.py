@@ -444,21 +444,43 @@ def _plain_line(
         and (type(error) is str or error is None)
     ):
         return None
-    # encode_basestring called directly (not through _text: 0.2 µs a field); the logger and
-    # level part is the same for every line of a logger, built once.
-    esc = encode_basestring
+    # The parts before and after the request id are the same for every line of one action,
+    # path and outcome: built once each, ~1 µs a line less.
+    key = (logger_name, level, action, env, source, outcome)
+    parts = _LINE_PARTS.get(key)
+    if parts is None:
+        parts = _line_parts(logger_name, level, msg_args, env, source)
+        if len(_LINE_PARTS) < _MAX_LINE_PARTS:
+            _LINE_PARTS[key] = parts
+    error_text = "null" if error is None else encode_basestring(error)
     line = (
-        f'{{"ts": "{_iso_utc(time.time())}", {_line_head(logger_name, level)}'
-        f'"msg": {esc(_DISPATCH_MSG % msg_args)}, "event": "dispatch", '
-        f'"request_id": {esc(request_id)}, "action": {esc(action)}, '
-        f'"env": {"null" if env is None else esc(env)}, '
-        f'"source": {"null" if source is None else esc(source)}, '
-        f'"outcome": {esc(outcome)}, "duration_ms": {duration!r}, "attempts": {attempts!r}, '
-        f'"error": {"null" if error is None else esc(error)}}}'
+        f'{{"ts": "{_iso_utc(time.time())}", {parts[0]}"request_id": '
+        f'{encode_basestring(request_id)}, {parts[1]}"duration_ms": {duration!r}, '
+        f'"attempts": {attempts!r}, "error": {error_text}}}'
     )
     if _HTTPX_HINT_TEXT in line or formatter.holds_secret(line):
         return None
     return line
+
+
+def _line_parts(
+    logger_name: str, level: int, msg_args: tuple[str, Any, str], env: Any, source: Any
+) -> tuple[str, str]:
+    """What a dispatch line says before its request id (level to event) and after it (action
+    to outcome)."""
+    action, _, outcome = msg_args
+    return (
+        f'{_line_head(logger_name, level)}"msg": {_text(_DISPATCH_MSG % msg_args)}, '
+        f'"event": "dispatch", ',
+        f'"action": {_text(action)}, "env": {_text(env)}, "source": {_text(source)}, '
+        f'"outcome": {_text(outcome)}, ',
+    )
+
+
+# The parts of dispatch lines by (logger, level, action, env, source, outcome); beyond this
+# many kinds (unknown action names, say), made per line: at most ~0.5 MiB kept.
+_LINE_PARTS: dict[tuple[str, int, str, Any, Any, str], tuple[str, str]] = {}
+_MAX_LINE_PARTS = 1024
 
 
 def _direct_line(

@@ -588,3 +588,19 @@ async def test_a_line_held_for_another_loop_is_written_before_this_loops_lines(
     assert [line["request_id"] for line in lines(out)] == ["req-other"]
     await asyncio.sleep(0)
     assert [line["request_id"] for line in lines(out)] == ["req-other", "req-here"]
+
+
+def test_lines_of_one_kind_share_their_parts_and_still_read_as_their_records(
+    stream: io.StringIO,
+) -> None:
+    configure_logging("INFO", stream=stream, secrets=["sk-secret"])
+    for n in range(3):  # the first builds the parts of this kind, the others reuse them
+        direct, via_record = _dispatch_line_both_ways(
+            stream, request_id=f"req-{n}", duration_ms=n / 7, action="system.echo"
+        )
+        assert direct.pop("ts")[:10] == via_record.pop("ts")[:10]
+        assert direct == via_record
+        assert direct["request_id"] == f"req-{n}" and direct["duration_ms"] == round(n / 7, 3)
+    # a secret in a part kept for the kind is still found in the whole line
+    direct, via_record = _dispatch_line_both_ways(stream, action="sk-secret", request_id="r")
+    assert direct["action"] == via_record["action"] == REDACTED
