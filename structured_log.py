@@ -27,10 +27,12 @@ import functools
 import json
 import logging
 import math
+import os
 import re
 import sys
 import time
 import traceback
+import weakref
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from json.encoder import encode_basestring  # type: ignore[attr-defined]
@@ -200,6 +202,7 @@ class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__(stream)
         self._held: list[str] = []
         self._held_for: asyncio.AbstractEventLoop | None = None  # whose callback writes them
+        self._known_holder = False  # in _HOLDERS
 
     def write_line(self, line: str) -> None:
         """Write one line made without a record (``log_dispatch``), as ``emit`` would.
@@ -221,6 +224,10 @@ class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._held.append(line)
         self._held_for = loop
         loop.call_soon(self._on_turn)
+        if not self._known_holder:  # at its first held line, not at import
+            _hold_fork_hook()
+            _HOLDERS.add(self)
+            self._known_holder = True
 
     def _on_turn(self) -> None:
         with self.lock:  # type: ignore[union-attr]
@@ -272,6 +279,24 @@ class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def close(self) -> None:
         self.write_held()
         super().close()
+
+
+# Handlers that have held lines: a forked child forgets what its parent held (it would write
+# them again), as it forgets the parent's request ids (``envelope``).
+_HOLDERS: weakref.WeakSet[_JsonHandler] = weakref.WeakSet()
+_FORK_HOOKED = False
+
+
+def _hold_fork_hook() -> None:
+    global _FORK_HOOKED
+    if not _FORK_HOOKED:
+        os.register_at_fork(after_in_child=_forget_held)
+        _FORK_HOOKED = True
+
+
+def _forget_held() -> None:
+    for handler in list(_HOLDERS):
+        handler._held, handler._held_for = [], None
 
 
 def configure_logging(

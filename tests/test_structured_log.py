@@ -10,7 +10,7 @@ import os
 import select
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import pytest
@@ -491,7 +491,7 @@ class _Writes(io.StringIO):
         return super().write(text)
 
 
-def _ours_only(out: io.StringIO) -> logging.Handler:
+def _ours_only(out: IO[str]) -> logging.Handler:
     """Configure logging into ``out`` with our handler alone (so dispatch lines take the
     direct way, as in a server)."""
     configure_logging("INFO", stream=out)
@@ -604,3 +604,35 @@ def test_lines_of_one_kind_share_their_parts_and_still_read_as_their_records(
     # a secret in a part kept for the kind is still found in the whole line
     direct, via_record = _dispatch_line_both_ways(stream, action="sk-secret", request_id="r")
     assert direct["action"] == via_record["action"] == REDACTED
+
+
+@pytest.mark.process  # forks
+def test_a_forked_child_does_not_write_the_lines_its_parent_held(
+    stream: io.StringIO, tmp_path: Any
+) -> None:
+    path = tmp_path / "server.log"
+    with open(path, "w", buffering=1, encoding="utf-8") as file:
+        handler = _ours_only(file)
+        logger = logging.getLogger(DISPATCH_LOGGER)
+
+        async def last_call() -> None:
+            dispatch(logger, request_id="req-parent")
+            asyncio.get_running_loop().stop()  # held: the loop does not turn again
+
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(last_call())
+            pid = os.fork()
+            if pid == 0:  # the child: one line of its own, outside any loop
+                try:
+                    dispatch(logger, request_id="req-child")
+                finally:
+                    os._exit(0)
+            os.waitpid(pid, 0)
+            handler.flush()
+        finally:
+            loop.close()
+    assert sorted(json.loads(line)["request_id"] for line in path.read_text().splitlines()) == [
+        "req-child",
+        "req-parent",
+    ]
