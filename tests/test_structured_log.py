@@ -9,6 +9,7 @@ import logging
 import os
 import select
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
@@ -636,3 +637,35 @@ def test_a_forked_child_does_not_write_the_lines_its_parent_held(
         "req-child",
         "req-parent",
     ]
+
+
+async def test_a_held_line_is_made_with_the_time_it_was_logged_at(
+    stream: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = io.StringIO()
+    _ours_only(out)
+    logged_at = 1_767_225_600.25  # 2026-01-01T00:00:00.250Z
+    monkeypatch.setattr(time, "time", lambda: logged_at)
+    dispatch(logging.getLogger(DISPATCH_LOGGER))
+    monkeypatch.setattr(time, "time", lambda: logged_at + 60)
+    await asyncio.sleep(0)
+    assert [line["ts"] for line in lines(out)] == ["2026-01-01T00:00:00.250Z"]
+
+
+async def test_a_held_line_that_cannot_be_made_loses_no_other(
+    stream: io.StringIO, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = io.StringIO()
+    handler = _ours_only(out)
+    logger = logging.getLogger(DISPATCH_LOGGER)
+
+    def broken() -> str:
+        raise ValueError("no line")
+
+    dispatch(logger, request_id="req-1")
+    with handler.lock:  # type: ignore[union-attr]
+        handler.write_line(broken, ())  # type: ignore[attr-defined]
+    dispatch(logger, request_id="req-2")
+    await asyncio.sleep(0)
+    assert [line["request_id"] for line in lines(out)] == ["req-1", "req-2"]
+    assert "Logging error" in capsys.readouterr().err
