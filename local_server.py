@@ -230,8 +230,10 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         runtime: Runtime = request.app.state.runtime
         return runtime
 
-    def check_local_token(request: Request) -> None:
-        token = rt(request).config.secret("local_api_token")
+    def check_local_token(request: Request, runtime: Runtime | None = None) -> None:
+        """Refuse a request without the ``LOCAL_API_TOKEN``, if one is set (``runtime``: the
+        request's, when the route has read it already)."""
+        token = (runtime or rt(request)).config.secret("local_api_token")
         if token is not None and not _bearer_matches(request, token):
             raise Unauthorized(
                 "missing or wrong bearer token: send 'Authorization: Bearer <LOCAL_API_TOKEN>'"
@@ -269,7 +271,7 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
     @app.post("/dispatch")
     async def dispatch(request: Request) -> Response:
         runtime = rt(request)
-        check_local_token(request)
+        check_local_token(request, runtime)
         body = await _read(request, DispatchBody)
         action = body.action
         request.scope[_ACTION_KEY] = action
@@ -278,8 +280,17 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         key = body.idempotency_key
         at = runtime.deferral.schedule_time(body.not_before, body.delay_sec)
         if key is None:
-            request_id = new_request_id()
-            envelope = await _route(runtime, action, params, force_env, request_id, at, True)
+            # What _route does, without its coroutine: ~0.4 µs of each call.
+            orchestrator = runtime.orchestrator
+            assert orchestrator is not None
+            envelope = await orchestrator.route(
+                action,
+                params,
+                force_env,
+                request_id=new_request_id(),
+                not_before=at,
+                json_params=True,
+            )
             return envelope_response(envelope)
         return await _route_once(runtime, action, params, force_env, key, at)
 
@@ -329,7 +340,7 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
     @app.post("/batch")
     async def batch(request: Request) -> Response:
         runtime = rt(request)
-        check_local_token(request)
+        check_local_token(request, runtime)
         body = await _read(request, BatchBody)
         items, max_concurrent = body.items, body.max_concurrent
 

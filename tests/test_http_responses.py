@@ -7,8 +7,10 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from fastapi.responses import Response
 
+import http_responses
 from envelope import Envelope
 from errors import Forbidden, InvalidParams, RateLimited, Source
 from http_responses import (
@@ -105,3 +107,42 @@ async def test_a_reader_gone_mid_way_leaves_the_runs_it_did_not_read_alone() -> 
     await lines.aclose()  # the caller went away
     assert all(not run._callbacks for run in runs)
     runs[0].set_result(b"0\n")  # a run ending later needs nobody to read it
+
+
+@pytest.mark.parametrize("status", [101, 200, 202, 204, 304, 400, 409, 413, 422, 500, 503])
+@pytest.mark.parametrize("payload", [b"", b"{}", b'{"ok":true,"detail":"\\u00e9"}'])
+def test_a_plain_json_response_is_what_starlettes_response_builds(
+    status: int, payload: bytes
+) -> None:
+    """``bytes_response`` builds its responses without ``Response.__init__`` while the two are
+    the same; if Starlette's ``Response.__init__``/``init_headers`` changed what they set, the
+    answers fall back to it and this test says so."""
+    assert http_responses._plain_made_as_starlette_does(), (
+        "starlette.responses.Response.__init__ no longer sets what "
+        "http_responses._plain_response sets: update it"
+    )
+    made = bytes_response(payload, status)
+    reference = Response(payload, status_code=status, media_type="application/json")
+    assert type(made) is Response
+    assert vars(made) == vars(reference)
+    assert list(vars(made)) == list(vars(reference))
+    assert made.headers.raw == reference.headers.raw
+
+
+async def test_a_plain_json_response_sends_what_starlettes_response_sends() -> None:
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> Any:
+        return {"type": "http.request"}
+
+    scope = {"type": "http"}
+    await bytes_response(b'{"ok":true}', 200)(scope, receive, send)
+    made = list(sent)
+    sent.clear()
+    await Response(b'{"ok":true}', status_code=200, media_type="application/json")(
+        scope, receive, send
+    )
+    assert made == sent

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import os
 import select
+import threading
+import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import pytest
@@ -459,4 +462,210 @@ def test_a_dispatch_line_that_cannot_be_written_fails_no_dispatch(
     root.handlers[:] = [h for h in root.handlers if isinstance(h.formatter, JsonFormatter)]
     stream.close()  # a write now raises ValueError
     dispatch(logging.getLogger(DISPATCH_LOGGER))  # the direct way: no record, no raise
+    assert "Logging error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line_buffering", [True, False])
+def test_a_dispatch_line_is_in_the_file_when_log_dispatch_returns(
+    stream: io.StringIO, tmp_path: Any, line_buffering: bool
+) -> None:
+    """Line-buffered (stderr) or not, the written way flushes each line to the file at once."""
+    path = tmp_path / "server.log"
+    with open(path, "w", buffering=8192, encoding="utf-8") as file:
+        file.reconfigure(line_buffering=line_buffering)
+        configure_logging("INFO", stream=file)
+        root = logging.getLogger()
+        root.handlers[:] = [h for h in root.handlers if isinstance(h.formatter, JsonFormatter)]
+        dispatch(logging.getLogger(DISPATCH_LOGGER))
+        assert [json.loads(line)["request_id"] for line in path.read_text().splitlines()] == [
+            "req-1"
+        ]
+
+
+class _Writes(io.StringIO):
+    """A stream that counts its writes."""
+
+    writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def _ours_only(out: IO[str]) -> logging.Handler:
+    """Configure logging into ``out`` with our handler alone (so dispatch lines take the
+    direct way, as in a server)."""
+    configure_logging("INFO", stream=out)
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if isinstance(h.formatter, JsonFormatter)]
+    [handler] = root.handlers
+    return handler
+
+
+async def test_dispatch_lines_of_one_loop_turn_are_written_at_once_by_the_next(
+    stream: io.StringIO,
+) -> None:
+    out = _Writes()
+    _ours_only(out)
+    logger = logging.getLogger(DISPATCH_LOGGER)
+    for n in range(3):
+        dispatch(logger, request_id=f"req-{n}")
+    assert out.getvalue() == ""  # held until the loop turns
+    await asyncio.sleep(0)
+    assert [line["request_id"] for line in lines(out)] == ["req-0", "req-1", "req-2"]
+    assert out.writes == 1
+    dispatch(logger, request_id="req-3")
+    await asyncio.sleep(0)
+    assert [line["request_id"] for line in lines(out)][-1] == "req-3"
+    assert out.writes == 2
+
+
+async def test_held_dispatch_lines_are_written_before_any_other_record(
+    stream: io.StringIO,
+) -> None:
+    out = io.StringIO()
+    _ours_only(out)
+    dispatch(logging.getLogger(DISPATCH_LOGGER), request_id="req-1")
+    logging.getLogger("everreach.test").warning("after the dispatch")
+    assert [line.get("request_id", line["msg"]) for line in lines(out)] == [
+        "req-1",
+        "after the dispatch",
+    ]
+
+
+def test_held_dispatch_lines_are_written_by_flush_when_the_loop_never_turns_again(
+    stream: io.StringIO,
+) -> None:
+    """A loop that stops (a clean shutdown) right after a dispatch: its callback never runs,
+    and ``logging.shutdown`` (flush, close) writes the line; so does a line logged later
+    outside that loop, and ``configure_logging`` replacing the handler."""
+    out = io.StringIO()
+    handler = _ours_only(out)
+    logger = logging.getLogger(DISPATCH_LOGGER)
+
+    async def last_call(request_id: str) -> None:
+        dispatch(logger, request_id=request_id)
+        asyncio.get_running_loop().stop()  # this turn is its last: the callback is not run
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(last_call("req-1"))
+        assert out.getvalue() == ""
+        handler.flush()
+        assert [line["request_id"] for line in lines(out)] == ["req-1"]
+        loop.run_until_complete(last_call("req-2"))
+        dispatch(logger, request_id="req-3")  # no loop: written at once, after req-2
+        assert [line["request_id"] for line in lines(out)] == ["req-1", "req-2", "req-3"]
+        loop.run_until_complete(last_call("req-4"))
+        handler.close()
+        assert [line["request_id"] for line in lines(out)][-1] == "req-4"
+        loop.run_until_complete(last_call("req-5"))
+        configure_logging("INFO", stream=io.StringIO())
+        assert [line["request_id"] for line in lines(out)][-1] == "req-5"
+    finally:
+        loop.close()
+
+
+async def test_a_line_held_for_another_loop_is_written_before_this_loops_lines(
+    stream: io.StringIO,
+) -> None:
+    out = io.StringIO()
+    _ours_only(out)
+    logger = logging.getLogger(DISPATCH_LOGGER)
+
+    async def last_call(request_id: str) -> None:
+        dispatch(logger, request_id=request_id)
+        asyncio.get_running_loop().stop()  # held for a loop that does not turn again
+
+    other = asyncio.new_event_loop()
+    try:
+        thread = threading.Thread(target=other.run_until_complete, args=(last_call("req-other"),))
+        thread.start()
+        thread.join()
+    finally:
+        other.close()
+    assert out.getvalue() == ""
+    dispatch(logger, request_id="req-here")
+    assert [line["request_id"] for line in lines(out)] == ["req-other"]
+    await asyncio.sleep(0)
+    assert [line["request_id"] for line in lines(out)] == ["req-other", "req-here"]
+
+
+def test_lines_of_one_kind_share_their_parts_and_still_read_as_their_records(
+    stream: io.StringIO,
+) -> None:
+    configure_logging("INFO", stream=stream, secrets=["sk-secret"])
+    for n in range(3):  # the first builds the parts of this kind, the others reuse them
+        direct, via_record = _dispatch_line_both_ways(
+            stream, request_id=f"req-{n}", duration_ms=n / 7, action="system.echo"
+        )
+        assert direct.pop("ts")[:10] == via_record.pop("ts")[:10]
+        assert direct == via_record
+        assert direct["request_id"] == f"req-{n}" and direct["duration_ms"] == round(n / 7, 3)
+    # a secret in a part kept for the kind is still found in the whole line
+    direct, via_record = _dispatch_line_both_ways(stream, action="sk-secret", request_id="r")
+    assert direct["action"] == via_record["action"] == REDACTED
+
+
+@pytest.mark.process  # forks
+def test_a_forked_child_does_not_write_the_lines_its_parent_held(
+    stream: io.StringIO, tmp_path: Any
+) -> None:
+    path = tmp_path / "server.log"
+    with open(path, "w", buffering=1, encoding="utf-8") as file:
+        handler = _ours_only(file)
+        logger = logging.getLogger(DISPATCH_LOGGER)
+
+        async def last_call() -> None:
+            dispatch(logger, request_id="req-parent")
+            asyncio.get_running_loop().stop()  # held: the loop does not turn again
+
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(last_call())
+            pid = os.fork()
+            if pid == 0:  # the child: one line of its own, outside any loop
+                try:
+                    dispatch(logger, request_id="req-child")
+                finally:
+                    os._exit(0)
+            os.waitpid(pid, 0)
+            handler.flush()
+        finally:
+            loop.close()
+    assert sorted(json.loads(line)["request_id"] for line in path.read_text().splitlines()) == [
+        "req-child",
+        "req-parent",
+    ]
+
+
+async def test_a_held_line_is_made_with_the_time_it_was_logged_at(
+    stream: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = io.StringIO()
+    _ours_only(out)
+    logged_at = 1_767_225_600.25  # 2026-01-01T00:00:00.250Z
+    monkeypatch.setattr(time, "time", lambda: logged_at)
+    dispatch(logging.getLogger(DISPATCH_LOGGER))
+    monkeypatch.setattr(time, "time", lambda: logged_at + 60)
+    await asyncio.sleep(0)
+    assert [line["ts"] for line in lines(out)] == ["2026-01-01T00:00:00.250Z"]
+
+
+async def test_a_held_line_that_cannot_be_made_loses_no_other(
+    stream: io.StringIO, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = io.StringIO()
+    handler = _ours_only(out)
+    logger = logging.getLogger(DISPATCH_LOGGER)
+
+    def broken() -> str:
+        raise ValueError("no line")
+
+    dispatch(logger, request_id="req-1")
+    with handler.lock:  # type: ignore[union-attr]
+        handler.write_line(broken, ())  # type: ignore[attr-defined]
+    dispatch(logger, request_id="req-2")
+    await asyncio.sleep(0)
+    assert [line["request_id"] for line in lines(out)] == ["req-1", "req-2"]
     assert "Logging error" in capsys.readouterr().err
