@@ -543,6 +543,7 @@ COMMITTED_RUNS = (
     "third-pass.md",
     "fourth-pass.md",
     "fifth-pass.md",
+    "sixth-pass.md",
 )
 
 
