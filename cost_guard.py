@@ -562,20 +562,13 @@ class CostGuard:
         if self._lease_store is None or not self._store_open:
             self._owed.append((lease_id, amount))
             return
-        written = self._lease_store.give_back(lease_id, amount, self._clock(), behind=True)
-        task = asyncio.ensure_future(self._finish_give_back(lease_id, amount, written))
-        self._behind.add(task)
-        task.add_done_callback(self._behind.discard)
+        self._written_behind(
+            self._lease_store.give_back(lease_id, amount, self._clock(), behind=True),
+            done=self._applied,
+            again=functools.partial(self._owed.append, (lease_id, amount)),
+        )
 
-    async def _finish_give_back(
-        self, lease_id: str, amount: Decimal, written: Awaitable[SettleResult]
-    ) -> None:
-        try:
-            result = await written
-        except LedgerUnavailable as exc:
-            self._mark_unhealthy(str(exc))
-            self._owed.append((lease_id, amount))  # retried by the refresh task
-            return
+    def _applied(self, result: SettleResult) -> None:
         if result.totals is not None:
             self._apply(result.totals)
 
@@ -639,22 +632,38 @@ class CostGuard:
         if written is None:  # SQLite queues a commit; PostgreSQL and Supabase do not
             await self._settle_or_queue(pending)
             return
+        self._written_behind(
+            written,
+            done=functools.partial(self._settled, pending),
+            again=functools.partial(self._pending.append, pending),  # then as a waited commit
+        )
+
+    def _written_behind(
+        self,
+        written: Awaitable[SettleResult],
+        *,
+        done: Callable[[SettleResult], None],
+        again: Callable[[], None],
+    ) -> None:
+        """Follow a write queued in the ledger without waiting for it: ``done`` with its
+        result; if the ledger could not take it, ``again`` (the refresh task retries it)."""
         future = asyncio.ensure_future(written)  # the ledger's own future: no task is made
         self._behind.add(future)
-        future.add_done_callback(functools.partial(self._finish_behind, pending))
 
-    def _finish_behind(self, pending: _Pending, written: asyncio.Future[SettleResult]) -> None:
-        self._behind.discard(written)
-        if written.cancelled():
-            return
-        exc = written.exception()
-        if isinstance(exc, LedgerUnavailable):
-            self._mark_unhealthy(str(exc))
-            self._pending.append(pending)  # retried by the refresh task, as a waited commit
-        elif exc is not None:
-            log.error("a commit queued behind failed: %r", exc, exc_info=exc)
-        else:
-            self._settled(pending, written.result())
+        def finish(_: asyncio.Future[SettleResult]) -> None:
+            self._behind.discard(future)
+            if future.cancelled():
+                return
+            exc = future.exception()
+            if isinstance(exc, LedgerUnavailable):
+                self._mark_unhealthy(str(exc))
+                again()
+            elif exc is not None:
+                log.error("a write queued behind in the cost ledger failed: %r", exc, exc_info=exc)
+            else:
+                done(future.result())
+
+        future.add_done_callback(finish)
 
     async def _behind_written(self) -> None:
         """Wait for the commits queued behind (before reading totals, reports or closing)."""
