@@ -142,11 +142,11 @@ class SqliteFile:
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             self.wal = str(mode).lower() == "wal"
-            if str(mode).lower() != "wal":
+            if not self.wal:
                 log.warning(
                     "%s: %s does not support WAL (journal_mode=%s)", self.name, self.path, mode
                 )
-            if schema and str(mode).lower() == "wal":
+            if schema and self.wal:
                 # The schema's commits need no fsync each: in WAL mode NORMAL never corrupts,
                 # and the next FULL commit syncs the log, their frames with it. Starting on a
                 # new DATA_DIR makes 29 fsyncs instead of 46 (strace); under a busy disk each
@@ -273,9 +273,13 @@ class GroupCommit:
             while self._pending:
                 group, self._pending = self._pending, []
                 fns = [fn for fn, _, _ in group]
-                relax = None
-                if self._file.wal and not any(durable for _, _, durable in group):
-                    relax = self._file.synchronous  # the level to go back to
+                level = self._file.synchronous
+                relaxed = (
+                    self._file.wal
+                    and level is not Synchronous.NORMAL
+                    and not any(durable for _, _, durable in group)
+                )
+                relax = level if relaxed else None  # the level to go back to
                 try:
                     outcomes = await self._file.run(
                         functools.partial(_in_one_transaction, fns=fns, relax=relax)
