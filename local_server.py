@@ -280,21 +280,12 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         key = body.idempotency_key
         at = runtime.deferral.schedule_time(body.not_before, body.delay_sec)
         if key is None:
-            # What _route does, without its coroutine: ~0.4 µs of each call.
-            orchestrator = runtime.orchestrator
-            assert orchestrator is not None
-            envelope = await orchestrator.route(
-                action,
-                params,
-                force_env,
-                request_id=new_request_id(),
-                not_before=at,
-                json_params=True,
-            )
+            request_id = new_request_id()
+            envelope = await _route(runtime, action, params, force_env, request_id, at, True)
             return envelope_response(envelope)
         return await _route_once(runtime, action, params, force_env, key, at)
 
-    async def _route(
+    def _route(
         runtime: Runtime,
         action: str,
         params: dict[str, Any],
@@ -303,10 +294,10 @@ def create_app(config: HybridConfig | None = None) -> FastAPI:
         not_before: datetime | None = None,
         json_params: bool = False,
         batched: bool = False,
-    ) -> Envelope:
+    ) -> Awaitable[Envelope]:
+        """The router's call (a plain function: no coroutine of its own around the router's)."""
         assert runtime.orchestrator is not None
-        route = runtime.orchestrator.route
-        return await route(
+        return runtime.orchestrator.route(
             action,
             params,
             force_env,

@@ -120,12 +120,20 @@ def parse_json(raw: bytes) -> Any:
         except orjson.JSONDecodeError:
             pass
         else:
-            if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and nested_deeper_than(
-                raw.decode(), MAX_DEPTH
-            ):
-                raise InvalidParams(f"the body is nested deeper than {MAX_DEPTH} levels")
+            _check_depth(raw)
             return value
     return _parse_strictly(raw)
+
+
+def _check_depth(raw: bytes, text: str | None = None) -> None:
+    """Refuse valid JSON ``raw`` (``text``: it decoded, if at hand) nested deeper than
+    ``MAX_DEPTH``."""
+    # Nesting is never deeper than the count of brackets (in strings or not), counted in C: the
+    # string-skipping scan runs only past that, on valid JSON, where it is linear.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and nested_deeper_than(
+        raw.decode() if text is None else text, MAX_DEPTH
+    ):
+        raise InvalidParams(f"the body is nested deeper than {MAX_DEPTH} levels")
 
 
 def _parse_strictly(raw: bytes) -> Any:
@@ -141,10 +149,7 @@ def _parse_strictly(raw: bytes) -> Any:
         raise InvalidParams(f"the body is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidParams(f"the body is nested deeper than {MAX_DEPTH} levels") from None
-    # Nesting is never deeper than the count of brackets (in strings or not), counted in C: the
-    # string-skipping scan runs only past that, and only now, on valid JSON, is it linear.
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and nested_deeper_than(text, MAX_DEPTH):
-        raise InvalidParams(f"the body is nested deeper than {MAX_DEPTH} levels")
+    _check_depth(raw, text)
     # UTF-8 cannot carry a surrogate (the decode above refuses one), so only a \u escape can.
     if b"\\u" in raw:
         try:
