@@ -242,6 +242,7 @@ def go(proc: subprocess.Popen[str]) -> None:
     proc.stdin.flush()
 
 
+@pytest.mark.process
 async def test_two_processes_leasing_on_one_file_spend_the_cap_to_the_last_cent(
     tmp_path: Path, workers: list[subprocess.Popen[str]]
 ) -> None:
@@ -262,6 +263,7 @@ async def test_two_processes_leasing_on_one_file_spend_the_cap_to_the_last_cent(
     assert any(action == LEASE_ACTION for action, *_ in rows(data_dir / "cost_ledger.sqlite3"))
 
 
+@pytest.mark.process
 async def test_a_killed_holders_lease_is_counted_as_spent_by_the_sweep(
     tmp_path: Path, workers: list[subprocess.Popen[str]]
 ) -> None:

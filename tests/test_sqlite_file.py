@@ -158,6 +158,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.process
 def test_a_write_without_fsync_survives_its_process_being_killed(tmp_path: Path) -> None:
     path = tmp_path / "x.sqlite3"
     proc = subprocess.Popen(
